@@ -1,0 +1,330 @@
+"""The reference backend: plain forward hooks on any ``torch.nn.Module``.
+
+Every other backend is held to this one, so it is kept simple and obviously correct:
+one forward pass (or one greedy ``generate`` call) per run, in dependency order, with a
+hook per touched module that applies the run's ops in the order they were written.
+
+Generation: an op applies on the prompt pass and on every generated step. Its positions
+are absolute: non-negative positions count from the start of the prompt, negative ones
+from the end of the prompt; ``pos=None`` touches every position, generated ones included.
+Reads in a generating run see every position fed to the model (prompt plus generated
+tokens but the last), concatenated along the position axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from interventions.apply import RunState, apply_op
+from interventions.architectures import HookPoint, ModelInfo
+from interventions.backends import Capabilities
+from interventions.errors import ExecutionError, InterventionError
+from interventions.ops import OP_KINDS, Op, Read
+from interventions.plan import Plan, step_select
+from interventions.sites import Select, Site, site_axes
+
+
+@dataclass
+class _Entry:
+    """An op (or a capture for another run's ablation) at one hook point."""
+
+    op: Op | None
+    site: Site
+    buffers: list[torch.Tensor] = field(default_factory=list)  # per-step full tensors to keep
+
+
+@dataclass
+class _StepClock:
+    """Tracks which absolute positions the current forward call covers."""
+
+    offset: int = 0
+    length: int = 0
+    calls: int = 0
+
+    def advance(self, length: int) -> None:
+        self.offset = self.offset + self.length if self.calls else 0
+        self.length = length
+        self.calls += 1
+
+
+def _get_plain(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    logits = getattr(value, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise ExecutionError(f"cannot find a tensor in a module output of type {type(value).__name__}")
+
+
+def _set_plain(value: Any, new: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return new
+    if isinstance(value, tuple):
+        return (new, *value[1:])
+    if isinstance(value, list):
+        return [new, *value[1:]]
+    if getattr(value, "logits", None) is not None:
+        value["logits"] = new  # ModelOutput keeps attribute and key in step
+        return value
+    raise ExecutionError(
+        f"cannot replace a tensor in a module output of type {type(value).__name__}"
+    )
+
+
+class _Hooks:
+    """Installs hooks for one run and removes every one of them on exit."""
+
+    def __init__(
+        self, model: nn.Module, plan: Plan, run: str, state: RunState, grad: bool = False
+    ) -> None:
+        self.model = model
+        self.grad = grad
+        self.plan = plan
+        self.run = run
+        self.state = state
+        self.clock = _StepClock()
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.points: dict[HookPoint, list[_Entry]] = {}
+        self.recorded: dict[str, list[torch.Tensor]] = {}
+        self.captures: dict[str, list[torch.Tensor]] = {}
+        info = plan.info
+        for op in plan.ops_of(run):
+            self.points.setdefault(info.hook_point(op.site), []).append(_Entry(op, op.site))
+        for site in plan.captures_of(run):
+            self.points.setdefault(info.hook_point(site), []).append(_Entry(None, site))
+        graph_run = plan.graph.runs[run]
+        self.prompt = plan.prompt_length(run)
+        self.fed = self.prompt + (graph_run.max_new_tokens - 1 if graph_run.max_new_tokens else 0)
+        self.generating = graph_run.generates
+
+    def _process(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+        for entry in self.points[point]:
+            axes = site_axes(entry.site.kind, x.ndim)
+            if entry.op is None:
+                self.captures.setdefault(str(entry.site), []).append(x if self.grad else x.detach())
+                continue
+            op = entry.op
+            if isinstance(op, Read):
+                # reads keep every position of every step; their selector applies at the end
+                self.recorded.setdefault(op.name, []).append(x.detach() if not self.grad else x)
+                continue
+            select: Select | None = op.select
+            if self.generating:
+                select = step_select(
+                    op.select, self.prompt, self.fed, self.clock.offset, self.clock.length
+                )
+            if select is None:
+                continue
+            x, extra = apply_op(op, x, axes, select, self.state)
+            for name, value in extra.items():
+                self.recorded.setdefault(name, []).append(value if self.grad else value.detach())
+        return x
+
+    def _view_in(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+        if point.view == "heads":
+            n = self.plan.info.n_heads
+            assert n is not None
+            return x.reshape(*x.shape[:-1], n, x.shape[-1] // n)
+        return x
+
+    def _view_out(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+        if point.view == "heads":
+            return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+        return x
+
+    def _output_hook(self, point: HookPoint) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if point.view == "attn_weights":
+                if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+                    raise ExecutionError(
+                        f"{point.module} returned no attention weights; eager attention is needed"
+                    )
+                self._process(point, output[1])
+                return output
+            x = _get_plain(output)
+            new = self._view_out(point, self._process(point, self._view_in(point, x)))
+            return output if new is x else _set_plain(output, new)
+
+        return hook
+
+    def _input_hook(self, point: HookPoint) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
+            if args and isinstance(args[0], torch.Tensor):
+                x = args[0]
+                new = self._view_out(point, self._process(point, self._view_in(point, x)))
+                return None if new is x else ((new, *args[1:]), kwargs)
+            for key in ("hidden_states", "input", "x", "input_ids", "inputs_embeds"):
+                if isinstance(kwargs.get(key), torch.Tensor):
+                    x = kwargs[key]
+                    new = self._view_out(point, self._process(point, self._view_in(point, x)))
+                    return None if new is x else (args, {**kwargs, key: new})
+            raise ExecutionError(f"{point.module or 'the model'} was called with no tensor input")
+
+        return hook
+
+    def _clock_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        for key in ("input_ids", "inputs_embeds"):
+            if x is None and isinstance(kwargs.get(key), torch.Tensor):
+                x = kwargs[key]
+        self.clock.advance(int(x.shape[1]) if x is not None and x.ndim >= 2 else 1)
+
+    def __enter__(self) -> _Hooks:
+        try:
+            self.handles.append(
+                self.model.register_forward_pre_hook(self._clock_hook, with_kwargs=True)
+            )
+            for point in self.points:
+                module = self.model.get_submodule(point.module) if point.module else self.model
+                if point.io == "output":
+                    self.handles.append(module.register_forward_hook(self._output_hook(point)))
+                else:
+                    self.handles.append(
+                        module.register_forward_pre_hook(self._input_hook(point), with_kwargs=True)
+                    )
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def finish(self) -> None:
+        """Turn per-step tensors into results (reads: concatenated over steps, then selected)."""
+        from interventions.sites import take
+
+        reads = {op.name: op for op in self.plan.ops_of(self.run) if isinstance(op, Read)}
+        for name, parts in self.recorded.items():
+            op = reads.get(name)
+            if op is None:  # SAE features: recorded already selected, one step
+                self.state.results[name] = parts[0]
+                continue
+            full = self._concat(op.site, parts)
+            self.state.results[name] = take(full, op.select, site_axes(op.site.kind, full.ndim))
+        for key, parts in self.captures.items():
+            site = next(s for s in self.plan.captures_of(self.run) if str(s) == key)
+            self.state.captures[(self.run, key)] = self._concat(site, parts)
+
+    def _concat(self, site: Site, parts: list[torch.Tensor]) -> torch.Tensor:
+        if len(parts) == 1:
+            return parts[0]
+        axes = site_axes(site.kind, parts[0].ndim)
+        return torch.cat(parts, dim=axes.index("pos") if "pos" in axes else 1)
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module, needed: bool) -> Iterator[None]:
+    """Switch a HuggingFace model to eager attention for the block, then restore it."""
+    config = getattr(model, "config", None)
+    if not needed or config is None:
+        yield
+        return
+    configs: list[Any] = [getattr(m, "config", None) for m in model.modules()]
+    saved = [(c, getattr(c, "_attn_implementation", None)) for c in configs if c is not None]
+    try:
+        for c, _ in saved:
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for c, impl in saved:
+            c._attn_implementation = impl
+
+
+def _forward(
+    model: nn.Module, info: ModelInfo, plan: Plan, run: str, grad: bool
+) -> torch.Tensor | None:
+    inputs = plan.inputs[run]
+    graph_run = plan.graph.runs[run]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    context = contextlib.nullcontext() if grad else torch.no_grad()
+    with context:
+        if graph_run.inputs is not None:
+            model(inputs.to(device))
+            return None
+        ids = inputs.to(device)
+        if graph_run.max_new_tokens is not None:
+            out = model.generate(  # type: ignore[operator]
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=_greedy_config(graph_run.max_new_tokens),
+            )
+            return out[:, ids.shape[1] :].cpu()
+        if info.is_hf:
+            model(input_ids=ids, use_cache=False)
+        else:
+            model(ids)
+    return None
+
+
+def _greedy_config(max_new_tokens: int) -> Any:
+    """A generation config that decodes greedily for exactly ``max_new_tokens`` tokens."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+
+
+class TorchHooksBackend:
+    """Plain PyTorch forward hooks. The oracle for every other backend."""
+
+    name = "torch"
+    capabilities = Capabilities(
+        ops=frozenset(OP_KINDS),
+        views=frozenset({"plain", "heads", "attn_weights", "logits"}),
+        generation=True,
+        gradients=True,
+        remote=False,
+        raw_modules=True,
+    )
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
+
+    def execute(self, plan: Plan, model: nn.Module, **options: Any) -> dict[str, torch.Tensor]:
+        grad = bool(options.pop("grad", False))
+        if options:
+            raise InterventionError(
+                f"torch backend: unknown options {sorted(options)}; valid: grad"
+            )
+        state = RunState(plan.graph)
+        generated: dict[str, torch.Tensor] = {}
+        needs_eager = any(op.site.name == "attn_pattern" for op in plan.graph.ops)
+        with eager_attention(model, needs_eager):
+            for run in plan.order:
+                hooks = _Hooks(model, plan, run, state, grad)
+                try:
+                    with hooks:
+                        tokens = _forward(model, plan.info, plan, run, grad)
+                except InterventionError:
+                    raise
+                except Exception as exc:
+                    raise ExecutionError(f"run {run!r} failed on the torch backend: {exc}") from exc
+                hooks.finish()
+                if tokens is not None:
+                    generated[f"{run}.generated"] = tokens
+        results = {
+            name: state.results[name] for name in plan.graph.reads() if name in state.results
+        }
+        results.update(generated)
+        if not grad:
+            results = {k: v.detach().cpu() for k, v in results.items()}
+        return results

@@ -1,0 +1,84 @@
+"""interventions: one declarative intervention graph, run on any backend.
+
+>>> import torch, interventions as iv
+>>> g = iv.Graph()
+>>> x = g.run("x", inputs=torch.ones(1, 3, 4))
+>>> x.scale("output", factor=2.0)
+>>> _ = x.read("output", name="y")
+>>> iv.run(g, torch.nn.Linear(4, 4, bias=False))["y"].shape
+torch.Size([1, 3, 4])
+
+Modules: ``sites`` (where), ``architectures`` (standard names per family), ``ops`` (the
+closed op set), ``graph`` (runs + ops; JSON), ``validate``, ``plan``, ``results``,
+``backends`` (the adapter registry), ``sae``; adapters live in ``interventions.adapters``
+and are imported only when a backend is used.
+"""
+
+from interventions.architectures import ArchitectureMap, architectures, register_architecture
+from interventions.backends import (
+    Backend,
+    Capabilities,
+    backend_capabilities,
+    list_backends,
+    register_backend,
+)
+from interventions.errors import (
+    BackendVersionError,
+    ExecutionError,
+    InterventionError,
+    SAEError,
+    SpecError,
+    UnknownArchitecture,
+    UnknownBackend,
+    UnknownOp,
+    UnknownSite,
+    UnsupportedOp,
+    ValidationError,
+)
+from interventions.execute import __version__, load_model, run
+from interventions.graph import Graph, RunHandle
+from interventions.ops import FeatureEdit, Ref
+from interventions.results import Provenance, Results
+from interventions.sae import SAE, JumpReLUSAE, StandardSAE, TopKSAE, load_sae, save_sae
+from interventions.sites import Select, Site
+from interventions.validate import validate
+
+__all__ = [
+    "SAE",
+    "ArchitectureMap",
+    "Backend",
+    "BackendVersionError",
+    "Capabilities",
+    "ExecutionError",
+    "FeatureEdit",
+    "Graph",
+    "InterventionError",
+    "JumpReLUSAE",
+    "Provenance",
+    "Ref",
+    "Results",
+    "RunHandle",
+    "SAEError",
+    "Select",
+    "Site",
+    "SpecError",
+    "StandardSAE",
+    "TopKSAE",
+    "UnknownArchitecture",
+    "UnknownBackend",
+    "UnknownOp",
+    "UnknownSite",
+    "UnsupportedOp",
+    "ValidationError",
+    "__version__",
+    "architectures",
+    "backend_capabilities",
+    "list_backends",
+    "load_model",
+    "load_sae",
+    "register_architecture",
+    "register_backend",
+    "run",
+    "save_sae",
+    "validate",
+]

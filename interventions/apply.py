@@ -1,0 +1,152 @@
+"""What each op does to a tensor: the reference semantics, in plain torch.
+
+Local adapters call :func:`apply_op` on the tensor they find at a site; the nnsight
+adapter re-states the same arithmetic inside its traces (which must not import this
+package when they run on a remote host), and the conformance suite holds it to this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from interventions.graph import Graph
+from interventions.ops import (
+    Ablate,
+    Add,
+    Const,
+    FeatureEdit,
+    Op,
+    Patch,
+    ProjectOut,
+    Read,
+    SAESplice,
+    Scale,
+)
+from interventions.plan import resample_indices
+from interventions.sae import SAE, sae_from_parts
+from interventions.sites import Select, put, take
+
+
+@dataclass
+class RunState:
+    """What ops need from outside their own tensor while a graph executes."""
+
+    graph: Graph
+    results: dict[str, torch.Tensor] = field(default_factory=dict)  # reads so far
+    captures: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (run, site)
+    _saes: dict[str, SAE] = field(default_factory=dict)
+
+    def sae(self, key: str) -> SAE:
+        if key not in self._saes:
+            spec = self.graph.saes[key]
+            tensors = {param: self.graph.tensors[k] for param, k in spec.tensors}
+            self._saes[key] = sae_from_parts(spec.kind, tensors, dict(spec.params))
+        return self._saes[key]
+
+    def const(self, c: Const, like: torch.Tensor) -> torch.Tensor:
+        return self.graph.tensors[c.tensor].to(device=like.device, dtype=like.dtype)
+
+
+def edit_features(f: torch.Tensor, edits: Sequence[FeatureEdit]) -> torch.Tensor:
+    """Apply feature edits in order to activations ``f`` [..., d_sae]."""
+    if not edits:
+        return f
+    f = f.clone()
+    for edit in edits:
+        idx = list(edit.features)
+        if edit.mode == "set":
+            assert edit.value is not None
+            f[..., idx] = edit.value
+        elif edit.mode == "scale":
+            assert edit.value is not None
+            f[..., idx] = f[..., idx] * edit.value
+        else:
+            f[..., idx] = f[..., idx].clamp(min=edit.low, max=edit.high)
+    return f
+
+
+def sae_splice(x: torch.Tensor, sae: SAE, op: SAESplice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reconstruct ``x`` through the SAE with edits; returns (new x, unedited features).
+
+    The SAE runs in float32 whatever the model's dtype, and the result is cast back.
+    """
+    x32 = x.float()
+    sae32 = sae.to(device=x.device, dtype=torch.float32)  # type: ignore[attr-defined]
+    f = sae32.encode(x32)
+    recon = sae32.decode(edit_features(f, op.edits))
+    if op.error == "drop":
+        out = recon
+    else:
+        err = x32 - (recon if not op.edits else sae32.decode(f))
+        out = recon + (err.detach() if op.error == "detach" else err)
+    return out.to(x.dtype), f
+
+
+def project_out(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Remove from ``x`` its component in the span of ``direction`` ([d] or [k, d])."""
+    d = direction.to(torch.float32)
+    basis = d.reshape(1, -1) if d.ndim == 1 else d
+    q, _ = torch.linalg.qr(basis.T)  # orthonormal columns spanning the directions
+    x32 = x.float()
+    return (x32 - (x32 @ q) @ q.T).to(x.dtype)
+
+
+def ablation_value(
+    op: Ablate, x: torch.Tensor, axes: Sequence[str], state: RunState
+) -> torch.Tensor:
+    """The full-size replacement tensor for an ablation of ``x``."""
+    if op.method == "zero":
+        return torch.zeros_like(x)
+    assert op.source is not None
+    src = state.captures[(op.source, str(op.site))].to(device=x.device, dtype=x.dtype)
+    if op.method == "mean":
+        dims = (0,) if op.per_position else (0, 1)
+        return src.mean(dim=dims, keepdim=True).expand_as(x)
+    idx = resample_indices(op.seed, x.shape[0], src.shape[0]).to(src.device)
+    return src[idx].expand_as(x)
+
+
+def apply_op(
+    op: Op,
+    x: torch.Tensor,
+    axes: Sequence[str],
+    select: Select,
+    state: RunState,
+    recorded: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Apply one op to the full tensor ``x`` at its site, narrowed by ``select``.
+
+    Returns the new tensor and anything recorded (reads, SAE features). ``select`` is the
+    op's selector, possibly rewritten for one generation step.
+    """
+    if isinstance(op, Read):
+        return x, {op.name: take(x, select, axes)}
+    if isinstance(op, Patch):
+        if isinstance(op.value, Const):
+            return put(x, select, axes, state.const(op.value, x)), {}
+        value = state.results[op.value.read].to(device=x.device, dtype=x.dtype)
+        source = next(o for o in state.graph.ops if isinstance(o, Read) and o.name == op.value.read)
+        if source.select.is_all:  # aligned: the same entries of the source
+            value = take(value, select, axes)
+        return put(x, select, axes, value), {}
+    if isinstance(op, Ablate):
+        full = ablation_value(op, x, axes, state)
+        return put(x, select, axes, take(full, select, axes)), {}
+    region = take(x, select, axes)
+    recorded_out: dict[str, torch.Tensor] = {}
+    if isinstance(op, Add):
+        new = region + op.scale * state.const(op.direction, region)
+    elif isinstance(op, ProjectOut):
+        new = project_out(region, state.graph.tensors[op.direction.tensor].to(region.device))
+    elif isinstance(op, Scale):
+        new = region * op.factor
+    elif isinstance(op, SAESplice):
+        new, feats = sae_splice(region, state.sae(op.sae), op)
+        if op.features is not None:
+            recorded_out[op.features] = feats
+    else:  # pragma: no cover - the op set is closed
+        raise AssertionError(f"unknown op {op!r}")
+    return put(x, select, axes, new), recorded_out

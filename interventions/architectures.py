@@ -1,0 +1,262 @@
+"""Standard site names -> module paths, one map per model family, in an open registry.
+
+A map is a few strings. To add a family, describe where its blocks live and register it
+under the ``config.model_type`` values it covers::
+
+    import interventions as iv
+    iv.register_architecture(iv.ArchitectureMap(
+        name="my-family", model_types=("my_model",),
+        layers="model.blocks", embed="model.tok_emb", final_norm="model.ln_f",
+        attn="attn", attn_out_proj="attn.out", mlp="ffn", mlp_down_proj="ffn.down",
+    ))
+
+Everything below the layer list is relative to one layer. Sizes (layers, heads, widths)
+are read from the model's config and modules, so a map needs no numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from interventions.errors import (
+    SpecError,
+    UnknownArchitecture,
+    UnknownSite,
+    ValidationError,
+    choices_text,
+    suggest,
+)
+from interventions.sites import STANDARD_SITES, Site
+
+View = Literal["plain", "heads", "attn_weights", "logits"]
+
+
+@dataclass(frozen=True)
+class ArchitectureMap:
+    """Where the standard sites live in one model family (paths are dotted module names)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    embed: str
+    final_norm: str
+    attn: str
+    attn_out_proj: str
+    mlp: str
+    mlp_down_proj: str
+
+    def __post_init__(self) -> None:
+        if not self.model_types:
+            raise SpecError(f"architecture {self.name!r} must list at least one model_type")
+
+
+_BUILTIN: tuple[ArchitectureMap, ...] = (
+    ArchitectureMap(
+        name="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        attn="attn",
+        attn_out_proj="attn.c_proj",
+        mlp="mlp",
+        mlp_down_proj="mlp.c_proj",
+    ),
+    ArchitectureMap(
+        name="gpt_neox",
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        attn="attention",
+        attn_out_proj="attention.dense",
+        mlp="mlp",
+        mlp_down_proj="mlp.dense_4h_to_h",
+    ),
+    ArchitectureMap(
+        name="llama-like",
+        model_types=("llama", "mistral", "qwen2", "gemma", "gemma2", "qwen3", "olmo", "olmo2"),
+        layers="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        attn="self_attn",
+        attn_out_proj="self_attn.o_proj",
+        mlp="mlp",
+        mlp_down_proj="mlp.down_proj",
+    ),
+)
+
+_REGISTRY: dict[str, ArchitectureMap] = {t: m for m in _BUILTIN for t in m.model_types}
+_BUILTIN_TYPES = frozenset(_REGISTRY)
+
+
+def register_architecture(arch: ArchitectureMap, *, override: bool = False) -> None:
+    """Register a family map for its ``model_types``. Built-in maps need ``override=True``."""
+    for model_type in arch.model_types:
+        if model_type in _BUILTIN_TYPES and not override:
+            raise ValueError(
+                f"model_type {model_type!r} has a built-in map ({_REGISTRY[model_type].name}); "
+                "pass override=True to replace it"
+            )
+    for model_type in arch.model_types:
+        _REGISTRY[model_type] = arch
+
+
+def architectures() -> dict[str, ArchitectureMap]:
+    """The registered maps, keyed by ``config.model_type``."""
+    return dict(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A resolved site: which module, which side of it, and how to view the tensor there."""
+
+    module: str
+    io: Literal["output", "input"]
+    view: View = "plain"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation and adapters need to know about a model, read once."""
+
+    class_name: str
+    arch: ArchitectureMap | None
+    model_type: str | None
+    n_layers: int | None
+    n_heads: int | None
+    d_model: int | None
+    d_head: int | None
+    d_mlp: int | None
+    vocab: int | None
+    module_names: frozenset[str]
+    is_hf: bool
+
+    def width(self, site: Site) -> int | None:
+        """Size of the last axis of a standard site."""
+        if site.is_raw:
+            return None
+        return {
+            "mlp_hidden": self.d_mlp,
+            "head": self.d_head,
+            "logits": self.vocab,
+            "attn_pattern": None,
+        }.get(site.name, self.d_model)
+
+    def hook_point(self, site: Site) -> HookPoint:
+        """Resolve a site to a module and a side, or raise a clear error."""
+        if site.is_raw:
+            path, io = site.raw_parts
+            if path not in self.module_names:
+                modules = sorted(m for m in self.module_names if m)
+                raise UnknownSite(
+                    f"{path!r} is not a module of {self.class_name}"
+                    f"{suggest(path, modules)}. Modules include: "
+                    f"{choices_text(modules[:12])}{', ...' if len(modules) > 12 else ''}"
+                )
+            return HookPoint(path, io)
+        if self.arch is None:
+            raise UnknownArchitecture(
+                f"standard site {site.name!r} needs an architecture map, and {self.class_name} "
+                f"(model_type={self.model_type!r}) has none. Known model types: "
+                f"{choices_text(sorted(_REGISTRY))}. Use a raw module path such as "
+                f"'<module>.output', or register a map with iv.register_architecture"
+            )
+        if site.layer is not None:
+            assert self.n_layers is not None
+            if not 0 <= site.layer < self.n_layers:
+                raise ValidationError(
+                    f"site {site}: layer {site.layer} is out of range; {self.class_name} has "
+                    f"layers 0..{self.n_layers - 1}"
+                )
+        a = self.arch
+        layer = f"{a.layers}.{site.layer}"
+        points: dict[str, HookPoint] = {
+            "embed": HookPoint(a.embed, "output"),
+            "resid_pre": HookPoint(layer, "input"),
+            "resid_post": HookPoint(layer, "output"),
+            "attn_out": HookPoint(f"{layer}.{a.attn}", "output"),
+            "mlp_out": HookPoint(f"{layer}.{a.mlp}", "output"),
+            "head": HookPoint(f"{layer}.{a.attn_out_proj}", "input", "heads"),
+            "attn_pattern": HookPoint(f"{layer}.{a.attn}", "output", "attn_weights"),
+            "mlp_hidden": HookPoint(f"{layer}.{a.mlp_down_proj}", "input"),
+            "final_norm": HookPoint(a.final_norm, "output"),
+            "logits": HookPoint("", "output", "logits"),
+        }
+        assert set(points) == set(STANDARD_SITES)
+        point = points[site.name]
+        if point.module not in self.module_names:
+            raise UnknownSite(
+                f"site {site}: the {a.name} map points at {point.module!r}, which "
+                f"{self.class_name} does not have; fix or override the architecture map"
+            )
+        return point
+
+
+def _config_int(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _in_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None:  # GPT-2's transposed linear
+        return int(weight.shape[0])
+    return None
+
+
+def describe(model: nn.Module) -> ModelInfo:
+    """Read a model's family, sizes and module names (no forward pass).
+
+    >>> import torch
+    >>> describe(torch.nn.Linear(2, 3)).arch is None
+    True
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    text_config = getattr(config, "text_config", None) if config is not None else None
+    if text_config is not None and model_type not in _REGISTRY:
+        config, model_type = text_config, getattr(text_config, "model_type", model_type)
+    arch = _REGISTRY.get(model_type) if isinstance(model_type, str) else None
+    modules = {name: m for name, m in model.named_modules()}
+    n_layers = n_heads = d_model = d_head = d_mlp = vocab = None
+    if config is not None:
+        n_heads = _config_int(config, "num_attention_heads", "n_head")
+        d_model = _config_int(config, "hidden_size", "n_embd", "d_model")
+        vocab = _config_int(config, "vocab_size")
+        d_head = _config_int(config, "head_dim")
+    if arch is not None:
+        layers = modules.get(arch.layers)
+        n_layers = len(layers) if isinstance(layers, (nn.ModuleList, nn.Sequential)) else None
+        if n_layers is None and config is not None:
+            n_layers = _config_int(config, "num_hidden_layers", "n_layer")
+        if n_layers:
+            o_proj = modules.get(f"{arch.layers}.0.{arch.attn_out_proj}")
+            down = modules.get(f"{arch.layers}.0.{arch.mlp_down_proj}")
+            attn_width = _in_features(o_proj) if o_proj is not None else None
+            if attn_width is not None and n_heads:
+                d_head = attn_width // n_heads
+            d_mlp = _in_features(down) if down is not None else None
+        if d_head is None and d_model and n_heads:
+            d_head = d_model // n_heads
+    return ModelInfo(
+        class_name=type(model).__name__,
+        arch=arch,
+        model_type=model_type if isinstance(model_type, str) else None,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_model=d_model,
+        d_head=d_head,
+        d_mlp=d_mlp,
+        vocab=vocab,
+        module_names=frozenset(modules),
+        is_hf=config is not None and hasattr(model, "generate"),
+    )

@@ -1,0 +1,259 @@
+"""The closed set of operations. Frozen plain data: strings, numbers, tuples, tensor keys.
+
+No op holds a callable or a tensor: tensors live in the graph's tensor table and ops name
+them (:class:`Const`), so a graph prints, compares and serialises as data.
+
+=============  =================================================================
+``read``       record a site's value under a name (it can flow into other runs)
+``patch``      overwrite with a value read in another run, or with a constant
+``ablate``     zero, mean (over a reference run), or resample (from a reference run)
+``add``        add ``scale * direction`` (steering)
+``project_out``remove the component along a direction (or a subspace)
+``scale``      multiply by a factor
+``sae_splice`` encode with an SAE, edit features, decode; keep, drop or detach the error
+=============  =================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, TypeAlias, get_args
+
+from interventions.errors import SpecError, choices_text
+from interventions.sites import Select, Site
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A value read in another run, by the read's name."""
+
+    read: str
+
+
+@dataclass(frozen=True)
+class Const:
+    """A constant tensor, by its key in the graph's tensor table."""
+
+    tensor: str
+
+
+Value: TypeAlias = Ref | Const
+
+AblateMethod = Literal["zero", "mean", "resample"]
+ErrorTerm = Literal["keep", "drop", "detach"]
+EditMode = Literal["set", "scale", "clamp"]
+ABLATE_METHODS: tuple[str, ...] = get_args(AblateMethod)
+ERROR_TERMS: tuple[str, ...] = get_args(ErrorTerm)
+EDIT_MODES: tuple[str, ...] = get_args(EditMode)
+
+
+def _check_choice(value: object, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise SpecError(f"unknown {what} {value!r}; expected one of {choices_text(choices)}")
+
+
+def _check_finite(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SpecError(f"{what} must be finite, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """An edit of SAE feature activations: ``set`` to a value, ``scale`` by a factor, or
+    ``clamp`` into ``[low, high]``.
+
+    >>> FeatureEdit.set(7, 4.0)
+    FeatureEdit(features=(7,), mode='set', value=4.0, low=None, high=None)
+    """
+
+    features: tuple[int, ...]
+    mode: EditMode
+    value: float | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.mode, EDIT_MODES, "feature edit mode")
+        if not self.features or not all(
+            isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in self.features
+        ):
+            raise SpecError(
+                f"feature edit: features must be non-negative ints, got {self.features!r}"
+            )
+        if self.mode in ("set", "scale"):
+            _check_finite(self.value, f"feature edit {self.mode!r} value")
+            if self.low is not None or self.high is not None:
+                raise SpecError(f"feature edit {self.mode!r} takes value=, not low=/high=")
+        else:
+            if self.value is not None:
+                raise SpecError("feature edit 'clamp' takes low= and/or high=, not value=")
+            if self.low is None and self.high is None:
+                raise SpecError("feature edit 'clamp' needs low= or high=")
+            for bound in (self.low, self.high):
+                if bound is not None:
+                    _check_finite(bound, "clamp bound")
+            if self.low is not None and self.high is not None and self.low > self.high:
+                raise SpecError(f"clamp: low={self.low} > high={self.high}")
+
+    @classmethod
+    def set(cls, features: int | tuple[int, ...] | list[int], value: float) -> FeatureEdit:
+        return cls(_features(features), "set", value=float(value))
+
+    @classmethod
+    def scale(cls, features: int | tuple[int, ...] | list[int], factor: float) -> FeatureEdit:
+        return cls(_features(features), "scale", value=float(factor))
+
+    @classmethod
+    def clamp(
+        cls,
+        features: int | tuple[int, ...] | list[int],
+        low: float | None = None,
+        high: float | None = None,
+    ) -> FeatureEdit:
+        return cls(
+            _features(features),
+            "clamp",
+            low=None if low is None else float(low),
+            high=None if high is None else float(high),
+        )
+
+
+def _features(features: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    return (features,) if isinstance(features, int) else tuple(features)
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """An SAE stored in a graph: its kind, settings and the keys of its tensors."""
+
+    kind: str
+    params: tuple[tuple[str, int | float | bool], ...]
+    tensors: tuple[tuple[str, str], ...]  # (parameter name, key in the tensor table)
+
+
+@dataclass(frozen=True)
+class Read:
+    run: str
+    site: Site
+    select: Select
+    name: str
+
+
+@dataclass(frozen=True)
+class Patch:
+    run: str
+    site: Site
+    select: Select
+    value: Value
+
+
+@dataclass(frozen=True)
+class Ablate:
+    run: str
+    site: Site
+    select: Select
+    method: AblateMethod = "zero"
+    source: str | None = None  # reference run, for mean and resample
+    per_position: bool = False  # mean: keep positions apart instead of averaging over them
+    seed: int = 0  # resample: which reference items are drawn
+
+    def __post_init__(self) -> None:
+        _check_choice(self.method, ABLATE_METHODS, "ablation method")
+        if self.method == "zero" and self.source is not None:
+            raise SpecError("ablate 'zero' takes no source run")
+        if self.method != "zero" and self.source is None:
+            raise SpecError(f"ablate {self.method!r} needs source=<a reference run>")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise SpecError(f"ablate seed must be an int, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class Add:
+    run: str
+    site: Site
+    select: Select
+    direction: Const
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_finite(self.scale, "add scale")
+
+
+@dataclass(frozen=True)
+class ProjectOut:
+    run: str
+    site: Site
+    select: Select
+    direction: Const
+
+
+@dataclass(frozen=True)
+class Scale:
+    run: str
+    site: Site
+    select: Select
+    factor: float
+
+    def __post_init__(self) -> None:
+        _check_finite(self.factor, "scale factor")
+
+
+@dataclass(frozen=True)
+class SAESplice:
+    run: str
+    site: Site
+    select: Select
+    sae: str  # key in the graph's SAE table
+    edits: tuple[FeatureEdit, ...] = ()
+    error: ErrorTerm = "keep"
+    features: str | None = None  # name under which to record the (unedited) feature acts
+
+    def __post_init__(self) -> None:
+        _check_choice(self.error, ERROR_TERMS, "SAE error term")
+
+
+Op: TypeAlias = Read | Patch | Ablate | Add | ProjectOut | Scale | SAESplice
+
+OP_KINDS: dict[str, type] = {
+    "read": Read,
+    "patch": Patch,
+    "ablate": Ablate,
+    "add": Add,
+    "project_out": ProjectOut,
+    "scale": Scale,
+    "sae_splice": SAESplice,
+}
+KIND_OF: dict[type, str] = {cls: kind for kind, cls in OP_KINDS.items()}
+
+
+def op_kind(op: Op) -> str:
+    """The op's kind name, as written in JSON and in capability tables."""
+    return KIND_OF[type(op)]
+
+
+def produces(op: Op) -> list[str]:
+    """Result names an op records."""
+    if isinstance(op, Read):
+        return [op.name]
+    if isinstance(op, SAESplice) and op.features is not None:
+        return [op.features]
+    return []
+
+
+def depends_on(op: Op) -> list[str]:
+    """Read names an op consumes (values flowing in from other runs)."""
+    if isinstance(op, Patch) and isinstance(op.value, Ref):
+        return [op.value.read]
+    return []
+
+
+def tensor_keys(op: Op) -> list[str]:
+    """Keys of the tensor table an op refers to directly."""
+    if isinstance(op, Patch) and isinstance(op.value, Const):
+        return [op.value.tensor]
+    if isinstance(op, (Add, ProjectOut)):
+        return [op.direction.tensor]
+    return []

@@ -1,0 +1,99 @@
+"""Graphs as readable text: one line per run and per op, the way torch.fx prints nodes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from interventions.ops import (
+    Ablate,
+    Add,
+    Op,
+    Patch,
+    ProjectOut,
+    Read,
+    Ref,
+    SAESplice,
+    Scale,
+    Value,
+)
+
+if TYPE_CHECKING:
+    from interventions.graph import Graph, Run
+
+
+def _tensor(graph: Graph, key: str) -> str:
+    tensor = graph.tensors.get(key)
+    if tensor is None:
+        return f"%{key} <missing>"
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    return f"%{key} {dtype}{list(tensor.shape)}"
+
+
+def _value(graph: Graph, value: Value) -> str:
+    if isinstance(value, Ref):
+        return f"%{value.read}"
+    return _tensor(graph, value.tensor)
+
+
+def format_run(graph: Graph, run: Run, width: int) -> str:
+    if run.tokens is not None:
+        source = f"tokens={_tensor(graph, run.tokens)}"
+    elif run.inputs is not None:
+        source = f"inputs={_tensor(graph, run.inputs)}"
+    else:
+        texts = run.text or ()
+        shown = ", ".join(repr(t if len(t) <= 40 else t[:37] + "...") for t in texts[:3])
+        more = f", ... ({len(texts)} prompts)" if len(texts) > 3 else ""
+        source = f"text=[{shown}{more}]"
+    gen = f" generate max_new_tokens={run.max_new_tokens}" if run.generates else ""
+    return f"  run {run.name:<{width}} {source}{gen}"
+
+
+def format_op(graph: Graph, op: Op) -> str:
+    where = f"{op.run} {op.site}"
+    if not op.select.is_all:
+        where += f" {op.select.describe()}"
+    if isinstance(op, Read):
+        return f"  %{op.name} = read {where}"
+    if isinstance(op, Patch):
+        return f"  patch {where} <- {_value(graph, op.value)}"
+    if isinstance(op, Ablate):
+        extra = "" if op.source is None else f" over {op.source}"
+        if op.method == "mean" and op.per_position:
+            extra += " per_position"
+        if op.method == "resample":
+            extra += f" seed={op.seed}"
+        return f"  ablate {where} {op.method}{extra}"
+    if isinstance(op, Add):
+        return f"  add {where} += {op.scale:g} * {_tensor(graph, op.direction.tensor)}"
+    if isinstance(op, ProjectOut):
+        return f"  project_out {where} along {_tensor(graph, op.direction.tensor)}"
+    if isinstance(op, Scale):
+        return f"  scale {where} *= {op.factor:g}"
+    if isinstance(op, SAESplice):
+        spec = graph.saes.get(op.sae)
+        kind = spec.kind if spec is not None else "?"
+        edits = " ".join(_edit(e) for e in op.edits)
+        prefix = f"%{op.features} = " if op.features else ""
+        return f"  {prefix}sae_splice {where} sae=%{op.sae}({kind}) error={op.error}" + (
+            f" edits[{edits}]" if edits else ""
+        )
+    raise AssertionError(f"unprintable op {op!r}")
+
+
+def _edit(edit: object) -> str:
+    from interventions.ops import FeatureEdit
+
+    assert isinstance(edit, FeatureEdit)
+    feats = ",".join(map(str, edit.features))
+    if edit.mode == "clamp":
+        return f"clamp({feats}, {edit.low}, {edit.high})"
+    return f"{edit.mode}({feats}, {edit.value:g})"
+
+
+def format_graph(graph: Graph) -> str:
+    width = max((len(name) for name in graph.runs), default=0)
+    lines = [f"Graph({len(graph.runs)} runs, {len(graph.ops)} ops)"]
+    lines += [format_run(graph, run, width) for run in graph.runs.values()]
+    lines += [format_op(graph, op) for op in graph.ops]
+    return "\n".join(lines)

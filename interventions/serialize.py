@@ -1,0 +1,457 @@
+"""Graphs to and from JSON. Tensors go to safetensors (inline base64, or a sidecar file).
+
+Nothing is pickled, and nothing is imported by name: the decoder accepts only the closed
+op set, checks every field's type, and raises :class:`SpecError` for anything else. A
+sidecar is only ever read from the directory of the JSON file, by a bare file name.
+
+>>> import torch, interventions as iv
+>>> g = iv.Graph()
+>>> _ = g.run("a", tokens=torch.tensor([[1, 2]])).read("logits", pos=-1)
+>>> iv.Graph.from_json(g.to_json()) == g
+True
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interventions.errors import InterventionError, SpecError, UnknownOp, choices_text
+from interventions.graph import Graph, Run
+from interventions.ops import (
+    OP_KINDS,
+    Ablate,
+    Add,
+    Const,
+    FeatureEdit,
+    Op,
+    Patch,
+    ProjectOut,
+    Read,
+    Ref,
+    SAESpec,
+    SAESplice,
+    Scale,
+    op_kind,
+)
+from interventions.sites import Index, Select, Site, Span
+
+FORMAT = "interventions.graph"
+VERSION = 1
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+# -- encoding ----------------------------------------------------------------------------
+
+
+def _index(index: Index) -> Any:
+    if isinstance(index, Span):
+        return {"start": index.start, "stop": index.stop, "step": index.step}
+    if isinstance(index, tuple):
+        return list(index)
+    return index
+
+
+def _select(select: Select) -> dict[str, Any]:
+    return {k: _index(v) for k, v in select.items()}
+
+
+def _site(site: Site) -> dict[str, Any]:
+    return {"name": site.name} if site.layer is None else {"name": site.name, "layer": site.layer}
+
+
+def _edit(edit: FeatureEdit) -> dict[str, Any]:
+    out: dict[str, Any] = {"features": list(edit.features), "mode": edit.mode}
+    for key in ("value", "low", "high"):
+        if getattr(edit, key) is not None:
+            out[key] = getattr(edit, key)
+    return out
+
+
+def op_to_dict(op: Op) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "op": op_kind(op),
+        "run": op.run,
+        "site": _site(op.site),
+        "select": _select(op.select),
+    }
+    if isinstance(op, Read):
+        out["name"] = op.name
+    elif isinstance(op, Patch):
+        v = op.value
+        out["value"] = {"ref": v.read} if isinstance(v, Ref) else {"const": v.tensor}
+    elif isinstance(op, Ablate):
+        out.update(method=op.method, source=op.source, per_position=op.per_position, seed=op.seed)
+    elif isinstance(op, Add):
+        out.update(direction=op.direction.tensor, scale=op.scale)
+    elif isinstance(op, ProjectOut):
+        out["direction"] = op.direction.tensor
+    elif isinstance(op, Scale):
+        out["factor"] = op.factor
+    elif isinstance(op, SAESplice):
+        out.update(
+            sae=op.sae, edits=[_edit(e) for e in op.edits], error=op.error, features=op.features
+        )
+    return out
+
+
+def graph_to_dict(graph: Graph) -> dict[str, Any]:
+    """The JSON document without tensor data (which goes inline or to a sidecar)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "runs": [
+            {
+                "name": r.name,
+                "tokens": r.tokens,
+                "text": None if r.text is None else list(r.text),
+                "inputs": r.inputs,
+                "max_new_tokens": r.max_new_tokens,
+            }
+            for r in graph.runs.values()
+        ],
+        "saes": {
+            key: {"kind": s.kind, "params": dict(s.params), "tensors": dict(s.tensors)}
+            for key, s in graph.saes.items()
+        },
+        "ops": [op_to_dict(op) for op in graph.ops],
+        "tensors": {
+            key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            for key, t in graph.tensors.items()
+        },
+    }
+
+
+def _tensor_blob(graph: Graph) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: t.detach().cpu().contiguous() for k, t in graph.tensors.items()})
+
+
+def to_json(graph: Graph, *, indent: int | None = 2) -> str:
+    doc = graph_to_dict(graph)
+    doc["tensor_data"] = {"inline": base64.b64encode(_tensor_blob(graph)).decode("ascii")}
+    return json.dumps(doc, indent=indent, allow_nan=False)
+
+
+def save(graph: Graph, path: str | os.PathLike[str]) -> None:
+    target = Path(path)
+    sidecar = target.with_suffix(".safetensors")
+    if sidecar == target:
+        raise SpecError(f"{target}: a graph file cannot end in .safetensors (that is the sidecar)")
+    doc = graph_to_dict(graph)
+    doc["tensor_data"] = {"file": sidecar.name}
+    tmp_json, tmp_side = (
+        target.with_name(target.name + ".tmp"),
+        sidecar.with_name(sidecar.name + ".tmp"),
+    )
+    tmp_side.write_bytes(_tensor_blob(graph))
+    tmp_json.write_text(json.dumps(doc, indent=2, allow_nan=False))
+    os.replace(tmp_side, sidecar)  # both or neither look complete to a reader
+    os.replace(tmp_json, target)
+
+
+# -- decoding ----------------------------------------------------------------------------
+
+
+class _Doc:
+    """Typed access to a JSON object, with the path of each field for error messages."""
+
+    def __init__(self, value: Any, where: str, allowed: set[str]) -> None:
+        if not isinstance(value, dict):
+            raise SpecError(f"{where}: expected an object, got {type(value).__name__}")
+        unknown = set(value) - allowed
+        if unknown:
+            raise SpecError(
+                f"{where}: unknown field(s) {choices_text(sorted(map(str, unknown)))}; "
+                f"allowed: {choices_text(sorted(allowed))}"
+            )
+        self.value = value
+        self.where = where
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.value.get(key, default)
+
+    def text(self, key: str, *, optional: bool = False) -> Any:
+        v = self.value.get(key)
+        if v is None and optional:
+            return None
+        if not isinstance(v, str):
+            raise SpecError(f"{self.where}.{key}: expected a string, got {v!r:.80}")
+        return v
+
+    def integer(self, key: str, *, optional: bool = False) -> Any:
+        v = self.value.get(key)
+        if v is None and optional:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise SpecError(f"{self.where}.{key}: expected an int, got {v!r:.80}")
+        return v
+
+    def number(self, key: str, *, optional: bool = False) -> Any:
+        v = self.value.get(key)
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SpecError(f"{self.where}.{key}: expected a finite number, got {v!r:.80}")
+        return float(v)
+
+    def flag(self, key: str) -> bool:
+        v = self.value.get(key, False)
+        if not isinstance(v, bool):
+            raise SpecError(f"{self.where}.{key}: expected true or false, got {v!r:.80}")
+        return v
+
+
+def _decode_index(value: Any, where: str) -> Index:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise SpecError(f"{where}: expected an int, a list of ints or a slice")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise SpecError(f"{where}: expected a non-empty list of ints")
+        return tuple(value)
+    d = _Doc(value, where, {"start", "stop", "step"})
+    span = Span(
+        d.integer("start", optional=True),
+        d.integer("stop", optional=True),
+        d.integer("step", optional=True),
+    )
+    if span.step == 0:
+        raise SpecError(f"{where}: slice step cannot be zero")
+    return span
+
+
+def _decode_select(value: Any, where: str) -> Select:
+    d = _Doc(value if value is not None else {}, where, {"batch", "pos", "head", "dims"})
+    return Select(
+        **{k: _decode_index(d.get(k), f"{where}.{k}") for k in ("batch", "pos", "head", "dims")}
+    )
+
+
+def _decode_site(value: Any, where: str) -> Site:
+    d = _Doc(value, where, {"name", "layer"})
+    try:
+        return Site(d.text("name"), d.integer("layer", optional=True))
+    except InterventionError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+
+
+def _decode_edit(value: Any, where: str) -> FeatureEdit:
+    d = _Doc(value, where, {"features", "mode", "value", "low", "high"})
+    features = d.get("features")
+    if not isinstance(features, list) or not all(
+        isinstance(f, int) and not isinstance(f, bool) for f in features
+    ):
+        raise SpecError(f"{where}.features: expected a list of ints")
+    return FeatureEdit(
+        tuple(features),
+        d.text("mode"),
+        d.number("value", optional=True),
+        d.number("low", optional=True),
+        d.number("high", optional=True),
+    )
+
+
+_COMMON = {"op", "run", "site", "select"}
+_FIELDS: dict[str, set[str]] = {
+    "read": {"name"},
+    "patch": {"value"},
+    "ablate": {"method", "source", "per_position", "seed"},
+    "add": {"direction", "scale"},
+    "project_out": {"direction"},
+    "scale": {"factor"},
+    "sae_splice": {"sae", "edits", "error", "features"},
+}
+
+
+def op_from_dict(value: Any, where: str) -> Op:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: expected an object, got {type(value).__name__}")
+    kind = value.get("op")
+    if kind not in OP_KINDS:
+        raise UnknownOp(f"{where}: unknown op {kind!r:.80}; ops: {choices_text(OP_KINDS)}")
+    d = _Doc(value, where, _COMMON | _FIELDS[kind])
+    run, site = d.text("run"), _decode_site(d.get("site"), f"{where}.site")
+    select = _decode_select(d.get("select"), f"{where}.select")
+    if kind == "read":
+        return Read(run, site, select, d.text("name"))
+    if kind == "patch":
+        v = _Doc(d.get("value"), f"{where}.value", {"ref", "const"})
+        if ("ref" in v.value) == ("const" in v.value):
+            raise SpecError(f"{where}.value: give exactly one of ref, const")
+        val: Ref | Const = Ref(v.text("ref")) if "ref" in v.value else Const(v.text("const"))
+        return Patch(run, site, select, val)
+    if kind == "ablate":
+        return Ablate(
+            run,
+            site,
+            select,
+            d.text("method"),
+            d.text("source", optional=True),
+            d.flag("per_position"),
+            d.integer("seed", optional=True) or 0,
+        )
+    if kind == "add":
+        return Add(run, site, select, Const(d.text("direction")), d.number("scale"))
+    if kind == "project_out":
+        return ProjectOut(run, site, select, Const(d.text("direction")))
+    if kind == "scale":
+        return Scale(run, site, select, d.number("factor"))
+    edits = d.get("edits", [])
+    if not isinstance(edits, list):
+        raise SpecError(f"{where}.edits: expected a list")
+    return SAESplice(
+        run,
+        site,
+        select,
+        d.text("sae"),
+        tuple(_decode_edit(e, f"{where}.edits[{i}]") for i, e in enumerate(edits)),
+        d.text("error"),
+        d.text("features", optional=True),
+    )
+
+
+def _decode_run(value: Any, where: str) -> Run:
+    d = _Doc(value, where, {"name", "tokens", "text", "inputs", "max_new_tokens"})
+    text = d.get("text")
+    if text is not None and (
+        not isinstance(text, list) or not all(isinstance(t, str) for t in text)
+    ):
+        raise SpecError(f"{where}.text: expected a list of strings")
+    return Run(
+        d.text("name"),
+        d.text("tokens", optional=True),
+        None if text is None else tuple(text),
+        d.text("inputs", optional=True),
+        d.integer("max_new_tokens", optional=True),
+    )
+
+
+def _decode_sae(value: Any, where: str) -> SAESpec:
+    d = _Doc(value, where, {"kind", "params", "tensors"})
+    params, tensors = d.get("params", {}), d.get("tensors", {})
+    if not isinstance(params, dict) or not all(
+        isinstance(v, (int, float, bool)) and (not isinstance(v, float) or math.isfinite(v))
+        for v in params.values()
+    ):
+        raise SpecError(f"{where}.params: expected an object of numbers and booleans")
+    if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
+        raise SpecError(f"{where}.tensors: expected an object of tensor keys")
+    return SAESpec(d.text("kind"), tuple(sorted(params.items())), tuple(sorted(tensors.items())))
+
+
+def _load_tensors(doc: _Doc, directory: Path | None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    data = _Doc(doc.get("tensor_data", {}), "tensor_data", {"inline", "file"})
+    if "inline" in data.value and "file" in data.value:
+        raise SpecError("tensor_data: give inline or file, not both")
+    if "inline" in data.value:
+        try:
+            blob = base64.b64decode(data.text("inline"), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise SpecError(f"tensor_data.inline: not valid base64 ({exc})") from None
+    elif "file" in data.value:
+        name = data.text("file")
+        if directory is None:
+            raise SpecError(f"tensor_data.file {name!r}: load the graph with Graph.load(path)")
+        if (
+            name in ("", ".", "..")
+            or name != os.path.basename(name)
+            or "/" in name
+            or "\\" in name
+            or "\x00" in name
+            or not name.endswith(".safetensors")
+        ):
+            raise SpecError(
+                f"tensor_data.file {name!r}: must be a bare '<name>.safetensors' file name "
+                "beside the graph"
+            )
+        path = directory / name
+        if path.is_symlink() or not path.is_file():
+            raise SpecError(f"tensor sidecar {str(path)!r} is missing or not a regular file")
+        blob = path.read_bytes()
+    else:
+        blob = b""
+    if not blob:
+        return {}
+    try:
+        return dict(load(blob))
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise SpecError(f"tensor data is not valid safetensors: {exc}") from None
+
+
+def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
+    doc = _Doc(raw, "graph", {"format", "version", "runs", "saes", "ops", "tensors", "tensor_data"})
+    if doc.get("format") != FORMAT:
+        raise SpecError(f"graph.format: expected {FORMAT!r}, got {doc.get('format')!r:.80}")
+    if doc.get("version") != VERSION:
+        raise SpecError(
+            f"graph.version: this package reads version {VERSION}, got {doc.get('version')!r:.80}"
+        )
+    runs, ops, saes = doc.get("runs", []), doc.get("ops", []), doc.get("saes", {})
+    declared = doc.get("tensors", {})
+    if not isinstance(runs, list) or not isinstance(ops, list):
+        raise SpecError("graph.runs and graph.ops must be lists")
+    if not isinstance(saes, dict) or not isinstance(declared, dict):
+        raise SpecError("graph.saes and graph.tensors must be objects")
+    tensors = _load_tensors(doc, directory)
+    if set(tensors) != set(declared):
+        raise SpecError(
+            f"tensor data holds {choices_text(sorted(tensors)) or 'nothing'} but the graph "
+            f"declares {choices_text(sorted(map(str, declared))) or 'nothing'}"
+        )
+    for key, meta in declared.items():
+        m = _Doc(meta, f"graph.tensors.{key}", {"dtype", "shape"})
+        t = tensors[key]
+        if m.get("dtype") != str(t.dtype).removeprefix("torch.") or m.get("shape") != list(t.shape):
+            raise SpecError(
+                f"graph.tensors.{key}: declared {meta} but the data is {t.dtype} {list(t.shape)}"
+            )
+    graph = Graph(tensors=tensors)
+    for i, r in enumerate(runs):
+        run = _decode_run(r, f"graph.runs[{i}]")
+        if run.name in graph.runs:
+            raise SpecError(f"graph.runs[{i}]: duplicate run name {run.name!r}")
+        graph._add_run(run)
+        ids = tensors.get(run.tokens) if run.tokens is not None else None
+        if ids is not None and (ids.dtype != torch.long or ids.ndim != 2 or ids.numel() == 0):
+            raise SpecError(f"graph.runs[{i}]: tokens {run.tokens!r} must be int64 [batch, seq]")
+    for key, s in saes.items():
+        graph.saes[str(key)] = _decode_sae(s, f"graph.saes.{key}")
+    graph.ops = [op_from_dict(o, f"graph.ops[{i}]") for i, o in enumerate(ops)]
+    graph.check()
+    return graph
+
+
+def from_json(text: str | bytes, *, directory: str | os.PathLike[str] | None = None) -> Graph:
+    if not isinstance(text, (str, bytes)):
+        raise SpecError(f"expected JSON text, got {type(text).__name__}")
+    if len(text) > MAX_JSON_BYTES:
+        raise SpecError(f"graph JSON is {len(text)} bytes; the limit is {MAX_JSON_BYTES}")
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise SpecError(f"not valid JSON: {str(exc)[:200]}") from None
+    try:
+        return graph_from_doc(raw, None if directory is None else Path(directory))
+    except RecursionError:
+        raise SpecError("graph JSON is nested too deeply") from None
+
+
+def load(path: str | os.PathLike[str]) -> Graph:
+    target = Path(path)
+    if not target.is_file():
+        raise SpecError(f"graph file {str(target)!r} does not exist")
+    return from_json(target.read_bytes(), directory=target.parent)

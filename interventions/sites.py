@@ -1,0 +1,356 @@
+"""Where an intervention happens: sites, and selectors that narrow them.
+
+A site is spelled one of two ways:
+
+* a **standard name** that means the same on every supported architecture
+  (``resid_post`` at ``layer=5``), resolved through :mod:`interventions.architectures`;
+* a **raw module path** ending in ``.output`` or ``.input`` (``"transformer.h.3.mlp.output"``,
+  or just ``"output"`` for the root module), which works on any ``torch.nn.Module``.
+
+Every site has named axes. Residual-stream sites are ``(batch, pos, d_model)``; ``head`` is
+``(batch, pos, head, d_head)``; ``attn_pattern`` is ``(batch, head, pos, key_pos)`` with
+``pos`` the query position. A :class:`Select` narrows axes by name: ``batch``, ``pos``,
+``head`` and ``dims`` (the last, hidden axis). An ``int`` selector drops its axis, the way
+numpy indexing does; lists, ranges and slices keep it. Several list selectors select
+their outer product (``pos=[1, 2], head=[0, 3]`` is four (pos, head) pairs).
+
+>>> sel = Select.make(pos=-1, head=[0, 2])
+>>> sel
+Select(pos=-1, head=(0, 2))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypeAlias
+
+import torch
+
+from interventions.errors import SpecError, UnknownSite, choices_text, suggest
+
+Axis = Literal["batch", "pos", "head", "key_pos", "hidden"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A slice that can be hashed, compared and written to JSON."""
+
+    start: int | None = None
+    stop: int | None = None
+    step: int | None = None
+
+    def indices(self, size: int) -> list[int]:
+        if self.step == 0:
+            raise SpecError("a slice step cannot be zero")
+        return list(range(size)[slice(self.start, self.stop, self.step)])
+
+    def __repr__(self) -> str:
+        parts = ["" if v is None else str(v) for v in (self.start, self.stop, self.step)]
+        return ":".join(parts[:2] if self.step is None else parts)
+
+
+Index: TypeAlias = int | tuple[int, ...] | Span | None
+IndexLike: TypeAlias = int | Sequence[int] | slice | range | Span | None
+
+
+def as_index(value: Any, what: str) -> Index:
+    """Normalise a user selector (int, list, tuple, range, slice, Span, None) to an Index."""
+    if value is None or isinstance(value, Span):
+        return value
+    if isinstance(value, bool):
+        raise SpecError(f"selector {what}={value!r}: expected an int, a list of ints or a slice")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        return int(value)
+    if isinstance(value, slice):
+        for part in (value.start, value.stop, value.step):
+            if part is not None and (not isinstance(part, int) or isinstance(part, bool)):
+                raise SpecError(f"selector {what}={value!r}: slice bounds must be ints or None")
+        if value.step == 0:
+            raise SpecError(f"selector {what}={value!r}: slice step cannot be zero")
+        return Span(value.start, value.stop, value.step)
+    if isinstance(value, range):
+        return tuple(value)
+    if isinstance(value, (list, tuple)) or (
+        isinstance(value, torch.Tensor) and value.ndim == 1 and not value.is_floating_point()
+    ):
+        items = [int(v) if isinstance(v, torch.Tensor) else v for v in value]
+        if not items:
+            raise SpecError(f"selector {what}=[]: an empty list selects nothing")
+        for item in items:
+            if not isinstance(item, int) or isinstance(item, bool):
+                raise SpecError(f"selector {what}={value!r}: list items must be ints")
+        return tuple(items)
+    raise SpecError(
+        f"selector {what}={value!r}: expected an int, a list of ints, a range or a slice"
+    )
+
+
+@dataclass(frozen=True)
+class Select:
+    """Which entries of a site an op touches. ``None`` means the whole axis."""
+
+    batch: Index = None
+    pos: Index = None
+    head: Index = None
+    dims: Index = None
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        batch: IndexLike = None,
+        pos: IndexLike = None,
+        head: IndexLike = None,
+        dims: IndexLike = None,
+    ) -> Select:
+        return cls(
+            batch=as_index(batch, "batch"),
+            pos=as_index(pos, "pos"),
+            head=as_index(head, "head"),
+            dims=as_index(dims, "dims"),
+        )
+
+    @property
+    def is_all(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+    def items(self) -> list[tuple[str, Index]]:
+        return [
+            (f.name, getattr(self, f.name))
+            for f in fields(self)
+            if getattr(self, f.name) is not None
+        ]
+
+    def __repr__(self) -> str:
+        return f"Select({', '.join(f'{k}={v!r}' for k, v in self.items())})"
+
+    def describe(self) -> str:
+        """Compact text for printing graphs: ``pos=-1 head=(0, 2)``."""
+        return " ".join(f"{k}={v!r}" for k, v in self.items())
+
+
+# Which axis of a site each selector field addresses.
+_SELECT_AXIS = {"batch": "batch", "pos": "pos", "head": "head", "dims": "hidden"}
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    """What a standard site means: its axes, whether it has a layer, and if it can be written."""
+
+    axes: tuple[Axis, ...]
+    layered: bool
+    writable: bool = True
+    doc: str = ""
+
+
+RESIDUAL: tuple[Axis, ...] = ("batch", "pos", "hidden")
+
+STANDARD_SITES: dict[str, SiteKind] = {
+    "embed": SiteKind(RESIDUAL, False, doc="token embedding output (before positions/scaling)"),
+    "resid_pre": SiteKind(RESIDUAL, True, doc="residual stream entering a block"),
+    "resid_post": SiteKind(RESIDUAL, True, doc="residual stream leaving a block"),
+    "attn_out": SiteKind(RESIDUAL, True, doc="attention block output, before the residual add"),
+    "mlp_out": SiteKind(RESIDUAL, True, doc="MLP block output, before the residual add"),
+    "head": SiteKind(
+        ("batch", "pos", "head", "hidden"),
+        True,
+        doc="per-head attention output before the output projection",
+    ),
+    "attn_pattern": SiteKind(
+        ("batch", "head", "pos", "key_pos"),
+        True,
+        writable=False,
+        doc="attention probabilities (query pos x key pos); read only, eager attention",
+    ),
+    "mlp_hidden": SiteKind(
+        RESIDUAL, True, doc="MLP hidden activation, input of the down projection"
+    ),
+    "final_norm": SiteKind(RESIDUAL, False, doc="output of the final normalisation"),
+    "logits": SiteKind(RESIDUAL, False, doc="the model's output logits"),
+}
+
+RAW_SUFFIXES = (".output", ".input")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in a model: a standard name (with a layer) or a raw module path.
+
+    >>> Site("resid_post", 5)
+    Site('resid_post', layer=5)
+    >>> Site("transformer.h.0.mlp.output").is_raw
+    True
+    """
+
+    name: str
+    layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"site name must be a non-empty string, got {self.name!r}")
+        if self.layer is not None and (
+            not isinstance(self.layer, int) or isinstance(self.layer, bool)
+        ):
+            raise SpecError(f"site {self.name!r}: layer must be an int, got {self.layer!r}")
+        if self.is_raw:
+            if self.layer is not None:
+                raise SpecError(
+                    f"raw module site {self.name!r} takes no layer; put the layer in the path"
+                )
+            return
+        kind = STANDARD_SITES.get(self.name)
+        if kind is None:
+            raise UnknownSite(
+                f"{self.name!r} is not a site{suggest(self.name, STANDARD_SITES)} "
+                f"Standard sites: {choices_text(STANDARD_SITES)}; or a module path ending in "
+                f"'.output' or '.input'"
+            )
+        if kind.layered and self.layer is None:
+            raise SpecError(f"site {self.name!r} needs a layer, e.g. layer=0")
+        if not kind.layered and self.layer is not None:
+            raise SpecError(f"site {self.name!r} has no layer; drop layer={self.layer}")
+
+    @property
+    def is_raw(self) -> bool:
+        return self.name in ("output", "input") or self.name.endswith(RAW_SUFFIXES)
+
+    @property
+    def raw_parts(self) -> tuple[str, Literal["output", "input"]]:
+        """For a raw site, the module path ('' for the root) and which side is hooked."""
+        path, _, io = self.name.rpartition(".")
+        if self.name in ("output", "input"):
+            path, io = "", self.name
+        return path, "output" if io == "output" else "input"
+
+    @property
+    def kind(self) -> SiteKind:
+        if self.is_raw:
+            return SiteKind(RESIDUAL, layered=False, doc="raw module tensor")
+        return STANDARD_SITES[self.name]
+
+    def __repr__(self) -> str:
+        return f"Site({self.name!r}" + ("" if self.layer is None else f", layer={self.layer}") + ")"
+
+    def __str__(self) -> str:
+        return self.name if self.layer is None else f"{self.name}[{self.layer}]"
+
+
+# ---------------------------------------------------------------------------------------
+# Applying a selector to a tensor. The reference semantics every adapter must match.
+
+
+def _axis_indices(index: Index, size: int, what: str) -> tuple[list[int], bool]:
+    """Concrete non-negative indices along one axis, and whether the axis is dropped."""
+    if index is None:
+        return list(range(size)), False
+    if isinstance(index, Span):
+        return index.indices(size), False
+    items = [index] if isinstance(index, int) else list(index)
+    out = []
+    for i in items:
+        if not -size <= i < size:
+            raise IndexError(f"{what}={i} is out of range for an axis of size {size}")
+        out.append(i % size)
+    return out, isinstance(index, int)
+
+
+def selection_axes(select: Select, axes: Sequence[str]) -> dict[int, Index]:
+    """Map each axis number of a site to the selector that addresses it."""
+    out: dict[int, Index] = {}
+    for field_name, index in select.items():
+        axis = _SELECT_AXIS[field_name]
+        if axis == "hidden":
+            out[len(axes) - 1] = index
+        elif axis in axes:
+            out[list(axes).index(axis)] = index
+        else:
+            raise SpecError(
+                f"selector {field_name}= does not apply to a site with axes {tuple(axes)}"
+            )
+    return out
+
+
+def _plan(
+    select: Select, axes: Sequence[str], shape: Sequence[int]
+) -> tuple[tuple[Any, ...], list[int]]:
+    per_axis = selection_axes(select, axes)
+    lists: list[list[int]] = []
+    dropped: list[int] = []
+    for dim, size in enumerate(shape):
+        index = per_axis.get(dim)
+        name = axes[dim] if dim < len(axes) else f"axis {dim}"
+        idx, drop = _axis_indices(index, size, name)
+        lists.append(idx)
+        if drop:
+            dropped.append(dim)
+    # ix_-style broadcast: every axis gets its own index tensor shaped to its position.
+    ndim = len(shape)
+    index_tensors = []
+    for dim, idx in enumerate(lists):
+        view = [1] * ndim
+        view[dim] = len(idx)
+        index_tensors.append(torch.tensor(idx, dtype=torch.long).view(view))
+    return tuple(index_tensors), dropped
+
+
+def site_axes(kind: SiteKind, ndim: int) -> tuple[str, ...]:
+    """Axis names for a tensor of ``ndim`` dims at a site (raw sites: batch, pos, ..., hidden)."""
+    if len(kind.axes) == ndim:
+        return kind.axes
+    if kind.axes == RESIDUAL and ndim >= 1:
+        names = ["batch", "pos", *[f"axis{i}" for i in range(2, ndim - 1)], "hidden"]
+        return tuple(names[:ndim]) if ndim >= 3 else ("batch", "hidden")[-ndim:]
+    raise SpecError(f"a tensor with {ndim} dims does not fit axes {kind.axes}")
+
+
+def take(x: torch.Tensor, select: Select, axes: Sequence[str]) -> torch.Tensor:
+    """Read the selected entries of ``x`` (ints drop their axis).
+
+    >>> x = torch.arange(24).view(2, 3, 4)
+    >>> take(x, Select.make(pos=-1, dims=[0, 1]), ("batch", "pos", "hidden")).tolist()
+    [[8, 9], [20, 21]]
+    """
+    if select.is_all:
+        return x
+    index, dropped = _plan(select, axes, x.shape)
+    index = tuple(i.to(x.device) for i in index)
+    out = x[index]
+    for dim in reversed(dropped):
+        out = out.squeeze(dim)
+    return out
+
+
+def put(x: torch.Tensor, select: Select, axes: Sequence[str], value: torch.Tensor) -> torch.Tensor:
+    """Return a copy of ``x`` with the selected entries replaced by ``value`` (broadcast).
+
+    >>> x = torch.zeros(1, 3, 2)
+    >>> put(x, Select.make(pos=1), ("batch", "pos", "hidden"), torch.ones(2))[0].tolist()
+    [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
+    """
+    value = value.to(device=x.device, dtype=x.dtype)
+    if select.is_all:
+        return value.expand(x.shape).clone() if value.shape != x.shape else value
+    index, dropped = _plan(select, axes, x.shape)
+    index = tuple(i.to(x.device) for i in index)
+    region = [len(i.view(-1)) for i in index]
+    kept = [n for d, n in enumerate(region) if d not in dropped]
+    value = value.expand(torch.broadcast_shapes(value.shape, tuple(kept)))
+    for dim in dropped:
+        value = value.unsqueeze(dim)
+    out = x.clone()
+    out[index] = value
+    return out
+
+
+def selected_shape(select: Select, axes: Sequence[str], shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape :func:`take` would return, computed without a tensor."""
+    per_axis = selection_axes(select, axes)
+    out = []
+    for dim, size in enumerate(shape):
+        idx, drop = _axis_indices(per_axis.get(dim), size, axes[dim] if dim < len(axes) else "axis")
+        if not drop:
+            out.append(len(idx))
+    return tuple(out)
