@@ -204,7 +204,7 @@ class Site:
         kind = STANDARD_SITES.get(self.name)
         if kind is None:
             raise UnknownSite(
-                f"{self.name!r} is not a site{suggest(self.name, STANDARD_SITES)} "
+                f"{self.name!r} is not a site{suggest(self.name, STANDARD_SITES) or '.'} "
                 f"Standard sites: {choices_text(STANDARD_SITES)}; or a module path ending in "
                 f"'.output' or '.input'"
             )

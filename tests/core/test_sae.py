@@ -41,7 +41,7 @@ B_DEC = torch.tensor([1.0, 1.0])
 X = torch.tensor([1.0, 2.0])
 
 
-def hand_parts() -> dict[str, torch.Tensor]:
+def hand_parts() -> dict[str, Any]:
     return {
         "W_enc": W_ENC.clone(),
         "b_enc": B_ENC.clone(),
@@ -52,7 +52,7 @@ def hand_parts() -> dict[str, torch.Tensor]:
 
 def random_parts(
     d_in: int, d_sae: int, seed: int, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     return {
         "W_enc": torch.randn(d_in, d_sae, generator=g, dtype=dtype),
@@ -62,7 +62,7 @@ def random_parts(
     }
 
 
-def make(kind: str, parts: dict[str, torch.Tensor], apply: bool = False, **extra: Any) -> Any:
+def make(kind: str, parts: dict[str, Any], apply: bool = False, **extra: Any) -> Any:
     if kind == "jumprelu":
         extra.setdefault("threshold", torch.full_like(parts["b_enc"], 0.25))
     if kind == "topk":
@@ -185,7 +185,7 @@ def test_standard_matches_reference_formula(seed: int, apply: bool) -> None:
     assert torch.allclose(sae.encode(x), torch.relu(x_in @ p["W_enc"] + p["b_enc"]))
 
 
-def perfect_parts(d_in: int, b_dec: torch.Tensor) -> dict[str, torch.Tensor]:
+def perfect_parts(d_in: int, b_dec: torch.Tensor) -> dict[str, Any]:
     """d_sae = 2 d_in features +v and -v: relu(v) - relu(-v) = v, so decode(encode(x)) = x."""
     eye = torch.eye(d_in, dtype=torch.float64)
     return {
@@ -233,8 +233,8 @@ def test_perfect_reconstruction_with_pseudo_inverse() -> None:
 @pytest.mark.parametrize("kind", sorted(SAE_KINDS))
 def test_parts_round_trip_and_protocol(kind: str) -> None:
     sae = make(kind, random_parts(3, 4, seed=2), apply=True)
-    assert isinstance(sae, SAE)
     assert sae.kind == kind and SAE_KINDS[kind] is type(sae)
+    assert isinstance(sae, SAE)
     rebuilt = sae_from_parts(kind, sae.tensors(), sae.params())
     assert type(rebuilt) is type(sae)
     assert rebuilt.params() == sae.params()
@@ -244,7 +244,7 @@ def test_parts_round_trip_and_protocol(kind: str) -> None:
         {"threshold"} if kind == "jumprelu" else set()
     )
     assert set(sae.tensors()) == expected_tensors
-    assert f"d_in=3, d_sae=4" in repr(sae)
+    assert "d_in=3, d_sae=4" in repr(sae)
 
 
 def test_protocol_accepts_duck_types_and_rejects_others() -> None:
@@ -460,7 +460,7 @@ def v5_cfg(**changes: Any) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if v is not ...}
 
 
-def v6_cfg(architecture: str, **changes: Any) -> dict[str, Any]:
+def v6_cfg(architecture: Any, **changes: Any) -> dict[str, Any]:
     """What SAELens 6's ``SAEConfig.to_dict`` writes (sae_lens/saes/sae.py)."""
     cfg: dict[str, Any] = {
         "d_in": 2,
@@ -569,7 +569,7 @@ def test_load_topk_k_in_both_places_must_agree(tmp_path: Path) -> None:
 # --- bad directories ------------------------------------------------------------------------------
 
 
-def _weights_with(**changes: Any) -> dict[str, torch.Tensor]:
+def _weights_with(**changes: Any) -> dict[str, Any]:
     parts = hand_parts()
     for k, v in changes.items():
         if v is None:

@@ -1,0 +1,84 @@
+"""Tiny random models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+import torch
+from torch import nn
+
+VOCAB = 64
+SEQ = 32
+
+
+def _cfg(name: str):  # noqa: ANN202 - returns a transformers config
+    import transformers as t
+
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if name == "gpt2":
+        return t.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=SEQ, **common)
+    if name == "gpt_neox":
+        return t.GPTNeoXConfig(
+            num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+            max_position_embeddings=SEQ, **common,
+        )
+    llama_like = dict(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+        intermediate_size=48, max_position_embeddings=SEQ, **common,
+    )
+    if name == "llama":
+        return t.LlamaConfig(**llama_like)
+    if name == "mistral":
+        return t.MistralConfig(**llama_like)
+    if name == "qwen2":
+        return t.Qwen2Config(**llama_like)
+    if name == "gemma":
+        return t.GemmaConfig(head_dim=16, **llama_like)
+    raise KeyError(name)
+
+
+HF_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma")
+
+
+@cache
+def _build(name: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_cfg(name))
+    return model.eval()
+
+
+def hf_model(name: str) -> nn.Module:
+    """A cached tiny random model of family ``name`` (eval mode, fp32)."""
+    return _build(name)
+
+
+class ToyNet(nn.Module):
+    """A plain module with no architecture map: embed -> 2 residual MLP blocks -> head."""
+
+    def __init__(self, vocab: int = VOCAB, d: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(2)
+        )
+        self.unembed = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.unembed(x)
+
+
+@cache
+def toy_net() -> ToyNet:
+    torch.manual_seed(0)
+    return ToyNet().eval()
+
+
+ALL_MODELS: dict[str, Callable[[], nn.Module]] = {
+    **{name: (lambda n=name: hf_model(n)) for name in HF_FAMILIES},
+}
