@@ -23,6 +23,7 @@ from interventions.ops import (
     Patch,
     ProjectOut,
     Read,
+    Ref,
     SAESplice,
     op_kind,
 )
@@ -110,6 +111,10 @@ def _check_op(plan: Plan, op: Op, caps: Any) -> None:
         raise ValidationError(f"{_where(op)}: features= cannot be recorded in a generating run")
     if op.site.name in ("head", "attn_pattern") and not info.n_heads:
         raise ValidationError(f"{_where(op)}: the model's config has no head count")
+    if op.select.head is not None and op.site.name not in ("head", "attn_pattern"):
+        raise ValidationError(
+            f"{_where(op)}: head= only applies to the 'head' and 'attn_pattern' sites"
+        )
     sizes = _axis_sizes(plan, op, point)
     if sizes is None:
         if op.select.head is not None:
@@ -124,10 +129,6 @@ def _check_op(plan: Plan, op: Op, caps: Any) -> None:
         raise ValidationError(f"{_where(op)}: {exc}; axis sizes here are {valid}") from None
     except InterventionError as exc:
         raise ValidationError(f"{_where(op)}: {exc}") from None
-    if op.select.head is not None and op.site.name not in ("head", "attn_pattern"):
-        raise ValidationError(
-            f"{_where(op)}: head= only applies to the 'head' and 'attn_pattern' sites"
-        )
 
     def const_shape(c: Const) -> tuple[int, ...]:
         return tuple(graph.tensors[c.tensor].shape)
@@ -164,8 +165,13 @@ def _check_op(plan: Plan, op: Op, caps: Any) -> None:
                     f"{_where(op)}: value {op.value.read!r} from run {source.run!r}: {exc}"
                 ) from None
         if not _fits(shape, region):
+            what = (
+                f"value %{op.value.read} (from run {source.run!r})"
+                if isinstance(op.value, Ref)
+                else f"constant %{op.value.tensor}"
+            )
             raise ValidationError(
-                f"{_where(op)}: the value has shape {list(shape)} but the patched region is "
+                f"{_where(op)}: {what} has shape {list(shape)} but the patched region is "
                 f"{list(region)}"
             )
     elif isinstance(op, Add):

@@ -20,12 +20,21 @@ def _cfg(name: str):  # noqa: ANN202 - returns a transformers config
         return t.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=SEQ, **common)
     if name == "gpt_neox":
         return t.GPTNeoXConfig(
-            num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
-            max_position_embeddings=SEQ, **common,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_size=32,
+            intermediate_size=64,
+            max_position_embeddings=SEQ,
+            **common,
         )
     llama_like = dict(
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-        intermediate_size=48, max_position_embeddings=SEQ, **common,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=32,
+        intermediate_size=48,
+        max_position_embeddings=SEQ,
+        **common,
     )
     if name == "llama":
         return t.LlamaConfig(**llama_like)
@@ -82,3 +91,32 @@ def toy_net() -> ToyNet:
 ALL_MODELS: dict[str, Callable[[], nn.Module]] = {
     **{name: (lambda n=name: hf_model(n)) for name in HF_FAMILIES},
 }
+
+
+WORDS = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(4, VOCAB)]
+
+
+@cache
+def word_tokenizer():  # noqa: ANN201 - a transformers PreTrainedTokenizerFast
+    """A whitespace word-level tokenizer over ``w4 .. w63`` (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+
+
+def hook_count(model: nn.Module) -> int:
+    """Forward hooks and pre-hooks left on any module of ``model``."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )

@@ -1,0 +1,112 @@
+"""The public surface is small and pinned; importing it has no side effects."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import interventions as iv
+
+EXPECTED = {
+    "SAE",
+    "ArchitectureMap",
+    "Backend",
+    "BackendVersionError",
+    "Capabilities",
+    "ExecutionError",
+    "FeatureEdit",
+    "Graph",
+    "InterventionError",
+    "JumpReLUSAE",
+    "Provenance",
+    "Ref",
+    "Results",
+    "RunHandle",
+    "SAEError",
+    "Select",
+    "Site",
+    "SpecError",
+    "StandardSAE",
+    "TopKSAE",
+    "UnknownArchitecture",
+    "UnknownBackend",
+    "UnknownOp",
+    "UnknownSite",
+    "UnsupportedOp",
+    "ValidationError",
+    "__version__",
+    "architectures",
+    "backend_capabilities",
+    "list_backends",
+    "load_model",
+    "load_sae",
+    "register_architecture",
+    "register_backend",
+    "run",
+    "save_sae",
+    "validate",
+}
+
+
+def test_all_is_pinned() -> None:
+    assert set(iv.__all__) == EXPECTED
+    for name in iv.__all__:
+        assert hasattr(iv, name), name
+
+
+def test_public_callables_have_docstrings() -> None:
+    for name in iv.__all__:
+        obj = getattr(iv, name)
+        if callable(obj):
+            assert obj.__doc__, f"{name} has no docstring"
+
+
+def test_every_error_derives_from_the_base() -> None:
+    errors = [
+        getattr(iv, n)
+        for n in iv.__all__
+        if n.endswith(("Error", "Site", "Op", "Backend", "Architecture"))
+    ]
+    errors = [e for e in errors if isinstance(e, type) and issubclass(e, Exception)]
+    assert len(errors) >= 10
+    assert all(issubclass(e, iv.InterventionError) for e in errors)
+
+
+def test_import_loads_no_backend_and_patches_nothing() -> None:
+    code = (
+        "import sys, torch, torch.nn as nn\n"
+        "before = (nn.Module.__call__, nn.Module.register_forward_hook, torch.Tensor.__getitem__)\n"
+        "import interventions\n"
+        "after = (nn.Module.__call__, nn.Module.register_forward_hook, torch.Tensor.__getitem__)\n"
+        "bad = [m for m in ('nnsight', 'pyvene', 'transformers', 'interventions.adapters.torch_hooks')"
+        " if m in sys.modules]\n"
+        "assert before == after, 'import patched torch'\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_backends_are_listed_with_capabilities() -> None:
+    assert {"torch", "nnsight", "pyvene"} <= set(iv.list_backends())
+    caps = iv.backend_capabilities()["torch"]
+    assert isinstance(caps, iv.Capabilities)
+    assert "sae_splice" in caps.ops and caps.generation
+
+
+def test_unknown_backend_names_the_choices() -> None:
+    import pytest
+
+    with pytest.raises(iv.UnknownBackend, match=r"'torhc'.*did you mean 'torch'.*nnsight"):
+        from interventions.backends import get_backend
+
+        get_backend("torhc")
+
+
+def test_builtin_backend_cannot_be_replaced() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="built-in"):
+        iv.register_backend("torch", "x:Y")
