@@ -12,7 +12,7 @@ VOCAB = 64
 SEQ = 32
 
 
-def _cfg(name: str):  # noqa: ANN202 - returns a transformers config
+def _cfg(name: str):
     import transformers as t
 
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -97,7 +97,7 @@ WORDS = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(4, VOCAB)
 
 
 @cache
-def word_tokenizer():  # noqa: ANN201 - a transformers PreTrainedTokenizerFast
+def word_tokenizer():
     """A whitespace word-level tokenizer over ``w4 .. w63`` (no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -104,7 +104,7 @@ def test_builtin_family_map_needs_override() -> None:
 def test_model_must_be_a_module() -> None:
     g = iv.Graph()
     g.run("a", tokens=[1]).read("logits")
-    with pytest.raises(iv.InterventionError, match="nn.Module"):
+    with pytest.raises(iv.InterventionError, match=r"nn\.Module"):
         iv.run(g, 42)  # type: ignore[arg-type]
 
 
