@@ -1,0 +1,43 @@
+"""The README's Python example runs as written and prints what the README shows."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _blocks(lang: str) -> list[str]:
+    """Fenced blocks of the README whose opening fence names ``lang`` ('' for none)."""
+    blocks, current, inside = [], [], None
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            if inside is None:
+                inside, current = line[3:].strip(), []
+            else:
+                if inside == lang:
+                    blocks.append("\n".join(current) + "\n")
+                inside = None
+        elif inside is not None:
+            current.append(line)
+    return blocks
+
+
+def test_readme_example_runs_and_prints_the_shown_graph() -> None:
+    example = _blocks("python")[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(example, "README.md", "exec"), {})
+    shown = _blocks("")[0] if _blocks("") else ""
+    printed = out.getvalue().strip()
+    assert printed.startswith("Graph(2 runs, 3 ops)")
+    assert printed == shown.strip()
+
+
+def test_readme_commands_exist() -> None:
+    bash = _blocks("bash")[0]
+    assert "./dev demo" in bash and "./dev test" in bash
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "./dev test" in ci
