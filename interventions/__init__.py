@@ -22,6 +22,7 @@ from interventions.backends import (
     list_backends,
     register_backend,
 )
+from interventions.batching import Budget
 from interventions.errors import (
     BackendVersionError,
     ExecutionError,
@@ -48,6 +49,7 @@ __all__ = [
     "ArchitectureMap",
     "Backend",
     "BackendVersionError",
+    "Budget",
     "Capabilities",
     "ExecutionError",
     "FeatureEdit",

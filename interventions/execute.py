@@ -11,8 +11,10 @@ from torch import nn
 
 from interventions.architectures import describe
 from interventions.backends import get_backend
+from interventions.batching import Budget, batch_graph
 from interventions.errors import ExecutionError, InterventionError
 from interventions.graph import Graph
+from interventions.plan import make_plan
 from interventions.results import Provenance, Results
 from interventions.validate import validate
 
@@ -72,13 +74,17 @@ def run(
     *,
     backend: str = "torch",
     tokenizer: Any = None,
+    batch: bool = True,
+    budget: Budget | None = None,
     **options: Any,
 ) -> Results:
     """Validate ``graph`` against ``model``, execute it on ``backend``, return :class:`Results`.
 
     ``model`` is a model object (HuggingFace or any ``nn.Module``) or a name/path that
-    transformers can load. Backend-specific ``options`` are passed through (the torch
-    backend takes ``grad=True`` to keep the autograd graph).
+    transformers can load. Independent runs of equal shape share batched forward passes
+    under ``budget`` (see :mod:`interventions.batching`); ``batch=False`` runs each run on
+    its own. Backend-specific ``options`` are passed through (the torch backend takes
+    ``grad=True`` to keep the autograd graph).
 
     >>> import torch, interventions as iv
     >>> g = iv.Graph()
@@ -94,6 +100,11 @@ def run(
     info = describe(model)
     plan = validate(graph, model, tokenizer=tokenizer, backend=backend, info=info)
     impl = get_backend(backend)
+    internal: frozenset[str] = frozenset()
+    if batch and len(graph.runs) > 1:
+        batched = batch_graph(graph, budget, inputs=plan.inputs, info=info)
+        internal = batched.internal
+        plan = make_plan(batched.graph, info, tokenizer)
     try:
         tensors = impl.execute(plan, model, **options)
     except InterventionError:
@@ -108,4 +119,7 @@ def run(
         versions=_versions(impl.versions()),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    return Results(tensors, provenance)
+    wanted = graph.reads()
+    return Results(
+        {k: tensors[k] for k in wanted if k in tensors and k not in internal}, provenance
+    )

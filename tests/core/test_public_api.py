@@ -12,6 +12,7 @@ EXPECTED = {
     "ArchitectureMap",
     "Backend",
     "BackendVersionError",
+    "Budget",
     "Capabilities",
     "ExecutionError",
     "FeatureEdit",

@@ -1,0 +1,235 @@
+"""The batching pass of the planner: many small runs become a few batched forward passes.
+
+A sweep of hundreds of patched runs over the same tokens is the common case. This pass
+rewrites a graph into an equivalent one whose independent runs of equal shape share one
+forward pass, each old run one block of batch rows, under a memory budget. It is a
+graph-to-graph rewrite, so every backend gets it for free and the conformance suite can
+hold the batched graph to the unbatched one.
+
+What stays a run of its own: generating runs, runs that are the source of a mean or
+resample ablation, runs targeted by a resample ablation (its draws depend on batch size),
+and runs with raw input tensors of different shapes.
+
+>>> import torch, interventions as iv
+>>> g = iv.Graph()
+>>> clean = g.run("clean", tokens=torch.tensor([[1, 2, 3]]))
+>>> h = clean.read("resid_post", layer=0)
+>>> for p in range(3):
+...     r = g.run(f"p{p}", tokens=torch.tensor([[1, 4, 3]]))
+...     r.patch("resid_post", layer=0, pos=p, value=h)
+...     _ = r.read("logits", pos=-1, name=f"out{p}")
+>>> batched = batch_graph(g, Budget(max_items=8)).graph
+>>> list(batched.runs), batched.runs["batch1"].tokens is not None
+(['clean', 'batch1'], True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+from interventions.architectures import ModelInfo
+from interventions.graph import Graph, Run
+from interventions.ops import Ablate, Op, Patch, Read, Ref, SAESplice
+from interventions.sites import Index, Select, Span
+
+DERIVED = "__aligned__"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Upper bounds for one batched forward pass: batch items and estimated bytes.
+
+    >>> Budget(max_items=64).max_items
+    64
+    """
+
+    max_items: int | None = 256
+    max_bytes: int | None = 2 * 1024**3
+
+    def __post_init__(self) -> None:
+        for name in ("max_items", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"Budget.{name} must be a positive int or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Batched:
+    """A rewritten graph, and which of its results are internal to the rewrite."""
+
+    graph: Graph
+    internal: frozenset[str]
+    groups: tuple[tuple[str, ...], ...]  # old runs sharing each new run
+
+
+def bytes_per_item(seq: int, info: ModelInfo | None) -> int:
+    """A rough activation footprint of one batch item of ``seq`` positions (fp32)."""
+    if info is None or not info.d_model:
+        return seq * 4 * 4096
+    layers = info.n_layers or 1
+    per_position = info.d_model * layers * 16 + (info.vocab or 0) + (info.d_mlp or 0) * layers
+    return seq * per_position * 4
+
+
+def _shift(index: Index, offset: int, size: int) -> Index:
+    """A batch selector of one old run, moved to rows ``offset .. offset+size``."""
+    if index is None:
+        return Span(offset, offset + size)
+    if isinstance(index, int):
+        return offset + index % size
+    if isinstance(index, Span):
+        return tuple(offset + i for i in index.indices(size))
+    return tuple(offset + i % size for i in index)
+
+
+def _dealign(graph: Graph) -> tuple[list[Op], set[str]]:
+    """Give every aligned patch its own explicitly selected read of the source."""
+    reads = {op.name: op for op in graph.ops if isinstance(op, Read)}
+    derived: dict[tuple[str, Select], str] = {}
+    extra: dict[str, list[Read]] = {}  # source read -> its derived reads
+    ops: list[Op] = []
+    for op in graph.ops:
+        if (
+            isinstance(op, Patch)
+            and isinstance(op.value, Ref)
+            and reads[op.value.read].select.is_all
+        ):
+            source = reads[op.value.read]
+            # a batch Span over everything keeps the read non-aligned yet unchanged
+            select = replace(
+                op.select, batch=Span() if op.select.batch is None else op.select.batch
+            )
+            key = (op.value.read, select)
+            if key not in derived:
+                derived[key] = f"{DERIVED}{len(derived)}:{op.value.read}"
+                extra.setdefault(source.name, []).append(
+                    Read(source.run, source.site, select, derived[key])
+                )
+            op = replace(op, value=Ref(derived[key]))
+        ops.append(op)
+    # derived reads go right after their source read, so they see the same value
+    out: list[Op] = []
+    for op in ops:
+        out.append(op)
+        if isinstance(op, Read):
+            out.extend(extra.get(op.name, []))
+    return out, set(derived.values())
+
+
+def _stages(graph: Graph, ops: Iterable[Op]) -> list[list[str]]:
+    """Runs by dependency level: a run's values and sources all come from earlier levels."""
+    producer = {name: op.run for op in ops if isinstance(op, Read) for name in [op.name]}
+    producer.update(
+        {op.features: op.run for op in ops if isinstance(op, SAESplice) and op.features}
+    )
+    needs: dict[str, set[str]] = {r: set() for r in graph.runs}
+    for op in ops:
+        if isinstance(op, Patch) and isinstance(op.value, Ref):
+            needs[op.run].add(producer[op.value.read])
+        if isinstance(op, Ablate) and op.source is not None:
+            needs[op.run].add(op.source)
+    level: dict[str, int] = {}
+    for run in graph.run_order():
+        level[run] = 1 + max((level[d] for d in needs[run]), default=-1)
+    stages: list[list[str]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for run in graph.runs:
+        stages[level[run]].append(run)
+    return stages
+
+
+def _solo(graph: Graph, ops: list[Op]) -> set[str]:
+    solo = {r.name for r in graph.runs.values() if r.generates or r.text is not None}
+    for op in ops:
+        if isinstance(op, Ablate) and op.source is not None:
+            solo.add(op.source)
+            if op.method == "resample":
+                solo.add(op.run)
+    return solo
+
+
+def _shape_key(graph: Graph, run: Run, inputs: Mapping[str, torch.Tensor]) -> tuple[object, ...]:
+    t = inputs[run.name]
+    return ("tokens" if run.tokens is not None else "inputs", tuple(t.shape[1:]), t.dtype)
+
+
+def batch_graph(
+    graph: Graph,
+    budget: Budget | None = None,
+    *,
+    inputs: Mapping[str, torch.Tensor] | None = None,
+    info: ModelInfo | None = None,
+) -> Batched:
+    """Rewrite ``graph`` so that independent runs of equal shape share forward passes.
+
+    ``inputs`` are the runs' concrete inputs (for text runs, after tokenization); by
+    default the graph's own token/input tensors. The result has the same read names.
+    """
+    budget = budget or Budget()
+    if inputs is None:
+        inputs = {
+            r.name: graph.tensors[r.tokens if r.tokens is not None else r.inputs]  # type: ignore[index]
+            for r in graph.runs.values()
+            if r.text is None
+        }
+    ops, internal = _dealign(graph)
+    solo = _solo(graph, ops)
+    groups: list[list[str]] = []
+    for stage in _stages(graph, ops):
+        open_groups: dict[tuple[object, ...], list[str]] = {}
+        sizes: dict[tuple[object, ...], int] = {}
+        for name in stage:
+            run = graph.runs[name]
+            if name in solo:
+                groups.append([name])
+                continue
+            key = _shape_key(graph, run, inputs)
+            n = int(inputs[name].shape[0])
+            seq = int(inputs[name].shape[1]) if inputs[name].ndim > 1 else 1
+            items = sizes.get(key, 0) + n
+            too_many = budget.max_items is not None and items > budget.max_items
+            too_big = (
+                budget.max_bytes is not None
+                and items * bytes_per_item(seq, info) > budget.max_bytes
+            )
+            if key in open_groups and (too_many or too_big):
+                groups.append(open_groups.pop(key))
+                sizes.pop(key)
+            open_groups.setdefault(key, []).append(name)
+            sizes[key] = sizes.get(key, 0) + n
+        groups.extend(open_groups.values())
+
+    new = Graph(tensors=dict(graph.tensors), saes=dict(graph.saes))
+    where: dict[str, tuple[str, int, int]] = {}  # old run -> (new run, offset, size)
+    for i, members in enumerate(groups):
+        if len(members) == 1:
+            name = members[0]
+            new.runs[name] = graph.runs[name]
+            where[name] = (name, 0, -1)
+            continue
+        new_name = f"batch{i}"
+        while new_name in graph.runs:
+            new_name += "_"
+        first = graph.runs[members[0]]
+        stacked = torch.cat([inputs[m] for m in members], dim=0)
+        key = new._add_tensor(stacked)
+        new.runs[new_name] = Run(
+            new_name,
+            tokens=key if first.tokens is not None else None,
+            inputs=key if first.inputs is not None else None,
+        )
+        offset = 0
+        for m in members:
+            size = int(inputs[m].shape[0])
+            where[m] = (new_name, offset, size)
+            offset += size
+    for op in ops:
+        target, offset, size = where[op.run]
+        if size < 0:
+            new.ops.append(op)
+            continue
+        select = replace(op.select, batch=_shift(op.select.batch, offset, size))
+        new.ops.append(replace(op, run=target, select=select))
+    return Batched(new, frozenset(internal), tuple(tuple(g) for g in groups))
