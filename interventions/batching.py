@@ -214,11 +214,11 @@ def batch_graph(
             new_name += "_"
         first = graph.runs[members[0]]
         stacked = torch.cat([inputs[m] for m in members], dim=0)
-        key = new._add_tensor(stacked)
+        tensor_key = new._add_tensor(stacked)
         new.runs[new_name] = Run(
             new_name,
-            tokens=key if first.tokens is not None else None,
-            inputs=key if first.inputs is not None else None,
+            tokens=tensor_key if first.tokens is not None else None,
+            inputs=tensor_key if first.inputs is not None else None,
         )
         offset = 0
         for m in members:
