@@ -14,6 +14,7 @@ tokens but the last), concatenated along the position axis.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,10 +258,14 @@ def _forward(
             return None
         ids = inputs.to(device)
         if graph_run.max_new_tokens is not None:
+            # logits_to_keep=0: HF generate otherwise computes the prompt pass's logits at
+            # the last position only, and the `logits` site would not see the prompt.
+            keep = {"logits_to_keep": 0} if _takes(model, "logits_to_keep") else {}
             out = model.generate(  # type: ignore[operator]
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 generation_config=_greedy_config(graph_run.max_new_tokens),
+                **keep,
             )
             return out[:, ids.shape[1] :].cpu()
         if info.is_hf:
@@ -278,9 +283,19 @@ def _greedy_config(max_new_tokens: int) -> Any:
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
-        eos_token_id=None,
+        # An empty list, not None: generate() fills None from model.generation_config, and
+        # would then stop at the model's EOS token and return fewer tokens.
+        eos_token_id=[],
         pad_token_id=0,
     )
+
+
+def _takes(model: nn.Module, keyword: str) -> bool:
+    """Whether the model's forward accepts ``keyword``."""
+    try:
+        return keyword in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class TorchHooksBackend:

@@ -23,6 +23,7 @@ from interventions.backends import (
     register_backend,
 )
 from interventions.batching import Budget
+from interventions.comparison import Comparison, compare
 from interventions.errors import (
     BackendVersionError,
     ExecutionError,
@@ -42,7 +43,7 @@ from interventions.ops import FeatureEdit, Ref
 from interventions.results import Provenance, Results
 from interventions.sae import SAE, JumpReLUSAE, StandardSAE, TopKSAE, load_sae, save_sae
 from interventions.sites import Select, Site
-from interventions.validate import validate
+from interventions.validation import validate
 
 __all__ = [
     "SAE",
@@ -51,6 +52,7 @@ __all__ = [
     "BackendVersionError",
     "Budget",
     "Capabilities",
+    "Comparison",
     "ExecutionError",
     "FeatureEdit",
     "Graph",
@@ -75,6 +77,7 @@ __all__ = [
     "__version__",
     "architectures",
     "backend_capabilities",
+    "compare",
     "list_backends",
     "load_model",
     "load_sae",

@@ -16,7 +16,7 @@ from interventions.errors import ExecutionError, InterventionError
 from interventions.graph import Graph
 from interventions.plan import make_plan
 from interventions.results import Provenance, Results
-from interventions.validate import validate
+from interventions.validation import validate
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -171,7 +171,7 @@ class Graph:
 
     def add(self, op: Op) -> Op:
         """Append an op after checking it against the graph so far (no model needed)."""
-        self._check_op(op, self.ops)
+        self._check_op(op, {name: o for o in self.ops for name in produces(o)})
         self.ops.append(op)
         return op
 
@@ -196,7 +196,8 @@ class Graph:
 
     # -- checks that need no model -------------------------------------------------
 
-    def _check_op(self, op: Op, before: Sequence[Op]) -> None:
+    def _check_op(self, op: Op, known: Mapping[str, Op]) -> None:
+        """Check ``op`` given ``known``, the ops before it by the names they record."""
         if op.run not in self.runs:
             raise SpecError(
                 f"{op_kind(op)} on run {op.run!r}: no such run"
@@ -204,7 +205,6 @@ class Graph:
             )
         if not isinstance(op.site, Site) or not isinstance(op.select, Select):
             raise SpecError(f"{op_kind(op)} on run {op.run!r}: malformed site or selector")
-        known = {name: o for o in before for name in produces(o)}
         for name in produces(op):
             if not _is_name(name):
                 raise SpecError(f"read name {name!r}: use letters, digits and '_-.:/'")
@@ -254,8 +254,10 @@ class Graph:
             for param, tensor_key in spec.tensors:
                 if tensor_key not in self.tensors:
                     raise SpecError(f"SAE {key!r} parameter {param!r}: no tensor {tensor_key!r}")
-        for i, op in enumerate(self.ops):
-            self._check_op(op, self.ops[:i])
+        known: dict[str, Op] = {}
+        for op in self.ops:
+            self._check_op(op, known)
+            known.update((name, op) for name in produces(op))
         self.run_order()
 
     def run_order(self) -> list[str]:
@@ -293,9 +295,9 @@ class Graph:
     ) -> None:
         """Check the graph against a model before anything runs; raise a clear error.
 
-        See :func:`interventions.validate.validate`.
+        See :func:`interventions.validation.validate`.
         """
-        from interventions.validate import validate
+        from interventions.validation import validate
 
         validate(self, model, tokenizer=tokenizer, backend=backend)
 
@@ -448,7 +450,7 @@ class RunHandle:
             base, i = name, 1
             while name in taken:
                 i += 1
-                name = f"{base}#{i}"
+                name = f"{base}:{i}"
         self.graph.add(Read(self.name, s, select, name))
         return Ref(name)
 

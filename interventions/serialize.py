@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from interventions.errors import InterventionError, SpecError, UnknownOp, choices_text
+from interventions.errors import InterventionError, SAEError, SpecError, UnknownOp, choices_text
 from interventions.graph import Graph, Run
 from interventions.ops import (
     OP_KINDS,
@@ -41,6 +41,7 @@ from interventions.ops import (
     Scale,
     op_kind,
 )
+from interventions.sae import SAE_KINDS, sae_from_parts
 from interventions.sites import Index, Select, Site, Span
 
 FORMAT = "interventions.graph"
@@ -69,9 +70,9 @@ def _site(site: Site) -> dict[str, Any]:
 
 def _edit(edit: FeatureEdit) -> dict[str, Any]:
     out: dict[str, Any] = {"features": list(edit.features), "mode": edit.mode}
-    for key in ("value", "low", "high"):
-        if getattr(edit, key) is not None:
-            out[key] = getattr(edit, key)
+    for key, number in (("value", edit.value), ("low", edit.low), ("high", edit.high)):
+        if number is not None:
+            out[key] = float(number)
     return out
 
 
@@ -90,11 +91,11 @@ def op_to_dict(op: Op) -> dict[str, Any]:
     elif isinstance(op, Ablate):
         out.update(method=op.method, source=op.source, per_position=op.per_position, seed=op.seed)
     elif isinstance(op, Add):
-        out.update(direction=op.direction.tensor, scale=op.scale)
+        out.update(direction=op.direction.tensor, scale=float(op.scale))
     elif isinstance(op, ProjectOut):
         out["direction"] = op.direction.tensor
     elif isinstance(op, Scale):
-        out["factor"] = op.factor
+        out["factor"] = float(op.factor)
     elif isinstance(op, SAESplice):
         out.update(
             sae=op.sae, edits=[_edit(e) for e in op.edits], error=op.error, features=op.features
@@ -132,7 +133,8 @@ def graph_to_dict(graph: Graph) -> dict[str, Any]:
 def _tensor_blob(graph: Graph) -> bytes:
     from safetensors.torch import save
 
-    return save({k: t.detach().cpu().contiguous() for k, t in graph.tensors.items()})
+    # clone(): safetensors refuses tensors that share memory (one tensor added twice, a view)
+    return save({k: t.detach().cpu().contiguous().clone() for k, t in graph.tensors.items()})
 
 
 def to_json(graph: Graph, *, indent: int | None = 2) -> str:
@@ -199,9 +201,13 @@ class _Doc:
         v = self.value.get(key)
         if v is None and optional:
             return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        try:
+            number = None if isinstance(v, bool) or not isinstance(v, (int, float)) else float(v)
+        except OverflowError:  # an int too large for a float
+            number = None
+        if number is None or not math.isfinite(number):
             raise SpecError(f"{self.where}.{key}: expected a finite number, got {v!r:.80}")
-        return float(v)
+        return number
 
     def flag(self, key: str) -> bool:
         v = self.value.get(key, False)
@@ -254,13 +260,16 @@ def _decode_edit(value: Any, where: str) -> FeatureEdit:
         isinstance(f, int) and not isinstance(f, bool) for f in features
     ):
         raise SpecError(f"{where}.features: expected a list of ints")
-    return FeatureEdit(
-        tuple(features),
-        d.text("mode"),
-        d.number("value", optional=True),
-        d.number("low", optional=True),
-        d.number("high", optional=True),
-    )
+    try:
+        return FeatureEdit(
+            tuple(features),
+            d.text("mode"),
+            d.number("value", optional=True),
+            d.number("low", optional=True),
+            d.number("high", optional=True),
+        )
+    except SpecError as exc:
+        raise _at(exc, where) from None
 
 
 _COMMON = {"op", "run", "site", "select"}
@@ -276,10 +285,23 @@ _FIELDS: dict[str, set[str]] = {
 
 
 def op_from_dict(value: Any, where: str) -> Op:
+    try:
+        return _op_from_dict(value, where)
+    except SpecError as exc:
+        raise _at(exc, where) from None
+
+
+def _at(exc: SpecError, where: str) -> SpecError:
+    """``exc`` with the JSON path in front, unless its message already names it."""
+    text = str(exc)
+    return exc if text.startswith(where) else type(exc)(f"{where}: {text}")
+
+
+def _op_from_dict(value: Any, where: str) -> Op:
     if not isinstance(value, dict):
         raise SpecError(f"{where}: expected an object, got {type(value).__name__}")
     kind = value.get("op")
-    if kind not in OP_KINDS:
+    if not isinstance(kind, str) or kind not in OP_KINDS:
         raise UnknownOp(f"{where}: unknown op {kind!r:.80}; ops: {choices_text(OP_KINDS)}")
     d = _Doc(value, where, _COMMON | _FIELDS[kind])
     run, site = d.text("run"), _decode_site(d.get("site"), f"{where}.site")
@@ -329,13 +351,16 @@ def _decode_run(value: Any, where: str) -> Run:
         not isinstance(text, list) or not all(isinstance(t, str) for t in text)
     ):
         raise SpecError(f"{where}.text: expected a list of strings")
-    return Run(
-        d.text("name"),
-        d.text("tokens", optional=True),
-        None if text is None else tuple(text),
-        d.text("inputs", optional=True),
-        d.integer("max_new_tokens", optional=True),
-    )
+    try:
+        return Run(
+            d.text("name"),
+            d.text("tokens", optional=True),
+            None if text is None else tuple(text),
+            d.text("inputs", optional=True),
+            d.integer("max_new_tokens", optional=True),
+        )
+    except SpecError as exc:
+        raise _at(exc, where) from None
 
 
 def _decode_sae(value: Any, where: str) -> SAESpec:
@@ -348,7 +373,22 @@ def _decode_sae(value: Any, where: str) -> SAESpec:
         raise SpecError(f"{where}.params: expected an object of numbers and booleans")
     if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
         raise SpecError(f"{where}.tensors: expected an object of tensor keys")
-    return SAESpec(d.text("kind"), tuple(sorted(params.items())), tuple(sorted(tensors.items())))
+    kind = d.text("kind")
+    if kind not in SAE_KINDS:
+        raise SpecError(
+            f"{where}.kind: unknown SAE kind {kind!r:.80}; kinds: {choices_text(SAE_KINDS)}"
+        )
+    return SAESpec(kind, tuple(sorted(params.items())), tuple(sorted(tensors.items())))
+
+
+def _check_saes(graph: Graph) -> None:
+    """Build each SAE once, so bad shapes, dtypes or settings fail here and not mid-run."""
+    for key, spec in graph.saes.items():
+        parts = {param: graph.tensors[k] for param, k in spec.tensors}
+        try:
+            sae_from_parts(spec.kind, parts, dict(spec.params))
+        except SAEError as exc:
+            raise SpecError(f"graph.saes.{key}: {exc}") from None
 
 
 def _load_tensors(doc: _Doc, directory: Path | None) -> dict[str, torch.Tensor]:
@@ -379,9 +419,14 @@ def _load_tensors(doc: _Doc, directory: Path | None) -> dict[str, torch.Tensor]:
                 "beside the graph"
             )
         path = directory / name
-        if path.is_symlink() or not path.is_file():
-            raise SpecError(f"tensor sidecar {str(path)!r} is missing or not a regular file")
-        blob = path.read_bytes()
+        try:
+            if path.is_symlink() or not path.is_file():
+                raise SpecError(f"tensor sidecar {str(path)!r} is missing or not a regular file")
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise SpecError(
+                f"tensor sidecar {str(path)!r} cannot be read: {exc.strerror}"
+            ) from None
     else:
         blob = b""
     if not blob:
@@ -396,7 +441,8 @@ def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
     doc = _Doc(raw, "graph", {"format", "version", "runs", "saes", "ops", "tensors", "tensor_data"})
     if doc.get("format") != FORMAT:
         raise SpecError(f"graph.format: expected {FORMAT!r}, got {doc.get('format')!r:.80}")
-    if doc.get("version") != VERSION:
+    version = doc.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version != VERSION:
         raise SpecError(
             f"graph.version: this package reads version {VERSION}, got {doc.get('version')!r:.80}"
         )
@@ -415,11 +461,19 @@ def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
     for key, meta in declared.items():
         m = _Doc(meta, f"graph.tensors.{key}", {"dtype", "shape"})
         t = tensors[key]
-        if m.get("dtype") != str(t.dtype).removeprefix("torch.") or m.get("shape") != list(t.shape):
+        shape = m.get("shape")
+        if (
+            not isinstance(m.get("dtype"), str)
+            or not isinstance(shape, list)
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+            or m.get("dtype") != str(t.dtype).removeprefix("torch.")
+            or shape != list(t.shape)
+        ):
             raise SpecError(
-                f"graph.tensors.{key}: declared {meta} but the data is {t.dtype} {list(t.shape)}"
+                f"graph.tensors.{key}: declared {meta!r:.200} but the data is "
+                f"{t.dtype} {list(t.shape)}"
             )
-    graph = Graph(tensors=tensors)
+    graph = Graph(tensors={key: tensors[key] for key in declared})
     for i, r in enumerate(runs):
         run = _decode_run(r, f"graph.runs[{i}]")
         if run.name in graph.runs:
@@ -432,6 +486,7 @@ def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
         graph.saes[str(key)] = _decode_sae(s, f"graph.saes.{key}")
     graph.ops = [op_from_dict(o, f"graph.ops[{i}]") for i, o in enumerate(ops)]
     graph.check()
+    _check_saes(graph)
     return graph
 
 
@@ -452,6 +507,15 @@ def from_json(text: str | bytes, *, directory: str | os.PathLike[str] | None = N
 
 def load(path: str | os.PathLike[str]) -> Graph:
     target = Path(path)
-    if not target.is_file():
-        raise SpecError(f"graph file {str(target)!r} does not exist")
-    return from_json(target.read_bytes(), directory=target.parent)
+    try:
+        if not target.is_file():
+            raise SpecError(f"graph file {str(target)!r} does not exist")
+        if target.stat().st_size > MAX_JSON_BYTES:
+            raise SpecError(
+                f"graph file {str(target)!r} is {target.stat().st_size} bytes; "
+                f"the limit is {MAX_JSON_BYTES}"
+            )
+        text = target.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"graph file {str(target)!r} cannot be read: {exc.strerror}") from None
+    return from_json(text, directory=target.parent)

@@ -19,8 +19,8 @@ What a drawn graph guarantees:
 * every op kind, every selector form (int, negative int, list, tuple, ``range``, 0-d and
   1-d int tensors, ``slice`` and ``Span`` with ``None`` bounds and steps), ``head=`` only
   on the ``head``/``attn_pattern`` sites, raw module sites, values flowing between runs,
-  constants of several dtypes and shapes (with NaN, inf, -0.0 and odd NaN payloads unless
-  ``nonfinite=False``), mean/resample ablations over source runs, and SAE splices with
+  constants of several dtypes and shapes (with NaN, inf, -0.0 and odd NaN payloads, and
+  scalars such as 1.8e308 that overflow float32, unless ``nonfinite=False``), mean/resample ablations over source runs, and SAE splices with
   ``FeatureEdit.set/scale/clamp`` and ``error`` keep/drop/detach can all occur. Tensor
   objects (token ids, directions, SAEs) are sometimes reused by several runs or ops.
 
@@ -168,8 +168,10 @@ def _fresh_name(draw: st.DrawFn, taken: set[str]) -> str:
     return name
 
 
-def _float(draw: st.DrawFn) -> float:
-    """A finite float, sometimes an int or an awkward one (-0.0, subnormal, huge)."""
+def _float(draw: st.DrawFn, extreme: bool = True) -> float:
+    """A finite float, sometimes an int; with ``extreme`` also -0.0, subnormals, huge ones."""
+    if not extreme:
+        return draw(st.floats(-4.0, 4.0, allow_nan=False) | st.integers(-3, 3))
     return draw(
         st.one_of(
             st.floats(-4.0, 4.0, allow_nan=False),
@@ -206,8 +208,6 @@ def tensors(
         if nonfinite and draw(st.booleans()):
             bits_dtype, patterns = _ODD_NANS[dtype]
             flat.view(bits_dtype)[draw(st.integers(0, n - 1))] = draw(st.sampled_from(patterns))
-    if not n and dtype == torch.int64 and draw(st.booleans()):
-        t = t.view(tuple(shape))
     return t
 
 
@@ -248,8 +248,8 @@ def _selector(
         seen: set[int] = set()
         unique = []
         for i in items:
-            key = i % (fed if positions and i >= 0 else size) if not positions else i
-            key = i + prompt if positions and i < 0 else key
+            # the entry an index names: from the prompt's end in generation, else modulo
+            key = (i + prompt if i < 0 else i) if positions else i % size
             if key not in seen:
                 seen.add(key)
                 unique.append(i)
@@ -396,20 +396,20 @@ def _sae(draw: st.DrawFn, st8: _State, d_in: int) -> Any:
     return sae
 
 
-def _edits(draw: st.DrawFn, d_sae: int) -> list[FeatureEdit]:
+def _edits(draw: st.DrawFn, d_sae: int, extreme: bool) -> list[FeatureEdit]:
     edits = []
     for _ in range(draw(st.integers(0, 3))):
         feats = draw(st.lists(st.integers(0, d_sae - 1), min_size=1, max_size=3, unique=True))
         spelled: Any = feats[0] if len(feats) == 1 and draw(st.booleans()) else feats
         mode = draw(st.sampled_from(["set", "scale", "clamp", "direct"]))
         if mode == "set":
-            edits.append(FeatureEdit.set(spelled, _float(draw)))
+            edits.append(FeatureEdit.set(spelled, _float(draw, extreme)))
         elif mode == "scale":
-            edits.append(FeatureEdit.scale(spelled, _float(draw)))
+            edits.append(FeatureEdit.scale(spelled, _float(draw, extreme)))
         elif mode == "clamp":
             a, b = sorted([draw(st.floats(-5, 5)), draw(st.floats(-5, 5))])
             low, high = draw(
-                st.sampled_from([(a, b), (a, None), (None, b), (0.0, 0.0), (-0.0, b)])
+                st.sampled_from([(a, b), (a, None), (None, b), (0.0, 0.0), (-0.0, abs(b))])
             )
             edits.append(FeatureEdit.clamp(spelled, low=low, high=high))
         else:  # the dataclass itself, with an int value as a user might write it
@@ -490,6 +490,12 @@ def _ref_for(
         src = st8.runs[read.run]
         if not st8.can_source(run.handle.name, read.run):
             return False
+        try:
+            return fits_shape(read, src)
+        except IndexError:  # the patch's positions do not exist in the source run
+            return False
+
+    def fits_shape(read: _ReadInfo, src: _RunInfo) -> bool:
         if read.select.is_all:  # aligned: the patch's selector picks from it
             same_shape = (read.site.is_raw and site.is_raw) or (
                 not read.site.is_raw
@@ -519,7 +525,7 @@ def _ref_for(
         if not fits(read):
             return None
     st8.needs[run.handle.name].add(read.run)
-    return Ref(read.read)
+    return Ref(read.name)
 
 
 def _add_op(
@@ -573,14 +579,14 @@ def _add_op(
         )
     elif kind == "add":
         direction = _const(draw, st8, _const_shape(draw, region), nonfinite)
-        h.add(*args, direction=direction, scale=_float(draw), **kwargs)
+        h.add(*args, direction=direction, scale=_float(draw, nonfinite), **kwargs)
     elif kind == "project_out":
         width = region[-1]
         rows = draw(st.sampled_from([None, 1, 2]))
         shape = (width,) if rows is None else (rows, width)
         h.project_out(*args, direction=_const(draw, st8, shape, nonfinite), **kwargs)
     elif kind == "scale":
-        h.scale(*args, factor=_float(draw), **kwargs)
+        h.scale(*args, factor=_float(draw, nonfinite), **kwargs)
     else:
         sae = _sae(draw, st8, region[-1])
         features = None
@@ -589,7 +595,7 @@ def _add_op(
         h.sae_splice(
             *args,
             sae=sae,
-            edits=_edits(draw, sae.d_sae),
+            edits=_edits(draw, sae.d_sae, nonfinite),
             error=draw(st.sampled_from(["keep", "drop", "detach"])),
             features=features,
             **kwargs,

@@ -54,7 +54,7 @@ PATHS: dict[str, dict[str, str]] = {
         "o_proj": "attention.dense",
         "mlp": "mlp",
         "down": "mlp.dense_4h_to_h",
-        "unembed": "embed_out",
+        "unembed": "lm_head",
     },
     **{fam: _LLAMA_LIKE for fam in ("llama", "mistral", "qwen2", "gemma")},
 }

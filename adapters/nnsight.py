@@ -1,0 +1,925 @@
+"""The nnsight backend: a plan compiled into nnsight traces.
+
+HuggingFace causal LMs are wrapped in nnsight's ``TransformersModel`` around the model
+object the user holds (no loading, no tokenizer: runs arrive as token ids); any other
+``nn.Module`` in the generic ``nnsight.NNsight`` envoy. The wrapper lives only for one
+``execute``: nnsight installs a controller ``forward`` (and its state) into every
+module's ``__dict__``, and those are taken out again afterwards, failed run or not.
+
+How runs map to traces
+----------------------
+Runs are scheduled into *stages*, each one nnsight trace (one batched forward, or one
+``generate`` call), in the plan's dependency order:
+
+* forward runs of equal prompt length share a trace, one ``tracer.invoke`` per run;
+* generating runs with equal prompt length and ``max_new_tokens`` share a ``generate``
+  trace, one invoke per run, with ``tracer.iter`` walking the decoding steps;
+* runs fed by ``inputs=`` tensors, and every run of a plain ``nn.Module`` (whose
+  generic envoy cannot batch invokes), get a trace of their own.
+
+A value that flows between runs (a ``patch`` from another run's read, the reference
+run of a mean or resample ablation) stays inside the trace when producer and consumer
+share a stage: both invokes touch the same module, and a ``tracer.barrier`` per
+(producer, module) makes the consumer wait until the producer has recorded it. A flow
+between different modules, or out of a generating run, sends the consumer to a later
+stage; the value then waits in the executor's store (for NDIF, inside one session).
+Different prompt lengths never share a trace: padding would move positions and
+change the numbers.
+
+What runs inside a trace
+------------------------
+Everything the core knows is resolved here on the client: sites become module paths
+and sides, selectors become plain tuples (``int``, tuples of ints, ``slice``),
+generation selectors are rewritten per decoding step, resample draws, SAE weights
+(float32) and the orthonormal bases of ``project_out`` are computed. The code inside
+the ``with`` block uses only torch, builtins and the trace; its small kernels are
+defined *inside* the block, so the block's source is self-contained (nnsight ships a
+trace to NDIF as the block's source plus the values it names). Edits are made in
+place on the rows nnsight hands each invoke, as ``output[...] = value`` in
+hand-written nnsight, which also avoids re-concatenating the whole batch for every
+edited invoke.
+
+Generation: an op applies on the prompt pass and on every generated step, with
+absolute positions (negative ones counted from the end of the prompt), exactly like
+the torch reference; reads keep every fed position and are selected at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from interventions.architectures import HookPoint, ModelInfo
+from interventions.backends import Capabilities
+from interventions.errors import BackendVersionError, ExecutionError, InterventionError
+from interventions.ops import (
+    OP_KINDS,
+    Ablate,
+    Add,
+    Const,
+    Op,
+    Patch,
+    ProjectOut,
+    Read,
+    Ref,
+    SAESplice,
+    Scale,
+    produces,
+)
+from interventions.plan import Plan, resample_indices, step_select
+from interventions.sae import sae_from_parts
+from interventions.sites import Index, Select, Site, Span
+
+SUPPORTED = (0, 8), (0, 9)  # nnsight >=0.8,<0.9
+SUPPORTED_TEXT = ">=0.8,<0.9"
+_STATE_KEYS = ("forward", "__nnsight__")  # what nnsight puts into a module's __dict__
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    parts: list[int] = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
+        if not digits:
+            break
+        parts.append(int(digits))
+        if digits != piece:  # 0.9.0rc1: stop at the pre-release marker
+            break
+    return tuple(parts)
+
+
+def check_version(installed: str) -> None:
+    """Raise :class:`BackendVersionError` unless ``installed`` is in ``>=0.8,<0.9``.
+
+    >>> check_version("0.8.1")
+    >>> check_version("0.9.0")
+    Traceback (most recent call last):
+    ...
+    interventions.errors.BackendVersionError: nnsight 0.9.0 is installed; the nnsight backend supports nnsight>=0.8,<0.9
+    """
+    low, high = SUPPORTED
+    version = _parse_version(installed)
+    if not (low <= version[:2] < high):
+        raise BackendVersionError(
+            f"nnsight {installed} is installed; the nnsight backend supports "
+            f"nnsight{SUPPORTED_TEXT}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Client side: the plan compiled into stages of per-run programs (plain data only).
+
+Location = tuple[str, str]  # (module path, "input" | "output")
+
+
+def _event_order(model: nn.Module) -> dict[Location, int]:
+    """When each module's input and output are reached, assuming children run in order.
+
+    A module's input comes before anything inside it and its output after everything
+    inside it. Registration order is execution order for the standard sites of every
+    built-in family (the tests hold this); raw module paths are ordered by
+    :func:`_observed_order` instead.
+    """
+    order: dict[Location, int] = {}
+    stack: list[tuple[str, nn.Module, bool]] = [("", model, False)]
+    seen: set[int] = set()
+    while stack:
+        name, module, done = stack.pop()
+        if done:
+            order[(name, "output")] = len(order)
+            continue
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        order[(name, "input")] = len(order)
+        stack.append((name, module, True))
+        children = [
+            (f"{name}.{child}" if name else child, m) for child, m in module.named_children()
+        ]
+        for child_name, child in reversed(children):
+            stack.append((child_name, child, False))
+    return order
+
+
+def _observed_order(model: nn.Module, plan: Plan) -> dict[Location, int]:
+    """Module inputs and outputs in the order one small forward pass reaches them.
+
+    Raw module paths can name modules that run out of registration order (a llama
+    layer registers its norms after its attention and MLP), so graphs with raw sites
+    are ordered by a probe: one batch item, one token, plain hooks removed at once.
+    Modules the probe never reaches keep their registration order, after the others.
+    """
+    static = _event_order(model)
+    if not plan.order:
+        return static
+    run = plan.graph.runs[plan.order[0]]
+    x = plan.inputs[run.name][:1]
+    seen: dict[Location, int] = {}
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def recorder(where: Location) -> Any:
+        def hook(*_: Any) -> None:
+            seen.setdefault(where, len(seen))
+
+        return hook
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(recorder((name, "input"))))
+            handles.append(module.register_forward_hook(recorder((name, "output"))))
+        with torch.no_grad():
+            if run.inputs is not None:
+                model(x.to(device))
+            elif plan.info.is_hf:
+                model(input_ids=x[:, :1].to(device), use_cache=False)
+            else:
+                model(x[:, :1].to(device))
+    except Exception:  # the real run will report what is wrong with the model
+        return static
+    finally:
+        for handle in handles:
+            handle.remove()
+    tail = len(seen)
+    return {loc: seen.get(loc, tail + i) for loc, i in static.items()}
+
+
+def _encode_index(index: Index) -> Any:
+    if isinstance(index, Span):
+        return slice(index.start, index.stop, index.step)
+    return index
+
+
+def _encode_select(select: Select) -> tuple[tuple[str, Any], ...]:
+    """A selector as plain data: (field, int | tuple of ints | slice) pairs."""
+    return tuple((name, _encode_index(index)) for name, index in select.items())
+
+
+def _axes_hint(site: Site) -> tuple[str, ...] | None:
+    """The axis names of a standard site; ``None`` for raw sites (named by their ndim)."""
+    return None if site.is_raw else tuple(site.kind.axes)
+
+
+@dataclass
+class _Entry:
+    """An op of one run at one hook point, or a capture of the site for another run."""
+
+    op: Op | None
+    site: Site
+
+
+@dataclass
+class _RunCode:
+    """Everything the trace needs for one run, except envoys (bound at execution)."""
+
+    name: str
+    kind: str  # "fwd", "gen" or "single"
+    key: tuple[int, ...]
+    rows: int
+    prompt: int
+    steps: list[list[tuple[Location, list[tuple[Any, ...]]]]]  # per step: locations
+    concat: list[tuple[str, tuple[str, ...] | None, tuple[tuple[str, Any], ...]]]
+    locations: dict[str, Location]  # produced name / capture key -> where it is produced
+    waits: dict[Location, list[str]] = field(default_factory=dict)
+    signals: dict[Location, list[str]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """A forward pass with nothing to do or record (generation always records)."""
+        return self.kind != "gen" and not any(self.steps)
+
+
+@dataclass
+class _Stage:
+    kind: str
+    key: tuple[int, ...]
+    runs: list[_RunCode] = field(default_factory=list)
+    barriers: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return sum(r.rows for r in self.runs)
+
+
+def _capture_key(run: str, site: Site) -> str:
+    return f"{run}|{site}"
+
+
+class _Compiler:
+    """Turns a validated plan into stages of plain-data programs."""
+
+    def __init__(self, plan: Plan, model: nn.Module, batched: bool) -> None:
+        self.plan = plan
+        self.info: ModelInfo = plan.info
+        self.graph = plan.graph
+        self.batched = batched
+        raw = any(op.site.is_raw for op in plan.graph.ops)
+        self.order = _observed_order(model, plan) if raw else _event_order(model)
+        self._saes: dict[str, tuple[Any, ...]] = {}
+        self._bases: dict[str, torch.Tensor] = {}
+        self.producer: dict[str, tuple[str, Location]] = {}  # name -> (run, location)
+
+    def location(self, site: Site) -> tuple[Location, HookPoint]:
+        point = self.info.hook_point(site)
+        return (point.module, point.io), point
+
+    # -- per-op instructions ----------------------------------------------------------
+
+    def sae_params(self, key: str, op: SAESplice) -> tuple[Any, ...]:
+        if key not in self._saes:
+            spec = self.graph.saes[key]
+            tensors = {param: self.graph.tensors[k] for param, k in spec.tensors}
+            sae = sae_from_parts(spec.kind, tensors, dict(spec.params)).to(dtype=torch.float32)
+            extra: Any = None
+            if spec.kind == "jumprelu":
+                extra = sae.threshold  # type: ignore[union-attr]
+            elif spec.kind == "topk":
+                extra = int(sae.k)  # type: ignore[union-attr]
+            self._saes[key] = (
+                spec.kind,
+                sae.W_enc,
+                sae.b_enc,
+                sae.W_dec,
+                sae.b_dec,
+                extra,
+                bool(sae.apply_b_dec_to_input),
+            )
+        edits = tuple((e.mode, list(e.features), e.value, e.low, e.high) for e in op.edits)
+        return (*self._saes[key], edits, op.error)
+
+    def basis(self, key: str) -> torch.Tensor:
+        """Orthonormal columns spanning a project_out direction, as the reference builds them."""
+        if key not in self._bases:
+            d = self.graph.tensors[key].to(torch.float32)
+            basis = d.reshape(1, -1) if d.ndim == 1 else d
+            q, _ = torch.linalg.qr(basis.T)
+            self._bases[key] = q
+        return self._bases[key]
+
+    def instruction(self, op: Op, view: str, select: Select, run: str) -> tuple[Any, ...]:
+        axes = _axes_hint(op.site)
+        sel = _encode_select(select)
+        tensors = self.graph.tensors
+        if isinstance(op, Read):
+            return ("read", view, axes, sel, op.name)
+        if isinstance(op, Patch):
+            if isinstance(op.value, Const):
+                return ("patch", view, axes, sel, tensors[op.value.tensor])
+            assert isinstance(op.value, Ref)
+            source = next(
+                (o for o in self.graph.ops if isinstance(o, Read) and o.name == op.value.read),
+                None,
+            )
+            aligned = source is not None and source.select.is_all
+            return ("patchref", view, axes, sel, op.value.read, aligned)
+        if isinstance(op, Ablate):
+            if op.method == "zero":
+                return ("ablate", view, axes, sel, "zero", None, None)
+            assert op.source is not None
+            key = _capture_key(op.source, op.site)
+            if op.method == "mean":
+                dims = (0,) if op.per_position else (0, 1)
+                return ("ablate", view, axes, sel, "mean", key, dims)
+            draws = resample_indices(
+                op.seed, self.plan.batch_size(run), self.plan.batch_size(op.source)
+            )
+            return ("ablate", view, axes, sel, "resample", key, draws)
+        if isinstance(op, Add):
+            return ("add", view, axes, sel, tensors[op.direction.tensor], float(op.scale))
+        if isinstance(op, ProjectOut):
+            return ("project", view, axes, sel, self.basis(op.direction.tensor))
+        if isinstance(op, Scale):
+            return ("scale", view, axes, sel, float(op.factor))
+        if isinstance(op, SAESplice):
+            return ("sae", view, axes, sel, self.sae_params(op.sae, op), op.features)
+        raise AssertionError(f"unknown op {op!r}")  # pragma: no cover - closed set
+
+    # -- per-run programs -------------------------------------------------------------
+
+    def run_code(self, run: str) -> _RunCode:
+        plan, graph = self.plan, self.graph
+        graph_run = graph.runs[run]
+        # Hook points in the reference's order: ops first, then captures, each in the
+        # order they first appear; several hook points of one module (views) share a
+        # location and keep that order.
+        points: dict[HookPoint, list[_Entry]] = {}
+        for op in plan.ops_of(run):
+            points.setdefault(self.location(op.site)[1], []).append(_Entry(op, op.site))
+        for site in plan.captures_of(run):
+            points.setdefault(self.location(site)[1], []).append(_Entry(None, site))
+        by_location: dict[Location, list[tuple[HookPoint, list[_Entry]]]] = {}
+        for point, entries in points.items():
+            by_location.setdefault((point.module, point.io), []).append((point, entries))
+        locations = sorted(by_location, key=lambda loc: self.order.get(loc, len(self.order)))
+
+        prompt = plan.prompt_length(run)
+        generating = graph_run.generates
+        n_steps = graph_run.max_new_tokens or 1
+        fed = prompt + (n_steps - 1 if generating else 0)
+        produced: dict[str, Location] = {}
+        concat: list[tuple[str, tuple[str, ...] | None, tuple[tuple[str, Any], ...]]] = []
+        steps: list[list[tuple[Location, list[tuple[Any, ...]]]]] = []
+        for step in range(n_steps):
+            offset, length = (0, prompt) if step == 0 else (prompt + step - 1, 1)
+            step_locations: list[tuple[Location, list[tuple[Any, ...]]]] = []
+            for loc in locations:
+                instrs: list[tuple[Any, ...]] = []
+                for point, entries in by_location[loc]:
+                    for entry in entries:
+                        if entry.op is None:
+                            key = _capture_key(run, entry.site)
+                            instrs.append(("capture", point.view, key))
+                            produced[key] = loc
+                            continue
+                        op = entry.op
+                        for name in produces(op):
+                            produced[name] = loc
+                        if isinstance(op, Read) and generating:
+                            # every fed position is kept; the selector applies at the end
+                            instrs.append(("keep", point.view, op.name))
+                            if step == 0:
+                                concat.append(
+                                    (op.name, _axes_hint(op.site), _encode_select(op.select))
+                                )
+                            continue
+                        select: Select | None = op.select
+                        if generating:
+                            select = step_select(op.select, prompt, fed, offset, length)
+                        if select is None:
+                            continue
+                        instrs.append(self.instruction(op, point.view, select, run))
+                if instrs:
+                    step_locations.append((loc, instrs))
+            steps.append(step_locations)
+        while steps and not steps[-1]:
+            steps.pop()  # nothing to do at the last steps: do not wait for them
+
+        batch_key: tuple[int, ...]
+        if not self.batched or graph_run.inputs is not None:
+            kind, batch_key = "single", ()
+        elif generating:
+            kind, batch_key = "gen", (prompt, n_steps)
+        else:
+            kind, batch_key = "fwd", (prompt,)
+        return _RunCode(
+            name=run,
+            kind=kind,
+            key=batch_key,
+            rows=plan.batch_size(run),
+            prompt=prompt,
+            steps=steps,
+            concat=concat,
+            locations=produced,
+        )
+
+    def dependencies(self, run: str) -> list[tuple[str, str, Location]]:
+        """(producer run, produced key, consumer location) for each value ``run`` takes in."""
+        out = []
+        for op in self.plan.ops_of(run):
+            loc = self.location(op.site)[0]
+            if isinstance(op, Patch) and isinstance(op.value, Ref):
+                producer = next(o for o in self.graph.ops if op.value.read in produces(o))
+                out.append((producer.run, op.value.read, loc))
+            elif isinstance(op, Ablate) and op.source is not None:
+                out.append((op.source, _capture_key(op.source, op.site), loc))
+        return out
+
+    def stages(self, max_batch: int | None) -> list[_Stage]:
+        stages: list[_Stage] = []
+        where: dict[str, int] = {}
+        codes: dict[str, _RunCode] = {}
+        for run in self.plan.order:
+            code = self.run_code(run)
+            codes[run] = code
+            deps = self.dependencies(run)
+            lower = 0
+            shared: list[tuple[str, str, Location]] = []  # flows that may stay in one trace
+            for producer, key, loc in deps:
+                source = codes[producer]
+                same_place = (
+                    code.kind == "fwd"
+                    and source.kind == "fwd"
+                    and source.key == code.key
+                    and source.locations.get(key) == loc
+                )
+                lower = max(lower, where[producer] + (0 if same_place else 1))
+                if same_place:
+                    shared.append((producer, key, loc))
+            if code.empty and not code.locations:
+                continue  # a forward pass nobody observes changes nothing
+            index = next(
+                (
+                    i
+                    for i in range(lower, len(stages))
+                    if code.kind != "single"
+                    and stages[i].kind == code.kind
+                    and stages[i].key == code.key
+                    and (max_batch is None or stages[i].rows + code.rows <= max_batch)
+                ),
+                None,
+            )
+            if index is None:
+                stages.append(_Stage(code.kind, code.key))
+                index = len(stages) - 1
+            stage = stages[index]
+            stage.runs.append(code)
+            where[run] = index
+            for producer, _key, loc in shared:
+                if where[producer] != index:
+                    continue
+                barrier = f"{producer}@{loc[0]}.{loc[1]}"
+                if barrier not in stage.barriers:
+                    stage.barriers[barrier] = 1
+                    codes[producer].signals.setdefault(loc, []).append(barrier)
+                waits = code.waits.setdefault(loc, [])
+                if barrier not in waits:
+                    waits.append(barrier)
+                    stage.barriers[barrier] += 1
+        return stages
+
+
+# ---------------------------------------------------------------------------------------
+# The model, wrapped for one execute and left as it was.
+
+
+class _NoTokenizer:
+    """What ``TransformersModel`` needs of a tokenizer when every run is token ids.
+
+    Runs arrive tokenized (the plan tokenizes text with the user's tokenizer), and
+    invokes of one trace have equal lengths, so nothing is ever tokenized or padded.
+    """
+
+    pad_token = "<pad>"
+    eos_token = "<eos>"
+    pad_token_id = 0
+    eos_token_id = 0
+    padding_side = "left"
+    model_max_length = 1 << 62
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ExecutionError("the nnsight backend passes token ids; it never tokenizes text")
+
+    def __repr__(self) -> str:
+        return "<token ids only>"
+
+
+@contextlib.contextmanager
+def _restore_modules(model: nn.Module) -> Iterator[None]:
+    """Put back every module's ``forward`` and nnsight state slot as they were."""
+    saved: list[tuple[nn.Module, dict[str, Any]]] = [
+        (m, {k: m.__dict__[k] for k in _STATE_KEYS if k in m.__dict__}) for m in model.modules()
+    ]
+    try:
+        yield
+    finally:
+        for module, before in saved:
+            for key in _STATE_KEYS:
+                if key in before:
+                    module.__dict__[key] = before[key]
+                else:
+                    module.__dict__.pop(key, None)
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module, needed: bool) -> Iterator[None]:
+    """Switch a HuggingFace model to eager attention (attention weights), then restore."""
+    if not needed or getattr(model, "config", None) is None:
+        yield
+        return
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    saved = [(c, getattr(c, "_attn_implementation", None)) for c in configs if c is not None]
+    try:
+        for c, _ in saved:
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for c, impl in saved:
+            c._attn_implementation = impl
+
+
+def _can_batch(model: nn.Module, info: ModelInfo) -> bool:
+    """Whether ``TransformersModel`` fits: a HuggingFace model that generates."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(info.is_hf and callable(can_generate) and can_generate())
+
+
+def _wrap(model: nn.Module, batched: bool) -> Any:
+    if batched:
+        from nnsight.modeling.transformers import TransformersModel
+
+        return TransformersModel(model, task="text-generation", tokenizer=_NoTokenizer())
+    from nnsight import NNsight
+
+    return NNsight(model)
+
+
+def _envoy_at(root: Any, path: str) -> Any:
+    """The envoy of module ``path`` (nnsight moves children named like its own
+    properties, ``output`` say, to ``E_output``)."""
+    from nnsight.intervention.envoy import Envoy
+
+    envoy = root
+    for part in path.split(".") if path else []:
+        if not part.startswith("_") and inspect.isdatadescriptor(getattr(Envoy, part, None)):
+            part = Envoy.OVERLOAD_PREFIX + part
+        envoy = getattr(envoy, part)
+    return envoy
+
+
+def _greedy_config(max_new_tokens: int) -> Any:
+    """Greedy decoding of exactly ``max_new_tokens`` tokens (as the torch reference)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The backend.
+
+
+class NNsightBackend:
+    """Graphs compiled into nnsight traces; see the module docstring."""
+
+    name = "nnsight"
+    capabilities = Capabilities(
+        ops=frozenset(OP_KINDS),
+        views=frozenset({"plain", "heads", "attn_weights", "logits"}),
+        generation=True,
+        gradients=False,
+        remote=True,
+        raw_modules=True,
+        hf_only=False,
+    )
+
+    def __init__(self) -> None:
+        import nnsight
+
+        self._version = str(nnsight.__version__)
+        check_version(self._version)
+
+    def versions(self) -> dict[str, str]:
+        return {"nnsight": self._version, "torch": torch.__version__}
+
+    def execute(self, plan: Plan, model: nn.Module, **options: Any) -> dict[str, torch.Tensor]:
+        max_batch = options.pop("max_batch", None)
+        if options:
+            extra = " (the nnsight backend computes no gradients)" if "grad" in options else ""
+            raise InterventionError(
+                f"nnsight backend: unknown options {sorted(options)}{extra}; valid: max_batch"
+            )
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise InterventionError(
+                f"nnsight backend: max_batch must be a positive int, got {max_batch!r}"
+            )
+        batched = _can_batch(model, plan.info)
+        stages = _Compiler(plan, model, batched).stages(max_batch)
+        store: dict[str, Any] = {}
+        needs_eager = any(op.site.name == "attn_pattern" for op in plan.graph.ops)
+        with _restore_modules(model), _eager_attention(model, needs_eager), torch.no_grad():
+            wrapper = _wrap(model, batched)
+            for stage in stages:
+                try:
+                    self._run_stage(wrapper, stage, plan, store)
+                except InterventionError:
+                    raise
+                except Exception as exc:
+                    runs = ", ".join(repr(r.name) for r in stage.runs)
+                    raise ExecutionError(
+                        f"run(s) {runs} failed on the nnsight backend: {type(exc).__name__}: {exc}"
+                    ) from exc
+            del wrapper
+        return {name: store[name].detach().cpu() for name in plan.graph.reads() if name in store}
+
+    def _run_stage(self, wrapper: Any, stage: _Stage, plan: Plan, store: dict[str, Any]) -> None:
+        fn: Any = None
+        kwargs: dict[str, Any] = {}
+        if stage.kind == "gen":
+            from nnsight.modeling.transformers import TransformersModel
+
+            # the undecorated method: `model.generate(...)` outside a `with` line would
+            # just generate
+            fn = TransformersModel.generate.__wrapped__.__get__(wrapper)
+            kwargs["generation_config"] = _greedy_config(stage.key[1])
+        elif stage.kind == "fwd":
+            kwargs["use_cache"] = False
+        progs = [self._program(wrapper, code, plan) for code in stage.runs]
+        _trace(wrapper, fn, kwargs, progs, stage.barriers, store, plan.info.n_heads or 1)
+
+    @staticmethod
+    def _program(wrapper: Any, code: _RunCode, plan: Plan) -> dict[str, Any]:
+        """A run's program as plain data, with the envoys it touches bound."""
+        steps = []
+        for step in code.steps:
+            entries = []
+            for loc, instrs in step:
+                entries.append(
+                    (
+                        _envoy_at(wrapper, loc[0]),
+                        loc[1],
+                        tuple(code.waits.get(loc, ())),
+                        tuple(code.signals.get(loc, ())),
+                        tuple(instrs),
+                    )
+                )
+            steps.append(entries)
+        graph_run = plan.graph.runs[code.name]
+        inputs = plan.inputs[code.name]
+        return {
+            "args": (inputs,),
+            "steps": steps,
+            "concat": code.concat,
+            "generated": f"{code.name}.generated" if graph_run.generates else None,
+            "prompt": code.prompt,
+        }
+
+
+def _trace(
+    wrapper: Any,
+    fn: Any,
+    kwargs: dict[str, Any],
+    progs: Sequence[dict[str, Any]],
+    barriers: dict[str, int],
+    store: dict[str, Any],
+    n_heads: int,
+) -> None:
+    """Run one stage as one nnsight trace.
+
+    The body of the ``with`` block is what nnsight executes (and would ship to NDIF):
+    it uses torch, builtins, the trace and the plain data above, nothing else.
+    """
+    with wrapper.trace(fn=fn, **kwargs) as tracer:
+        memo: dict[Any, Any] = {}  # (shape, axes, id of selector, device) -> index plan
+
+        def axes_of(ndim: int, axes: Any) -> Any:
+            # a standard site's axes; a raw site is (batch, pos, ..., hidden) by its ndim
+            if axes is not None and len(axes) == ndim:
+                return axes
+            if ndim >= 3:
+                return ("batch", "pos", *[f"axis{i}" for i in range(2, ndim - 1)], "hidden")
+            return ("batch", "hidden")[2 - ndim :]
+
+        def index_of(shape: Any, axes: Any, sel: Any, device: Any) -> Any:
+            # (index, dropped dims, kept shape): ix_-style outer-product selection;
+            # ints select one entry and drop their axis
+            if not sel:
+                return None
+            key = (tuple(shape), axes, id(sel), device)  # slices are unhashable before 3.12
+            if key in memo:
+                return memo[key]
+            ndim = len(shape)
+            names = axes_of(ndim, axes)
+            per: dict[int, Any] = {}
+            for name, index in sel:
+                if name == "dims":
+                    per[ndim - 1] = index
+                elif name in names:
+                    per[names.index(name)] = index
+                else:
+                    raise ValueError(f"selector {name}= does not apply to axes {names}")
+            picks: list[Any] = []
+            dropped: list[int] = []
+            lengths: list[int] = []
+            for dim in range(ndim):
+                size = shape[dim]
+                index = per.get(dim)
+                if index is None:
+                    picks.append(slice(None))
+                    lengths.append(size)
+                elif isinstance(index, slice):
+                    r = range(size)[index]
+                    picks.append(slice(r.start, r.stop, r.step) if r.step > 0 else list(r))
+                    lengths.append(len(r))
+                else:
+                    items = [index] if isinstance(index, int) else list(index)
+                    for i in items:
+                        if not -size <= i < size:
+                            raise IndexError(
+                                f"index {i} is out of range for an axis of size {size}"
+                            )
+                    items = [i % size for i in items]
+                    if isinstance(index, int):
+                        picks.append(slice(items[0], items[0] + 1))
+                        dropped.append(dim)
+                    else:
+                        picks.append(items)
+                    lengths.append(len(items))
+            lists = [p for p in picks if isinstance(p, list)]
+            if len(lists) <= 1:
+                index = tuple(
+                    torch.tensor(p, dtype=torch.long, device=device) if isinstance(p, list) else p
+                    for p in picks
+                )
+            else:  # several lists: every axis gets its own broadcast index tensor
+                tensors: list[Any] = []
+                for dim, p in enumerate(picks):
+                    items = p if isinstance(p, list) else list(range(shape[dim])[p])
+                    view = [1] * ndim
+                    view[dim] = len(items)
+                    tensors.append(torch.tensor(items, dtype=torch.long, device=device).view(view))
+                index = tuple(tensors)
+            kept = tuple(n for dim, n in enumerate(lengths) if dim not in dropped)
+            memo[key] = (index, tuple(dropped), kept)
+            return memo[key]
+
+        def take(x: Any, ix: Any) -> Any:
+            if ix is None:
+                return x
+            out = x[ix[0]]
+            for dim in reversed(ix[1]):
+                out = out.squeeze(dim)
+            return out
+
+        def put(x: Any, ix: Any, value: Any) -> None:  # in place
+            value = value.to(device=x.device, dtype=x.dtype)
+            if ix is None:
+                x.copy_(value.expand(x.shape))
+                return
+            index, dropped, kept = ix
+            value = value.expand(torch.broadcast_shapes(value.shape, kept))
+            for dim in dropped:
+                value = value.unsqueeze(dim)
+            x[index] = value
+
+        def sae_splice(region: Any, params: Any) -> Any:
+            kind, w_enc, b_enc, w_dec, b_dec, extra, b_dec_in, edits, error = params
+            device = region.device
+            w_enc, b_enc = w_enc.to(device), b_enc.to(device)
+            w_dec, b_dec = w_dec.to(device), b_dec.to(device)
+            x32 = region.float()
+            pre = (x32 - b_dec if b_dec_in else x32) @ w_enc + b_enc
+            if kind == "relu":
+                f = torch.relu(pre)
+            elif kind == "jumprelu":
+                f = torch.relu(pre) * (pre > extra.to(device)).to(pre.dtype)
+            else:
+                top = torch.topk(pre, k=extra, dim=-1, sorted=False)
+                f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+            g = f.clone() if edits else f
+            for mode, features, value, low, high in edits:
+                if mode == "set":
+                    g[..., features] = value
+                elif mode == "scale":
+                    g[..., features] = g[..., features] * value
+                else:
+                    g[..., features] = g[..., features].clamp(min=low, max=high)
+            recon = g @ w_dec + b_dec
+            if error == "drop":
+                out = recon
+            else:
+                err = x32 - (recon if not edits else f @ w_dec + b_dec)
+                out = recon + (err.detach() if error == "detach" else err)
+            return out.to(region.dtype), f
+
+        def apply(x: Any, ins: Any, kept: Any) -> None:
+            kind = ins[0]
+            if kind == "keep":
+                kept.setdefault(ins[2], []).append(x.clone())
+                return
+            if kind == "capture":
+                store[ins[2]] = x.clone()
+                return
+            axes, sel = ins[2], ins[3]
+            ix = index_of(x.shape, axes, sel, x.device)
+            if kind == "read":
+                store[ins[4]] = take(x, ix).clone()
+            elif kind == "patch":
+                put(x, ix, ins[4])
+            elif kind == "patchref":
+                value = store[ins[4]].to(device=x.device, dtype=x.dtype)
+                if ins[5]:  # a whole-site read: the same entries of it
+                    value = take(value, index_of(value.shape, axes, sel, value.device))
+                put(x, ix, value)
+            elif kind == "ablate":
+                if ins[4] == "zero":
+                    put(x, ix, torch.zeros_like(take(x, ix)))
+                else:
+                    source = store[ins[5]].to(device=x.device, dtype=x.dtype)
+                    if ins[4] == "mean":
+                        full = source.mean(dim=ins[6], keepdim=True).expand_as(x)
+                    else:
+                        full = source[ins[6].to(source.device)].expand_as(x)
+                    put(x, ix, take(full, ix))
+            else:
+                region = take(x, ix)
+                if kind == "add":
+                    new = region + ins[5] * ins[4].to(device=region.device, dtype=region.dtype)
+                elif kind == "project":
+                    q = ins[4].to(region.device)
+                    x32 = region.float()
+                    new = (x32 - (x32 @ q) @ q.T).to(region.dtype)
+                elif kind == "scale":
+                    new = region * ins[4]
+                else:
+                    new, features = sae_splice(region, ins[4])
+                    if ins[5] is not None:
+                        store[ins[5]] = features
+                put(x, ix, new)
+
+        def tensor_at(raw: Any, io: Any, view: Any) -> Any:
+            # the tensor an op sees at a module's input or output, in its view
+            if io == "input":
+                args, kw = raw
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                for name in ("hidden_states", "input", "x", "input_ids", "inputs_embeds"):
+                    if x is None and isinstance(kw.get(name), torch.Tensor):
+                        x = kw[name]
+                if x is None:
+                    raise RuntimeError("the module was called with no tensor input")
+            elif view == "attn_weights":
+                if not isinstance(raw, tuple) or len(raw) < 2 or raw[1] is None:
+                    raise RuntimeError("no attention weights returned; eager attention is needed")
+                return raw[1], None
+            elif isinstance(raw, torch.Tensor):
+                x = raw
+            elif isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], torch.Tensor):
+                x = raw[0]
+            elif isinstance(getattr(raw, "logits", None), torch.Tensor):
+                x = raw.logits
+            else:
+                raise RuntimeError(f"no tensor in a module output of type {type(raw).__name__}")
+            if view != "heads":
+                return x, None
+            shape = (*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
+            if x.is_contiguous():
+                return x.view(shape), None
+            return x.reshape(shape), x  # edited on a copy: written back afterwards
+
+        gates = {key: tracer.barrier(n) for key, n in barriers.items()}
+        for prog in progs:
+            with tracer.invoke(*prog["args"]):
+                kept: dict[str, Any] = {}
+                for step in tracer.iter[0 : len(prog["steps"])]:
+                    for envoy, io, waits, signals, instrs in prog["steps"][step]:
+                        for key in waits:
+                            gates[key]()
+                        raw = envoy.output if io == "output" else envoy.inputs
+                        views: dict[str, Any] = {}
+                        for ins in instrs:
+                            if ins[1] not in views:
+                                views[ins[1]] = tensor_at(raw, io, ins[1])
+                            apply(views[ins[1]][0], ins, kept)
+                        for x, base in views.values():
+                            if base is not None:
+                                base.copy_(x.reshape(base.shape))
+                        for key in signals:
+                            gates[key]()
+                for name, axes, sel in prog["concat"]:
+                    parts = kept[name]
+                    full = parts[0]
+                    if len(parts) > 1:
+                        names = axes_of(full.ndim, axes)
+                        full = torch.cat(parts, dim=names.index("pos") if "pos" in names else 1)
+                    store[name] = take(full, index_of(full.shape, axes, sel, full.device))
+                if prog["generated"] is not None:
+                    store[prog["generated"]] = tracer.result[:, prog["prompt"] :]

@@ -1,0 +1,668 @@
+"""The pyvene backend: each run of a plan becomes one pyvene ``IntervenableModel``.
+
+How a graph maps onto pyvene (0.1.8's native, hook-based backend):
+
+* **Model.** pyvene wraps a thin :class:`_Wrapped` module around the user's model. The
+  wrapper gives pyvene the ``config`` attribute it reads (``None`` for a plain
+  ``nn.Module``, so raw modules work), makes the root module addressable (pyvene cannot
+  name the root of the model it wraps: ``"model.output"`` is the root's output) and
+  calls the model the way the torch reference does.
+* **Sites.** Every hook point (``ModelInfo.hook_point``) becomes a
+  ``RepresentationConfig`` whose ``component`` is the raw module path with ``.output`` or
+  ``.input`` (``"model.transformer.h.0.mlp.output"``). No ``unit_locations`` are given, so
+  pyvene hands each intervention the whole site tensor (``keep_last_dim=True`` keeps its
+  shape) and writes the returned tensor back; the intervention narrows it with the
+  selector through :func:`interventions.sites.take` / :func:`~interventions.sites.put`,
+  the same code as the reference. This is what makes negative positions, lists, slices,
+  heads, batch items and hidden-dim slices all work, for every family and every raw
+  module, instead of the subset pyvene's per-family ``unit``/``max_number_of_units``
+  machinery can express. The ``head`` site is the output projection's input, viewed as
+  ``[batch, pos, head, d_head]`` inside the intervention.
+* **Ops.** One representation per op, in graph order, so ops on one site apply in the
+  order they were written (pyvene runs the hooks of a module in registration order):
+
+  ==================  ===================================================================
+  ``read``            pyvene's own ``CollectIntervention`` (consecutive reads of one site
+                      with no write between share one); the selector is applied after
+                      the run, like the reference, so generation can concatenate steps
+  ``patch``           :class:`PatchIntervention`, an interchange: the value is pyvene's
+                      *source*. A value read in another run is passed as precomputed
+                      ``source_representations`` (the source run is never re-run); a
+                      constant is the intervention's ``source_representation`` buffer
+  ablate, add, ...    :class:`OpIntervention`, a ``SourcelessIntervention`` applying the
+                      reference semantics (:func:`interventions.apply.apply_op`)
+  ==================  ===================================================================
+
+* **Values between runs.** Runs execute in plan order; a read's value is kept and given to
+  later runs as ``source_representations``; whole-site captures feed mean and resample
+  ablations.
+* **Generation.** ``IntervenableModel.generate`` with no ``unit_locations`` and
+  ``intervene_on_prompt=True`` runs every intervention on the prompt pass and on each
+  generated step; a step clock (the model's input length, as in the torch reference)
+  turns absolute positions into positions of the current step (:func:`step_select`).
+
+pyvene writes an intervention's result *into* the hooked tensor. On the standard sites
+nothing else holds that tensor when it is written, so this equals the reference's
+"replace the value" semantics; on raw module sites, which may alias a tensor the caller
+still uses (``x + block(x)`` with a hook on ``block.input``), the wrapper first gives the
+hooked module a private copy, so the write stays local.
+
+Hygiene. pyvene's ``IntervenableModel`` puts the model in eval mode, sets
+``requires_grad=False`` on every parameter, and removes *every* forward hook and pre-hook
+of the model when it runs. The adapter snapshots training flags, ``requires_grad`` and the
+hook tables before a plan runs and restores them afterwards, whether or not the run failed
+(flags and ``requires_grad`` also right after each ``IntervenableModel`` is built, so runs
+see the model as the user left it). Hooks that the user had installed are put back, but do
+not fire during a pyvene run.
+
+Not supported: ``attn_pattern`` (pyvene hands interventions only the first element of a
+module's output, and the attention weights are the second), and gradients (pyvene freezes
+the model's parameters and hands interventions copies of the site tensors, so reads are
+not on the path to the outputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from interventions.apply import RunState, apply_op
+from interventions.architectures import HookPoint
+from interventions.backends import Capabilities
+from interventions.errors import (
+    BackendVersionError,
+    ExecutionError,
+    InterventionError,
+    UnsupportedOp,
+)
+from interventions.ops import OP_KINDS, Const, Op, Patch, Read, Ref
+from interventions.plan import Plan, step_select
+from interventions.sites import Select, Site, put, site_axes, take
+
+SUPPORTED_PYVENE = ">=0.1.8,<0.2"
+
+# Hook tables of an nn.Module that pyvene (or a failed run) may leave changed.
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Version
+
+
+def installed_version() -> str:
+    """The installed pyvene version, or a clear error when pyvene is missing."""
+    try:
+        return importlib.metadata.version("pyvene")
+    except importlib.metadata.PackageNotFoundError:
+        raise InterventionError(
+            "backend 'pyvene' needs pyvene, which is not installed; "
+            f"pip install 'interventions[pyvene]' (pyvene{SUPPORTED_PYVENE})"
+        ) from None
+
+
+def check_version(version: str | None = None) -> str:
+    """Return the pyvene version, or raise :class:`BackendVersionError` if unsupported."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    found = installed_version() if version is None else version
+    try:
+        ok = Version(found) in SpecifierSet(SUPPORTED_PYVENE, prereleases=True)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise BackendVersionError(
+            f"pyvene {found} is installed, but the pyvene backend supports "
+            f"pyvene{SUPPORTED_PYVENE}; install one with pip install 'pyvene{SUPPORTED_PYVENE}'"
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# Per-run context shared by the interventions of one IntervenableModel
+
+
+@dataclass
+class _StepClock:
+    """Which absolute positions the current forward call covers (generation)."""
+
+    offset: int = 0
+    length: int = 0
+    calls: int = 0
+
+    def advance(self, length: int) -> None:
+        self.offset = self.offset + self.length if self.calls else 0
+        self.length = length
+        self.calls += 1
+
+
+@dataclass
+class _RunContext:
+    """What the interventions of one run need besides their own tensor."""
+
+    state: RunState
+    n_heads: int | None
+    generating: bool
+    prompt: int
+    fed: int
+    clock: _StepClock = field(default_factory=_StepClock)
+    recorded: dict[str, torch.Tensor] = field(default_factory=dict)  # SAE features
+
+
+@dataclass
+class _Target:
+    """One op at one hook point: how to view the tensor there and what to select."""
+
+    op: Op
+    point: HookPoint
+    ctx: _RunContext
+    aligned: bool = False  # patch from a whole-site read: take the same entries
+
+    def select(self) -> Select | None:
+        """The op's selector for the current forward step (``None``: not this step)."""
+        if not self.ctx.generating:
+            return self.op.select
+        clock = self.ctx.clock
+        return step_select(self.op.select, self.ctx.prompt, self.ctx.fed, clock.offset, clock.length)
+
+    def view_in(self, x: torch.Tensor) -> torch.Tensor:
+        return _view_in(self.point, x, self.ctx.n_heads)
+
+    def view_out(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return x.reshape(like.shape) if self.point.view == "heads" else x
+
+    def axes(self, x: torch.Tensor) -> tuple[str, ...]:
+        return site_axes(self.op.site.kind, x.ndim)
+
+
+def _view_in(point: HookPoint, x: torch.Tensor, n_heads: int | None) -> torch.Tensor:
+    if point.view == "heads":
+        assert n_heads is not None
+        return x.reshape(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# Intervention classes (subclasses of pyvene's, defined when pyvene is first needed)
+
+
+@dataclass(frozen=True)
+class _Classes:
+    patch: type
+    op: type
+    collect: type
+
+
+@functools.cache
+def _classes() -> _Classes:
+    import pyvene as pv
+
+    class PatchIntervention(pv.Intervention):  # type: ignore[misc]
+        """Interchange: the selected entries take the source value.
+
+        The source is pyvene's ``source`` argument (``source_representations``: a value
+        read in another run) or, for a constant, this intervention's
+        ``source_representation`` buffer, as in pyvene's ``VanillaIntervention``.
+        """
+
+        def __init__(self, target: _Target, constant: torch.Tensor | None = None) -> None:
+            super().__init__(keep_last_dim=True, source_representation=constant)
+            self.target = target
+
+        def forward(
+            self,
+            base: torch.Tensor,
+            source: torch.Tensor | None = None,
+            subspaces: Any = None,
+            **kwargs: Any,
+        ) -> torch.Tensor:
+            target = self.target
+            select = target.select()
+            if select is None:
+                return base
+            value = self.source_representation if source is None else source
+            if value is None:
+                raise ExecutionError(f"patch on {target.op.site}: pyvene passed no source value")
+            x = target.view_in(base)
+            axes = target.axes(x)
+            value = value.to(device=x.device, dtype=x.dtype)
+            if target.aligned:
+                value = take(value, select, axes)
+            return target.view_out(put(x, select, axes, value), base)
+
+        def __str__(self) -> str:
+            return f"PatchIntervention({self.target.op.site})"
+
+    class OpIntervention(pv.SourcelessIntervention):  # type: ignore[misc]
+        """Ablate, add, project_out, scale or sae_splice, with the reference semantics."""
+
+        def __init__(self, target: _Target) -> None:
+            super().__init__(keep_last_dim=True)
+            self.target = target
+
+        def forward(
+            self,
+            base: torch.Tensor,
+            source: torch.Tensor | None = None,
+            subspaces: Any = None,
+            **kwargs: Any,
+        ) -> torch.Tensor:
+            target = self.target
+            select = target.select()
+            if select is None:
+                return base
+            x = target.view_in(base)
+            x, extra = apply_op(target.op, x, target.axes(x), select, target.ctx.state)
+            for name, value in extra.items():
+                target.ctx.recorded[name] = value.detach()
+            return target.view_out(x, base)
+
+        def __str__(self) -> str:
+            return f"OpIntervention({type(self.target.op).__name__} {self.target.op.site})"
+
+    return _Classes(patch=PatchIntervention, op=OpIntervention, collect=pv.CollectIntervention)
+
+
+# ---------------------------------------------------------------------------------------
+# The wrapper pyvene sees
+
+
+def _first_tensor_of_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    for key in ("input_ids", "inputs_embeds"):
+        if x is None and isinstance(kwargs.get(key), torch.Tensor):
+            x = kwargs[key]
+    return x
+
+
+def _private_input(module: nn.Module, args: Any, kwargs: Any) -> Any:
+    """Pre-hook: give the module a copy of the tensor pyvene will write into."""
+    if args:
+        if isinstance(args[0], torch.Tensor):
+            return (args[0].clone(), *args[1:]), kwargs
+        return None
+    if kwargs:
+        key = next(iter(kwargs))
+        if isinstance(kwargs[key], torch.Tensor):
+            return args, {**kwargs, key: kwargs[key].clone()}
+    return None
+
+
+def _private_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: hand on a copy of the tensor pyvene will write into."""
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (output[0].clone(), *output[1:])
+    if isinstance(output, dict) and output:
+        key = next(iter(output))
+        if isinstance(output[key], torch.Tensor):
+            output[key] = output[key].clone()
+    return None
+
+
+class _Wrapped(nn.Module):
+    """What pyvene wraps: the user's model as ``.model``, called like the torch reference.
+
+    It holds no state of its own beyond the current run's call settings, and installs its
+    helper hooks (the generation clock; private copies at raw write sites) only for the
+    duration of one call.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = getattr(model, "config", None)  # pyvene reads it; None for plain modules
+        self.hf_call = False
+        self.clock: _StepClock | None = None
+        self.private_inputs: list[nn.Module] = []
+        self.private_outputs: list[nn.Module] = []
+
+    def forward(self, inputs: torch.Tensor) -> Any:
+        with self._helpers():
+            if self.hf_call:
+                return self.model(input_ids=inputs, use_cache=False)
+            return self.model(inputs)
+
+    def generate(self, **kwargs: Any) -> Any:
+        with self._helpers():
+            return self.model.generate(**kwargs)  # type: ignore[operator]
+
+    def _tick(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        assert self.clock is not None
+        x = _first_tensor_of_args(args, kwargs)
+        self.clock.advance(int(x.shape[1]) if x is not None and x.ndim >= 2 else 1)
+
+    @contextlib.contextmanager
+    def _helpers(self) -> Iterator[None]:
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            if self.clock is not None:
+                handles.append(
+                    self.model.register_forward_pre_hook(self._tick, with_kwargs=True, prepend=True)
+                )
+            for module in self.private_inputs:
+                handles.append(
+                    module.register_forward_pre_hook(_private_input, with_kwargs=True, prepend=True)
+                )
+            for module in self.private_outputs:
+                handles.append(module.register_forward_hook(_private_output, prepend=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+# ---------------------------------------------------------------------------------------
+# Model state: what pyvene changes, put back
+
+
+class _ModelGuard:
+    """Snapshot of training flags, ``requires_grad`` and hook tables; restores them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = list(model.modules())
+        self.training = [m.training for m in self.modules]
+        self.params = list(model.parameters())
+        self.requires_grad = [p.requires_grad for p in self.params]
+        self.hooks: dict[tuple[int, str], list[tuple[Any, Any]]] = {}
+        for i, module in enumerate(self.modules):
+            for attr in _HOOK_TABLES:
+                table = getattr(module, attr, None)
+                if table:
+                    self.hooks[(i, attr)] = list(table.items())
+
+    def restore_flags(self) -> None:
+        for module, training in zip(self.modules, self.training):
+            if module.training != training:
+                module.training = training
+        for param, flag in zip(self.params, self.requires_grad):
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+
+    def restore_hooks(self) -> None:
+        for i, module in enumerate(self.modules):
+            for attr in _HOOK_TABLES:
+                table = getattr(module, attr, None)
+                if table is None:
+                    continue
+                expected = self.hooks.get((i, attr), [])
+                if list(table.items()) != expected:
+                    table.clear()
+                    table.update(expected)
+
+    def restore(self) -> None:
+        self.restore_flags()
+        self.restore_hooks()
+
+
+# ---------------------------------------------------------------------------------------
+# Compiling one run
+
+
+@dataclass
+class _Collect:
+    """A CollectIntervention's consumers: reads (by op) and ablation captures (by site)."""
+
+    point: HookPoint
+    reads: list[Read] = field(default_factory=list)
+    captures: list[Site] = field(default_factory=list)
+
+
+@dataclass
+class _Compiled:
+    representations: list[Any] = field(default_factory=list)
+    collects: dict[int, _Collect] = field(default_factory=dict)  # representation index ->
+    sources: dict[int, torch.Tensor] = field(default_factory=dict)  # index -> source value
+    private_inputs: list[str] = field(default_factory=list)
+    private_outputs: list[str] = field(default_factory=list)
+
+
+def _component(point: HookPoint) -> str:
+    return f"model.{point.module}.{point.io}" if point.module else f"model.{point.io}"
+
+
+def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
+    import pyvene as pv
+
+    classes = _classes()
+    info = plan.info
+    out = _Compiled()
+    open_collect: dict[HookPoint, int] = {}  # a collect reads can share until a write
+
+    def add(point: HookPoint, intervention: Any) -> int:
+        out.representations.append(
+            pv.RepresentationConfig(component=_component(point), intervention=intervention)
+        )
+        return len(out.representations) - 1
+
+    def collect(point: HookPoint) -> _Collect:
+        index = open_collect.get(point)
+        if index is None:
+            index = add(point, classes.collect(keep_last_dim=True))
+            open_collect[point] = index
+            out.collects[index] = _Collect(point)
+        return out.collects[index]
+
+    for op in plan.ops_of(run):
+        point = info.hook_point(op.site)
+        if isinstance(op, Read):
+            collect(point).reads.append(op)
+            continue
+        open_collect.pop(point, None)
+        if op.site.is_raw:
+            names = out.private_inputs if point.io == "input" else out.private_outputs
+            if point.module not in names:
+                names.append(point.module)
+        if isinstance(op, Patch) and isinstance(op.value, Ref):
+            source = next(
+                o for o in plan.graph.ops if isinstance(o, Read) and o.name == op.value.read
+            )
+            target = _Target(op, point, ctx, aligned=source.select.is_all)
+            index = add(point, classes.patch(target))
+            out.sources[index] = ctx.state.results[op.value.read]
+        elif isinstance(op, Patch):
+            assert isinstance(op.value, Const)
+            constant = plan.graph.tensors[op.value.tensor]
+            add(point, classes.patch(_Target(op, point, ctx), constant))
+        else:
+            add(point, classes.op(_Target(op, point, ctx)))
+    for site in plan.captures_of(run):
+        collect(info.hook_point(site)).captures.append(site)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+
+def _greedy_config(max_new_tokens: int) -> Any:
+    """Greedy decoding of exactly ``max_new_tokens`` tokens (no early stop at EOS)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=[],  # not None: generate() would fill in the model's EOS and stop early
+        pad_token_id=0,
+    )
+
+
+def _takes(model: nn.Module, keyword: str) -> bool:
+    """Whether the model's forward accepts ``keyword``."""
+    try:
+        return keyword in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def _execute_run(
+    plan: Plan, run: str, state: RunState, wrapper: _Wrapped, guard: _ModelGuard
+) -> torch.Tensor | None:
+    """Run one run of the plan on pyvene; returns generated tokens for a generating run."""
+    import pyvene as pv
+
+    graph_run = plan.graph.runs[run]
+    prompt = plan.prompt_length(run)
+    ctx = _RunContext(
+        state=state,
+        n_heads=plan.info.n_heads,
+        generating=graph_run.generates,
+        prompt=prompt,
+        fed=prompt + (graph_run.max_new_tokens - 1 if graph_run.max_new_tokens else 0),
+    )
+    compiled = _compile(plan, run, ctx)
+    if not compiled.representations and not graph_run.generates:
+        return None  # nothing to observe: skip the forward pass
+
+    intervenable = pv.IntervenableModel(
+        pv.IntervenableConfig(representations=compiled.representations), wrapper
+    )
+    guard.restore_flags()  # pyvene switched the model to eval and froze its parameters
+    keys = list(intervenable.sorted_keys)
+    if len(keys) != len(compiled.representations):
+        raise ExecutionError(
+            f"run {run!r}: pyvene built {len(keys)} interventions for "
+            f"{len(compiled.representations)} representations"
+        )
+    sources = {keys[i]: value for i, value in compiled.sources.items()} or None
+
+    model = wrapper.model
+    wrapper.clock = ctx.clock if ctx.generating else None
+    wrapper.private_inputs = []
+    wrapper.private_outputs = [_submodule(model, p) for p in compiled.private_outputs]
+    inputs = plan.inputs[run].to(_device(model))
+    tokens: torch.Tensor | None = None
+    if graph_run.max_new_tokens is not None:
+        wrapper.hf_call = True
+        # logits_to_keep=0: the prompt pass computes logits at every position, so the
+        # `logits` site sees the prompt (HF would keep the last position only)
+        keep = {"logits_to_keep": 0} if _takes(model, "logits_to_keep") else {}
+        first, generated = intervenable.generate(
+            {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)},
+            source_representations=sources,
+            intervene_on_prompt=True,  # with no unit_locations: every step, prompt included
+            generation_config=_greedy_config(graph_run.max_new_tokens),
+            **keep,
+        )
+        tokens = generated[:, inputs.shape[1] :].cpu()
+    else:
+        wrapper.hf_call = graph_run.inputs is None and plan.info.is_hf
+        first, _ = intervenable({"inputs": inputs}, source_representations=sources)
+    collected = list(first[1]) if intervenable.return_collect_activations else []
+    _finish(run, compiled, collected, ctx)
+    return tokens
+
+
+def _finish(
+    run: str, compiled: _Compiled, collected: list[torch.Tensor], ctx: _RunContext
+) -> None:
+    """Turn pyvene's collected activations into results and captures.
+
+    pyvene returns the activations of every CollectIntervention in order, each as one
+    tensor per forward call (several when generating).
+    """
+    n = len(compiled.collects)
+    if n == 0:
+        return
+    if len(collected) % n:
+        raise ExecutionError(
+            f"run {run!r}: pyvene collected {len(collected)} tensors for {n} reads"
+        )
+    per = len(collected) // n
+    for k, entry in enumerate(compiled.collects.values()):
+        parts = collected[k * per : (k + 1) * per]
+        full = _view_in(entry.point, _concat(parts), ctx.n_heads)
+        for op in entry.reads:
+            ctx.state.results[op.name] = take(full, op.select, site_axes(op.site.kind, full.ndim))
+        for site in entry.captures:
+            ctx.state.captures[(run, str(site))] = full
+    ctx.state.results.update(ctx.recorded)
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Steps of a generating run, concatenated along the position axis (axis 1)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class PyveneBackend:
+    """pyvene ``IntervenableModel``: every op runs as a pyvene intervention."""
+
+    name = "pyvene"
+    capabilities = Capabilities(
+        ops=frozenset(OP_KINDS),
+        views=frozenset({"plain", "heads", "logits"}),
+        generation=True,
+        gradients=False,
+        remote=False,
+        raw_modules=True,
+        hf_only=False,
+    )
+
+    def __init__(self) -> None:
+        self._version = check_version()
+
+    def versions(self) -> dict[str, str]:
+        return {"pyvene": self._version, "torch": torch.__version__}
+
+    def execute(self, plan: Plan, model: nn.Module, **options: Any) -> dict[str, torch.Tensor]:
+        if options.pop("grad", False):
+            raise UnsupportedOp(
+                "the pyvene backend cannot keep gradients (pyvene freezes the model's "
+                "parameters and gives interventions copies); use backend='torch' with grad=True"
+            )
+        if options:
+            raise InterventionError(
+                f"pyvene backend: unknown options {sorted(options)}; it takes none"
+            )
+        state = RunState(plan.graph)
+        generated: dict[str, torch.Tensor] = {}
+        guard = _ModelGuard(model)
+        wrapper = _Wrapped(model)
+        try:
+            with torch.no_grad():
+                for run in plan.order:
+                    try:
+                        tokens = _execute_run(plan, run, state, wrapper, guard)
+                    except InterventionError:
+                        raise
+                    except Exception as exc:
+                        raise ExecutionError(
+                            f"run {run!r} failed on the pyvene backend: "
+                            f"{type(exc).__name__}: {exc}"
+                        ) from exc
+                    if tokens is not None:
+                        generated[f"{run}.generated"] = tokens
+        finally:
+            guard.restore()
+        results = {
+            name: state.results[name] for name in plan.graph.reads() if name in state.results
+        }
+        results.update(generated)
+        return {k: v.detach().cpu() for k, v in results.items()}
+
+
+__all__ = ["SUPPORTED_PYVENE", "PyveneBackend", "check_version", "installed_version"]
