@@ -177,7 +177,9 @@ class _Target:
         if not self.ctx.generating:
             return self.op.select
         clock = self.ctx.clock
-        return step_select(self.op.select, self.ctx.prompt, self.ctx.fed, clock.offset, clock.length)
+        return step_select(
+            self.op.select, self.ctx.prompt, self.ctx.fed, clock.offset, clock.length
+        )
 
     def view_in(self, x: torch.Tensor) -> torch.Tensor:
         return _view_in(self.point, x, self.ctx.n_heads)
@@ -211,7 +213,7 @@ class _Classes:
 def _classes() -> _Classes:
     import pyvene as pv
 
-    class PatchIntervention(pv.Intervention):  # type: ignore[misc]
+    class PatchIntervention(pv.Intervention):
         """Interchange: the selected entries take the source value.
 
         The source is pyvene's ``source`` argument (``source_representations``: a value
@@ -247,7 +249,7 @@ def _classes() -> _Classes:
         def __str__(self) -> str:
             return f"PatchIntervention({self.target.op.site})"
 
-    class OpIntervention(pv.SourcelessIntervention):  # type: ignore[misc]
+    class OpIntervention(pv.SourcelessIntervention):
         """Ablate, add, project_out, scale or sae_splice, with the reference semantics."""
 
         def __init__(self, target: _Target) -> None:
@@ -387,10 +389,10 @@ class _ModelGuard:
                     self.hooks[(i, attr)] = list(table.items())
 
     def restore_flags(self) -> None:
-        for module, training in zip(self.modules, self.training):
+        for module, training in zip(self.modules, self.training, strict=True):
             if module.training != training:
                 module.training = training
-        for param, flag in zip(self.params, self.requires_grad):
+        for param, flag in zip(self.params, self.requires_grad, strict=True):
             if param.requires_grad != flag:
                 param.requires_grad_(flag)
 
@@ -552,7 +554,7 @@ def _execute_run(
 
     model = wrapper.model
     wrapper.clock = ctx.clock if ctx.generating else None
-    wrapper.private_inputs = []
+    wrapper.private_inputs = [_submodule(model, p) for p in compiled.private_inputs]
     wrapper.private_outputs = [_submodule(model, p) for p in compiled.private_outputs]
     inputs = plan.inputs[run].to(_device(model))
     tokens: torch.Tensor | None = None
@@ -577,9 +579,7 @@ def _execute_run(
     return tokens
 
 
-def _finish(
-    run: str, compiled: _Compiled, collected: list[torch.Tensor], ctx: _RunContext
-) -> None:
+def _finish(run: str, compiled: _Compiled, collected: list[torch.Tensor], ctx: _RunContext) -> None:
     """Turn pyvene's collected activations into results and captures.
 
     pyvene returns the activations of every CollectIntervention in order, each as one
@@ -651,8 +651,7 @@ class PyveneBackend:
                         raise
                     except Exception as exc:
                         raise ExecutionError(
-                            f"run {run!r} failed on the pyvene backend: "
-                            f"{type(exc).__name__}: {exc}"
+                            f"run {run!r} failed on the pyvene backend: {type(exc).__name__}: {exc}"
                         ) from exc
                     if tokens is not None:
                         generated[f"{run}.generated"] = tokens

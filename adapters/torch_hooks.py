@@ -28,7 +28,7 @@ from interventions.backends import Capabilities
 from interventions.errors import ExecutionError, InterventionError
 from interventions.ops import OP_KINDS, Op, Read
 from interventions.plan import Plan, step_select
-from interventions.sites import Select, Site, site_axes
+from interventions.sites import Select, Site, put, site_axes, take
 
 
 @dataclass
@@ -95,6 +95,7 @@ class _Hooks:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.points: dict[HookPoint, list[_Entry]] = {}
         self.recorded: dict[str, list[torch.Tensor]] = {}
+        self.selected: dict[str, torch.Tensor] = {}  # reads already selected (grad mode)
         self.captures: dict[str, list[torch.Tensor]] = {}
         info = plan.info
         for op in plan.ops_of(run):
@@ -114,8 +115,15 @@ class _Hooks:
                 continue
             op = entry.op
             if isinstance(op, Read):
+                if self.grad and not self.generating:
+                    # route the forward through the recorded tensor so gradients reach it
+                    region = take(x, op.select, axes)
+                    if region is not x:
+                        x = put(x, op.select, axes, region)
+                    self.selected[op.name] = region
+                    continue
                 # reads keep every position of every step; their selector applies at the end
-                self.recorded.setdefault(op.name, []).append(x.detach() if not self.grad else x)
+                self.recorded.setdefault(op.name, []).append(x.detach())
                 continue
             select: Select | None = op.select
             if self.generating:
@@ -206,8 +214,7 @@ class _Hooks:
 
     def finish(self) -> None:
         """Turn per-step tensors into results (reads: concatenated over steps, then selected)."""
-        from interventions.sites import take
-
+        self.state.results.update(self.selected)
         reads = {op.name: op for op in self.plan.ops_of(self.run) if isinstance(op, Read)}
         for name, parts in self.recorded.items():
             op = reads.get(name)

@@ -139,7 +139,9 @@ def hooked(
             heads = n_heads(model) if head_view else None
             if side == "out":
 
-                def out_hook(mod: Any, args: Any, output: Any, fn: Edit = fn, h: Any = heads) -> Any:
+                def out_hook(
+                    mod: Any, args: Any, output: Any, fn: Edit = fn, h: Any = heads
+                ) -> Any:
                     if isinstance(output, torch.Tensor):
                         return _edit(output, fn, h)
                     if isinstance(output, tuple):

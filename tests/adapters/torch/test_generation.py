@@ -53,7 +53,11 @@ def generate(model: torch.nn.Module, family: str, step_edit: StepEdit | None = N
 
 
 def greedy_loop(
-    model: torch.nn.Module, family: str, at: Callable[[int], list[int] | None], v: torch.Tensor, n: int = N
+    model: torch.nn.Module,
+    family: str,
+    at: Callable[[int], list[int] | None],
+    v: torch.Tensor,
+    n: int = N,
 ) -> torch.Tensor:
     """Greedy decoding with no cache: every pass re-reads the whole sequence, and ``v`` is
     added at the absolute positions ``at(seq_len)`` (``None``: all) of resid_post[0]."""
@@ -263,7 +267,9 @@ def test_patch_and_ablate_into_a_generating_run() -> None:
     x.ablate("mlp_out", 1, method="mean", source=clean)
     x.ablate("attn_out", 1, method="resample", source=clean, seed=4, pos=[0, 1])
     res = run(g, model)
-    src, mlp, attn = capture(model, family, [("resid_post", 0), ("mlp_out", 1), ("attn_out", 1)], other)
+    src, mlp, attn = capture(
+        model, family, [("resid_post", 0), ("mlp_out", 1), ("attn_out", 1)], other
+    )
     mean = mlp.mean(dim=(0, 1))
     draw = resample_indices(4, 2, 2)
     calls = {"resid": 0, "attn": 0}

@@ -503,7 +503,9 @@ def test_sae_splice(family: str, error: str, edit: iv.FeatureEdit | None) -> Non
         elif edit.mode == "scale":
             f[:, idx] = f[:, idx] * edit.value
         else:
-            f[:, idx] = torch.minimum(torch.maximum(f[:, idx], torch.tensor(edit.low)), torch.tensor(edit.high))
+            f[:, idx] = torch.minimum(
+                torch.maximum(f[:, idx], torch.tensor(edit.low)), torch.tensor(edit.high)
+            )
         return f
 
     def splice(x: torch.Tensor) -> None:
@@ -519,6 +521,7 @@ def test_sae_splice(family: str, error: str, edit: iv.FeatureEdit | None) -> Non
 
 
 # --- heads, selectors, order ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_ops_on_heads(family: str) -> None:
@@ -581,7 +584,11 @@ RESID_SELECTORS: list[tuple[dict[str, Any], Any, dict[int, list[int]]]] = [
     ({"dims": slice(0, 8)}, lambda x: x[..., :8], {2: list(range(8))}),
     ({"dims": [0, 31]}, lambda x: x[..., [0, 31]], {2: [0, 31]}),
     ({"dims": 3}, lambda x: x[..., 3], {2: [3]}),
-    ({"batch": 0, "pos": [1, 4], "dims": slice(4, None)}, lambda x: x[0, [1, 4], 4:], {0: [0], 1: [1, 4], 2: list(range(4, 32))}),
+    (
+        {"batch": 0, "pos": [1, 4], "dims": slice(4, None)},
+        lambda x: x[0, [1, 4], 4:],
+        {0: [0], 1: [1, 4], 2: list(range(4, 32))},
+    ),
     ({"pos": [0, 3], "dims": [1, 2]}, lambda x: x[:, [0, 3]][:, :, [1, 2]], {1: [0, 3], 2: [1, 2]}),
 ]
 
@@ -589,7 +596,11 @@ HEAD_SELECTORS: list[tuple[dict[str, Any], Any, dict[int, list[int]]]] = [
     ({"head": 2}, lambda x: x[:, :, 2, :], {2: [2]}),
     ({"head": -1}, lambda x: x[:, :, 3, :], {2: [3]}),
     ({"head": [0, 3]}, lambda x: x[:, :, [0, 3], :], {2: [0, 3]}),
-    ({"head": slice(0, 2), "dims": [0, 7]}, lambda x: x[:, :, 0:2][..., [0, 7]], {2: [0, 1], 3: [0, 7]}),
+    (
+        {"head": slice(0, 2), "dims": [0, 7]},
+        lambda x: x[:, :, 0:2][..., [0, 7]],
+        {2: [0, 1], 3: [0, 7]},
+    ),
     ({"pos": [0, 2], "head": [1, 3]}, lambda x: x[:, [0, 2]][:, :, [1, 3]], {1: [0, 2], 2: [1, 3]}),
     ({"batch": 0, "pos": -1, "head": 1}, lambda x: x[0, 5, 1, :], {0: [0], 1: [5], 2: [1]}),
     ({"pos": -1, "head": [2], "dims": 0}, lambda x: x[:, 5, [2], 0], {1: [5], 2: [2], 3: [0]}),
