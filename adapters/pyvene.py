@@ -444,7 +444,9 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
     classes = _classes()
     info = plan.info
     out = _Compiled()
-    open_collect: dict[HookPoint, int] = {}  # a collect reads can share until a write
+    # reads of one hook point share a collect until something writes at that module side
+    # (whatever the view: `head` and a raw `o_proj.input` are the same tensor)
+    open_collect: dict[HookPoint, int] = {}
 
     def add(point: HookPoint, intervention: Any) -> int:
         out.representations.append(
@@ -465,7 +467,8 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
         if isinstance(op, Read):
             collect(point).reads.append(op)
             continue
-        open_collect.pop(point, None)
+        for shared in [p for p in open_collect if (p.module, p.io) == (point.module, point.io)]:
+            del open_collect[shared]
         if op.site.is_raw:
             names = out.private_inputs if point.io == "input" else out.private_outputs
             if point.module not in names:

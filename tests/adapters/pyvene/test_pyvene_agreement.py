@@ -234,10 +234,17 @@ def test_ops_on_one_site_apply_in_order_and_reads_see_earlier_ops() -> None:
     r.ablate("resid_post", 0, dims=slice(0, 4))
     r.read("resid_post", 0, name="r2")
     r.read("resid_pre", 1, name="next")  # the same tensor, seen from the next layer
+    # one tensor, two views: a write on `head` is seen by the raw path's next read
+    r.read("model.layers.1.self_attn.o_proj.input", name="o0")
+    r.ablate("head", 1, head=0)
+    r.read("model.layers.1.self_attn.o_proj.input", name="o1")
+    r.read("head", 1, name="o1_heads")
     res = agree(g, model)
     assert not torch.equal(res["r0"], res["r1"])
     assert_close(res["r1"][:, -1], res["r1_last"])
     assert_close(res["r2"], res["next"])
+    assert not torch.equal(res["o0"], res["o1"])
+    assert_close(res["o1"].view(2, 6, 4, -1), res["o1_heads"])
 
 
 @pytest.mark.parametrize(("batch", "passes"), [(False, 4), (True, 2)])

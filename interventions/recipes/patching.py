@@ -1,0 +1,459 @@
+"""Activation patching, path patching and attribution patching, as graphs.
+
+Each recipe builds one graph (every patched copy a run of its own), runs it with
+:func:`interventions.run` on any backend (the planner batches the copies into a few
+forward passes), and reduces the logits with a :class:`Metric`.
+
+>>> import torch, interventions as iv
+>>> from interventions.recipes import activation_patching, Metric
+>>> from transformers import GPT2Config, GPT2LMHeadModel
+>>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=20)).eval()
+>>> clean, corrupt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+>>> result = activation_patching(model, clean, corrupt, Metric.logit_diff(7, 8))
+>>> result.scores.shape  # resid_pre of 2 layers x 4 positions
+torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from interventions.architectures import describe
+from interventions.errors import SpecError, UnsupportedOp, choices_text
+from interventions.execute import load_model, run
+from interventions.graph import Graph
+from interventions.ops import Ref
+from interventions.plan import tokenize
+from interventions.recipes.metrics import Metric, normalized
+from interventions.results import Results
+
+PATCHABLE_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_hidden", "head", "embed")
+Direction = Literal["denoise", "noise"]
+Tokens = torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | str | Sequence[str]
+
+
+@dataclass(frozen=True, eq=False)
+class PatchingResult:
+    """Scores of a patching sweep: rows (layers or senders) x columns (positions or heads)."""
+
+    scores: torch.Tensor
+    site: str
+    rows: tuple[str, ...]
+    cols: tuple[str, ...]
+    clean_metric: float
+    corrupt_metric: float
+    normalized: bool
+    direction: Direction
+    graph: Graph
+    results: Results | None = None
+
+    def table(self, fmt: str = "{:+.2f}") -> str:
+        """The scores as an aligned text table."""
+        from interventions.plots import format_table
+
+        return format_table(self.scores, self.rows, self.cols, fmt=fmt)
+
+    def heatmap(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        col_labels: Sequence[str] | None = None,
+        title: str | None = None,
+    ) -> Path:
+        """Write the scores as a heat map PNG (token labels for position columns)."""
+        from interventions.plots import heatmap
+
+        what = "0 = corrupted, 1 = clean" if self.normalized else "metric"
+        return heatmap(
+            self.scores,
+            path,
+            row_labels=self.rows,
+            col_labels=list(col_labels) if col_labels is not None else self.cols,
+            title=title or f"{self.direction} patching of {self.site}",
+            xlabel="head" if self.site == "head" and self.cols[0].startswith("h") else "position",
+            ylabel="layer",
+            colorbar_label=what,
+        )
+
+
+def as_tokens(value: Tokens, tokenizer: Any, what: str) -> torch.Tensor:
+    """Token ids ``[batch, seq]`` from ids or text (text needs a tokenizer)."""
+    if isinstance(value, str) or (
+        isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value)
+    ):
+        from interventions.graph import Run
+
+        texts = (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
+        return tokenize(Run(what, text=texts), tokenizer)
+    ids = torch.as_tensor(value, dtype=torch.long)
+    return ids.unsqueeze(0) if ids.ndim == 1 else ids
+
+
+def _model(model: nn.Module | str, tokenizer: Any) -> tuple[nn.Module, Any]:
+    if isinstance(model, str):
+        loaded, loaded_tok = load_model(model)
+        return loaded, tokenizer if tokenizer is not None else loaded_tok
+    return model, tokenizer
+
+
+def _check_pair(clean: torch.Tensor, corrupt: torch.Tensor) -> None:
+    if clean.shape != corrupt.shape:
+        raise SpecError(
+            f"clean and corrupted inputs must have the same shape, got {list(clean.shape)} "
+            f"and {list(corrupt.shape)}"
+        )
+
+
+def _layers(layers: Sequence[int] | None, n_layers: int | None, site: str) -> list[int]:
+    if site == "embed":
+        return [0]
+    if n_layers is None:
+        raise SpecError("the model has no architecture map; patching recipes need standard sites")
+    if layers is None:
+        return list(range(n_layers))
+    out = [layer % n_layers if -n_layers <= layer < 0 else layer for layer in layers]
+    bad = [layer for layer in out if not 0 <= layer < n_layers]
+    if bad:
+        raise SpecError(f"layers {bad} out of range 0..{n_layers - 1}")
+    return out
+
+
+def _metric_values(
+    metric: Metric, logits: torch.Tensor, clean_logits: torch.Tensor
+) -> torch.Tensor:
+    return metric(logits, reference=clean_logits)
+
+
+def activation_patching(
+    model: nn.Module | str,
+    clean: Tokens,
+    corrupt: Tokens,
+    metric: Metric,
+    *,
+    site: str = "resid_pre",
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    per_position: bool = True,
+    direction: Direction = "denoise",
+    normalize: bool = True,
+    metric_pos: int = -1,
+    backend: str = "torch",
+    tokenizer: Any = None,
+    **run_options: Any,
+) -> PatchingResult:
+    """Patch ``site`` at each layer x position (or layer x head) between two inputs.
+
+    ``direction="denoise"`` patches clean activations into the corrupted run (what
+    restores the answer); ``"noise"`` patches corrupted activations into the clean run
+    (what breaks it). For ``site="head"`` the columns are heads, patched at every
+    position (``per_position=False``) or at ``positions`` only. Scores are the batch mean
+    of the metric at ``metric_pos``, normalised to 0 = corrupted, 1 = clean by default.
+    """
+    if site not in PATCHABLE_SITES:
+        raise SpecError(f"cannot sweep site {site!r}; sites: {choices_text(PATCHABLE_SITES)}")
+    if direction not in ("denoise", "noise"):
+        raise SpecError(f"unknown direction {direction!r}; expected denoise, noise")
+    model, tokenizer = _model(model, tokenizer)
+    clean_ids, corrupt_ids = (
+        as_tokens(clean, tokenizer, "clean"),
+        as_tokens(corrupt, tokenizer, "corrupt"),
+    )
+    _check_pair(clean_ids, corrupt_ids)
+    info = describe(model)
+    rows = _layers(layers, info.n_layers, site)
+    seq = clean_ids.shape[1]
+    target_ids = corrupt_ids if direction == "denoise" else clean_ids
+
+    g = Graph()
+    clean_run = g.run("clean", tokens=clean_ids)
+    corrupt_run = g.run("corrupt", tokens=corrupt_ids)
+    clean_run.read("logits", pos=metric_pos, name="clean.logits")
+    corrupt_run.read("logits", pos=metric_pos, name="corrupt.logits")
+    source = clean_run if direction == "denoise" else corrupt_run
+    cells: list[list[str]] = []
+    col_labels: list[str]
+    if site == "head":
+        n_heads = info.n_heads or 0
+        col_labels = [f"h{h}" for h in range(n_heads)]
+        pos_sel: Any = None if positions is None else list(positions)
+        for layer in rows:
+            value = source.read("head", layer=layer)
+            row = []
+            for head in range(n_heads):
+                name = f"cell.{layer}.h{head}"
+                r = g.run(name, tokens=target_ids)
+                r.patch("head", layer=layer, head=head, pos=pos_sel, value=value)
+                r.read("logits", pos=metric_pos, name=name)
+                row.append(name)
+            cells.append(row)
+    else:
+        cols = list(range(seq)) if positions is None else [p % seq for p in positions]
+        col_labels = [str(p) for p in cols]
+        for layer in rows:
+            lay = None if site == "embed" else layer
+            value = source.read(site, layer=lay)
+            row = []
+            for pos in cols:
+                name = f"cell.{layer}.{pos}"
+                r = g.run(name, tokens=target_ids)
+                r.patch(site, layer=lay, pos=pos, value=value)
+                r.read("logits", pos=metric_pos, name=name)
+                row.append(name)
+            cells.append(row)
+    res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
+    clean_logits = res["clean.logits"]
+    m_clean = _metric_values(metric, clean_logits, clean_logits)
+    m_corrupt = _metric_values(metric, res["corrupt.logits"], clean_logits)
+    scores = torch.zeros(len(rows), len(col_labels))
+    for i, row in enumerate(cells):
+        for j, name in enumerate(row):
+            m = _metric_values(metric, res[name], clean_logits)
+            value_ij = normalized(m, m_clean, m_corrupt) if normalize else m
+            scores[i, j] = value_ij.mean()
+    return PatchingResult(
+        scores=scores,
+        site=site,
+        rows=tuple(f"{site}[{layer}]" if site != "embed" else "embed" for layer in rows),
+        cols=tuple(col_labels),
+        clean_metric=float(m_clean.mean()),
+        corrupt_metric=float(m_corrupt.mean()),
+        normalized=normalize,
+        direction=direction,
+        graph=g,
+        results=res,
+    )
+
+
+def path_patching(
+    model: nn.Module | str,
+    clean: Tokens,
+    corrupt: Tokens,
+    metric: Metric,
+    *,
+    receivers: Sequence[tuple[int, int]] | Literal["logits"] = "logits",
+    senders: Sequence[tuple[int, int]] | None = None,
+    normalize: bool = True,
+    metric_pos: int = -1,
+    backend: str = "torch",
+    tokenizer: Any = None,
+    **run_options: Any,
+) -> PatchingResult:
+    """Path patching (Wang et al. 2022): the effect of each sender head on the metric
+    through the given receiver heads only (or directly on the logits).
+
+    For each sender: a clean run with the sender's output from the corrupted run and
+    every other head and MLP from the sender's layer on frozen to clean values, except
+    the receivers, whose outputs are read; then a clean run with only the receivers'
+    outputs replaced by those. With ``receivers="logits"`` the first run's logits are the
+    answer. Scores are 0 = corrupted, 1 = clean (so a sender that matters scores below 1).
+    Senders default to every head in layers below the earliest receiver.
+    """
+    model, tokenizer = _model(model, tokenizer)
+    clean_ids, corrupt_ids = (
+        as_tokens(clean, tokenizer, "clean"),
+        as_tokens(corrupt, tokenizer, "corrupt"),
+    )
+    _check_pair(clean_ids, corrupt_ids)
+    info = describe(model)
+    if info.n_layers is None or not info.n_heads:
+        raise SpecError("path patching needs a model with an architecture map and heads")
+    n_layers, n_heads = info.n_layers, info.n_heads
+    to_logits = receivers == "logits"
+    recv = [] if to_logits else [(int(layer), int(head)) for layer, head in receivers]  # type: ignore[union-attr]
+    for layer, head in recv:
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise SpecError(
+                f"receiver ({layer}, {head}) out of range: {n_layers} layers x {n_heads} heads"
+            )
+    top = n_layers if to_logits else min(layer for layer, _ in recv)
+    if senders is None:
+        senders = [(layer, head) for layer in range(top) for head in range(n_heads)]
+    if not senders:
+        raise SpecError("no sender heads: receivers in layer 0 have no earlier heads")
+
+    g = Graph()
+    clean_run = g.run("clean", tokens=clean_ids)
+    corrupt_run = g.run("corrupt", tokens=corrupt_ids)
+    clean_run.read("logits", pos=metric_pos, name="clean.logits")
+    corrupt_run.read("logits", pos=metric_pos, name="corrupt.logits")
+    clean_heads = {layer: clean_run.read("head", layer=layer) for layer in range(n_layers)}
+    clean_mlps = {layer: clean_run.read("mlp_out", layer=layer) for layer in range(n_layers)}
+    corrupt_heads: dict[int, Ref] = {}
+    names: list[str] = []
+    for layer, head in senders:
+        if layer not in corrupt_heads:
+            corrupt_heads[layer] = corrupt_run.read("head", layer=layer)
+        name = f"sender.{layer}.h{head}"
+        first = g.run(f"{name}.freeze", tokens=clean_ids)
+        first.patch("head", layer=layer, head=head, value=corrupt_heads[layer])
+        frozen_until = n_layers if to_logits else max(lr for lr, _ in recv) + 1
+        for other in range(layer, frozen_until):
+            keep = [
+                h for h in range(n_heads) if (other, h) not in recv and (other, h) != (layer, head)
+            ]
+            if keep:
+                first.patch("head", layer=other, head=keep, value=clean_heads[other])
+            # the sender's own layer's MLP already sees the sender: freeze it too
+            first.patch("mlp_out", layer=other, value=clean_mlps[other])
+        if to_logits:
+            first.read("logits", pos=metric_pos, name=name)
+        else:
+            second = g.run(f"{name}.receive", tokens=clean_ids)
+            for r_layer, r_head in recv:
+                value = first.read(
+                    "head", layer=r_layer, head=r_head, name=f"{name}.r{r_layer}.{r_head}"
+                )
+                second.patch("head", layer=r_layer, head=r_head, value=value)
+            second.read("logits", pos=metric_pos, name=name)
+        names.append(name)
+    res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
+    clean_logits = res["clean.logits"]
+    m_clean = metric(clean_logits, reference=clean_logits)
+    m_corrupt = metric(res["corrupt.logits"], reference=clean_logits)
+    layers = sorted({layer for layer, _ in senders})
+    scores = torch.full((len(layers), n_heads), float("nan"))
+    for (layer, head), name in zip(senders, names, strict=True):
+        m = metric(res[name], reference=clean_logits)
+        scores[layers.index(layer), head] = (
+            normalized(m, m_clean, m_corrupt) if normalize else m
+        ).mean()
+    target = "logits" if to_logits else ", ".join(f"{lr}.{h}" for lr, h in recv)
+    return PatchingResult(
+        scores=scores,
+        site=f"head->{target}",
+        rows=tuple(f"head[{layer}]" for layer in layers),
+        cols=tuple(f"h{h}" for h in range(n_heads)),
+        clean_metric=float(m_clean.mean()),
+        corrupt_metric=float(m_corrupt.mean()),
+        normalized=normalize,
+        direction="noise",
+        graph=g,
+        results=res,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class AttributionResult:
+    """Attribution patching scores, and (when asked) how they compare with exact patching."""
+
+    approx: PatchingResult
+    exact: PatchingResult | None = None
+    correlation: float | None = None
+    max_error: float | None = None
+
+
+def attribution_patching(
+    model: nn.Module | str,
+    clean: Tokens,
+    corrupt: Tokens,
+    metric: Metric,
+    *,
+    site: str = "resid_pre",
+    layers: Sequence[int] | None = None,
+    direction: Direction = "denoise",
+    normalize: bool = True,
+    metric_pos: int = -1,
+    compare_exact: bool = False,
+    backend: str = "torch",
+    tokenizer: Any = None,
+    **run_options: Any,
+) -> AttributionResult:
+    """The gradient (linear) approximation of a whole layer x position patching sweep.
+
+    One clean pass and one corrupted pass (sharing a batched forward) and one backward
+    pass: the change of the metric when patching position ``p`` of layer ``l`` is
+    approximated by ``(a_source - a_target) . d metric / d a_target``. With
+    ``compare_exact=True`` the exact sweep also runs, and the result reports the
+    Pearson correlation and the largest absolute error between the two.
+    """
+    from interventions.backends import get_backend
+
+    if not get_backend(backend).capabilities.gradients:
+        raise UnsupportedOp(
+            f"attribution patching needs gradients, which backend {backend!r} lacks"
+        )
+    if site not in PATCHABLE_SITES or site == "head":
+        raise SpecError(
+            f"attribution patching sweeps positions of {choices_text(PATCHABLE_SITES[:-2])}"
+        )
+    model, tokenizer = _model(model, tokenizer)
+    clean_ids, corrupt_ids = (
+        as_tokens(clean, tokenizer, "clean"),
+        as_tokens(corrupt, tokenizer, "corrupt"),
+    )
+    _check_pair(clean_ids, corrupt_ids)
+    info = describe(model)
+    rows = _layers(layers, info.n_layers, site)
+    g = Graph()
+    runs = {
+        "clean": g.run("clean", tokens=clean_ids),
+        "corrupt": g.run("corrupt", tokens=corrupt_ids),
+    }
+    for name, r in runs.items():
+        r.read("logits", pos=metric_pos, name=f"{name}.logits")
+        for layer in rows:
+            r.read(site, layer=None if site == "embed" else layer, name=f"{name}.{layer}")
+    res = run(g, model, backend=backend, tokenizer=tokenizer, grad=True, **run_options)
+    target = "corrupt" if direction == "denoise" else "clean"
+    source = "clean" if direction == "denoise" else "corrupt"
+    clean_logits = res["clean.logits"].detach()
+    m_clean = metric(clean_logits, reference=clean_logits)
+    m_corrupt = metric(res["corrupt.logits"].detach(), reference=clean_logits)
+    m_target = metric(res[f"{target}.logits"], reference=clean_logits)
+    activations = [res[f"{target}.{layer}"] for layer in rows]
+    grads = torch.autograd.grad(m_target.sum(), activations, allow_unused=True)
+    seq = clean_ids.shape[1]
+    scores = torch.zeros(len(rows), seq)
+    base = m_corrupt if direction == "denoise" else m_clean
+    for i, (layer, grad) in enumerate(zip(rows, grads, strict=True)):
+        if grad is None:
+            continue
+        delta_act = (res[f"{source}.{layer}"] - res[f"{target}.{layer}"]).detach()
+        delta = (delta_act * grad).sum(-1)  # [batch, seq]
+        estimate = base.detach()[:, None] + delta
+        value = (
+            normalized(estimate, m_clean[:, None], m_corrupt[:, None]) if normalize else estimate
+        )
+        scores[i] = value.mean(0).detach()
+    approx = PatchingResult(
+        scores=scores,
+        site=site,
+        rows=tuple(f"{site}[{layer}]" for layer in rows),
+        cols=tuple(str(p) for p in range(seq)),
+        clean_metric=float(m_clean.mean()),
+        corrupt_metric=float(m_corrupt.mean()),
+        normalized=normalize,
+        direction=direction,
+        graph=g,
+        results=None,
+    )
+    if not compare_exact:
+        return AttributionResult(approx)
+    exact = activation_patching(
+        model,
+        clean_ids,
+        corrupt_ids,
+        metric,
+        site=site,
+        layers=rows,
+        direction=direction,
+        normalize=normalize,
+        metric_pos=metric_pos,
+        backend=backend,
+        tokenizer=tokenizer,
+        **run_options,
+    )
+    a, e = approx.scores.flatten().double(), exact.scores.flatten().double()
+    corr = (
+        float(torch.corrcoef(torch.stack([a, e]))[0, 1])
+        if a.std() > 0 and e.std() > 0
+        else float("nan")
+    )
+    return AttributionResult(approx, exact, corr, float((a - e).abs().max()))
