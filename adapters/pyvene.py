@@ -320,9 +320,11 @@ def _private_output(module: nn.Module, args: Any, output: Any) -> Any:
 class _Wrapped(nn.Module):
     """What pyvene wraps: the user's model as ``.model``, called like the torch reference.
 
-    It holds no state of its own beyond the current run's call settings, and installs its
-    helper hooks (the generation clock; private copies at raw write sites) only for the
-    duration of one call.
+    pyvene freezes what it wraps (``model.eval()`` and ``requires_grad=False`` on every
+    parameter, in ``IntervenableModel.__init__``). The wrapper shields the user's model
+    from that: it lists no parameters and keeps ``train``/``eval`` to itself. It holds no
+    state beyond the current run's call settings, and installs its helper hooks (the
+    generation clock; private copies at raw write sites) only for the duration of a call.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -333,6 +335,13 @@ class _Wrapped(nn.Module):
         self.clock: _StepClock | None = None
         self.private_inputs: list[nn.Module] = []
         self.private_outputs: list[nn.Module] = []
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return iter(())
+
+    def train(self, mode: bool = True) -> _Wrapped:
+        self.training = mode  # not passed on to the user's model
+        return self
 
     def forward(self, inputs: torch.Tensor) -> Any:
         with self._helpers():
@@ -374,42 +383,43 @@ class _Wrapped(nn.Module):
 
 
 class _ModelGuard:
-    """Snapshot of training flags, ``requires_grad`` and hook tables; restores them."""
+    """Snapshot of training flags, ``requires_grad`` and hook tables; restores them.
+
+    The wrapper already keeps pyvene's freeze away from the model, and pyvene removes its
+    own hooks; the guard is the backstop that makes "no state left" hold whatever pyvene
+    or a failure did (pyvene also drops hooks it did not install).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = list(model.modules())
         self.training = [m.training for m in self.modules]
-        self.params = list(model.parameters())
+        self.params = [p for m in self.modules for p in m._parameters.values() if p is not None]
         self.requires_grad = [p.requires_grad for p in self.params]
         self.hooks: dict[tuple[int, str], list[tuple[Any, Any]]] = {}
         for i, module in enumerate(self.modules):
+            attrs = module.__dict__
             for attr in _HOOK_TABLES:
-                table = getattr(module, attr, None)
+                table = attrs.get(attr)
                 if table:
                     self.hooks[(i, attr)] = list(table.items())
 
-    def restore_flags(self) -> None:
+    def restore(self) -> None:
         for module, training in zip(self.modules, self.training, strict=True):
             if module.training != training:
                 module.training = training
         for param, flag in zip(self.params, self.requires_grad, strict=True):
             if param.requires_grad != flag:
                 param.requires_grad_(flag)
-
-    def restore_hooks(self) -> None:
         for i, module in enumerate(self.modules):
+            attrs = module.__dict__
             for attr in _HOOK_TABLES:
-                table = getattr(module, attr, None)
-                if table is None:
+                table = attrs.get(attr)
+                expected = self.hooks.get((i, attr))
+                if table is None or (not table and expected is None):
                     continue
-                expected = self.hooks.get((i, attr), [])
-                if list(table.items()) != expected:
+                if list(table.items()) != (expected or []):
                     table.clear()
-                    table.update(expected)
-
-    def restore(self) -> None:
-        self.restore_flags()
-        self.restore_hooks()
+                    table.update(expected or [])
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,14 +449,23 @@ def _component(point: HookPoint) -> str:
 
 
 def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
+    """The run's representations: grouped by hook point, in graph order within each.
+
+    Grouping follows the torch reference, which keeps one hook per hook point in order of
+    first use; so two views of one tensor (``head`` and a raw ``o_proj.input``) apply in
+    the same order on both backends. Reads of one point share a collect until a write.
+    """
     import pyvene as pv
 
     classes = _classes()
     info = plan.info
+    entries: dict[HookPoint, list[Op | Site]] = {}  # a Site: a capture for an ablation
+    for op in plan.ops_of(run):
+        entries.setdefault(info.hook_point(op.site), []).append(op)
+    for site in plan.captures_of(run):
+        entries.setdefault(info.hook_point(site), []).append(site)
+
     out = _Compiled()
-    # reads of one hook point share a collect until something writes at that module side
-    # (whatever the view: `head` and a raw `o_proj.input` are the same tensor)
-    open_collect: dict[HookPoint, int] = {}
 
     def add(point: HookPoint, intervention: Any) -> int:
         out.representations.append(
@@ -454,40 +473,36 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
         )
         return len(out.representations) - 1
 
-    def collect(point: HookPoint) -> _Collect:
-        index = open_collect.get(point)
-        if index is None:
-            index = add(point, classes.collect(keep_last_dim=True))
-            open_collect[point] = index
-            out.collects[index] = _Collect(point)
-        return out.collects[index]
-
-    for op in plan.ops_of(run):
-        point = info.hook_point(op.site)
-        if isinstance(op, Read):
-            collect(point).reads.append(op)
-            continue
-        for shared in [p for p in open_collect if (p.module, p.io) == (point.module, point.io)]:
-            del open_collect[shared]
-        if op.site.is_raw:
-            names = out.private_inputs if point.io == "input" else out.private_outputs
-            if point.module not in names:
-                names.append(point.module)
-        if isinstance(op, Patch) and isinstance(op.value, Ref):
-            source = next(
-                o for o in plan.graph.ops if isinstance(o, Read) and o.name == op.value.read
-            )
-            target = _Target(op, point, ctx, aligned=source.select.is_all)
-            index = add(point, classes.patch(target))
-            out.sources[index] = ctx.state.results[op.value.read]
-        elif isinstance(op, Patch):
-            assert isinstance(op.value, Const)
-            constant = plan.graph.tensors[op.value.tensor]
-            add(point, classes.patch(_Target(op, point, ctx), constant))
-        else:
-            add(point, classes.op(_Target(op, point, ctx)))
-    for site in plan.captures_of(run):
-        collect(info.hook_point(site)).captures.append(site)
+    for point, items in entries.items():
+        shared: _Collect | None = None
+        for item in items:
+            if isinstance(item, (Read, Site)):
+                if shared is None:
+                    shared = _Collect(point)
+                    out.collects[add(point, classes.collect(keep_last_dim=True))] = shared
+                if isinstance(item, Read):
+                    shared.reads.append(item)
+                else:
+                    shared.captures.append(item)
+                continue
+            shared = None  # later reads must see this write
+            op = item
+            if op.site.is_raw:
+                names = out.private_inputs if point.io == "input" else out.private_outputs
+                if point.module not in names:
+                    names.append(point.module)
+            if isinstance(op, Patch) and isinstance(op.value, Ref):
+                source = next(
+                    o for o in plan.graph.ops if isinstance(o, Read) and o.name == op.value.read
+                )
+                target = _Target(op, point, ctx, aligned=source.select.is_all)
+                out.sources[add(point, classes.patch(target))] = ctx.state.results[op.value.read]
+            elif isinstance(op, Patch):
+                assert isinstance(op.value, Const)
+                constant = plan.graph.tensors[op.value.tensor]
+                add(point, classes.patch(_Target(op, point, ctx), constant))
+            else:
+                add(point, classes.op(_Target(op, point, ctx)))
     return out
 
 
@@ -525,7 +540,7 @@ def _submodule(model: nn.Module, path: str) -> nn.Module:
 
 
 def _execute_run(
-    plan: Plan, run: str, state: RunState, wrapper: _Wrapped, guard: _ModelGuard
+    plan: Plan, run: str, state: RunState, wrapper: _Wrapped, device: torch.device
 ) -> torch.Tensor | None:
     """Run one run of the plan on pyvene; returns generated tokens for a generating run."""
     import pyvene as pv
@@ -546,7 +561,6 @@ def _execute_run(
     intervenable = pv.IntervenableModel(
         pv.IntervenableConfig(representations=compiled.representations), wrapper
     )
-    guard.restore_flags()  # pyvene switched the model to eval and froze its parameters
     keys = list(intervenable.sorted_keys)
     if len(keys) != len(compiled.representations):
         raise ExecutionError(
@@ -559,7 +573,7 @@ def _execute_run(
     wrapper.clock = ctx.clock if ctx.generating else None
     wrapper.private_inputs = [_submodule(model, p) for p in compiled.private_inputs]
     wrapper.private_outputs = [_submodule(model, p) for p in compiled.private_outputs]
-    inputs = plan.inputs[run].to(_device(model))
+    inputs = plan.inputs[run].to(device)
     tokens: torch.Tensor | None = None
     if graph_run.max_new_tokens is not None:
         wrapper.hf_call = True
@@ -645,11 +659,12 @@ class PyveneBackend:
         generated: dict[str, torch.Tensor] = {}
         guard = _ModelGuard(model)
         wrapper = _Wrapped(model)
+        device = _device(model)
         try:
             with torch.no_grad():
                 for run in plan.order:
                     try:
-                        tokens = _execute_run(plan, run, state, wrapper, guard)
+                        tokens = _execute_run(plan, run, state, wrapper, device)
                     except InterventionError:
                         raise
                     except Exception as exc:

@@ -99,7 +99,7 @@ class Run:
 
 
 def _is_name(name: str) -> bool:
-    return len(name) <= 200 and all(c.isalnum() or c in "_-.:/" for c in name)
+    return len(name) <= 200 and all(c.isalnum() or c in "_-.:/[]#" for c in name)
 
 
 @dataclass
@@ -207,7 +207,7 @@ class Graph:
             raise SpecError(f"{op_kind(op)} on run {op.run!r}: malformed site or selector")
         for name in produces(op):
             if not _is_name(name):
-                raise SpecError(f"read name {name!r}: use letters, digits and '_-.:/'")
+                raise SpecError(f"read name {name!r}: use letters, digits and '_-.:/[]#'")
             if name in known:
                 raise SpecError(f"{op_kind(op)} name {name!r} is already used by another read")
         for name in depends_on(op):

@@ -1,8 +1,34 @@
 """Recipes: ordinary functions that build graphs and reduce their results.
 
 Because they only build graphs, every recipe runs on every backend, locally or remotely.
+
+==========================  ==========================================================
+activation_patching         layer x position (or head) sweeps, denoising or noising
+path_patching               sender heads -> receiver heads (or logits)
+attribution_patching        the gradient approximation of a sweep (3 forward-equivalents)
+logit_lens                  each layer's residual decoded by the model's own head
+direct_logit_attribution    heads' and MLPs' direct share of a logit difference
+head_scores                 previous-token, duplicate-token and induction heads
+contrastive_direction, steer, sae_feature_direction    steering
+feature_activations, top_activating, feature_attribution, feature_ablation    SAEs
+ablate_components           zero / mean / resample ablation over a dataset
+==========================  ==========================================================
 """
 
+from interventions.recipes.ablation import ablate_components
+from interventions.recipes.features import (
+    feature_ablation,
+    feature_activations,
+    feature_attribution,
+    top_activating,
+)
+from interventions.recipes.heads import HeadScores, head_scores, repeated_random_tokens
+from interventions.recipes.lens import (
+    LogitAttribution,
+    LogitLens,
+    direct_logit_attribution,
+    logit_lens,
+)
 from interventions.recipes.metrics import Metric, normalized
 from interventions.recipes.patching import (
     AttributionResult,
@@ -11,13 +37,35 @@ from interventions.recipes.patching import (
     attribution_patching,
     path_patching,
 )
+from interventions.recipes.steering import (
+    SteeringResult,
+    contrastive_direction,
+    sae_feature_direction,
+    steer,
+)
 
 __all__ = [
     "AttributionResult",
+    "HeadScores",
+    "LogitAttribution",
+    "LogitLens",
     "Metric",
     "PatchingResult",
+    "SteeringResult",
+    "ablate_components",
     "activation_patching",
     "attribution_patching",
+    "contrastive_direction",
+    "direct_logit_attribution",
+    "feature_ablation",
+    "feature_activations",
+    "feature_attribution",
+    "head_scores",
+    "logit_lens",
     "normalized",
     "path_patching",
+    "repeated_random_tokens",
+    "sae_feature_direction",
+    "steer",
+    "top_activating",
 ]

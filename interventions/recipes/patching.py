@@ -90,7 +90,7 @@ def as_tokens(value: Tokens, tokenizer: Any, what: str) -> torch.Tensor:
     ):
         from interventions.graph import Run
 
-        texts = (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
+        texts = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
         return tokenize(Run(what, text=texts), tokenizer)
     ids = torch.as_tensor(value, dtype=torch.long)
     return ids.unsqueeze(0) if ids.ndim == 1 else ids
@@ -265,8 +265,10 @@ def path_patching(
     if info.n_layers is None or not info.n_heads:
         raise SpecError("path patching needs a model with an architecture map and heads")
     n_layers, n_heads = info.n_layers, info.n_heads
-    to_logits = receivers == "logits"
-    recv = [] if to_logits else [(int(layer), int(head)) for layer, head in receivers]  # type: ignore[union-attr]
+    to_logits = isinstance(receivers, str)
+    if to_logits and receivers != "logits":
+        raise SpecError(f"receivers must be 'logits' or (layer, head) pairs, got {receivers!r}")
+    recv = [] if isinstance(receivers, str) else [(int(lr), int(h)) for lr, h in receivers]
     for layer, head in recv:
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
             raise SpecError(

@@ -234,17 +234,21 @@ def test_ops_on_one_site_apply_in_order_and_reads_see_earlier_ops() -> None:
     r.ablate("resid_post", 0, dims=slice(0, 4))
     r.read("resid_post", 0, name="r2")
     r.read("resid_pre", 1, name="next")  # the same tensor, seen from the next layer
-    # one tensor, two views: a write on `head` is seen by the raw path's next read
+    # one tensor, two views (two sites): like the reference, the ops of each site apply
+    # together, in the order the sites were first used
     r.read("model.layers.1.self_attn.o_proj.input", name="o0")
     r.ablate("head", 1, head=0)
     r.read("model.layers.1.self_attn.o_proj.input", name="o1")
     r.read("head", 1, name="o1_heads")
+    r.scale("model.layers.1.self_attn.o_proj.input", factor=2.0)
+    r.read("head", 1, name="o2_heads")
     res = agree(g, model)
     assert not torch.equal(res["r0"], res["r1"])
     assert_close(res["r1"][:, -1], res["r1_last"])
     assert_close(res["r2"], res["next"])
-    assert not torch.equal(res["o0"], res["o1"])
-    assert_close(res["o1"].view(2, 6, 4, -1), res["o1_heads"])
+    assert_close(res["o0"], res["o1"])  # the raw site's ops all come first
+    assert_close(res["o1_heads"], res["o2_heads"])
+    assert_close(res["o1_heads"][:, :, 1:], 2 * res["o1"].view(2, 6, 4, -1)[:, :, 1:])
 
 
 @pytest.mark.parametrize(("batch", "passes"), [(False, 4), (True, 2)])
@@ -484,9 +488,21 @@ def test_failure_on_a_raw_site_of_a_plain_module() -> None:
     assert_close(model(IDS), before, atol=0, rtol=0)
 
 
-def test_user_state_survives_a_run() -> None:
-    """pyvene switches to eval, freezes parameters and drops every hook: all put back."""
+def test_user_state_survives_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyvene would switch to eval, freeze parameters and drop every hook: not on our watch.
+
+    The model runs as the user left it (as on the torch backend), and keeps its own hooks.
+    """
     model = toy_net()
+    during: list[tuple[bool, bool]] = []
+    block = model.blocks[1]
+    forward = block.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        during.append((block.training, model.embed.weight.requires_grad))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(block, "forward", spy)
     seen: list[int] = []
     pre = model.blocks[0].register_forward_pre_hook(lambda m, args: None)
     post = model.unembed.register_forward_hook(lambda m, args, out: seen.append(1))
@@ -499,6 +515,7 @@ def test_user_state_survives_a_run() -> None:
         r.scale("blocks.1.output", factor=2.0)
         r.read("output", name="out")
         iv.run(g, model, backend="pyvene")
+        assert during == [(True, False)]
         assert _state(model) == state
         assert list(model.blocks[0]._forward_pre_hooks) == [pre.id]
         assert list(model.unembed._forward_hooks) == [post.id]
@@ -510,4 +527,5 @@ def test_user_state_survives_a_run() -> None:
         post.remove()
         model.blocks[1].eval()
         model.embed.weight.requires_grad_(True)
+        monkeypatch.undo()
     assert hook_count(model) == 0

@@ -205,10 +205,20 @@ def capture(
 
 
 def run(graph: iv.Graph, model: nn.Module, **options: Any) -> iv.Results:
-    """``iv.run`` on the torch backend, checking no hook is left behind (law 4)."""
+    """``iv.run`` on the torch backend, checking no hook is left behind (law 4).
+
+    Graphs of several runs also run with ``batch=False`` (one forward pass per run), and
+    the two must agree: the tests then pin both the planner's batching and the adapter.
+    """
     before = hook_count(model)
     try:
-        return iv.run(graph, model, backend="torch", **options)
+        res = iv.run(graph, model, backend="torch", **options)
+        if len(graph.runs) > 1 and not options.get("grad"):
+            alone = iv.run(graph, model, backend="torch", batch=False, **options)
+            assert set(alone) == set(res)
+            for name in res:
+                torch.testing.assert_close(res[name], alone[name], **FP32)
+        return res
     finally:
         assert hook_count(model) == before
 

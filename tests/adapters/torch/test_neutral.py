@@ -6,6 +6,7 @@ the logits are compared with a plain forward pass of the model with no hooks at 
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import pytest
@@ -43,6 +44,7 @@ def sites(family: str) -> list[tuple[str, int | None]]:
     return [site_of(family, s, layer) for s, layer in SITES if family != "toy" or s != "head"]
 
 
+@cache
 def widths(family: str) -> dict[tuple[str, int | None], int]:
     model = model_of(family)
     found = capture(model, family, sites(family))  # head: [b, pos, head, d_head]

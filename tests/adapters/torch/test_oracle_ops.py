@@ -8,6 +8,7 @@ calls ``interventions.apply`` or ``interventions.sites``.
 
 from __future__ import annotations
 
+from functools import cache
 from itertools import product
 from typing import Any
 
@@ -48,6 +49,7 @@ def read_logits(handle: iv.RunHandle, family: str, name: str = "out") -> None:
     handle.read(*S(family, "logits"), name=name)
 
 
+@cache
 def width(family: str, site: str, layer: int | None = None) -> int:
     return capture(model_of(family), family, [S(family, site, layer)])[0].shape[-1]
 

@@ -1,0 +1,147 @@
+"""SAE recipes: feature activations, top-activating positions, attribution, ablation.
+
+Every recipe splices the SAE through the graph (``sae_splice``), so the SAE runs where
+the model runs (any backend, remote included).
+
+>>> import torch, interventions as iv
+>>> from transformers import GPT2Config, GPT2LMHeadModel
+>>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20)).eval()
+>>> sae = iv.StandardSAE(W_enc=torch.randn(8, 12), b_enc=torch.zeros(12),
+...                      W_dec=torch.randn(12, 8), b_dec=torch.zeros(8))
+>>> feature_activations(model, torch.tensor([[1, 2, 3]]), sae, layer=0).shape
+torch.Size([1, 3, 12])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from interventions.execute import run
+from interventions.graph import Graph
+from interventions.ops import FeatureEdit
+from interventions.recipes.metrics import Metric
+from interventions.recipes.patching import Tokens, _model, as_tokens
+from interventions.sae import SAE
+
+
+def feature_activations(
+    model: nn.Module | str,
+    tokens: Tokens,
+    sae: SAE,
+    *,
+    site: str = "resid_post",
+    layer: int | None = None,
+    backend: str = "torch",
+    tokenizer: Any = None,
+    **run_options: Any,
+) -> torch.Tensor:
+    """SAE feature activations ``[batch, pos, d_sae]`` at a site (the model is unchanged)."""
+    model, tokenizer = _model(model, tokenizer)
+    ids = as_tokens(tokens, tokenizer, "tokens")
+    g = Graph()
+    g.run("a", tokens=ids).sae_splice(site, layer=layer, sae=sae, error="keep", features="features")
+    return run(g, model, backend=backend, tokenizer=tokenizer, **run_options)["features"]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One position where a feature fires: prompt index, position, value."""
+
+    prompt: int
+    position: int
+    value: float
+
+
+def top_activating(
+    model: nn.Module | str,
+    prompts: Sequence[Tokens],
+    sae: SAE,
+    feature: int,
+    *,
+    k: int = 10,
+    site: str = "resid_post",
+    layer: int | None = None,
+    backend: str = "torch",
+    tokenizer: Any = None,
+    **run_options: Any,
+) -> list[Activation]:
+    """The ``k`` positions over ``prompts`` where ``feature`` is most active (one graph)."""
+    model, tokenizer = _model(model, tokenizer)
+    g = Graph()
+    for i, prompt in enumerate(prompts):
+        g.run(f"p{i}", tokens=as_tokens(prompt, tokenizer, f"p{i}")).sae_splice(
+            site, layer=layer, sae=sae, error="keep", features=f"f{i}"
+        )
+    res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
+    found: list[Activation] = []
+    for i in range(len(prompts)):
+        acts = res[f"f{i}"][..., feature].float()  # [batch, pos]
+        for b in range(acts.shape[0]):
+            for p, v in enumerate(acts[b].tolist()):
+                found.append(Activation(i if acts.shape[0] == 1 else i * 10_000 + b, p, v))
+    return sorted(found, key=lambda a: -a.value)[:k]
+
+
+def feature_attribution(
+    model: nn.Module,
+    tokens: Tokens,
+    sae: SAE,
+    metric: Metric,
+    *,
+    site: str = "resid_post",
+    layer: int | None = None,
+    metric_pos: int = -1,
+    backend: str = "torch",
+    tokenizer: Any = None,
+    **run_options: Any,
+) -> torch.Tensor:
+    """Each feature's linear attribution to ``metric``: ``sum_pos f * d metric / d f``.
+
+    The SAE is spliced with its error term detached, so outputs are unchanged and the
+    gradient flows only through the features. Returns ``[d_sae]`` (batch mean).
+    """
+    model, tokenizer = _model(model, tokenizer)
+    ids = as_tokens(tokens, tokenizer, "tokens")
+    g = Graph()
+    r = g.run("a", tokens=ids)
+    r.sae_splice(site, layer=layer, sae=sae, error="detach", features="features")
+    r.read("logits", pos=metric_pos, name="logits")
+    res = run(g, model, backend=backend, tokenizer=tokenizer, grad=True, **run_options)
+    feats = res["features"]
+    (grad,) = torch.autograd.grad(metric(res["logits"]).sum(), [feats])
+    return (feats * grad).detach().float().sum(dim=tuple(range(1, feats.ndim - 1))).mean(0)
+
+
+def feature_ablation(
+    model: nn.Module | str,
+    tokens: Tokens,
+    sae: SAE,
+    features: Sequence[int],
+    metric: Metric,
+    *,
+    site: str = "resid_post",
+    layer: int | None = None,
+    metric_pos: int = -1,
+    backend: str = "torch",
+    tokenizer: Any = None,
+    **run_options: Any,
+) -> torch.Tensor:
+    """Change of ``metric`` when each feature is zeroed (error term kept): ``[len(features)]``."""
+    model, tokenizer = _model(model, tokenizer)
+    ids = as_tokens(tokens, tokenizer, "tokens")
+    g = Graph()
+    g.run("base", tokens=ids).read("logits", pos=metric_pos, name="base")
+    for f in features:
+        r = g.run(f"ablate.{f}", tokens=ids)
+        r.sae_splice(site, layer=layer, sae=sae, edits=[FeatureEdit.set(f, 0.0)], error="keep")
+        r.read("logits", pos=metric_pos, name=f"ablate.{f}")
+    res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
+    base = metric(res["base"], reference=res["base"])
+    return torch.stack(
+        [(metric(res[f"ablate.{f}"], reference=res["base"]) - base).mean() for f in features]
+    )

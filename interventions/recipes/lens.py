@@ -1,0 +1,186 @@
+"""Logit lens and direct logit attribution.
+
+The logit lens is itself a graph: patching the last block's output with an earlier
+layer's residual stream makes the model's own final norm and unembedding decode it, so
+the lens runs on every backend, remote ones included, with no weights on the client.
+
+>>> import torch
+>>> from transformers import GPT2Config, GPT2LMHeadModel
+>>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=20)).eval()
+>>> lens = logit_lens(model, torch.tensor([[1, 2, 3]]), tokens_of_interest=[4])
+>>> lens.probs.shape, lens.top_tokens.shape  # [layers, positions, ...]
+(torch.Size([2, 3, 1]), torch.Size([2, 3, 5]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from interventions.architectures import describe
+from interventions.errors import SpecError
+from interventions.execute import run
+from interventions.graph import Graph
+from interventions.recipes.metrics import Metric
+from interventions.recipes.patching import Tokens, _model, as_tokens
+
+
+@dataclass(frozen=True, eq=False)
+class LogitLens:
+    """Per layer and position: the top tokens, their probabilities, and chosen tokens'."""
+
+    top_tokens: torch.Tensor  # [layers, positions, k] (batch item 0)
+    top_probs: torch.Tensor  # [layers, positions, k]
+    probs: torch.Tensor  # [layers, positions, len(tokens_of_interest)] (batch mean)
+    logits: torch.Tensor  # [layers, batch, positions, vocab]
+    tokens_of_interest: tuple[int, ...]
+    graph: Graph
+
+    def table(self, decode: Any = None, position: int = -1) -> str:
+        """Top token per layer at ``position`` (decoded with ``decode(id)`` if given)."""
+        lines = []
+        for layer in range(self.top_tokens.shape[0]):
+            tops = self.top_tokens[layer, position].tolist()
+            probs = self.top_probs[layer, position].tolist()
+            shown = ", ".join(
+                f"{decode(t) if decode else t} {p:.2f}" for t, p in zip(tops, probs, strict=True)
+            )
+            lines.append(f"layer {layer:>2}: {shown}")
+        return "\n".join(lines)
+
+
+def logit_lens(
+    model: nn.Module | str,
+    tokens: Tokens,
+    *,
+    tokens_of_interest: Sequence[int] = (),
+    k: int = 5,
+    backend: str = "torch",
+    tokenizer: Any = None,
+    **run_options: Any,
+) -> LogitLens:
+    """Decode the residual stream after every layer with the final norm and unembedding."""
+    model, tokenizer = _model(model, tokenizer)
+    ids = as_tokens(tokens, tokenizer, "lens")
+    info = describe(model)
+    if info.n_layers is None:
+        raise SpecError("the logit lens needs a model with an architecture map")
+    last = info.n_layers - 1
+    g = Graph()
+    base = g.run("base", tokens=ids)
+    for layer in range(info.n_layers):
+        if layer == last:
+            base.read("logits", name=f"lens.{layer}")
+            continue
+        value = base.read("resid_post", layer=layer)
+        r = g.run(f"lens.{layer}", tokens=ids)
+        r.patch("resid_post", layer=last, value=value)
+        r.read("logits", name=f"lens.{layer}")
+    res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
+    logits = torch.stack([res[f"lens.{layer}"] for layer in range(info.n_layers)]).float()
+    probs = logits.softmax(-1)
+    top = probs[:, 0].topk(min(k, probs.shape[-1]), dim=-1)
+    chosen = list(tokens_of_interest)
+    picked = probs[..., chosen].mean(1) if chosen else probs[..., :0].mean(1)
+    return LogitLens(top.indices, top.values, picked, logits, tuple(chosen), g)
+
+
+@dataclass(frozen=True, eq=False)
+class LogitAttribution:
+    """Each head's and MLP's direct contribution to a logit difference, per layer."""
+
+    heads: torch.Tensor  # [layers, heads]
+    mlps: torch.Tensor  # [layers]
+    embed: float  # the embedding's (with positions, if any) direct share
+    total: float  # the actual logit difference at the position
+
+
+def direct_logit_attribution(
+    model: nn.Module,
+    tokens: Tokens,
+    metric: Metric,
+    *,
+    pos: int = -1,
+    backend: str = "torch",
+    tokenizer: Any = None,
+    **run_options: Any,
+) -> LogitAttribution:
+    """Direct logit attribution of heads and MLP outputs to ``metric`` (a logit difference
+    or a logit), with the final norm's scale frozen at its value on the full residual.
+
+    Reads come from any backend; the unembedding and the norm's weight come from the
+    local model object, so this recipe needs local weights.
+    """
+    if metric.kind not in ("logit_diff", "logit"):
+        raise SpecError("direct logit attribution needs a linear metric: logit_diff or logit")
+    model, tokenizer = _model(model, tokenizer)
+    ids = as_tokens(tokens, tokenizer, "dla")
+    info = describe(model)
+    if info.arch is None or info.n_layers is None or not info.n_heads:
+        raise SpecError("direct logit attribution needs a model with an architecture map")
+    arch = info.arch
+    g = Graph()
+    r = g.run("base", tokens=ids)
+    for layer in range(info.n_layers):
+        r.read("head", layer=layer, pos=pos, name=f"head.{layer}")
+        r.read("mlp_out", layer=layer, pos=pos, name=f"mlp.{layer}")
+    r.read("resid_post", layer=info.n_layers - 1, pos=pos, name="final")
+    r.read("resid_pre", layer=0, pos=pos, name="embed")
+    r.read("logits", pos=pos, name="logits")
+    res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
+
+    unembed = model.get_output_embeddings()  # type: ignore[operator]
+    w_u = unembed.weight.detach().float()  # [vocab, d]
+    answer = metric.answer
+    assert answer is not None
+    rows = torch.arange(ids.shape[0])
+    direction = w_u[answer.expand(len(rows))]
+    if metric.kind == "logit_diff":
+        assert metric.wrong is not None
+        direction = direction - w_u[metric.wrong.expand(len(rows))]
+    norm = model.get_submodule(arch.final_norm)
+    gamma = getattr(norm, "weight", None)
+    gamma_t = torch.ones(w_u.shape[1]) if gamma is None else gamma.detach().float()
+    if type(norm).__name__.startswith("Gemma"):
+        gamma_t = 1.0 + gamma_t  # Gemma's RMSNorm scales by (1 + weight)
+    final = res["final"].float()
+    if isinstance(norm, nn.LayerNorm):
+        scale = (
+            (final - final.mean(-1, keepdim=True))
+            .pow(2)
+            .mean(-1, keepdim=True)
+            .add(norm.eps)
+            .sqrt()
+        )
+        centre = True
+    else:
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        scale = final.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+        centre = False
+    readout = direction * gamma_t  # [batch, d]
+
+    def contribution(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if centre:
+            x = x - x.mean(-1, keepdim=True)
+        return ((x / scale) * readout).sum(-1)  # [batch]
+
+    heads = torch.zeros(info.n_layers, info.n_heads)
+    mlps = torch.zeros(info.n_layers)
+    for layer in range(info.n_layers):
+        proj = model.get_submodule(f"{arch.layers}.{layer}.{arch.attn_out_proj}")
+        weight = proj.get_parameter("weight").detach().float()
+        # nn.Linear weight is [out, in]; GPT-2's Conv1D is [in, out]
+        w_o = weight.T if type(proj).__name__ == "Conv1D" else weight
+        z = res[f"head.{layer}"].float()  # [batch, heads, d_head]
+        for head in range(info.n_heads):
+            d_head = z.shape[-1]
+            out = z[:, head] @ w_o[:, head * d_head : (head + 1) * d_head].T
+            heads[layer, head] = contribution(out).mean()
+        mlps[layer] = contribution(res[f"mlp.{layer}"]).mean()
+    total = metric(res["logits"]).mean()
+    return LogitAttribution(heads, mlps, float(contribution(res["embed"]).mean()), float(total))
