@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -182,6 +183,12 @@ def logits_with(
         return forward(model, ids)
 
 
+@cache
+def clean_site(family: str, site: str, layer: int | None = None) -> torch.Tensor:
+    """The site's tensor on ``IDS`` with no edits (cached: do not modify it)."""
+    return capture(model_of(family), family, [(site, layer)])[0]
+
+
 def capture(
     model: nn.Module,
     family: str,
@@ -204,16 +211,18 @@ def capture(
     return seen  # type: ignore[return-value]
 
 
-def run(graph: iv.Graph, model: nn.Module, **options: Any) -> iv.Results:
+def run(
+    graph: iv.Graph, model: nn.Module, *, unbatched: bool = False, **options: Any
+) -> iv.Results:
     """``iv.run`` on the torch backend, checking no hook is left behind (law 4).
 
-    Graphs of several runs also run with ``batch=False`` (one forward pass per run), and
-    the two must agree: the tests then pin both the planner's batching and the adapter.
+    With ``unbatched=True`` the graph also runs with ``batch=False`` (one forward pass per
+    run), and the two must agree: the planner's batching is then held to the same oracle.
     """
     before = hook_count(model)
     try:
         res = iv.run(graph, model, backend="torch", **options)
-        if len(graph.runs) > 1 and not options.get("grad"):
+        if unbatched:
             alone = iv.run(graph, model, backend="torch", batch=False, **options)
             assert set(alone) == set(res)
             for name in res:

@@ -8,7 +8,6 @@ calls ``interventions.apply`` or ``interventions.sites``.
 
 from __future__ import annotations
 
-from functools import cache
 from itertools import product
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.adapters.torch.hand import (
     MODELS,
     PATHS,
     capture,
+    clean_site,
     hand_sae,
     hooked,
     logits_with,
@@ -49,9 +49,8 @@ def read_logits(handle: iv.RunHandle, family: str, name: str = "out") -> None:
     handle.read(*S(family, "logits"), name=name)
 
 
-@cache
 def width(family: str, site: str, layer: int | None = None) -> int:
-    return capture(model_of(family), family, [S(family, site, layer)])[0].shape[-1]
+    return clean_site(family, *S(family, site, layer)).shape[-1]
 
 
 # --- reads ----------------------------------------------------------------------------------
@@ -227,7 +226,9 @@ def test_patch_aligned_from_another_run(family: str) -> None:
     def edit(x: torch.Tensor) -> None:
         x[:, -1, :] = c[:, -1, :]
 
-    assert_close(run(g, model)["out"], logits_with(model, family, [(*site, edit)]), **FP32)
+    assert_close(
+        run(g, model, unbatched=True)["out"], logits_with(model, family, [(*site, edit)]), **FP32
+    )
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -253,7 +254,7 @@ def test_patch_with_explicit_selectors(family: str) -> None:
         x[:, [0, -1], :] = cb[0, 2, :]
 
     want = logits_with(model, family, [(*a, edit_a), (*b, edit_b)])
-    assert_close(run(g, model)["out"], want, **FP32)
+    assert_close(run(g, model, unbatched=True)["out"], want, **FP32)
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -309,7 +310,9 @@ def test_ablate_mean(family: str) -> None:
     def edit(x: torch.Tensor) -> None:
         x[:, -1, :] = mean
 
-    assert_close(run(g, model)["out"], logits_with(model, family, [(*site, edit)]), **FP32)
+    assert_close(
+        run(g, model, unbatched=True)["out"], logits_with(model, family, [(*site, edit)]), **FP32
+    )
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -327,7 +330,9 @@ def test_ablate_mean_per_position(family: str) -> None:
         for p in (1, 3):
             x[:, p, :] = (src[0, p] + src[1, p] + src[2, p]) / 3
 
-    assert_close(run(g, model)["out"], logits_with(model, family, [(*site, edit)]), **FP32)
+    assert_close(
+        run(g, model, unbatched=True)["out"], logits_with(model, family, [(*site, edit)]), **FP32
+    )
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -353,7 +358,7 @@ def test_ablate_resample(family: str) -> None:
         x[1, -1, :] = src_other[draw_other[1], -1, :]
 
     want = logits_with(model, family, [(*site, edit), (*other, edit_other)])
-    assert_close(run(g, model)["out"], want, **FP32)
+    assert_close(run(g, model, unbatched=True)["out"], want, **FP32)
 
 
 @pytest.mark.parametrize("family", MODELS)
@@ -478,11 +483,36 @@ SAE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("family", MODELS)
+def edit_by_hand(f: torch.Tensor, edit: iv.FeatureEdit | None) -> torch.Tensor:
+    f = f.clone()
+    if edit is None:
+        return f
+    for i in edit.features:
+        if edit.mode == "set":
+            f[..., i] = edit.value
+        elif edit.mode == "scale":
+            f[..., i] = f[..., i] * edit.value
+        else:
+            if edit.low is not None:
+                f[..., i] = torch.where(f[..., i] < edit.low, edit.low, f[..., i])
+            if edit.high is not None:
+                f[..., i] = torch.where(f[..., i] > edit.high, edit.high, f[..., i])
+    return f
+
+
+def splice_by_hand(x: torch.Tensor, hs: Any, edit: iv.FeatureEdit | None, error: str):
+    f = hs.encode(x)
+    new = hs.decode(edit_by_hand(f, edit))
+    return new if error == "drop" else new + (x - hs.decode(f))
+
+
+@pytest.mark.parametrize("family", ["llama", "toy"])
 @pytest.mark.parametrize(
     ("error", "edit"), SAE_CASES, ids=[f"{e}-{x.mode if x else 'none'}" for e, x in SAE_CASES]
 )
-def test_sae_splice(family: str, error: str, edit: iv.FeatureEdit | None) -> None:
+def test_sae_splice_error_terms_and_edits(
+    family: str, error: str, edit: iv.FeatureEdit | None
+) -> None:
     model = model_of(family)
     site = S(family, "resid_post", 0)
     hs = hand_sae(width(family, "resid_post", 0), seed=9, b_dec_in=error == "drop")
@@ -493,33 +523,80 @@ def test_sae_splice(family: str, error: str, edit: iv.FeatureEdit | None) -> Non
     )
     read_logits(r, family)
     res = run(g, model)
-    (clean,) = capture(model, family, [site])
-
-    def edited(f: torch.Tensor) -> torch.Tensor:
-        f = f.clone()
-        if edit is None:
-            return f
-        idx = list(edit.features)
-        if edit.mode == "set":
-            f[:, idx] = edit.value
-        elif edit.mode == "scale":
-            f[:, idx] = f[:, idx] * edit.value
-        else:
-            f[:, idx] = torch.minimum(
-                torch.maximum(f[:, idx], torch.tensor(edit.low)), torch.tensor(edit.high)
-            )
-        return f
+    clean = clean_site(family, *site)
 
     def splice(x: torch.Tensor) -> None:
-        last = x[:, -1, :]
-        f = hs.encode(last)
-        new = hs.decode(edited(f))
-        if error != "drop":
-            new = new + (last - hs.decode(f))
-        x[:, -1, :] = new
+        x[:, -1, :] = splice_by_hand(x[:, -1, :], hs, edit, error)
 
     assert_close(res["f"], hs.encode(clean[:, -1, :]), **FP32)  # unedited features
     assert_close(res["out"], logits_with(model, family, [(*site, splice)]), **FP32)
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_sae_splice(family: str) -> None:
+    """Splices on several sites and selectors of one run, each with its own SAE and edit."""
+    model = model_of(family)
+    hidden, post, pre = (
+        S(family, "mlp_hidden", 0),
+        S(family, "resid_post", 0),
+        S(family, "resid_pre", 1),
+    )
+    sae_h = hand_sae(width(family, "mlp_hidden", 0), seed=15, b_dec_in=True)
+    sae_p = hand_sae(width(family, "resid_post", 0), seed=16)
+    sae_q = hand_sae(width(family, "resid_pre", 1), seed=17, d_sae=20)
+    e_h = iv.FeatureEdit.scale([1, 2, 5], 3.0)
+    e_p = iv.FeatureEdit.set([0, 3], 2.5)
+    e_q = iv.FeatureEdit.clamp(list(range(10)), high=0.1)
+    g = iv.Graph()
+    r = g.run("x", tokens=IDS)
+    r.sae_splice(*hidden, sae=sae_h.sae(), edits=[e_h], error="drop", pos=[0, 2], features="fh")
+    r.sae_splice(*post, sae=sae_p.sae(), edits=[e_p], error="keep", pos=-1, features="fp")
+    r.sae_splice(*pre, sae=sae_q.sae(), edits=[e_q], error="detach", batch=1, pos=slice(3, 5))
+    edits = [
+        (
+            *hidden,
+            lambda x: x.__setitem__(
+                (slice(None), [0, 2]), splice_by_hand(x[:, [0, 2]], sae_h, e_h, "drop")
+            ),
+        ),
+        (
+            *post,
+            lambda x: x.__setitem__(
+                (slice(None), -1), splice_by_hand(x[:, -1], sae_p, e_p, "keep")
+            ),
+        ),
+        (
+            *pre,
+            lambda x: x.__setitem__(
+                (1, slice(3, 5)), splice_by_hand(x[1, 3:5], sae_q, e_q, "keep")
+            ),
+        ),
+    ]
+    if family != "toy":
+        d_head = width(family, "head", 1)
+        sae_o = hand_sae(d_head, seed=18)
+        e_o = iv.FeatureEdit.scale([0], 0.0)
+        r.sae_splice("head", 1, sae=sae_o.sae(), edits=[e_o], head=2, features="fo")
+        edits.append(
+            (
+                "head",
+                1,
+                lambda x: x.__setitem__(
+                    (slice(None), slice(None), 2), splice_by_hand(x[:, :, 2], sae_o, e_o, "keep")
+                ),
+            )
+        )
+    read_logits(r, family)
+    res = run(g, model)
+    assert_close(res["out"], logits_with(model, family, edits), **FP32)
+    # recorded features: the unedited encodings of what reached each splice
+    (h_in,) = capture(model, family, [hidden])
+    (p_in,) = capture(model, family, [post], IDS, edits[:1])
+    assert_close(res["fh"], sae_h.encode(h_in[:, [0, 2]]), **FP32)
+    assert_close(res["fp"], sae_p.encode(p_in[:, -1]), **FP32)
+    if family != "toy":
+        (o_in,) = capture(model, family, [("head", 1)], IDS, edits[:3])
+        assert_close(res["fo"], sae_o.encode(o_in[:, :, 2]), **FP32)
 
 
 # --- heads, selectors, order ----------------------------------------------------------------
@@ -567,7 +644,11 @@ def test_patch_one_head_aligned(family: str) -> None:
         x[:, 0, 2, :] = c[:, 0, 2, :]
         x[:, 3, 2, :] = c[:, 3, 2, :]
 
-    assert_close(run(g, model)["out"], logits_with(model, family, [("head", 1, edit)]), **FP32)
+    assert_close(
+        run(g, model, unbatched=True)["out"],
+        logits_with(model, family, [("head", 1, edit)]),
+        **FP32,
+    )
 
 
 # Selectors: (kwargs, hand read of x, which indices each axis touches for a write).
@@ -642,19 +723,13 @@ def test_selectors(
     scaled = g.run("scaled", tokens=IDS)
     scaled.scale(*site, factor=-2.0, **kwargs)
     scaled.read(*site, name="after")  # the whole site, after the write
-    read_logits(scaled, family)
     res = run(g, model)
-    (x,) = capture(model, family, [site])  # head: [batch, pos, head, d_head]
+    x = clean_site(family, *site)  # head: [batch, pos, head, d_head]
     want = take(x)
     assert res["sel"].shape == want.shape
     assert_close(res["sel"], want, **FP32)
     mask = _mask(tuple(x.shape), touched)
     assert_close(res["after"], torch.where(mask, -2.0 * x, x), **FP32)
-
-    def edit(y: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, -2.0 * y, y)
-
-    assert_close(res["out"], logits_with(model, family, [(*site, edit)]), **FP32)
 
 
 def test_ops_on_one_site_apply_in_order_and_reads_see_earlier_ops() -> None:
