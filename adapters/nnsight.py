@@ -223,6 +223,7 @@ class _RunCode:
     rows: int
     prompt: int
     steps: list[list[tuple[Location, list[tuple[Any, ...]]]]]  # per step: locations
+    swapped: set[Location]  # locations edited by replacing the value (raw sites)
     concat: list[tuple[str, tuple[str, ...] | None, tuple[tuple[str, Any], ...]]]
     locations: dict[str, Location]  # produced name / capture key -> where it is produced
     waits: dict[Location, list[str]] = field(default_factory=dict)
@@ -364,6 +365,16 @@ class _Compiler:
         produced: dict[str, Location] = {}
         concat: list[tuple[str, tuple[str, ...] | None, tuple[tuple[str, Any], ...]]] = []
         steps: list[list[tuple[Location, list[tuple[Any, ...]]]]] = []
+        # Standard sites are edited in place (each run's own rows of the live tensor).
+        # A raw module path can name a tensor something else still holds (GPT-2 keeps
+        # `ln_2`'s input as the residual), so edits there go to a copy swapped in.
+        swapped = {
+            loc
+            for loc, groups in by_location.items()
+            for _, entries in groups
+            for e in entries
+            if e.op is not None and not isinstance(e.op, Read) and e.site.is_raw
+        }
         for step in range(n_steps):
             offset, length = (0, prompt) if step == 0 else (prompt + step - 1, 1)
             step_locations: list[tuple[Location, list[tuple[Any, ...]]]] = []
@@ -413,6 +424,7 @@ class _Compiler:
             rows=plan.batch_size(run),
             prompt=prompt,
             steps=steps,
+            swapped=swapped,
             concat=concat,
             locations=produced,
         )
@@ -579,9 +591,17 @@ def _greedy_config(max_new_tokens: int) -> Any:
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
-        eos_token_id=None,
+        eos_token_id=[],  # not None: generate() would fill in the model's EOS and stop there
         pad_token_id=0,
     )
+
+
+def _takes(model: nn.Module, keyword: str) -> bool:
+    """Whether the model's forward accepts ``keyword``."""
+    try:
+        return keyword in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -634,11 +654,20 @@ class NNsightBackend:
                 except InterventionError:
                     raise
                 except Exception as exc:
-                    runs = ", ".join(repr(r.name) for r in stage.runs)
+                    names = ", ".join(repr(r.name) for r in stage.runs)
+                    which = f"run {names}" if len(stage.runs) == 1 else f"runs {names}"
                     raise ExecutionError(
-                        f"run(s) {runs} failed on the nnsight backend: {type(exc).__name__}: {exc}"
+                        f"{which} failed on the nnsight backend: {type(exc).__name__}: {exc}"
                     ) from exc
             del wrapper
+        for stage in stages:
+            for code in stage.runs:
+                key = f"{code.name}.generated"
+                if plan.graph.runs[code.name].generates and key not in store:
+                    raise ExecutionError(
+                        f"run {code.name!r} stopped generating before its last step on the "
+                        "nnsight backend"
+                    )
         return {name: store[name].detach().cpu() for name in plan.graph.reads() if name in store}
 
     def _run_stage(self, wrapper: Any, stage: _Stage, plan: Plan, store: dict[str, Any]) -> None:
@@ -651,6 +680,9 @@ class NNsightBackend:
             # just generate
             fn = TransformersModel.generate.__wrapped__.__get__(wrapper)
             kwargs["generation_config"] = _greedy_config(stage.key[1])
+            if _takes(wrapper._module, "logits_to_keep"):
+                # every position's logits on the prompt pass, as the reference sees them
+                kwargs["logits_to_keep"] = 0
         elif stage.kind == "fwd":
             kwargs["use_cache"] = False
         progs = [self._program(wrapper, code, plan) for code in stage.runs]
@@ -670,6 +702,7 @@ class NNsightBackend:
                         tuple(code.waits.get(loc, ())),
                         tuple(code.signals.get(loc, ())),
                         tuple(instrs),
+                        loc in code.swapped,
                     )
                 )
             steps.append(entries)
@@ -866,52 +899,78 @@ def _trace(
                         store[ins[5]] = features
                 put(x, ix, new)
 
-        def tensor_at(raw: Any, io: Any, view: Any) -> Any:
-            # the tensor an op sees at a module's input or output, in its view
+        def main_of(raw: Any, io: Any) -> Any:
+            # the tensor at a module's input or output, and where it sits in the value
             if io == "input":
                 args, kw = raw
-                x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                if args and isinstance(args[0], torch.Tensor):
+                    return args[0], 0
                 for name in ("hidden_states", "input", "x", "input_ids", "inputs_embeds"):
-                    if x is None and isinstance(kw.get(name), torch.Tensor):
-                        x = kw[name]
-                if x is None:
-                    raise RuntimeError("the module was called with no tensor input")
-            elif view == "attn_weights":
-                if not isinstance(raw, tuple) or len(raw) < 2 or raw[1] is None:
-                    raise RuntimeError("no attention weights returned; eager attention is needed")
-                return raw[1], None
-            elif isinstance(raw, torch.Tensor):
-                x = raw
-            elif isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], torch.Tensor):
-                x = raw[0]
-            elif isinstance(getattr(raw, "logits", None), torch.Tensor):
-                x = raw.logits
-            else:
-                raise RuntimeError(f"no tensor in a module output of type {type(raw).__name__}")
+                    if isinstance(kw.get(name), torch.Tensor):
+                        return kw[name], name
+                raise RuntimeError("the module was called with no tensor input")
+            if isinstance(raw, torch.Tensor):
+                return raw, None
+            if isinstance(raw, (tuple, list)) and raw and isinstance(raw[0], torch.Tensor):
+                return raw[0], 0
+            if isinstance(getattr(raw, "logits", None), torch.Tensor):
+                return raw.logits, "logits"
+            raise RuntimeError(f"no tensor in a module output of type {type(raw).__name__}")
+
+        def rebuild(raw: Any, io: Any, where: Any, new: Any) -> Any:
+            # the value with its tensor replaced
+            if io == "input":
+                args, kw = raw
+                return ((new, *args[1:]), kw) if where == 0 else (args, {**kw, where: new})
+            if where is None:
+                return new
+            if where == 0:
+                return (new, *raw[1:]) if isinstance(raw, tuple) else [new, *raw[1:]]
+            raw[where] = new  # a ModelOutput keeps attribute and key in step
+            return raw
+
+        def view_of(x: Any, view: Any) -> Any:
+            # (the tensor ops see, the tensor to write it back to if it is a copy)
             if view != "heads":
                 return x, None
             shape = (*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
             if x.is_contiguous():
                 return x.view(shape), None
-            return x.reshape(shape), x  # edited on a copy: written back afterwards
+            return x.reshape(shape), x
+
+        def attention_of(raw: Any) -> Any:
+            if not isinstance(raw, tuple) or len(raw) < 2 or raw[1] is None:
+                raise RuntimeError("no attention weights returned; eager attention is needed")
+            return raw[1]
 
         gates = {key: tracer.barrier(n) for key, n in barriers.items()}
         for prog in progs:
             with tracer.invoke(*prog["args"]):
                 kept: dict[str, Any] = {}
                 for step in tracer.iter[0 : len(prog["steps"])]:
-                    for envoy, io, waits, signals, instrs in prog["steps"][step]:
+                    for envoy, io, waits, signals, instrs, swap in prog["steps"][step]:
                         for key in waits:
                             gates[key]()
                         raw = envoy.output if io == "output" else envoy.inputs
+                        main, where = None, None
                         views: dict[str, Any] = {}
                         for ins in instrs:
                             if ins[1] not in views:
-                                views[ins[1]] = tensor_at(raw, io, ins[1])
+                                if ins[1] == "attn_weights":
+                                    views[ins[1]] = (attention_of(raw), None)
+                                else:
+                                    if main is None:
+                                        main, where = main_of(raw, io)
+                                        main = main.clone() if swap else main
+                                    views[ins[1]] = view_of(main, ins[1])
                             apply(views[ins[1]][0], ins, kept)
                         for x, base in views.values():
                             if base is not None:
                                 base.copy_(x.reshape(base.shape))
+                        if swap and io == "output":
+                            envoy.output = rebuild(raw, io, where, main)
+                        elif swap:
+                            envoy.inputs = rebuild(raw, io, where, main)
                         for key in signals:
                             gates[key]()
                 for name, axes, sel in prog["concat"]:

@@ -81,7 +81,6 @@ from interventions.errors import (
     BackendVersionError,
     ExecutionError,
     InterventionError,
-    UnsupportedOp,
 )
 from interventions.ops import OP_KINDS, Const, Op, Patch, Read, Ref
 from interventions.plan import Plan, step_select
@@ -159,8 +158,9 @@ class _RunContext:
     generating: bool
     prompt: int
     fed: int
+    grad: bool = False
     clock: _StepClock = field(default_factory=_StepClock)
-    recorded: dict[str, torch.Tensor] = field(default_factory=dict)  # SAE features
+    recorded: dict[str, torch.Tensor] = field(default_factory=dict)  # SAE features, grad reads
 
 
 @dataclass
@@ -206,6 +206,7 @@ def _view_in(point: HookPoint, x: torch.Tensor, n_heads: int | None) -> torch.Te
 class _Classes:
     patch: type
     op: type
+    read: type
     collect: type
 
 
@@ -270,13 +271,52 @@ def _classes() -> _Classes:
             x = target.view_in(base)
             x, extra = apply_op(target.op, x, target.axes(x), select, target.ctx.state)
             for name, value in extra.items():
-                target.ctx.recorded[name] = value.detach()
+                target.ctx.recorded[name] = value if target.ctx.grad else value.detach()
             return target.view_out(x, base)
 
         def __str__(self) -> str:
             return f"OpIntervention({type(self.target.op).__name__} {self.target.op.site})"
 
-    return _Classes(patch=PatchIntervention, op=OpIntervention, collect=pv.CollectIntervention)
+    class ReadIntervention(pv.SourcelessIntervention):
+        """A read that keeps gradients (``grad=True``): the forward goes on from the region.
+
+        pyvene's ``CollectIntervention`` records a copy that nothing downstream uses, so no
+        gradient could reach it. This one returns ``put(x, select, take(x, select))``, which
+        pyvene writes back into the site tensor, so the model's outputs depend on the
+        recorded region, as in the torch reference.
+        """
+
+        def __init__(self, target: _Target) -> None:
+            super().__init__(keep_last_dim=True)
+            self.target = target
+
+        def forward(
+            self,
+            base: torch.Tensor,
+            source: torch.Tensor | None = None,
+            subspaces: Any = None,
+            **kwargs: Any,
+        ) -> torch.Tensor:
+            target = self.target
+            op = target.op
+            assert isinstance(op, Read)
+            x = target.view_in(base)
+            axes = target.axes(x)
+            region = take(x, op.select, axes)
+            if region is not x:
+                x = put(x, op.select, axes, region)
+            target.ctx.recorded[op.name] = region
+            return target.view_out(x, base)
+
+        def __str__(self) -> str:
+            return f"ReadIntervention({self.target.op.site})"
+
+    return _Classes(
+        patch=PatchIntervention,
+        op=OpIntervention,
+        read=ReadIntervention,
+        collect=pv.CollectIntervention,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -473,9 +513,18 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
         )
         return len(out.representations) - 1
 
+    def private(point: HookPoint) -> None:
+        names = out.private_inputs if point.io == "input" else out.private_outputs
+        if point.module not in names:
+            names.append(point.module)
+
     for point, items in entries.items():
         shared: _Collect | None = None
         for item in items:
+            if isinstance(item, Read) and ctx.grad and not ctx.generating:
+                private(point)
+                add(point, classes.read(_Target(item, point, ctx)))
+                continue
             if isinstance(item, (Read, Site)):
                 if shared is None:
                     shared = _Collect(point)
@@ -487,10 +536,10 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
                 continue
             shared = None  # later reads must see this write
             op = item
-            if op.site.is_raw:
-                names = out.private_inputs if point.io == "input" else out.private_outputs
-                if point.module not in names:
-                    names.append(point.module)
+            if op.site.is_raw or ctx.grad:
+                # a raw tensor may be aliased by its caller; with gradients, autograd may
+                # have saved it (GPT-2's o_proj input is a view of the SDPA output)
+                private(point)
             if isinstance(op, Patch) and isinstance(op.value, Ref):
                 source = next(
                     o for o in plan.graph.ops if isinstance(o, Read) and o.name == op.value.read
@@ -540,7 +589,7 @@ def _submodule(model: nn.Module, path: str) -> nn.Module:
 
 
 def _execute_run(
-    plan: Plan, run: str, state: RunState, wrapper: _Wrapped, device: torch.device
+    plan: Plan, run: str, state: RunState, wrapper: _Wrapped, device: torch.device, grad: bool
 ) -> torch.Tensor | None:
     """Run one run of the plan on pyvene; returns generated tokens for a generating run."""
     import pyvene as pv
@@ -553,6 +602,7 @@ def _execute_run(
         generating=graph_run.generates,
         prompt=prompt,
         fed=prompt + (graph_run.max_new_tokens - 1 if graph_run.max_new_tokens else 0),
+        grad=grad,
     )
     compiled = _compile(plan, run, ctx)
     if not compiled.representations and not graph_run.generates:
@@ -602,6 +652,7 @@ def _finish(run: str, compiled: _Compiled, collected: list[torch.Tensor], ctx: _
     pyvene returns the activations of every CollectIntervention in order, each as one
     tensor per forward call (several when generating).
     """
+    ctx.state.results.update(ctx.recorded)
     n = len(compiled.collects)
     if n == 0:
         return
@@ -617,7 +668,6 @@ def _finish(run: str, compiled: _Compiled, collected: list[torch.Tensor], ctx: _
             ctx.state.results[op.name] = take(full, op.select, site_axes(op.site.kind, full.ndim))
         for site in entry.captures:
             ctx.state.captures[(run, str(site))] = full
-    ctx.state.results.update(ctx.recorded)
 
 
 def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -633,7 +683,7 @@ class PyveneBackend:
         ops=frozenset(OP_KINDS),
         views=frozenset({"plain", "heads", "logits"}),
         generation=True,
-        gradients=False,
+        gradients=True,
         remote=False,
         raw_modules=True,
         hf_only=False,
@@ -646,14 +696,10 @@ class PyveneBackend:
         return {"pyvene": self._version, "torch": torch.__version__}
 
     def execute(self, plan: Plan, model: nn.Module, **options: Any) -> dict[str, torch.Tensor]:
-        if options.pop("grad", False):
-            raise UnsupportedOp(
-                "the pyvene backend cannot keep gradients (pyvene freezes the model's "
-                "parameters and gives interventions copies); use backend='torch' with grad=True"
-            )
+        grad = bool(options.pop("grad", False))
         if options:
             raise InterventionError(
-                f"pyvene backend: unknown options {sorted(options)}; it takes none"
+                f"pyvene backend: unknown options {sorted(options)}; valid: grad"
             )
         state = RunState(plan.graph)
         generated: dict[str, torch.Tensor] = {}
@@ -661,10 +707,10 @@ class PyveneBackend:
         wrapper = _Wrapped(model)
         device = _device(model)
         try:
-            with torch.no_grad():
+            with contextlib.nullcontext() if grad else torch.no_grad():
                 for run in plan.order:
                     try:
-                        tokens = _execute_run(plan, run, state, wrapper, device)
+                        tokens = _execute_run(plan, run, state, wrapper, device, grad)
                     except InterventionError:
                         raise
                     except Exception as exc:
@@ -679,6 +725,8 @@ class PyveneBackend:
             name: state.results[name] for name in plan.graph.reads() if name in state.results
         }
         results.update(generated)
+        if grad:
+            return results
         return {k: v.detach().cpu() for k, v in results.items()}
 
 

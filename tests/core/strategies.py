@@ -33,6 +33,7 @@ conformance suite narrows these with the keyword arguments (``run_kinds``, ``raw
 
 from __future__ import annotations
 
+import itertools
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -220,7 +221,7 @@ def _index_form(draw: st.DrawFn, items: list[int]) -> Any:
         return torch.tensor(items, dtype=draw(st.sampled_from([torch.int64, torch.int32])))
     if form == "range" and len(items) >= 2:
         step = items[1] - items[0]
-        if step and all(b - a == step for a, b in zip(items, items[1:], strict=False)):
+        if step and all(b - a == step for a, b in itertools.pairwise(items)):
             return range(items[0], items[-1] + (1 if step > 0 else -1), step)
     return list(items)
 
@@ -283,9 +284,7 @@ def _select(
     sizes = st8.sizes
     out: dict[str, Any] = {
         "batch": _selector(draw, run.batch),
-        "pos": _selector(
-            draw, run.fed, positions=run.generates, prompt=run.prompt, fed=run.fed
-        ),
+        "pos": _selector(draw, run.fed, positions=run.generates, prompt=run.prompt, fed=run.fed),
     }
     if site.name in ("head", "attn_pattern") and not site.is_raw:
         out["head"] = _selector(draw, sizes.n_heads)
@@ -356,9 +355,7 @@ def _const_shape(draw: st.DrawFn, region: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(1 if draw(st.integers(0, 3)) == 0 else n for n in suffix)
 
 
-def _const(
-    draw: st.DrawFn, st8: _State, shape: tuple[int, ...], nonfinite: bool
-) -> torch.Tensor:
+def _const(draw: st.DrawFn, st8: _State, shape: tuple[int, ...], nonfinite: bool) -> torch.Tensor:
     for t in st8.consts:  # reuse one tensor object for several ops now and then
         if tuple(t.shape) == shape and draw(st.integers(0, 3)) == 0:
             return t
@@ -479,9 +476,7 @@ def _read(draw: st.DrawFn, st8: _State, run: _RunInfo, raw_sites: Sequence[str])
     st8.reads.append(_ReadInfo(ref.read, op.run, op.site, op.select))
 
 
-def _ref_for(
-    draw: st.DrawFn, st8: _State, run: _RunInfo, site: Site, select: Select
-) -> Ref | None:
+def _ref_for(draw: st.DrawFn, st8: _State, run: _RunInfo, site: Site, select: Select) -> Ref | None:
     """A value read in another run that fits the region ``select`` picks at ``site``."""
     region = _region(st8, run, site, select)
     sizes = st8.sizes
@@ -558,9 +553,7 @@ def _add_op(
     elif kind == "ablate":
         method = draw(st.sampled_from(["zero", "mean", "resample"]))
         sources = [
-            name
-            for name, r in st8.runs.items()
-            if st8.can_source(h.name, name) and not r.generates
+            name for name, r in st8.runs.items() if st8.can_source(h.name, name) and not r.generates
         ]
         source: Any = None
         if method != "zero" and sources:

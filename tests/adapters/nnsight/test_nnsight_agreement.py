@@ -410,7 +410,7 @@ def test_plain_module() -> None:
     g = iv.Graph()
     a = g.run("a", tokens=T1)
     b = g.run("b", tokens=T2)
-    c = g.run("c", inputs=T3)
+    c = g.run("c", inputs=T2.flip(0))
     h = a.read("blocks.0.output")
     b.patch("blocks.0.output", pos=-1, value=h)
     b.scale("blocks.1.0.output", factor=0.5, dims=slice(0, 4))

@@ -10,6 +10,7 @@ single position ``P + k - 1``. Reads keep every fed position: ``[b, P + n - 1, .
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import pytest
@@ -79,7 +80,7 @@ def greedy_loop(
     return seq[:, P:]
 
 
-def steer(family: str, pos: Any, v: torch.Tensor, n: int = N, **reads: Any) -> iv.Results:
+def steer(family: str, pos: Any, v: torch.Tensor | None, n: int = N, **reads: Any) -> iv.Results:
     g = iv.Graph()
     r = g.run("x", tokens=IDS, max_new_tokens=n)
     if v is not None:
@@ -89,6 +90,12 @@ def steer(family: str, pos: Any, v: torch.Tensor, n: int = N, **reads: Any) -> i
     return run(g, model_of(family))
 
 
+@cache
+def baseline(family: str) -> torch.Tensor:
+    """Unsteered greedy tokens (cached)."""
+    return generate(model_of(family), family)[0]
+
+
 def direction(family: str) -> torch.Tensor:
     return randn(32, seed=21) * 4.0
 
@@ -96,8 +103,8 @@ def direction(family: str) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plain_generation_is_greedy_generate(family: str) -> None:
     model = model_of(family)
-    res = steer(family, None, None)  # type: ignore[arg-type]
-    tokens, _ = generate(model, family)
+    res = steer(family, None, None)
+    tokens = baseline(family)
     assert torch.equal(res["x.generated"], tokens)
     assert torch.equal(tokens, greedy_loop(model, family, lambda s: [], torch.zeros(32)))
 
@@ -115,7 +122,7 @@ def test_steering_every_step(family: str) -> None:
     tokens, _ = generate(model, family, edit)
     assert torch.equal(res["x.generated"], tokens)
     assert torch.equal(tokens, greedy_loop(model, family, lambda s: None, v))
-    assert not torch.equal(tokens, generate(model, family)[0])  # the steering matters
+    assert not torch.equal(tokens, baseline(family))  # the steering matters
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -134,7 +141,7 @@ def test_steering_last_prompt_position_only(family: str) -> None:
     assert torch.equal(tokens, greedy_loop(model, family, lambda s: [P - 1], v))
     everywhere = steer(family, None, v)["x.generated"]
     assert not torch.equal(tokens, everywhere)  # really only one position
-    assert not torch.equal(tokens, generate(model, family)[0])
+    assert not torch.equal(tokens, baseline(family))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -152,7 +159,7 @@ def test_steering_a_generated_position(family: str) -> None:
     tokens, fed = generate(model, family, edit)
     assert torch.equal(res["x.generated"], tokens)
     assert torch.equal(tokens, greedy_loop(model, family, lambda s: [P + 1], v))
-    base = generate(model, family)[0]
+    base = baseline(family)
     assert torch.equal(tokens[:, :2], base[:, :2])  # tokens before the step are untouched
     assert not torch.equal(tokens, base)
     assert_close(res["every"], fed, **FP32)
@@ -266,7 +273,7 @@ def test_patch_and_ablate_into_a_generating_run() -> None:
     x.patch("resid_post", 0, pos=-1, value=clean.read("resid_post", 0))
     x.ablate("mlp_out", 1, method="mean", source=clean)
     x.ablate("attn_out", 1, method="resample", source=clean, seed=4, pos=[0, 1])
-    res = run(g, model)
+    res = run(g, model, unbatched=True)
     src, mlp, attn = capture(
         model, family, [("resid_post", 0), ("mlp_out", 1), ("attn_out", 1)], other
     )

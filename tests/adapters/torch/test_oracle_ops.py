@@ -120,6 +120,8 @@ def test_reads_equal_huggingface_outputs(family: str) -> None:
             assert heads.shape == (2, 6, n_heads(model), heads.shape[-1])
             assert_close(res[f"attn_out{layer}"], o_proj(heads.flatten(-2)), **FP32)
             assert_close(res[f"mlp_out{layer}"], down(res[f"mlp_hidden{layer}"]), **FP32)
+        norm = model.get_submodule(p["norm"])  # the last block's output is before the norm
+        assert_close(res["final_norm"], norm(res["resid_post1"]), **FP32)
         unembed = model.get_submodule(p["unembed"])
         assert_close(res["logits"], unembed(res["final_norm"]), **FP32)
         embed = model.get_submodule(p["embed"])
@@ -552,40 +554,26 @@ def test_sae_splice(family: str) -> None:
     r.sae_splice(*hidden, sae=sae_h.sae(), edits=[e_h], error="drop", pos=[0, 2], features="fh")
     r.sae_splice(*post, sae=sae_p.sae(), edits=[e_p], error="keep", pos=-1, features="fp")
     r.sae_splice(*pre, sae=sae_q.sae(), edits=[e_q], error="detach", batch=1, pos=slice(3, 5))
-    edits = [
-        (
-            *hidden,
-            lambda x: x.__setitem__(
-                (slice(None), [0, 2]), splice_by_hand(x[:, [0, 2]], sae_h, e_h, "drop")
-            ),
-        ),
-        (
-            *post,
-            lambda x: x.__setitem__(
-                (slice(None), -1), splice_by_hand(x[:, -1], sae_p, e_p, "keep")
-            ),
-        ),
-        (
-            *pre,
-            lambda x: x.__setitem__(
-                (1, slice(3, 5)), splice_by_hand(x[1, 3:5], sae_q, e_q, "keep")
-            ),
-        ),
-    ]
+
+    def on_hidden(x: torch.Tensor) -> None:
+        x[:, [0, 2], :] = splice_by_hand(x[:, [0, 2], :], sae_h, e_h, "drop")
+
+    def on_post(x: torch.Tensor) -> None:
+        x[:, -1, :] = splice_by_hand(x[:, -1, :], sae_p, e_p, "keep")
+
+    def on_pre(x: torch.Tensor) -> None:
+        x[1, 3:5, :] = splice_by_hand(x[1, 3:5, :], sae_q, e_q, "keep")  # detach: same values
+
+    edits: list[Any] = [(*hidden, on_hidden), (*post, on_post), (*pre, on_pre)]
     if family != "toy":
-        d_head = width(family, "head", 1)
-        sae_o = hand_sae(d_head, seed=18)
+        sae_o = hand_sae(width(family, "head", 1), seed=18)
         e_o = iv.FeatureEdit.scale([0], 0.0)
         r.sae_splice("head", 1, sae=sae_o.sae(), edits=[e_o], head=2, features="fo")
-        edits.append(
-            (
-                "head",
-                1,
-                lambda x: x.__setitem__(
-                    (slice(None), slice(None), 2), splice_by_hand(x[:, :, 2], sae_o, e_o, "keep")
-                ),
-            )
-        )
+
+        def on_head(x: torch.Tensor) -> None:  # [batch, pos, head, d_head]
+            x[:, :, 2, :] = splice_by_hand(x[:, :, 2, :], sae_o, e_o, "keep")
+
+        edits.append(("head", 1, on_head))
     read_logits(r, family)
     res = run(g, model)
     assert_close(res["out"], logits_with(model, family, edits), **FP32)
@@ -661,6 +649,8 @@ RESID_SELECTORS: list[tuple[dict[str, Any], Any, dict[int, list[int]]]] = [
     ({"pos": slice(1, None, 2)}, lambda x: x[:, 1::2, :], {1: [1, 3, 5]}),
     ({"pos": slice(-2, None)}, lambda x: x[:, 4:, :], {1: [4, 5]}),
     ({"pos": range(0, 3)}, lambda x: x[:, 0:3, :], {1: [0, 1, 2]}),
+    ({"pos": torch.tensor([1, 3])}, lambda x: x[:, [1, 3], :], {1: [1, 3]}),
+    ({"pos": torch.tensor(-2)}, lambda x: x[:, 4, :], {1: [4]}),
     ({"batch": 1}, lambda x: x[1], {0: [1]}),
     ({"batch": -1}, lambda x: x[1], {0: [1]}),
     ({"batch": [1]}, lambda x: x[1:2], {0: [1]}),
@@ -704,7 +694,7 @@ def _selector_cases() -> list[Any]:
     for fam, site, table in (
         ("llama", ("resid_post", 0), RESID_SELECTORS),
         ("gpt2", ("head", 1), HEAD_SELECTORS),
-        ("toy", ("blocks.0.output", None), RESID_SELECTORS[:11]),
+        ("toy", ("blocks.0.output", None), RESID_SELECTORS[:13]),
     ):
         for kwargs, take, touched in table:
             cases.append(pytest.param(fam, site, kwargs, take, touched, id=f"{fam}-{kwargs}"))
