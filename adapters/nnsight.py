@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from interventions.apply import orthonormal_basis
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.backends import Capabilities
 from interventions.errors import BackendVersionError, ExecutionError, InterventionError
@@ -72,42 +73,33 @@ from interventions.ops import (
     Scale,
     produces,
 )
-from interventions.plan import Plan, resample_indices, step_select
+from interventions.plan import Plan, absolute_select, resample_indices, step_select
 from interventions.sae import sae_from_parts
 from interventions.sites import Index, Select, Site, Span
 
-SUPPORTED = (0, 8), (0, 9)  # nnsight >=0.8,<0.9
-SUPPORTED_TEXT = ">=0.8,<0.9"
+SUPPORTED = ">=0.8,<0.9"  # the range of the `nnsight` extra in pyproject.toml
 _STATE_KEYS = ("forward", "__nnsight__")  # what nnsight puts into a module's __dict__
 
 
-def _parse_version(text: str) -> tuple[int, ...]:
-    parts: list[int] = []
-    for piece in text.split("+")[0].split("."):
-        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
-        if not digits:
-            break
-        parts.append(int(digits))
-        if digits != piece:  # 0.9.0rc1: stop at the pre-release marker
-            break
-    return tuple(parts)
-
-
 def check_version(installed: str) -> None:
-    """Raise :class:`BackendVersionError` unless ``installed`` is in ``>=0.8,<0.9``.
+    """Raise :class:`BackendVersionError` unless nnsight ``installed`` is supported.
 
     >>> check_version("0.8.1")
-    >>> check_version("0.9.0")
+    >>> check_version("0.9.0rc1")
     Traceback (most recent call last):
     ...
-    interventions.errors.BackendVersionError: nnsight 0.9.0 is installed; the nnsight backend supports nnsight>=0.8,<0.9
+    interventions.errors.BackendVersionError: nnsight 0.9.0rc1 is installed; the nnsight backend supports nnsight>=0.8,<0.9
     """
-    low, high = SUPPORTED
-    version = _parse_version(installed)
-    if not (low <= version[:2] < high):
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        ok = SpecifierSet(SUPPORTED).contains(Version(installed), prereleases=True)
+    except InvalidVersion:
+        ok = False
+    if not ok:
         raise BackendVersionError(
-            f"nnsight {installed} is installed; the nnsight backend supports "
-            f"nnsight{SUPPORTED_TEXT}"
+            f"nnsight {installed} is installed; the nnsight backend supports nnsight{SUPPORTED}"
         )
 
 
@@ -219,6 +211,7 @@ class _RunCode:
 
     name: str
     kind: str  # "fwd", "gen" or "single"
+    generates: bool
     key: tuple[int, ...]
     rows: int
     prompt: int
@@ -232,7 +225,7 @@ class _RunCode:
     @property
     def empty(self) -> bool:
         """A forward pass with nothing to do or record (generation always records)."""
-        return self.kind != "gen" and not any(self.steps)
+        return not self.generates and not any(self.steps)
 
 
 @dataclass
@@ -263,7 +256,7 @@ class _Compiler:
         self.order = _observed_order(model, plan) if raw else _event_order(model)
         self._saes: dict[str, tuple[Any, ...]] = {}
         self._bases: dict[str, torch.Tensor] = {}
-        self.producer: dict[str, tuple[str, Location]] = {}  # name -> (run, location)
+        self.producers: dict[str, Op] = {n: op for op in plan.graph.ops for n in produces(op)}
 
     def location(self, site: Site) -> tuple[Location, HookPoint]:
         point = self.info.hook_point(site)
@@ -296,10 +289,7 @@ class _Compiler:
     def basis(self, key: str) -> torch.Tensor:
         """Orthonormal columns spanning a project_out direction, as the reference builds them."""
         if key not in self._bases:
-            d = self.graph.tensors[key].to(torch.float32)
-            basis = d.reshape(1, -1) if d.ndim == 1 else d
-            q, _ = torch.linalg.qr(basis.T)
-            self._bases[key] = q
+            self._bases[key] = orthonormal_basis(self.graph.tensors[key])
         return self._bases[key]
 
     def instruction(self, op: Op, view: str, select: Select, run: str) -> tuple[Any, ...]:
@@ -312,11 +302,8 @@ class _Compiler:
             if isinstance(op.value, Const):
                 return ("patch", view, axes, sel, tensors[op.value.tensor])
             assert isinstance(op.value, Ref)
-            source = next(
-                (o for o in self.graph.ops if isinstance(o, Read) and o.name == op.value.read),
-                None,
-            )
-            aligned = source is not None and source.select.is_all
+            source = self.producers[op.value.read]
+            aligned = isinstance(source, Read) and source.select.is_all
             return ("patchref", view, axes, sel, op.value.read, aligned)
         if isinstance(op, Ablate):
             if op.method == "zero":
@@ -391,11 +378,13 @@ class _Compiler:
                         for name in produces(op):
                             produced[name] = loc
                         if isinstance(op, Read) and generating:
-                            # every fed position is kept; the selector applies at the end
+                            # every fed position is kept; the selector applies at the end,
+                            # with positions absolute (negative: from the end of the prompt)
                             instrs.append(("keep", point.view, op.name))
                             if step == 0:
+                                at_end = absolute_select(op.select, prompt, fed)
                                 concat.append(
-                                    (op.name, _axes_hint(op.site), _encode_select(op.select))
+                                    (op.name, _axes_hint(op.site), _encode_select(at_end))
                                 )
                             continue
                         select: Select | None = op.select
@@ -420,6 +409,7 @@ class _Compiler:
         return _RunCode(
             name=run,
             kind=kind,
+            generates=generating,
             key=batch_key,
             rows=plan.batch_size(run),
             prompt=prompt,
@@ -435,8 +425,7 @@ class _Compiler:
         for op in self.plan.ops_of(run):
             loc = self.location(op.site)[0]
             if isinstance(op, Patch) and isinstance(op.value, Ref):
-                producer = next(o for o in self.graph.ops if op.value.read in produces(o))
-                out.append((producer.run, op.value.read, loc))
+                out.append((self.producers[op.value.read].run, op.value.read, loc))
             elif isinstance(op, Ablate) and op.source is not None:
                 out.append((op.source, _capture_key(op.source, op.site), loc))
         return out
@@ -555,9 +544,18 @@ def _eager_attention(model: nn.Module, needed: bool) -> Iterator[None]:
 
 
 def _can_batch(model: nn.Module, info: ModelInfo) -> bool:
-    """Whether ``TransformersModel`` fits: a HuggingFace model that generates."""
+    """Whether ``TransformersModel`` fits: a decoder-only HuggingFace model that generates.
+
+    Anything else goes through the generic ``NNsight`` envoy, one run per trace.
+    """
     can_generate = getattr(model, "can_generate", None)
-    return bool(info.is_hf and callable(can_generate) and can_generate())
+    config = getattr(model, "config", None)
+    return bool(
+        info.is_hf
+        and callable(can_generate)
+        and can_generate()
+        and not getattr(config, "is_encoder_decoder", False)
+    )
 
 
 def _wrap(model: nn.Module, batched: bool) -> Any:
@@ -650,7 +648,7 @@ class NNsightBackend:
             wrapper = _wrap(model, batched)
             for stage in stages:
                 try:
-                    self._run_stage(wrapper, stage, plan, store)
+                    self._run_stage(wrapper, model, batched, stage, plan, store)
                 except InterventionError:
                     raise
                 except Exception as exc:
@@ -660,36 +658,60 @@ class NNsightBackend:
                         f"{which} failed on the nnsight backend: {type(exc).__name__}: {exc}"
                     ) from exc
             del wrapper
-        for stage in stages:
-            for code in stage.runs:
-                key = f"{code.name}.generated"
-                if plan.graph.runs[code.name].generates and key not in store:
-                    raise ExecutionError(
-                        f"run {code.name!r} stopped generating before its last step on the "
-                        "nnsight backend"
-                    )
+        for run in plan.graph.runs.values():
+            if run.generates and f"{run.name}.generated" not in store:
+                raise ExecutionError(
+                    f"run {run.name!r} stopped generating before its last step on the "
+                    "nnsight backend"
+                )
         return {name: store[name].detach().cpu() for name in plan.graph.reads() if name in store}
 
-    def _run_stage(self, wrapper: Any, stage: _Stage, plan: Plan, store: dict[str, Any]) -> None:
+    def _run_stage(
+        self,
+        wrapper: Any,
+        model: nn.Module,
+        batched: bool,
+        stage: _Stage,
+        plan: Plan,
+        store: dict[str, Any],
+    ) -> None:
+        graph = plan.graph
+        first = graph.runs[stage.runs[0].name]
         fn: Any = None
-        kwargs: dict[str, Any] = {}
-        if stage.kind == "gen":
-            from nnsight.modeling.transformers import TransformersModel
-
-            # the undecorated method: `model.generate(...)` outside a `with` line would
-            # just generate
-            fn = TransformersModel.generate.__wrapped__.__get__(wrapper)
-            kwargs["generation_config"] = _greedy_config(stage.key[1])
-            if _takes(wrapper._module, "logits_to_keep"):
-                # every position's logits on the prompt pass, as the reference sees them
-                kwargs["logits_to_keep"] = 0
-        elif stage.kind == "fwd":
-            kwargs["use_cache"] = False
-        progs = [self._program(wrapper, code, plan) for code in stage.runs]
-        _trace(wrapper, fn, kwargs, progs, stage.barriers, store, plan.info.n_heads or 1)
+        decoding: dict[str, Any] = {}
+        if first.max_new_tokens is not None:
+            fn = model.generate  # traced: the block sees every forward of the decoding loop
+            decoding["generation_config"] = _greedy_config(first.max_new_tokens)
+            if _takes(model, "logits_to_keep"):
+                decoding["logits_to_keep"] = 0  # the prompt pass's logits at every position
+        invokes: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        trace_kwargs: dict[str, Any] = {}
+        if stage.kind != "single":
+            # TransformersModel batches the invokes' token ids; settings go to the call
+            trace_kwargs = decoding or {"use_cache": False}
+            invokes = [((plan.inputs[code.name],), {}) for code in stage.runs]
+        else:
+            # the generic envoy takes one invoke, passed to the model (or generate) as is
+            for code in stage.runs:
+                x = plan.inputs[code.name]
+                if graph.runs[code.name].inputs is not None or not plan.info.is_hf:
+                    invokes.append(((x,), {}))
+                elif decoding:
+                    invokes.append(
+                        ((), {"input_ids": x, "attention_mask": torch.ones_like(x), **decoding})
+                    )
+                else:
+                    invokes.append(((), {"input_ids": x, "use_cache": False}))
+        progs = [
+            self._program(wrapper, code, plan, invoke)
+            for code, invoke in zip(stage.runs, invokes, strict=True)
+        ]
+        _trace(wrapper, fn, trace_kwargs, progs, stage.barriers, store, plan.info.n_heads or 1)
 
     @staticmethod
-    def _program(wrapper: Any, code: _RunCode, plan: Plan) -> dict[str, Any]:
+    def _program(
+        wrapper: Any, code: _RunCode, plan: Plan, invoke: tuple[tuple[Any, ...], dict[str, Any]]
+    ) -> dict[str, Any]:
         """A run's program as plain data, with the envoys it touches bound."""
         steps = []
         for step in code.steps:
@@ -707,9 +729,9 @@ class NNsightBackend:
                 )
             steps.append(entries)
         graph_run = plan.graph.runs[code.name]
-        inputs = plan.inputs[code.name]
         return {
-            "args": (inputs,),
+            "args": invoke[0],
+            "kwargs": invoke[1],
             "steps": steps,
             "concat": code.concat,
             "generated": f"{code.name}.generated" if graph_run.generates else None,
@@ -945,7 +967,7 @@ def _trace(
 
         gates = {key: tracer.barrier(n) for key, n in barriers.items()}
         for prog in progs:
-            with tracer.invoke(*prog["args"]):
+            with tracer.invoke(*prog["args"], **prog["kwargs"]):
                 kept: dict[str, Any] = {}
                 for step in tracer.iter[0 : len(prog["steps"])]:
                     for envoy, io, waits, signals, instrs, swap in prog["steps"][step]:

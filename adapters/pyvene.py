@@ -5,8 +5,8 @@ How a graph maps onto pyvene (0.1.8's native, hook-based backend):
 * **Model.** pyvene wraps a thin :class:`_Wrapped` module around the user's model. The
   wrapper gives pyvene the ``config`` attribute it reads (``None`` for a plain
   ``nn.Module``, so raw modules work), makes the root module addressable (pyvene cannot
-  name the root of the model it wraps: ``"model.output"`` is the root's output) and
-  calls the model the way the torch reference does.
+  name the root of the model it wraps: ``"model.output"`` is the root's output), calls
+  the model the way the torch reference does, and shields it from pyvene's freeze.
 * **Sites.** Every hook point (``ModelInfo.hook_point``) becomes a
   ``RepresentationConfig`` whose ``component`` is the raw module path with ``.output`` or
   ``.input`` (``"model.transformer.h.0.mlp.output"``). No ``unit_locations`` are given, so
@@ -18,13 +18,16 @@ How a graph maps onto pyvene (0.1.8's native, hook-based backend):
   module, instead of the subset pyvene's per-family ``unit``/``max_number_of_units``
   machinery can express. The ``head`` site is the output projection's input, viewed as
   ``[batch, pos, head, d_head]`` inside the intervention.
-* **Ops.** One representation per op, in graph order, so ops on one site apply in the
-  order they were written (pyvene runs the hooks of a module in registration order):
+* **Ops.** One representation per op. They are grouped by hook point in order of first
+  use and keep graph order within a point, exactly like the reference's hooks (pyvene
+  runs the hooks of a module in registration order):
 
   ==================  ===================================================================
-  ``read``            pyvene's own ``CollectIntervention`` (consecutive reads of one site
-                      with no write between share one); the selector is applied after
-                      the run, like the reference, so generation can concatenate steps
+  ``read``            pyvene's own ``CollectIntervention`` (reads of one point with no
+                      write between share one); the selector is applied after the run, as
+                      in the reference, so generation can concatenate steps. With
+                      ``grad=True``: :class:`ReadIntervention`, which routes the forward
+                      through the recorded region so gradients reach it
   ``patch``           :class:`PatchIntervention`, an interchange: the value is pyvene's
                       *source*. A value read in another run is passed as precomputed
                       ``source_representations`` (the source run is never re-run); a
@@ -41,24 +44,27 @@ How a graph maps onto pyvene (0.1.8's native, hook-based backend):
   generated step; a step clock (the model's input length, as in the torch reference)
   turns absolute positions into positions of the current step (:func:`step_select`).
 
-pyvene writes an intervention's result *into* the hooked tensor. On the standard sites
-nothing else holds that tensor when it is written, so this equals the reference's
-"replace the value" semantics; on raw module sites, which may alias a tensor the caller
-still uses (``x + block(x)`` with a hook on ``block.input``), the wrapper first gives the
-hooked module a private copy, so the write stays local.
+In-place writes. pyvene writes an intervention's result *into* the hooked tensor. On the
+standard sites nothing else holds that tensor when it is written, so this equals the
+reference's "replace the value". Where something else may hold it, the wrapper first gives
+the hooked module a private copy (a pre-hook or hook installed just before pyvene's, for
+the duration of the call): on raw module sites, whose caller may reuse the tensor
+(``x + block(x)`` with a write on ``block.input``), and with ``grad=True`` at every written
+point, since autograd may have saved the tensor (GPT-2's ``o_proj`` input is a view of the
+SDPA output). For a module called by keywords only, the same pre-hook puts first the
+keyword the reference would use (pyvene takes the first one).
 
-Hygiene. pyvene's ``IntervenableModel`` puts the model in eval mode, sets
-``requires_grad=False`` on every parameter, and removes *every* forward hook and pre-hook
-of the model when it runs. The adapter snapshots training flags, ``requires_grad`` and the
-hook tables before a plan runs and restores them afterwards, whether or not the run failed
-(flags and ``requires_grad`` also right after each ``IntervenableModel`` is built, so runs
-see the model as the user left it). Hooks that the user had installed are put back, but do
-not fire during a pyvene run.
+Hygiene. pyvene's ``IntervenableModel`` puts what it wraps in eval mode and sets
+``requires_grad=False`` on its parameters; the wrapper lists no parameters and keeps
+``train``/``eval`` to itself, so the user's model runs as the user left it. pyvene also
+removes *every* forward hook and pre-hook of the model when it runs. The adapter snapshots
+training flags, ``requires_grad`` and the hook tables before a plan runs and restores them
+afterwards, whether or not the run failed: the user's own hooks come back (they do not fire
+during a pyvene run).
 
-Not supported: ``attn_pattern`` (pyvene hands interventions only the first element of a
-module's output, and the attention weights are the second), and gradients (pyvene freezes
-the model's parameters and hands interventions copies of the site tensors, so reads are
-not on the path to the outputs).
+Not supported: ``attn_pattern``. pyvene hands interventions only the first element of a
+module's output, and the attention weights are the second; only some families pass them
+through a module of their own (GPT-2's ``attn_dropout``), and capabilities are per backend.
 """
 
 from __future__ import annotations
@@ -331,17 +337,27 @@ def _first_tensor_of_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torc
     return x
 
 
-def _private_input(module: nn.Module, args: Any, kwargs: Any) -> Any:
-    """Pre-hook: give the module a copy of the tensor pyvene will write into."""
+# Where the torch reference finds a module's input tensor when it is passed by keyword.
+_INPUT_KEYS = ("hidden_states", "input", "x", "input_ids", "inputs_embeds")
+
+
+def _prepare_input(copy: bool, module: nn.Module, args: Any, kwargs: Any) -> Any:
+    """Pre-hook run just before pyvene's at an input site.
+
+    pyvene takes a module's input from ``args[0]``, or else from the *first* keyword
+    argument; the reference looks for ``hidden_states``, ``input``, ... by name. For a call
+    by keywords this puts the reference's choice first. With ``copy`` the module gets a
+    private copy of the tensor, so pyvene's in-place write cannot reach the caller's.
+    """
     if args:
-        if isinstance(args[0], torch.Tensor):
+        if copy and isinstance(args[0], torch.Tensor):
             return (args[0].clone(), *args[1:]), kwargs
         return None
-    if kwargs:
-        key = next(iter(kwargs))
-        if isinstance(kwargs[key], torch.Tensor):
-            return args, {**kwargs, key: kwargs[key].clone()}
-    return None
+    key = next((k for k in _INPUT_KEYS if isinstance(kwargs.get(k), torch.Tensor)), None)
+    if key is None or (not copy and next(iter(kwargs)) == key):
+        return None
+    value = kwargs[key].clone() if copy else kwargs[key]
+    return args, {key: value, **{k: v for k, v in kwargs.items() if k != key}}
 
 
 def _private_output(module: nn.Module, args: Any, output: Any) -> Any:
@@ -373,7 +389,7 @@ class _Wrapped(nn.Module):
         self.config = getattr(model, "config", None)  # pyvene reads it; None for plain modules
         self.hf_call = False
         self.clock: _StepClock | None = None
-        self.private_inputs: list[nn.Module] = []
+        self.inputs: list[tuple[nn.Module, bool]] = []  # input sites, and whether to copy
         self.private_outputs: list[nn.Module] = []
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
@@ -406,9 +422,10 @@ class _Wrapped(nn.Module):
                 handles.append(
                     self.model.register_forward_pre_hook(self._tick, with_kwargs=True, prepend=True)
                 )
-            for module in self.private_inputs:
+            for module, copy in self.inputs:
+                hook = functools.partial(_prepare_input, copy)
                 handles.append(
-                    module.register_forward_pre_hook(_private_input, with_kwargs=True, prepend=True)
+                    module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
                 )
             for module in self.private_outputs:
                 handles.append(module.register_forward_hook(_private_output, prepend=True))
@@ -480,7 +497,7 @@ class _Compiled:
     representations: list[Any] = field(default_factory=list)
     collects: dict[int, _Collect] = field(default_factory=dict)  # representation index ->
     sources: dict[int, torch.Tensor] = field(default_factory=dict)  # index -> source value
-    private_inputs: list[str] = field(default_factory=list)
+    inputs: dict[str, bool] = field(default_factory=dict)  # input site -> private copy?
     private_outputs: list[str] = field(default_factory=list)
 
 
@@ -514,11 +531,14 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
         return len(out.representations) - 1
 
     def private(point: HookPoint) -> None:
-        names = out.private_inputs if point.io == "input" else out.private_outputs
-        if point.module not in names:
-            names.append(point.module)
+        if point.io == "input":
+            out.inputs[point.module] = True
+        elif point.module not in out.private_outputs:
+            out.private_outputs.append(point.module)
 
     for point, items in entries.items():
+        if point.io == "input":
+            out.inputs.setdefault(point.module, False)
         shared: _Collect | None = None
         for item in items:
             if isinstance(item, Read) and ctx.grad and not ctx.generating:
@@ -621,7 +641,7 @@ def _execute_run(
 
     model = wrapper.model
     wrapper.clock = ctx.clock if ctx.generating else None
-    wrapper.private_inputs = [_submodule(model, p) for p in compiled.private_inputs]
+    wrapper.inputs = [(_submodule(model, p), copy) for p, copy in compiled.inputs.items()]
     wrapper.private_outputs = [_submodule(model, p) for p in compiled.private_outputs]
     inputs = plan.inputs[run].to(device)
     tokens: torch.Tensor | None = None

@@ -27,7 +27,7 @@ from interventions.architectures import HookPoint, ModelInfo
 from interventions.backends import Capabilities
 from interventions.errors import ExecutionError, InterventionError
 from interventions.ops import OP_KINDS, Op, Read
-from interventions.plan import Plan, step_select
+from interventions.plan import Plan, absolute_select, step_select
 from interventions.sites import Select, Site, put, site_axes, take
 
 
@@ -222,7 +222,10 @@ class _Hooks:
                 self.state.results[name] = parts[0]
                 continue
             full = self._concat(op.site, parts)
-            self.state.results[name] = take(full, op.select, site_axes(op.site.kind, full.ndim))
+            select = op.select
+            if self.generating:  # negative positions count from the end of the prompt
+                select = absolute_select(select, self.prompt, self.fed)
+            self.state.results[name] = take(full, select, site_axes(op.site.kind, full.ndim))
         for key, parts in self.captures.items():
             site = next(s for s in self.plan.captures_of(self.run) if str(s) == key)
             self.state.captures[(self.run, key)] = self._concat(site, parts)

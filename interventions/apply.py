@@ -85,11 +85,28 @@ def sae_splice(x: torch.Tensor, sae: SAE, op: SAESplice) -> tuple[torch.Tensor, 
     return out.to(x.dtype), f
 
 
+def orthonormal_basis(direction: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns ``[d, r]`` spanning ``direction`` ([d] or [k, d] rows).
+
+    Rank-deficient inputs (parallel rows, zero rows) span only what they span: the
+    singular vectors below a relative tolerance are dropped, so a zero direction gives an
+    empty basis and projecting it out changes nothing.
+
+    >>> orthonormal_basis(torch.tensor([[1.0, 0.0], [2.0, 0.0]])).shape
+    torch.Size([2, 1])
+    """
+    d = direction.detach().to(torch.float64)
+    basis = d.reshape(1, -1) if d.ndim == 1 else d
+    u, s, _ = torch.linalg.svd(basis.T, full_matrices=False)
+    if s.numel() == 0 or float(s.max()) == 0.0:
+        return u[:, :0].float()
+    keep = s > s.max() * max(basis.shape) * torch.finfo(torch.float32).eps
+    return u[:, keep].float()
+
+
 def project_out(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Remove from ``x`` its component in the span of ``direction`` ([d] or [k, d])."""
-    d = direction.to(torch.float32)
-    basis = d.reshape(1, -1) if d.ndim == 1 else d
-    q, _ = torch.linalg.qr(basis.T)  # orthonormal columns spanning the directions
+    q = orthonormal_basis(direction).to(x.device)
     x32 = x.float()
     return (x32 - (x32 @ q) @ q.T).to(x.dtype)
 
@@ -128,8 +145,10 @@ def apply_op(
         if isinstance(op.value, Const):
             return put(x, select, axes, state.const(op.value, x)), {}
         value = state.results[op.value.read].to(device=x.device, dtype=x.dtype)
-        source = next(o for o in state.graph.ops if isinstance(o, Read) and o.name == op.value.read)
-        if source.select.is_all:  # aligned: the same entries of the source
+        source = next(
+            (o for o in state.graph.ops if isinstance(o, Read) and o.name == op.value.read), None
+        )
+        if source is not None and source.select.is_all:  # aligned: the same entries
             value = take(value, select, axes)
         return put(x, select, axes, value), {}
     if isinstance(op, Ablate):

@@ -95,6 +95,7 @@ def _dealign(graph: Graph) -> tuple[list[Op], set[str]]:
         if (
             isinstance(op, Patch)
             and isinstance(op.value, Ref)
+            and op.value.read in reads
             and reads[op.value.read].select.is_all
         ):
             source = reads[op.value.read]

@@ -123,6 +123,21 @@ def step_select(select: Select, prompt: int, fed: int, offset: int, length: int)
     return Select(batch=select.batch, pos=pos, head=select.head, dims=select.dims)
 
 
+def absolute_select(select: Select, prompt: int, fed: int) -> Select:
+    """A generating run's selector with positions made absolute (see
+    :func:`generation_positions`), for reading the concatenated prompt+generated tensor.
+
+    >>> absolute_select(Select(pos=-1), prompt=4, fed=6)
+    Select(pos=3)
+    """
+    if select.pos is None:
+        return select
+    positions = generation_positions(select.pos, prompt, fed)
+    assert positions is not None
+    pos: int | tuple[int, ...] = positions[0] if isinstance(select.pos, int) else tuple(positions)
+    return Select(batch=select.batch, pos=pos, head=select.head, dims=select.dims)
+
+
 def resample_indices(seed: int, n_target: int, n_source: int) -> torch.Tensor:
     """Which source batch item each target item takes in a resample ablation.
 

@@ -473,6 +473,9 @@ def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
                 f"graph.tensors.{key}: declared {meta!r:.200} but the data is "
                 f"{t.dtype} {list(t.shape)}"
             )
+        if t.dtype == torch.bool and t.numel() and int(t.view(torch.uint8).max()) > 1:
+            # torch keeps such bytes, but any copy turns them into 1: not a stable value
+            raise SpecError(f"graph.tensors.{key}: bool data holds bytes other than 0 and 1")
     graph = Graph(tensors={key: tensors[key] for key in declared})
     for i, r in enumerate(runs):
         run = _decode_run(r, f"graph.runs[{i}]")

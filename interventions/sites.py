@@ -149,7 +149,12 @@ class SiteKind:
 RESIDUAL: tuple[Axis, ...] = ("batch", "pos", "hidden")
 
 STANDARD_SITES: dict[str, SiteKind] = {
-    "embed": SiteKind(RESIDUAL, False, doc="token embedding output (before positions/scaling)"),
+    "embed": SiteKind(
+        RESIDUAL,
+        False,
+        doc="output of the token embedding module (GPT-2: before position embeddings are "
+        "added; Gemma: already scaled by sqrt(d_model), as transformers 5 does it there)",
+    ),
     "resid_pre": SiteKind(RESIDUAL, True, doc="residual stream entering a block"),
     "resid_post": SiteKind(RESIDUAL, True, doc="residual stream leaving a block"),
     "attn_out": SiteKind(RESIDUAL, True, doc="attention block output, before the residual add"),

@@ -26,6 +26,7 @@ from interventions.ops import (
     Ref,
     SAESplice,
     op_kind,
+    produces,
 )
 from interventions.plan import Plan, generation_positions, make_plan
 from interventions.sites import Select, selected_shape
@@ -91,6 +92,38 @@ def _fits(value: tuple[int, ...], region: tuple[int, ...]) -> bool:
         return False
 
 
+def _per_position_value(plan: Plan, op: Op) -> bool:
+    """Does the op bring a value with its own position axis (which generated steps lack)?"""
+    graph = plan.graph
+    if isinstance(op, Ablate):
+        return op.method == "resample" or (op.method == "mean" and op.per_position)
+    if isinstance(op, Patch) and isinstance(op.value, Ref):
+        return True
+    const = op.value if isinstance(op, Patch) else op.direction if isinstance(op, Add) else None
+    if isinstance(const, Const):
+        shape = graph.tensors[const.tensor].shape
+        axes = op.site.kind.axes
+        # a constant broadcasts from the right; it has a position axis if it reaches it
+        pos_from_right = len(axes) - axes.index("pos") if "pos" in axes else None
+        return (
+            pos_from_right is not None
+            and len(shape) >= pos_from_right
+            and (shape[len(shape) - pos_from_right] > 1)
+        )
+    return False
+
+
+def _prompt_only(plan: Plan, op: Op) -> bool:
+    prompt = plan.prompt_length(op.run)
+    fed = prompt + (plan.graph.runs[op.run].max_new_tokens or 1) - 1
+    if fed == prompt:  # one new token: only the prompt pass is ever fed
+        return True
+    if op.select.pos is None:
+        return False
+    positions = generation_positions(op.select.pos, prompt, fed)
+    return positions is not None and all(0 <= p < prompt for p in positions)
+
+
 def _check_op(plan: Plan, op: Op, caps: Any) -> None:
     info = plan.info
     graph = plan.graph
@@ -109,6 +142,12 @@ def _check_op(plan: Plan, op: Op, caps: Any) -> None:
         )
     if isinstance(op, SAESplice) and op.features is not None and run.generates:
         raise ValidationError(f"{_where(op)}: features= cannot be recorded in a generating run")
+    if run.generates and _per_position_value(plan, op) and not _prompt_only(plan, op):
+        raise ValidationError(
+            f"{_where(op)}: in a generating run, a value that differs by position can only "
+            f"be applied at prompt positions (0..{plan.prompt_length(op.run) - 1}); select "
+            "them with pos="
+        )
     if op.site.name in ("head", "attn_pattern") and not info.n_heads:
         raise ValidationError(f"{_where(op)}: the model's config has no head count")
     if op.select.head is not None and op.site.name not in ("head", "attn_pattern"):
@@ -137,7 +176,20 @@ def _check_op(plan: Plan, op: Op, caps: Any) -> None:
         if isinstance(op.value, Const):
             shape = const_shape(op.value)
         else:
-            source = next(o for o in graph.ops if isinstance(o, Read) and o.name == op.value.read)
+            producer = next(o for o in graph.ops if op.value.read in produces(o))
+            if isinstance(producer, SAESplice):  # recorded features: placed as they are
+                feature_sizes = _axis_sizes(plan, producer, point) or sizes
+                w_enc = graph.tensors[dict(graph.saes[producer.sae].tensors)["W_enc"]]
+                selected = _region(plan, producer, producer.select, feature_sizes, producer.run)
+                shape = (*selected[:-1], int(w_enc.shape[1]))
+                if not _fits(shape, region):
+                    raise ValidationError(
+                        f"{_where(op)}: features %{op.value.read} have shape {list(shape)} but "
+                        f"the patched region is {list(region)}"
+                    )
+                return
+            assert isinstance(producer, Read)
+            source = producer
             if source.site.is_raw:
                 return
             src_sizes = _axis_sizes(plan, source, point) or sizes
@@ -209,10 +261,10 @@ def _check_op(plan: Plan, op: Op, caps: Any) -> None:
     elif isinstance(op, SAESplice):
         spec = graph.saes[op.sae]
         tensors = dict(spec.tensors)
-        w_enc = graph.tensors[tensors["W_enc"]] if "W_enc" in tensors else None
-        if w_enc is None or w_enc.ndim != 2:
+        sae_w_enc = graph.tensors.get(tensors.get("W_enc", ""))
+        if sae_w_enc is None or sae_w_enc.ndim != 2:
             raise ValidationError(f"{_where(op)}: SAE {op.sae!r} has no 2-D W_enc")
-        d_in, d_sae = int(w_enc.shape[0]), int(w_enc.shape[1])
+        d_in, d_sae = int(sae_w_enc.shape[0]), int(sae_w_enc.shape[1])
         if not region or region[-1] != d_in:
             raise ValidationError(
                 f"{_where(op)}: SAE {op.sae!r} reads vectors of size {d_in} but the selected "

@@ -8,8 +8,13 @@ sees batch selectors on merged runs.
 
 from __future__ import annotations
 
+import ast
+import doctest
+import gc
+import inspect
 import subprocess
 import sys
+import weakref
 from typing import Any
 
 import pytest
@@ -423,6 +428,14 @@ def test_plain_module() -> None:
     agree(g, model)
 
 
+def test_generic_envoy_on_hf_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TransformersModel (no batching): one ``NNsight`` trace per run, generation too."""
+    monkeypatch.setattr(nns, "_can_batch", lambda model, info: False)
+    model = hf_model("qwen2")
+    agree(_flow_graph(), model, batch=False)
+    agree(_generation_graph(32), model, batch=False)
+
+
 def test_module_order_probe_matches_registration_for_standard_sites() -> None:
     for family in HF_FAMILIES:
         model = hf_model(family)
@@ -490,7 +503,7 @@ def test_failure_midway_leaves_model_unchanged(
     a.read("attn_pattern", 0, name="p")
     a.add("resid_post", 0, direction=torch.ones(32))
     b = g.run("b", tokens=PROMPT, max_new_tokens=3) if generate else g.run("b", tokens=T3)
-    b.patch("resid_post", 0, pos=-1, value=a.read("resid_post", 1, pos=-1))
+    b.patch("resid_post", 0, pos=-1, value=a.read("resid_post", 1, pos=-1, batch=0))
     if not generate:
         b.read("logits", name="out")
     with pytest.raises(iv.ExecutionError, match=r"run 'b' failed on the nnsight backend.*injected"):
@@ -519,6 +532,28 @@ def test_failure_inside_the_trace() -> None:
     assert_clean(model)
     with torch.no_grad():
         torch.testing.assert_close(model(T1), before, atol=0, rtol=0)
+
+
+def test_nothing_keeps_the_model_alive() -> None:
+    model = _fresh("gpt2")
+    alive = weakref.ref(model)
+    iv.run(_flow_graph(), model, backend="nnsight", batch=False)
+    iv.run(_generation_graph(32), model, backend="nnsight", batch=False)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+def test_the_trace_block_names_only_torch() -> None:
+    """What nnsight would ship of the block (its source and the names it reads): the
+    block's own parameters, torch and builtins; never this package."""
+    from nnsight.intervention.serialization import _referenced_names
+
+    source = inspect.getsource(nns._trace)
+    block = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.With))
+    names = _referenced_names(ast.unparse(ast.Module(body=block.body, type_ignores=[])))
+    assert names & set(vars(nns)) == {"torch", "Any"}
+    assert "interventions" not in ast.unparse(block)
 
 
 def test_success_leaves_generation_settings_alone() -> None:
@@ -550,6 +585,8 @@ def test_capabilities() -> None:
         ("0.9.0rc1", False),
         ("0.7.4", False),
         ("1.0.0", False),
+        ("0.8.0rc1", False),
+        ("not a version", False),
     ],
 )
 def test_version_range(version: str, ok: bool) -> None:
@@ -566,6 +603,11 @@ def test_version_checked_when_the_backend_is_built(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(nnsight, "__version__", "0.9.2")
     with pytest.raises(iv.BackendVersionError, match=r"0\.9\.2.*>=0\.8,<0\.9"):
         nns.NNsightBackend()
+
+
+def test_docstring_examples() -> None:
+    result = doctest.testmod(nns, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0
 
 
 def test_importing_interventions_does_not_import_nnsight() -> None:

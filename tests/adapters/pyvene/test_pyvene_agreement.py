@@ -318,6 +318,39 @@ def test_positional_inputs_on_a_plain_module() -> None:
     agree(g, model)
 
 
+class _ByKeyword(nn.Module):
+    """Calls its inner module by keywords only, the wanted tensor not first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Gated()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.inner(mask=torch.ones_like(h), x=h) + h
+
+
+class _Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * mask
+
+
+def test_inputs_passed_by_keyword() -> None:
+    """pyvene would take the first keyword (`mask`); the reference takes `x`."""
+    torch.manual_seed(0)
+    model = _ByKeyword().eval()
+    g = iv.Graph()
+    r = g.run("a", inputs=randn(2, 3, 4))
+    r.read("inner.input", name="in")
+    r.scale("inner.input", factor=2.0, pos=1)
+    r.read("inner.lin.input", name="lin_in")
+    r.read("output", name="out")
+    agree(g, model)
+
+
 # --- generation -----------------------------------------------------------------------------
 
 

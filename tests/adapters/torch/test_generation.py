@@ -300,12 +300,6 @@ def test_patch_and_ablate_into_a_generating_run() -> None:
     assert torch.equal(res["x.generated"], tokens)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a read's pos selector in a generating run is applied to the concatenated "
-    "tensor (negative = from the end of everything fed), while validate.py and the "
-    "adapter docstring count negative positions from the end of the prompt",
-)
 def test_read_selectors_in_generation_count_from_the_prompt_end() -> None:
     family = "llama"
     g = iv.Graph()
@@ -331,12 +325,6 @@ GEN_GAPS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=iv.ExecutionError,
-    reason="BUG: validation accepts these generating-run ops, which fail at the first "
-    "generated step (a [b, 1, d] step tensor against a per-position value)",
-)
 @pytest.mark.parametrize("case", list(GEN_GAPS))
 def test_generation_ops_that_cannot_apply_are_rejected_by_validation(case: str) -> None:
     g = iv.Graph()
