@@ -631,10 +631,15 @@ class NNsightBackend:
 
     def execute(self, plan: Plan, model: nn.Module, **options: Any) -> dict[str, torch.Tensor]:
         max_batch = options.pop("max_batch", None)
+        if options.pop("remote", False):
+            raise InterventionError(
+                "nnsight backend: remote execution on NDIF is not available yet; run locally"
+            )
         if options:
             extra = " (the nnsight backend computes no gradients)" if "grad" in options else ""
             raise InterventionError(
-                f"nnsight backend: unknown options {sorted(options)}{extra}; valid: max_batch"
+                f"nnsight backend: unknown options {sorted(options)}{extra}; valid: max_batch, "
+                "remote"
             )
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise InterventionError(

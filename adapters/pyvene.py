@@ -89,7 +89,7 @@ from interventions.errors import (
     InterventionError,
 )
 from interventions.ops import OP_KINDS, Const, Op, Patch, Read, Ref
-from interventions.plan import Plan, step_select
+from interventions.plan import Plan, absolute_select, step_select
 from interventions.sites import Select, Site, put, site_axes, take
 
 SUPPORTED_PYVENE = ">=0.1.8,<0.2"
@@ -561,10 +561,13 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
                 # have saved it (GPT-2's o_proj input is a view of the SDPA output)
                 private(point)
             if isinstance(op, Patch) and isinstance(op.value, Ref):
+                # a whole-site read is aligned; a selected read or SAE features are not
                 source = next(
-                    o for o in plan.graph.ops if isinstance(o, Read) and o.name == op.value.read
+                    (o for o in plan.graph.ops if isinstance(o, Read) and o.name == op.value.read),
+                    None,
                 )
-                target = _Target(op, point, ctx, aligned=source.select.is_all)
+                aligned = source is not None and source.select.is_all
+                target = _Target(op, point, ctx, aligned=aligned)
                 out.sources[add(point, classes.patch(target))] = ctx.state.results[op.value.read]
             elif isinstance(op, Patch):
                 assert isinstance(op.value, Const)
@@ -685,7 +688,10 @@ def _finish(run: str, compiled: _Compiled, collected: list[torch.Tensor], ctx: _
         parts = collected[k * per : (k + 1) * per]
         full = _view_in(entry.point, _concat(parts), ctx.n_heads)
         for op in entry.reads:
-            ctx.state.results[op.name] = take(full, op.select, site_axes(op.site.kind, full.ndim))
+            select = op.select
+            if ctx.generating:  # negative positions count from the end of the prompt
+                select = absolute_select(select, ctx.prompt, ctx.fed)
+            ctx.state.results[op.name] = take(full, select, site_axes(op.site.kind, full.ndim))
         for site in entry.captures:
             ctx.state.captures[(run, str(site))] = full
 

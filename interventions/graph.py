@@ -171,8 +171,14 @@ class Graph:
 
     def add(self, op: Op) -> Op:
         """Append an op after checking it against the graph so far (no model needed)."""
-        self._check_op(op, {name: o for o in self.ops for name in produces(o)})
+        cache = getattr(self, "_known_cache", None)
+        if cache is None or cache[0] is not self.ops or cache[1] != len(self.ops):
+            # rebuilt only when ops were replaced or changed behind the builder's back
+            cache = (self.ops, len(self.ops), {n: o for o in self.ops for n in produces(o)})
+        self._check_op(op, cache[2])
         self.ops.append(op)
+        cache[2].update({name: op for name in produces(op)})
+        self._known_cache = (self.ops, len(self.ops), cache[2])
         return op
 
     def _add_sae(self, sae: SAE) -> str:
@@ -269,25 +275,30 @@ class Graph:
                 needs[op.run].add(reads[name])
             if isinstance(op, Ablate) and op.source is not None:
                 needs[op.run].add(op.source)
+        position = {name: i for i, name in enumerate(self.runs)}
         order: list[str] = []
-        done: set[str] = set()
-        visiting: list[str] = []
-
-        def visit(name: str) -> None:
-            if name in done:
-                return
-            if name in visiting:
-                cycle = [*visiting[visiting.index(name) :], name]
-                raise SpecError(f"runs depend on each other in a cycle: {' -> '.join(cycle)}")
-            visiting.append(name)
-            for dep in sorted(needs[name], key=list(self.runs).index):
-                visit(dep)
-            visiting.pop()
-            done.add(name)
-            order.append(name)
-
-        for name in self.runs:
-            visit(name)
+        state: dict[str, int] = {}  # 1: on the current path, 2: done
+        for root in self.runs:
+            if root in state:
+                continue
+            # iterative depth-first search: long chains of runs must not hit the recursion limit
+            path: list[str] = [root]
+            stack = [iter(sorted(needs[root], key=position.__getitem__))]
+            state[root] = 1
+            while stack:
+                dep = next(stack[-1], None)
+                if dep is None:
+                    stack.pop()
+                    done = path.pop()
+                    state[done] = 2
+                    order.append(done)
+                elif state.get(dep) == 1:
+                    cycle = [*path[path.index(dep) :], dep]
+                    raise SpecError(f"runs depend on each other in a cycle: {' -> '.join(cycle)}")
+                elif dep not in state:
+                    state[dep] = 1
+                    path.append(dep)
+                    stack.append(iter(sorted(needs[dep], key=position.__getitem__)))
         return order
 
     def validate(

@@ -53,6 +53,14 @@ def _check_choice(value: object, choices: tuple[str, ...], what: str) -> None:
         raise SpecError(f"unknown {what} {value!r}; expected one of {choices_text(choices)}")
 
 
+def _unsigned_zero(obj: object, *names: str) -> None:
+    """Store -0.0 as 0.0: they compare equal, so they must print and hash alike too."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, float) and value == 0.0:
+            object.__setattr__(obj, name, 0.0)
+
+
 def _check_finite(value: object, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{what} must be a number, got {value!r}")
@@ -76,6 +84,7 @@ class FeatureEdit:
     high: float | None = None
 
     def __post_init__(self) -> None:
+        _unsigned_zero(self, "value", "low", "high")
         _check_choice(self.mode, EDIT_MODES, "feature edit mode")
         if not self.features or not all(
             isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in self.features
@@ -180,6 +189,7 @@ class Add:
 
     def __post_init__(self) -> None:
         _check_finite(self.scale, "add scale")
+        _unsigned_zero(self, "scale")
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,7 @@ class Scale:
 
     def __post_init__(self) -> None:
         _check_finite(self.factor, "scale factor")
+        _unsigned_zero(self, "factor")
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,12 @@ class Site:
         ):
             raise SpecError(f"site {self.name!r}: layer must be an int, got {self.layer!r}")
         if self.is_raw:
+            path = self.raw_parts[0]
+            if path and not all(part.isidentifier() or part.isdigit() for part in path.split(".")):
+                raise SpecError(
+                    f"raw site {self.name!r}: a module path is dotted names and indices, "
+                    "like 'transformer.h.0.mlp.output'"
+                )
             if self.layer is not None:
                 raise SpecError(
                     f"raw module site {self.name!r} takes no layer; put the layer in the path"

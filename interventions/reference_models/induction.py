@@ -72,6 +72,7 @@ __all__ = [
     "load_induction_model",
     "main",
     "make_induction_config",
+    "predictable_targets",
     "previous_token_scores",
     "repeated_half_accuracy",
     "repeated_tokens",
@@ -93,10 +94,10 @@ BOS_TOKEN_ID: int = 0
 
 #: Training sequence length, BOS included.
 TRAIN_SEQ_LEN: int = 64
-TRAIN_BATCH_SIZE: int = 64
+TRAIN_BATCH_SIZE: int = 32
 #: Shortest repeated segment in :func:`induction_batch`.
-MIN_SEGMENT_LEN: int = 4
-DEFAULT_STEPS: int = 1500
+MIN_SEGMENT_LEN: int = 2
+DEFAULT_STEPS: int = 2000
 LEARNING_RATE: float = 3e-3
 WEIGHT_DECAY: float = 0.01
 WARMUP_STEPS: int = 100
@@ -135,6 +136,13 @@ def _rand_int(low: int, high: int, generator: torch.Generator) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=generator).item())
 
 
+def _log_uniform_int(low: int, high: int, generator: torch.Generator) -> int:
+    """Integer in ``[low, high]`` whose logarithm is (roughly) uniform, from ``generator``."""
+    u = float(torch.rand((), generator=generator).item())
+    value = math.exp(math.log(low) + u * (math.log(high + 1) - math.log(low)))
+    return min(high, int(value))
+
+
 def _distinct_tokens(n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` distinct random non-BOS tokens."""
     return torch.randperm(VOCAB_SIZE - 1, generator=generator)[:n] + 1
@@ -144,11 +152,14 @@ def induction_batch(batch_size: int, seq_len: int, generator: torch.Generator) -
     """Training / evaluation data: distinct random tokens with one repeated segment.
 
     Each row is ``[BOS, x..., S, y..., S, z...]`` of total length ``seq_len``: the segment
-    ``S`` has a uniformly random length in ``[MIN_SEGMENT_LEN, (seq_len - 1) // 2]``, and the
+    ``S`` has a log-uniformly random length in ``[MIN_SEGMENT_LEN, (seq_len - 1) // 2]``
+    (short segments are frequent, which is what makes the model learn the canonical
+    offset-1 previous-token head rather than a shifted variant), and the
     ``seq_len - 1 - 2 * len(S)`` filler tokens are split into three random (possibly empty)
     gaps, so the segment appears at a random offset and its two copies may be adjacent.
     All tokens other than the second copy of ``S`` are distinct, so the only predictable
-    tokens are those inside the second copy (after its first token).
+    tokens are those inside the second copy after its first token
+    (see :func:`predictable_targets`).
 
     Args:
         batch_size: number of rows.
@@ -165,7 +176,7 @@ def induction_batch(batch_size: int, seq_len: int, generator: torch.Generator) -
         raise ValueError(f"seq_len={seq_len} needs more distinct tokens than the vocabulary")
     out = torch.empty(batch_size, seq_len, dtype=torch.long)
     for row in range(batch_size):
-        seg_len = _rand_int(MIN_SEGMENT_LEN, max_seg, generator)
+        seg_len = _log_uniform_int(MIN_SEGMENT_LEN, max_seg, generator)
         n_fill = seq_len - 1 - 2 * seg_len
         cuts = sorted(_rand_int(0, n_fill, generator) for _ in range(2))
         toks = _distinct_tokens(seg_len + n_fill, generator)
@@ -181,6 +192,20 @@ def induction_batch(batch_size: int, seq_len: int, generator: torch.Generator) -
             ]
         )
     return out  # type: ignore[return-value]
+
+
+def predictable_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """Which next-token targets can be predicted by copying: ``BoolTensor [batch, T - 1]``.
+
+    Entry ``[b, i]`` is True when both ``tokens[b, i]`` and ``tokens[b, i + 1]`` already
+    occurred before their own positions, i.e. when the target ``tokens[b, i + 1]`` sits inside
+    a repeat after its first token.  For :func:`induction_batch` rows this is exactly the
+    second copy of the segment minus its first token.
+    """
+    seq_len = tokens.shape[1]
+    earlier = torch.ones(seq_len, seq_len, dtype=torch.bool).tril(-1)
+    seen_before = ((tokens[:, :, None] == tokens[:, None, :]) & earlier).any(dim=-1)
+    return seen_before[:, 1:] & seen_before[:, :-1]
 
 
 def repeated_tokens(batch: int, half_len: int, generator: torch.Generator) -> torch.LongTensor:
@@ -356,8 +381,11 @@ def train_induction_model(
 
     Initialisation uses ``torch.manual_seed(seed)`` and the data a dedicated
     ``torch.Generator`` seeded with ``seed``, so two calls with the same arguments (on the
-    same machine and thread count) produce identical weights.  The loss is ordinary
-    next-token cross-entropy on every position of :func:`induction_batch` data.
+    same machine and thread count) produce identical weights.  The loss is next-token
+    cross-entropy on :func:`induction_batch` data, restricted to the targets that can be
+    predicted (:func:`predictable_targets`); the remaining targets are fresh random tokens,
+    and including them dilutes the signal so much that the model stays on the
+    ``ln(127)`` plateau for thousands of steps.
 
     Args:
         seed: seed for initialisation and data.
@@ -396,9 +424,8 @@ def train_induction_model(
         for step in range(steps):
             tokens = induction_batch(batch_size, seq_len, gen)
             logits = model(input_ids=tokens, use_cache=False).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-            )
+            mask = predictable_targets(tokens)
+            loss = F.cross_entropy(logits[:, :-1][mask], tokens[:, 1:][mask])
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -680,7 +680,20 @@ def _blob(tensors: dict[str, torch.Tensor]) -> str:
     return base64.b64encode(st_save(tensors)).decode()
 
 
+def _bool_doc(data: bytes) -> str:
+    header = {"b": {"dtype": "BOOL", "shape": [len(data)], "data_offsets": [0, len(data)]}}
+    return dump(
+        {
+            "format": "interventions.graph",
+            "version": 1,
+            "tensors": {"b": {"dtype": "bool", "shape": [len(data)]}},
+            "tensor_data": {"inline": base64.b64encode(_pack(header, data)).decode()},
+        }
+    )
+
+
 # (document text, exact error type, substring of the message)
+# fmt: off
 TABLE: list[tuple[str, str, type[Exception], str]] = [
     ("sanity", _doc(), type(None), ""),
     # the envelope
@@ -706,12 +719,7 @@ TABLE: list[tuple[str, str, type[Exception], str]] = [
     ("two sources", _doc(("runs.0.text", ["hi"])), SpecError, "graph.runs[0]: run 'clean' needs"),
     ("no tensor", _doc(("runs.0.tokens", "t99")), SpecError, "names tensor 't99'"),
     ("float tokens", _doc(("runs.0.tokens", "t2")), SpecError, "graph.runs[0]: tokens 't2'"),
-    (
-        "run field",
-        _doc(("runs.0.model", "gpt2")),
-        SpecError,
-        "graph.runs[0]: unknown field(s) model",
-    ),
+    ("run field", _doc(("runs.0.model", "gpt2")), SpecError, "graph.runs[0]: unknown field(s) model"),
     # ops: kinds and common fields
     ("unknown op", _doc(("ops.0.op", "exec")), UnknownOp, "graph.ops[0]: unknown op 'exec'"),
     ("op list", _doc(("ops.0.op", [])), UnknownOp, "graph.ops[0]: unknown op []"),
@@ -722,329 +730,91 @@ TABLE: list[tuple[str, str, type[Exception], str]] = [
     ("run int", _doc(("ops.0.run", 0)), SpecError, "graph.ops[0].run: expected a string"),
     ("no run", _doc(("ops.0.run", "ghost")), SpecError, "run 'ghost': no such run"),
     ("site str", _doc(("ops.0.site", "resid_post")), SpecError, "graph.ops[0].site: expected an"),
-    (
-        "site name",
-        _doc(("ops.0.site.name", "resid_psot")),
-        SpecError,
-        "graph.ops[0].site: 'resid_psot'",
-    ),
-    (
-        "site layer str",
-        _doc(("ops.0.site.layer", "0")),
-        SpecError,
-        "graph.ops[0].site.layer: expected an int",
-    ),
+    ("site name", _doc(("ops.0.site.name", "resid_psot")), SpecError, "graph.ops[0].site: 'resid_psot'"),
+    ("site layer str", _doc(("ops.0.site.layer", "0")), SpecError, "graph.ops[0].site.layer: expected an int"),
     ("site layer bool", _doc(("ops.0.site.layer", True)), SpecError, "graph.ops[0].site.layer"),
-    (
-        "no layer",
-        _doc(("ops.0.site.layer", DROP)),
-        SpecError,
-        "graph.ops[0].site: site 'resid_post' needs a layer",
-    ),
-    (
-        "raw layer",
-        _doc(("ops.0.site", {"name": "output", "layer": 0})),
-        SpecError,
-        "graph.ops[0].site: raw module site",
-    ),
-    (
-        "site field",
-        _doc(("ops.0.site.module", "x")),
-        SpecError,
-        "graph.ops[0].site: unknown field(s) module",
-    ),
-    (
-        "read only",
-        _doc(("ops.5.site.name", "attn_pattern")),
-        SpecError,
-        "site 'attn_pattern' is read only",
-    ),
-    (
-        "select list",
-        _doc(("ops.1.select", [1])),
-        SpecError,
-        "graph.ops[1].select: expected an object",
-    ),
-    (
-        "select field",
-        _doc(("ops.1.select.time", 1)),
-        SpecError,
-        "graph.ops[1].select: unknown field(s) time",
-    ),
+    ("no layer", _doc(("ops.0.site.layer", DROP)), SpecError, "graph.ops[0].site: site 'resid_post' needs a layer"),
+    ("raw layer", _doc(("ops.0.site", {"name": "output", "layer": 0})), SpecError, "graph.ops[0].site: raw module site"),
+    ("site field", _doc(("ops.0.site.module", "x")), SpecError, "graph.ops[0].site: unknown field(s) module"),
+    ("read only", _doc(("ops.5.site.name", "attn_pattern")), SpecError, "site 'attn_pattern' is read only"),
+    ("select list", _doc(("ops.1.select", [1])), SpecError, "graph.ops[1].select: expected an object"),
+    ("select field", _doc(("ops.1.select.time", 1)), SpecError, "graph.ops[1].select: unknown field(s) time"),
     ("pos bool", _doc(("ops.1.select.pos", True)), SpecError, "graph.ops[1].select.pos"),
-    (
-        "pos float",
-        _doc(("ops.1.select.pos", 1.5)),
-        SpecError,
-        "graph.ops[1].select.pos: expected an object",
-    ),
-    (
-        "pos empty",
-        _doc(("ops.1.select.pos", [])),
-        SpecError,
-        "graph.ops[1].select.pos: expected a non-empty list",
-    ),
+    ("pos float", _doc(("ops.1.select.pos", 1.5)), SpecError, "graph.ops[1].select.pos: expected an object"),
+    ("pos empty", _doc(("ops.1.select.pos", [])), SpecError, "graph.ops[1].select.pos: expected a non-empty list"),
     ("pos strs", _doc(("ops.1.select.pos", ["1"])), SpecError, "graph.ops[1].select.pos"),
-    (
-        "step 0",
-        _doc(("ops.4.select.pos.step", 0)),
-        SpecError,
-        "graph.ops[4].select.pos: slice step cannot be zero",
-    ),
-    (
-        "start float",
-        _doc(("ops.4.select.pos.start", 0.5)),
-        SpecError,
-        "graph.ops[4].select.pos.start: expected an int",
-    ),
-    (
-        "span field",
-        _doc(("ops.4.select.pos.end", 3)),
-        SpecError,
-        "graph.ops[4].select.pos: unknown field(s) end",
-    ),
+    ("step 0", _doc(("ops.4.select.pos.step", 0)), SpecError, "graph.ops[4].select.pos: slice step cannot be zero"),
+    ("start float", _doc(("ops.4.select.pos.start", 0.5)), SpecError, "graph.ops[4].select.pos.start: expected an int"),
+    ("span field", _doc(("ops.4.select.pos.end", 3)), SpecError, "graph.ops[4].select.pos: unknown field(s) end"),
     # ops: per kind
     ("read name", _doc(("ops.0.name", 5)), SpecError, "graph.ops[0].name: expected a string"),
     ("read name chars", _doc(("ops.0.name", "a b")), SpecError, "read name 'a b'"),
     ("dup read", _doc(("ops.7.name", "feats")), SpecError, "name 'feats' is already used"),
-    (
-        "value both",
-        _doc(("ops.1.value", {"ref": "x", "const": "t2"})),
-        SpecError,
-        "graph.ops[1].value: give exactly one of ref, const",
-    ),
+    ("value both", _doc(("ops.1.value", {"ref": "x", "const": "t2"})), SpecError, "graph.ops[1].value: give exactly one of ref, const"),
     ("value none", _doc(("ops.1.value", {})), SpecError, "graph.ops[1].value: give exactly one"),
-    (
-        "value str",
-        _doc(("ops.1.value", "clean.resid_post.0")),
-        SpecError,
-        "graph.ops[1].value: expected an object",
-    ),
-    (
-        "ref unknown",
-        _doc(("ops.1.value.ref", "nope")),
-        SpecError,
-        "value 'nope' is not read earlier",
-    ),
+    ("value str", _doc(("ops.1.value", "clean.resid_post.0")), SpecError, "graph.ops[1].value: expected an object"),
+    ("ref unknown", _doc(("ops.1.value.ref", "nope")), SpecError, "value 'nope' is not read earlier"),
     ("ref same run", _doc(("ops.1.run", "clean")), SpecError, "comes from the same run"),
     ("const unknown", _doc(("ops.1.value", {"const": "t99"})), SpecError, "no tensor 't99'"),
-    (
-        "method",
-        _doc(("ops.2.method", "median")),
-        SpecError,
-        "graph.ops[2]: unknown ablation method 'median'",
-    ),
-    (
-        "no source",
-        _doc(("ops.2.source", None)),
-        SpecError,
-        "graph.ops[2]: ablate 'mean' needs source=",
-    ),
-    (
-        "ghost source",
-        _doc(("ops.2.source", "ghost")),
-        SpecError,
-        "source run 'ghost' does not exist",
-    ),
+    ("method", _doc(("ops.2.method", "median")), SpecError, "graph.ops[2]: unknown ablation method 'median'"),
+    ("no source", _doc(("ops.2.source", None)), SpecError, "graph.ops[2]: ablate 'mean' needs source="),
+    ("ghost source", _doc(("ops.2.source", "ghost")), SpecError, "source run 'ghost' does not exist"),
     ("self source", _doc(("ops.2.source", "corrupt")), SpecError, "source must be another run"),
-    (
-        "per_position",
-        _doc(("ops.2.per_position", "yes")),
-        SpecError,
-        "graph.ops[2].per_position: expected true or false",
-    ),
+    ("per_position", _doc(("ops.2.per_position", "yes")), SpecError, "graph.ops[2].per_position: expected true or false"),
     ("seed float", _doc(("ops.2.seed", 1.5)), SpecError, "graph.ops[2].seed: expected an int"),
-    (
-        "scale nan",
-        _doc(("ops.3.scale", float("nan"))),
-        SpecError,
-        "graph.ops[3].scale: expected a finite number, got nan",
-    ),
+    ("scale nan", _doc(("ops.3.scale", float("nan"))), SpecError, "graph.ops[3].scale: expected a finite number, got nan"),
     ("scale inf", _doc(("ops.3.scale", float("inf"))), SpecError, "graph.ops[3].scale"),
-    (
-        "scale huge",
-        _doc(("ops.3.scale", 10**400)),
-        SpecError,
-        "graph.ops[3].scale: expected a finite number",
-    ),
+    ("scale huge", _doc(("ops.3.scale", 10**400)), SpecError, "graph.ops[3].scale: expected a finite number"),
     ("scale str", _doc(("ops.3.scale", "2")), SpecError, "graph.ops[3].scale"),
     ("scale missing", _doc(("ops.3.scale", DROP)), SpecError, "graph.ops[3].scale"),
-    (
-        "direction int",
-        _doc(("ops.3.direction", 3)),
-        SpecError,
-        "graph.ops[3].direction: expected a string",
-    ),
+    ("direction int", _doc(("ops.3.direction", 3)), SpecError, "graph.ops[3].direction: expected a string"),
     ("direction ?", _doc(("ops.4.direction", "t99")), SpecError, "no tensor 't99'"),
     ("factor inf", _doc(("ops.5.factor", float("-inf"))), SpecError, "graph.ops[5].factor"),
     ("sae key", _doc(("ops.6.sae", "sae9")), SpecError, "no SAE 'sae9'"),
-    (
-        "sae error",
-        _doc(("ops.6.error", "ignore")),
-        SpecError,
-        "graph.ops[6]: unknown SAE error term 'ignore'",
-    ),
+    ("sae error", _doc(("ops.6.error", "ignore")), SpecError, "graph.ops[6]: unknown SAE error term 'ignore'"),
     ("edits obj", _doc(("ops.6.edits", {})), SpecError, "graph.ops[6].edits: expected a list"),
-    (
-        "edit mode",
-        _doc(("ops.6.edits.0.mode", "double")),
-        SpecError,
-        "graph.ops[6].edits[0]: unknown feature edit mode 'double'",
-    ),
-    (
-        "edit feats",
-        _doc(("ops.6.edits.0.features", [-1])),
-        SpecError,
-        "graph.ops[6].edits[0]: feature edit: features",
-    ),
-    (
-        "edit feat bool",
-        _doc(("ops.6.edits.0.features", [True])),
-        SpecError,
-        "graph.ops[6].edits[0].features",
-    ),
-    (
-        "edit value",
-        _doc(("ops.6.edits.0.value", None)),
-        SpecError,
-        "graph.ops[6].edits[0]: feature edit 'set' value",
-    ),
-    (
-        "clamp order",
-        _doc(("ops.6.edits.1.low", 5)),
-        SpecError,
-        "graph.ops[6].edits[1]: clamp: low=5.0 > high=3.0",
-    ),
-    (
-        "edit field",
-        _doc(("ops.6.edits.1.fn", "x")),
-        SpecError,
-        "graph.ops[6].edits[1]: unknown field(s) fn",
-    ),
+    ("edit mode", _doc(("ops.6.edits.0.mode", "double")), SpecError, "graph.ops[6].edits[0]: unknown feature edit mode 'double'"),
+    ("edit feats", _doc(("ops.6.edits.0.features", [-1])), SpecError, "graph.ops[6].edits[0]: feature edit: features"),
+    ("edit feat bool", _doc(("ops.6.edits.0.features", [True])), SpecError, "graph.ops[6].edits[0].features"),
+    ("edit value", _doc(("ops.6.edits.0.value", None)), SpecError, "graph.ops[6].edits[0]: feature edit 'set' value"),
+    ("clamp order", _doc(("ops.6.edits.1.low", 5)), SpecError, "graph.ops[6].edits[1]: clamp: low=5.0 > high=3.0"),
+    ("edit field", _doc(("ops.6.edits.1.fn", "x")), SpecError, "graph.ops[6].edits[1]: unknown field(s) fn"),
     ("features name", _doc(("ops.6.features", "bad name")), SpecError, "read name 'bad name'"),
     # SAEs
-    (
-        "sae kind",
-        _doc(("saes.sae0.kind", "gelu")),
-        SpecError,
-        "graph.saes.sae0.kind: unknown SAE kind 'gelu'",
-    ),
-    (
-        "sae param",
-        _doc(("saes.sae0.params.k", 3)),
-        SpecError,
-        "graph.saes.sae0: StandardSAE: unexpected param 'k'",
-    ),
-    (
-        "sae param nan",
-        _doc(("saes.sae0.params.apply_b_dec_to_input", float("nan"))),
-        SpecError,
-        "graph.saes.sae0.params",
-    ),
-    (
-        "sae param int",
-        _doc(("saes.sae0.params.apply_b_dec_to_input", 1)),
-        SpecError,
-        "graph.saes.sae0: StandardSAE: apply_b_dec_to_input",
-    ),
-    (
-        "sae tensor key",
-        _doc(("saes.sae0.tensors.W_enc", "t99")),
-        SpecError,
-        "SAE 'sae0' parameter 'W_enc': no tensor 't99'",
-    ),
-    (
-        "sae int tensor",
-        _doc(("saes.sae0.tensors.W_enc", "t0")),
-        SpecError,
-        "graph.saes.sae0: StandardSAE: tensor 'b_enc' has shape [4], expected [3]",
-    ),
-    (
-        "sae missing",
-        _doc(("saes.sae0.tensors.b_dec", DROP)),
-        SpecError,
-        "graph.saes.sae0: StandardSAE: missing 'b_dec'",
-    ),
+    ("sae kind", _doc(("saes.sae0.kind", "gelu")), SpecError, "graph.saes.sae0.kind: unknown SAE kind 'gelu'"),
+    ("sae param", _doc(("saes.sae0.params.k", 3)), SpecError, "graph.saes.sae0: StandardSAE: unexpected param 'k'"),
+    ("sae param nan", _doc(("saes.sae0.params.apply_b_dec_to_input", float("nan"))), SpecError, "graph.saes.sae0.params"),
+    ("sae param int", _doc(("saes.sae0.params.apply_b_dec_to_input", 1)), SpecError, "graph.saes.sae0: StandardSAE: apply_b_dec_to_input"),
+    ("sae tensor key", _doc(("saes.sae0.tensors.W_enc", "t99")), SpecError, "SAE 'sae0' parameter 'W_enc': no tensor 't99'"),
+    ("sae int tensor", _doc(("saes.sae0.tensors.W_enc", "t0")), SpecError, "graph.saes.sae0: StandardSAE: tensor 'b_enc' has shape [4], expected [3]"),
+    ("sae missing", _doc(("saes.sae0.tensors.b_dec", DROP)), SpecError, "graph.saes.sae0: StandardSAE: missing 'b_dec'"),
     ("sae field", _doc(("saes.sae0.url", "x")), SpecError, "graph.saes.sae0: unknown field(s) url"),
     # tensors
     ("dtype", _doc(("tensors.t2.dtype", "float16")), SpecError, "graph.tensors.t2: declared"),
     ("shape", _doc(("tensors.t2.shape", [5])), SpecError, "graph.tensors.t2: declared"),
     ("shape floats", _doc(("tensors.t2.shape", [4.0])), SpecError, "graph.tensors.t2: declared"),
     ("shape bools", _doc(("tensors.t0.shape", [True, 3])), SpecError, "graph.tensors.t0: declared"),
-    (
-        "meta field",
-        _doc(("tensors.t2.device", "cuda")),
-        SpecError,
-        "graph.tensors.t2: unknown field(s) device",
-    ),
+    ("meta field", _doc(("tensors.t2.device", "cuda")), SpecError, "graph.tensors.t2: unknown field(s) device"),
     ("undeclared", _doc(("tensors.t2", DROP)), SpecError, "the graph declares"),
     ("phantom", _doc(("tensors.t99", {"dtype": "float32", "shape": []})), SpecError, "t99"),
     ("b64", _doc(("tensor_data.inline", "!!!")), SpecError, "tensor_data.inline: not valid base64"),
-    (
-        "b64 unicode",
-        _doc(("tensor_data.inline", "ü")),
-        SpecError,
-        "tensor_data.inline: not valid base64",
-    ),
-    (
-        "not safetensors",
-        _doc(("tensor_data.inline", "Z2FyYmFnZQ==")),
-        SpecError,
-        "tensor data is not valid safetensors",
-    ),
-    (
-        "inline int",
-        _doc(("tensor_data.inline", 5)),
-        SpecError,
-        "tensor_data.inline: expected a string",
-    ),
-    (
-        "both",
-        _doc(("tensor_data.file", "g.safetensors")),
-        SpecError,
-        "tensor_data: give inline or file, not both",
-    ),
-    (
-        "td field",
-        _doc(("tensor_data.url", "http://x")),
-        SpecError,
-        "tensor_data: unknown field(s) url",
-    ),
+    ("b64 unicode", _doc(("tensor_data.inline", "ü")), SpecError, "tensor_data.inline: not valid base64"),
+    ("not safetensors", _doc(("tensor_data.inline", "Z2FyYmFnZQ==")), SpecError, "tensor data is not valid safetensors"),
+    ("inline int", _doc(("tensor_data.inline", 5)), SpecError, "tensor_data.inline: expected a string"),
+    ("both", _doc(("tensor_data.file", "g.safetensors")), SpecError, "tensor_data: give inline or file, not both"),
+    ("td field", _doc(("tensor_data.url", "http://x")), SpecError, "tensor_data: unknown field(s) url"),
     ("td list", _doc(("tensor_data", [])), SpecError, "tensor_data: expected an object"),
-    (
-        "file w/o dir",
-        _doc(("tensor_data", {"file": "g.safetensors"})),
-        SpecError,
-        "load the graph with Graph.load(path)",
-    ),
-    (
-        "wrong dtype data",
-        _doc(
-            (
-                "tensor_data.inline",
-                _blob({**BASE.tensors, "t2": torch.ones(4, dtype=torch.float64)}),
-            )
-        ),
-        SpecError,
-        "graph.tensors.t2: declared",
-    ),
+    ("file w/o dir", _doc(("tensor_data", {"file": "g.safetensors"})), SpecError, "load the graph with Graph.load(path)"),
+    ("bool byte 2", _bool_doc(b"\x01\x02"), SpecError, "graph.tensors.b: bool data holds bytes"),
+    ("wrong dtype data", _doc(("tensor_data.inline", _blob({**BASE.tensors, "t2": torch.ones(4, dtype=torch.float64)}))), SpecError, "graph.tensors.t2: declared"),
     # numbers and nesting
     ("layer digits", _doc(("ops.0.site.layer", "\x00RAW:digits")), SpecError, "not valid JSON"),
     ("deep lists", _doc(("ops.0.select.pos", "\x00RAW:lists")), SpecError, "not valid JSON"),
     ("deep objects", _doc(("runs.0.text", "\x00RAW:objects")), SpecError, "not valid JSON"),
-    (
-        "exp overflow",
-        _doc(("ops.3.scale", "\x00RAW:bigexp")),
-        SpecError,
-        "graph.ops[3].scale: expected a finite number, got inf",
-    ),
-    (
-        "cycle",
-        _doc(("ops.2.run", "clean"), ("ops.2.source", "corrupt")),
-        SpecError,
-        "cycle: clean -> corrupt -> clean",
-    ),
+    ("exp overflow", _doc(("ops.3.scale", "\x00RAW:bigexp")), SpecError, "graph.ops[3].scale: expected a finite number, got inf"),
+    ("cycle", _doc(("ops.2.run", "clean"), ("ops.2.source", "corrupt")), SpecError, "cycle: clean -> corrupt -> clean"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(
@@ -1058,6 +828,11 @@ def test_malformed_document_table(text: str, error: type[Exception], message: st
         iv.Graph.from_json(text)
     assert type(info.value) is error
     assert message in str(info.value)
+
+
+def test_canonical_bools_decode() -> None:
+    g = iv.Graph.from_json(_bool_doc(b"\x01\x00"))
+    assert g.tensors["b"].tolist() == [True, False]
 
 
 def test_table_covers_every_op_kind() -> None:

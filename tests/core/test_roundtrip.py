@@ -431,10 +431,9 @@ def test_model_sized_graphs_validate_on_tiny_gpt2(data: st.DataObject) -> None:
     iv.validate(g, hf_model("gpt2"), tokenizer=word_tokenizer())
 
 
-# --- known problems outside serialize.py / graph.py (strict xfail: they flip when fixed) ---
+# --- edge cases: signed zeros, odd raw names, long chains of runs ---
 
 
-@pytest.mark.xfail(strict=True, reason="-0.0 == 0.0 in op equality, but JSON keeps the sign")
 def test_equal_graphs_have_equal_fingerprints_with_signed_zero() -> None:
     a, b = iv.Graph(), iv.Graph()
     a.run("a", text="hi").scale("logits", factor=0.0)
@@ -443,14 +442,15 @@ def test_equal_graphs_have_equal_fingerprints_with_signed_zero() -> None:
     assert a.fingerprint() == b.fingerprint()
 
 
-@pytest.mark.xfail(strict=True, reason="printing.py writes raw site names unescaped")
-def test_print_stays_one_line_per_op_for_odd_raw_site_names() -> None:
+def test_raw_site_names_are_module_paths_so_printing_stays_one_line_per_op() -> None:
     g = iv.Graph()
-    g.run("a", text="hi").read("layer\nnorm.output", name="x")
-    assert len(str(g).splitlines()) == 3
+    with pytest.raises(iv.SpecError, match="dotted names and indices"):
+        g.run("a", text="hi").read("layer\nnorm.output", name="x")
+    g2 = iv.Graph()
+    g2.run("a", text="hi").read("layers.0.norm.output", name="x")
+    assert len(str(g2).splitlines()) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="Graph.run_order recurses once per run in a chain")
 def test_long_chain_of_runs_checks() -> None:
     n = 1100  # runs r0 <- r1 <- ... <- r1099, each patched from the next
     g = iv.Graph()

@@ -251,6 +251,23 @@ def test_ops_on_one_site_apply_in_order_and_reads_see_earlier_ops() -> None:
     assert_close(res["o1_heads"][:, :, 1:], 2 * res["o1"].view(2, 6, 4, -1)[:, :, 1:])
 
 
+def test_sae_features_as_a_patch_value() -> None:
+    """A value recorded by ``features=`` (not a read) patches as given, never aligned."""
+    square = iv.StandardSAE(
+        W_enc=randn(32, 32, seed=60),
+        b_enc=torch.zeros(32),
+        W_dec=randn(32, 32, seed=61),
+        b_dec=torch.zeros(32),
+    )
+    g = iv.Graph()
+    feats = g.run("a", tokens=IDS_SRC).sae_splice("resid_post", 0, sae=square, features="f")
+    assert feats is not None
+    b = g.run("b", tokens=IDS)
+    b.patch("resid_pre", 1, value=feats)
+    b.read("logits", pos=-1, name="out")
+    agree(g, hf_model("qwen2"))
+
+
 def test_a_run_that_only_records_sae_features() -> None:
     g = iv.Graph()
     g.run("x", tokens=IDS).sae_splice("mlp_out", 0, sae=sae(32, 50), features="f")
@@ -361,12 +378,16 @@ def test_generation_with_steering(family: str) -> None:
     g = iv.Graph()
     src = g.run("src", tokens=IDS_SRC)
     plain = g.run("plain", tokens=IDS, max_new_tokens=4)
+    # read positions count from the end of the prompt too: -1 is the last prompt token
     plain.read("resid_post", 1, pos=-1, name="plain.last")
+    plain.read("resid_post", 1, pos=[-2, prompt + 1], name="plain.pair")
+    plain.read("logits", pos=slice(-1, None), name="plain.logits")
     steer = g.run("steer", tokens=IDS, max_new_tokens=5)
     steer.add("resid_post", 0, direction=randn(32, seed=7), scale=8.0, pos=slice(-1, None))
     steer.scale("mlp_out", 1, factor=0.0, pos=-2)  # a prompt position only
     steer.ablate("resid_pre", 1, pos=prompt + 1)  # one generated position
-    steer.patch("attn_out", 0, value=src.read("attn_out", 0, pos=-1), pos=prompt + 2)
+    steer.patch("attn_out", 0, value=randn(32, seed=9), pos=prompt + 2)
+    steer.patch("attn_out", 0, value=src.read("attn_out", 0, pos=-1), pos=-1)
     steer.patch("mlp_out", 0, value=src.read("mlp_out", 0, pos=[1, 2]), pos=[1, 2])
     steer.read("resid_post", 0, name="steer.all")
     steer.read("logits", pos=slice(prompt - 1, None), name="steer.logits")
@@ -376,6 +397,7 @@ def test_generation_with_steering(family: str) -> None:
     assert res["steer.generated"].shape == (2, 5)
     assert res["everywhere.generated"].shape == (1, 3)
     assert res["steer.all"].shape[1] == prompt + 4
+    assert res["plain.logits"].shape[1] == 4
     assert not torch.equal(res["steer.generated"], res["plain.generated"])
 
 
