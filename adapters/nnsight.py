@@ -34,14 +34,21 @@ generation selectors are rewritten per decoding step, resample draws, SAE weight
 (float32) and the orthonormal bases of ``project_out`` are computed. The code inside
 the ``with`` block uses only torch, builtins and the trace; its small kernels are
 defined *inside* the block, so the block's source is self-contained (nnsight ships a
-trace to NDIF as the block's source plus the values it names). Edits are made in
-place on the rows nnsight hands each invoke, as ``output[...] = value`` in
-hand-written nnsight, which also avoids re-concatenating the whole batch for every
-edited invoke.
+trace to NDIF as the block's source plus the values it names). At standard sites
+edits are made in place on the rows nnsight hands each invoke, as
+``output[...] = value`` in hand-written nnsight (no re-concatenation of the whole
+batch per edited invoke); at raw module paths, whose tensor something else may still
+hold (GPT-2 keeps ``ln_2``'s input as its residual), they go to a copy that is
+swapped in, as the reference replaces the value. Reads are copies.
 
 Generation: an op applies on the prompt pass and on every generated step, with
 absolute positions (negative ones counted from the end of the prompt), exactly like
 the torch reference; reads keep every fed position and are selected at the end.
+Decoding is greedy with a KV cache, so step ``k > 0`` feeds exactly position
+``prompt + k - 1``.
+
+Not supported: gradients (``grad=``), remote execution (not yet), and ops on a module
+called more than once per forward pass (they bind to its first call).
 """
 
 from __future__ import annotations
