@@ -660,7 +660,7 @@ class NNsightBackend:
             wrapper = _wrap(model, batched)
             for stage in stages:
                 try:
-                    self._run_stage(wrapper, model, batched, stage, plan, store)
+                    self._run_stage(wrapper, model, stage, plan, store)
                 except InterventionError:
                     raise
                 except Exception as exc:
@@ -682,7 +682,6 @@ class NNsightBackend:
         self,
         wrapper: Any,
         model: nn.Module,
-        batched: bool,
         stage: _Stage,
         plan: Plan,
         store: dict[str, Any],

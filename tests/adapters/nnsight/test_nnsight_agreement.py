@@ -252,6 +252,10 @@ def _flow_graph() -> iv.Graph:
     # different lengths
     longer.patch("resid_post", 0, pos=-1, value=clean.read("resid_post", 0, pos=-2, name="c.m2"))
     longer.patch("mlp_hidden", 1, batch=1, pos=[0, 7], value=corrupt.read("mlp_hidden", 1, pos=3))
+    # SAE features of one run patched into another (same module: one trace)
+    feats = clean.sae_splice("resid_post", 1, sae=_sae("topk", 32), features="clean.f")
+    assert feats is not None
+    corrupt.patch("resid_post", 1, dims=slice(0, 8), value=feats)
     for run in (corrupt, cross, longer, chain):
         run.read("logits", name=f"{run.name}.logits")
     # ablations from a reference run of three items
