@@ -81,6 +81,7 @@ from interventions.ops import (
     produces,
 )
 from interventions.plan import Plan, absolute_select, resample_indices, step_select
+from interventions.progress import progress
 from interventions.sae import sae_from_parts
 from interventions.sites import Index, Select, Site, Span
 
@@ -638,6 +639,7 @@ class NNsightBackend:
 
     def execute(self, plan: Plan, model: nn.Module, **options: Any) -> dict[str, torch.Tensor]:
         max_batch = options.pop("max_batch", None)
+        show = options.pop("progress", None)
         if options.pop("remote", False):
             raise InterventionError(
                 "nnsight backend: remote execution on NDIF is not available yet; run locally"
@@ -645,7 +647,7 @@ class NNsightBackend:
         if options:
             extra = " (the nnsight backend computes no gradients)" if "grad" in options else ""
             raise InterventionError(
-                f"nnsight backend: unknown options {sorted(options)}{extra}; valid: max_batch, "
+                f"nnsight backend: unknown options {sorted(options)}{extra}; valid: max_batch, progress, "
                 "remote"
             )
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
@@ -658,7 +660,7 @@ class NNsightBackend:
         needs_eager = any(op.site.name == "attn_pattern" for op in plan.graph.ops)
         with _restore_modules(model), _eager_attention(model, needs_eager), torch.no_grad():
             wrapper = _wrap(model, batched)
-            for stage in stages:
+            for stage in progress(stages, show, desc="stages (nnsight)"):
                 try:
                     self._run_stage(wrapper, model, stage, plan, store)
                 except InterventionError:

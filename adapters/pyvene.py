@@ -90,6 +90,7 @@ from interventions.errors import (
 )
 from interventions.ops import OP_KINDS, Const, Op, Patch, Read, Ref
 from interventions.plan import Plan, absolute_select, step_select
+from interventions.progress import progress
 from interventions.sites import Select, Site, put, site_axes, take
 
 SUPPORTED_PYVENE = ">=0.1.8,<0.2"
@@ -723,9 +724,10 @@ class PyveneBackend:
 
     def execute(self, plan: Plan, model: nn.Module, **options: Any) -> dict[str, torch.Tensor]:
         grad = bool(options.pop("grad", False))
+        show = options.pop("progress", None)
         if options:
             raise InterventionError(
-                f"pyvene backend: unknown options {sorted(options)}; valid: grad"
+                f"pyvene backend: unknown options {sorted(options)}; valid: grad, progress"
             )
         state = RunState(plan.graph)
         generated: dict[str, torch.Tensor] = {}
@@ -734,7 +736,7 @@ class PyveneBackend:
         device = _device(model)
         try:
             with contextlib.nullcontext() if grad else torch.no_grad():
-                for run in plan.order:
+                for run in progress(plan.order, show, desc="runs (pyvene)"):
                     try:
                         tokens = _execute_run(plan, run, state, wrapper, device, grad)
                     except InterventionError:

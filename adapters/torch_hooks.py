@@ -28,6 +28,7 @@ from interventions.backends import Capabilities
 from interventions.errors import ExecutionError, InterventionError
 from interventions.ops import OP_KINDS, Op, Read
 from interventions.plan import Plan, absolute_select, step_select
+from interventions.progress import progress
 from interventions.sites import Select, Site, put, site_axes, take
 
 
@@ -326,15 +327,16 @@ class TorchHooksBackend:
 
     def execute(self, plan: Plan, model: nn.Module, **options: Any) -> dict[str, torch.Tensor]:
         grad = bool(options.pop("grad", False))
+        show = options.pop("progress", None)
         if options:
             raise InterventionError(
-                f"torch backend: unknown options {sorted(options)}; valid: grad"
+                f"torch backend: unknown options {sorted(options)}; valid: grad, progress"
             )
         state = RunState(plan.graph)
         generated: dict[str, torch.Tensor] = {}
         needs_eager = any(op.site.name == "attn_pattern" for op in plan.graph.ops)
         with eager_attention(model, needs_eager):
-            for run in plan.order:
+            for run in progress(plan.order, show, desc="runs (torch)"):
                 hooks = _Hooks(model, plan, run, state, grad)
                 try:
                     with hooks:

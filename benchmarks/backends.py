@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     steer = steer / steer.norm() * float(resid[mid].norm(dim=-1).mean())
 
     workloads = {
-        "reads": Workload("reads", f"a. read resid_post of all {n_layers} layers, {batch} x {seq}", 1e-4, 5),
+        "reads": Workload(
+            "reads", f"a. read resid_post of all {n_layers} layers, {batch} x {seq}", 1e-4, 5
+        ),
         "sweep": Workload(
             "sweep",
             f"b. resid_pre patch sweep, {n_layers} x {seq} = {len(cells)} patches, rows of {chunk}",
@@ -108,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             1,
         ),
         "sae": Workload(
-            "sae", f"c. SAE splice (d_sae {4 * d_model}, error kept) at resid_post[{mid}], {batch} x {seq}", 1e-3, 5
+            "sae",
+            f"c. SAE splice (d_sae {4 * d_model}, error kept) at resid_post[{mid}], {batch} x {seq}",
+            1e-3,
+            5,
         ),
         "steer": Workload(
             "steer",
@@ -144,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         "nnsight": lambda: nnsight_impl(
             model, ids, clean, corrupt, cells, chunk, sae, mid, steer, gen_ids, new_tokens
         ),
-        "pyvene": lambda: pyvene_impl(model, ids, clean, corrupt, sae, mid, steer, gen_ids, new_tokens),
+        "pyvene": lambda: pyvene_impl(
+            model, ids, clean, corrupt, sae, mid, steer, gen_ids, new_tokens
+        ),
     }
     for lib, make in hand_setups.items():
         try:
@@ -169,11 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         for backend in BACKENDS:
             lib = HAND[backend]
             if lib in hand[key]:
-                h = cm.Contender(f"{key}: {lib} (hand-written)", repeat(hand[key][lib], w.inner), key)
+                h = cm.Contender(
+                    f"{key}: {lib} (hand-written)", repeat(hand[key][lib], w.inner), key
+                )
             else:
                 h = cm.Contender(f"{key}: {lib} (hand-written)", lambda: None, key)
                 h.error = "setup failed: " + setup_errors.get(lib, "?")
-            a = cm.Contender(f"{key}: interventions[{backend}]", repeat(ours(backend)[key], w.inner), key)
+            a = cm.Contender(
+                f"{key}: interventions[{backend}]", repeat(ours(backend)[key], w.inner), key
+            )
             pairs[(key, backend)] = (h, a)
             contenders += [h, a]
     cm.label(contenders)
@@ -209,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     for key, w in workloads.items():
         for backend in BACKENDS:
             h, a = pairs[(key, backend)]
-            per = f" /{w.inner}" if w.inner > 1 else ""
             hs = cm.fmt_s(cm.median(h.times) / w.inner) if h.times else "error"
             as_ = cm.fmt_s(cm.median(a.times) / w.inner) if a.times else "error"
             if h.times and a.times:
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             for who, c in (("hand", h), ("adapter", a)):
                 if not c.ok:
                     verdict += f"; {who} output differs"
-            rows.append([key if backend == "torch" else "", backend, hs + per * 0, as_, rs, verdict])
+            rows.append([key if backend == "torch" else "", backend, hs, as_, rs, verdict])
     print(
         cm.table(
             rows,
@@ -479,7 +489,9 @@ def pyvene_impl(
     splicer = pv.IntervenableModel(
         pv.IntervenableConfig(
             representations=[
-                pv.RepresentationConfig(layer=mid, component="block_output", intervention=SAESplice())
+                pv.RepresentationConfig(
+                    layer=mid, component="block_output", intervention=SAESplice()
+                )
             ]
         ),
         model=pm,

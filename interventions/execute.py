@@ -12,7 +12,7 @@ from torch import nn
 from interventions.architectures import describe
 from interventions.backends import get_backend
 from interventions.batching import Budget, batch_graph
-from interventions.errors import ExecutionError, InterventionError
+from interventions.errors import ExecutionError, InterventionError, UnsupportedOp
 from interventions.graph import Graph
 from interventions.plan import make_plan
 from interventions.results import Provenance, Results
@@ -76,6 +76,7 @@ def run(
     tokenizer: Any = None,
     batch: bool = True,
     budget: Budget | None = None,
+    progress: bool | None = None,
     **options: Any,
 ) -> Results:
     """Validate ``graph`` against ``model``, execute it on ``backend``, return :class:`Results`.
@@ -83,7 +84,8 @@ def run(
     ``model`` is a model object (HuggingFace or any ``nn.Module``) or a name/path that
     transformers can load. Independent runs of equal shape share batched forward passes
     under ``budget`` (see :mod:`interventions.batching`); ``batch=False`` runs each run on
-    its own. Backend-specific ``options`` are passed through (the torch backend takes
+    its own. ``progress`` shows a bar for executions longer than a second (default: on a
+    terminal). Backend-specific ``options`` are passed through (the torch backend takes
     ``grad=True`` to keep the autograd graph).
 
     >>> import torch, interventions as iv
@@ -100,13 +102,23 @@ def run(
     info = describe(model)
     plan = validate(graph, model, tokenizer=tokenizer, backend=backend, info=info)
     impl = get_backend(backend)
+    if options.get("grad") and not impl.capabilities.gradients:
+        from interventions.backends import backend_capabilities
+
+        able = [
+            n for n, c in backend_capabilities().items() if not isinstance(c, str) and c.gradients
+        ]
+        raise UnsupportedOp(
+            f"backend {backend!r} computes no gradients (grad=True); backends that do: "
+            f"{', '.join(able)}"
+        )
     internal: frozenset[str] = frozenset()
     if batch and len(graph.runs) > 1:
         batched = batch_graph(graph, budget, inputs=plan.inputs, info=info)
         internal = batched.internal
         plan = make_plan(batched.graph, info, tokenizer)
     try:
-        tensors = impl.execute(plan, model, **options)
+        tensors = impl.execute(plan, model, progress=progress, **options)
     except InterventionError:
         raise
     except Exception as exc:

@@ -7,12 +7,14 @@ and the site, and lists the valid choices.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from interventions.architectures import HookPoint, ModelInfo, describe
+from interventions.backends import Capabilities
 from interventions.errors import InterventionError, UnsupportedOp, ValidationError, choices_text
 from interventions.graph import Graph
 from interventions.ops import (
@@ -92,6 +94,16 @@ def _fits(value: tuple[int, ...], region: tuple[int, ...]) -> bool:
         return False
 
 
+def _who_can(test: Callable[[Capabilities], bool]) -> str:
+    """Names of the loadable backends whose capabilities pass ``test``."""
+    from interventions.backends import backend_capabilities
+
+    names = [
+        n for n, c in backend_capabilities().items() if isinstance(c, Capabilities) and test(c)
+    ]
+    return choices_text(names) or "none installed"
+
+
 def _per_position_value(plan: Plan, op: Op) -> bool:
     """Does the op bring a value with its own position axis (which generated steps lack)?"""
     graph = plan.graph
@@ -131,11 +143,20 @@ def _check_op(plan: Plan, op: Op, caps: Any) -> None:
     point = info.hook_point(op.site)
     if caps is not None:
         if op_kind(op) not in caps.ops:
-            raise UnsupportedOp(f"{_where(op)}: the backend cannot run {op_kind(op)!r}")
+            raise UnsupportedOp(
+                f"{_where(op)}: the backend cannot run {op_kind(op)!r}; backends that can: "
+                f"{_who_can(lambda c: op_kind(op) in c.ops)}"
+            )
         if point.view not in caps.views:
-            raise UnsupportedOp(f"{_where(op)}: the backend cannot reach site {op.site.name!r}")
+            raise UnsupportedOp(
+                f"{_where(op)}: the backend cannot reach site {op.site.name!r}; backends that "
+                f"can: {_who_can(lambda c: point.view in c.views)}"
+            )
         if op.site.is_raw and not caps.raw_modules:
-            raise UnsupportedOp(f"{_where(op)}: the backend does not support raw module sites")
+            raise UnsupportedOp(
+                f"{_where(op)}: the backend does not support raw module sites; backends that "
+                f"can: {_who_can(lambda c: c.raw_modules)}"
+            )
     if op.site.name == "attn_pattern" and run.generates:
         raise ValidationError(
             f"{_where(op)}: attention patterns cannot be read in a generating run"

@@ -142,3 +142,15 @@ def test_linear_module_output_is_its_own_site() -> None:
     expected = lin(torch.ones(1, 4, 3)).detach().clone()
     expected[:, 1] = 0
     torch.testing.assert_close(y, expected)
+
+
+def test_progress_bar_option_on_every_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    g = iv.Graph()
+    g.run("a", tokens=[[1, 2, 3]]).read("logits", name="y")
+    g.run("b", tokens=[[1, 2]]).read("logits", name="z")
+    for backend in ("torch", "nnsight", "pyvene"):
+        quiet = iv.run(g, hf_model("gpt2"), backend=backend, progress=False)
+        shown = iv.run(g, hf_model("gpt2"), backend=backend, progress=True)
+        torch.testing.assert_close(quiet["y"], shown["y"])
+    with pytest.raises(iv.InterventionError, match="unknown options"):
+        iv.run(g, hf_model("gpt2"), backend="torch", bogus=1)

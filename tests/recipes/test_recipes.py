@@ -25,7 +25,8 @@ from interventions.recipes import (
 )
 from tests.tiny_models import hf_model
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "nnsight", "pyvene"]
+GRADIENTS = ["torch", "pyvene"]  # nnsight computes no gradients
 CLEAN = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
 CORRUPT = CLEAN.clone()
 CORRUPT[:, 2] = 30
@@ -101,9 +102,15 @@ def test_head_sweep_and_noising(backend: str) -> None:
     assert kl.scores[0, 2] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_attribution_patching_is_exact_where_nothing_changes_and_tracks_the_sweep() -> None:
+def test_attribution_patching_needs_gradients() -> None:
+    with pytest.raises(iv.UnsupportedOp, match=r"'nnsight' computes no gradients.*torch"):
+        attribution_patching(hf_model("gpt2"), CLEAN, CORRUPT, METRIC, backend="nnsight")
+
+
+@pytest.mark.parametrize("backend", GRADIENTS)
+def test_attribution_patching_is_exact_where_nothing_changes_and_tracks_the_sweep(backend: str) -> None:
     model = hf_model("gpt2")
-    attr = attribution_patching(model, CLEAN, CORRUPT, METRIC, compare_exact=True)
+    attr = attribution_patching(model, CLEAN, CORRUPT, METRIC, compare_exact=True, backend=backend)
     assert attr.exact is not None and attr.correlation is not None
     # positions whose activations are equal in both runs get exactly zero
     torch.testing.assert_close(
@@ -131,15 +138,16 @@ def test_attribution_patching_is_exact_where_nothing_changes_and_tracks_the_swee
     torch.testing.assert_close(attr.approx.scores[1], expected, atol=1e-4, rtol=1e-4)
 
 
-def test_path_patching_to_logits_and_receivers() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_path_patching_to_logits_and_receivers(backend: str) -> None:
     model = hf_model("llama")
-    direct = path_patching(model, CLEAN, CORRUPT, METRIC)
+    direct = path_patching(model, CLEAN, CORRUPT, METRIC, backend=backend)
     assert direct.scores.shape == (2, 4) and not direct.scores.isnan().any()
-    via = path_patching(model, CLEAN, CORRUPT, METRIC, receivers=[(1, 0), (1, 2)])
+    via = path_patching(model, CLEAN, CORRUPT, METRIC, receivers=[(1, 0), (1, 2)], backend=backend)
     assert via.scores.shape == (1, 4)  # senders: the heads of layer 0
     # a receiver whose output we overwrite with its clean value (sender patched from an
     # identical run) changes nothing: with clean == corrupt every score is 1
-    same = path_patching(model, CLEAN, CLEAN.clone(), Metric.logit(7), normalize=False)
+    same = path_patching(model, CLEAN, CLEAN.clone(), Metric.logit(7), normalize=False, backend=backend)
     clean_metric = Metric.logit(7)(model(CLEAN).logits[:, -1].detach()).mean()
     torch.testing.assert_close(
         same.scores, torch.full_like(same.scores, float(clean_metric)), atol=1e-4, rtol=0
@@ -160,10 +168,11 @@ def test_logit_lens_decodes_with_the_models_own_head(backend: str, family: str) 
     assert lens.probs.shape == (2, 6, 1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
-def test_direct_logit_attribution_sums_to_the_logit_difference(family: str) -> None:
+def test_direct_logit_attribution_sums_to_the_logit_difference(backend: str, family: str) -> None:
     model = hf_model(family)  # no biases after the residual stream in these families
-    dla = direct_logit_attribution(model, CLEAN, METRIC)
+    dla = direct_logit_attribution(model, CLEAN, METRIC, backend=backend)
     total = float(dla.heads.sum() + dla.mlps.sum()) + dla.embed
     assert total == pytest.approx(dla.total, abs=1e-4)
     with torch.no_grad():
@@ -172,9 +181,15 @@ def test_direct_logit_attribution_sums_to_the_logit_difference(family: str) -> N
         )
 
 
-def test_head_scores_match_patterns_computed_by_hand() -> None:
+def test_head_scores_need_attention_patterns() -> None:
+    with pytest.raises(iv.UnsupportedOp, match=r"attn_pattern.*backends that can: torch, nnsight"):
+        head_scores(hf_model("llama"), half=4, batch=1, backend="pyvene")
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+def test_head_scores_match_patterns_computed_by_hand(backend: str) -> None:
     model = hf_model("llama")
-    scores = head_scores(model, half=6, batch=3, seed=1)
+    scores = head_scores(model, half=6, batch=3, seed=1, backend=backend)
     ids = scores.tokens
     with torch.no_grad():
         model.config._attn_implementation = "eager"
@@ -198,9 +213,10 @@ def test_head_scores_match_patterns_computed_by_hand() -> None:
     assert len(scores.top("induction", 2)) == 2
 
 
-def test_contrastive_direction_and_steering() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_contrastive_direction_and_steering(backend: str) -> None:
     model = hf_model("gpt2")
-    d = contrastive_direction(model, CLEAN, CORRUPT, layer=1, pos=-1)
+    d = contrastive_direction(model, CLEAN, CORRUPT, layer=1, pos=-1, backend=backend)
     got: dict[str, list[torch.Tensor]] = {}  # GPT-2's last hidden state is post-norm: hook
     h = model.transformer.h[1].register_forward_hook(
         lambda m, i, o: got.setdefault("x", []).append(o[0] if isinstance(o, tuple) else o)
@@ -213,26 +229,33 @@ def test_contrastive_direction_and_steering() -> None:
         d, got["x"][0][:, -1].mean(0) - got["x"][1][:, -1].mean(0), atol=1e-5, rtol=1e-5
     )
 
-    zero = steer(model, CLEAN[:1], torch.zeros(32), layer=1, max_new_tokens=4)
+    zero = steer(model, CLEAN[:1], torch.zeros(32), layer=1, max_new_tokens=4, backend=backend)
     assert torch.equal(zero.plain, zero.steered) and zero.changed() == 0.0
     direction = model.get_output_embeddings().weight[42].detach()
-    strong = steer(model, CLEAN[:1], direction, layer=1, scale=50.0, max_new_tokens=4)
+    strong = steer(model, CLEAN[:1], direction, layer=1, scale=50.0, max_new_tokens=4, backend=backend)
     assert (strong.steered == 42).all()
 
 
-def test_sae_recipes_against_hand_computation() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sae_recipes_against_hand_computation(backend: str) -> None:
     model, sae = hf_model("llama"), _sae()
     with torch.no_grad():
         x = _hidden(model, CLEAN)[1]  # resid_post of layer 0
-    feats = feature_activations(model, CLEAN, sae, layer=0)
+    feats = feature_activations(model, CLEAN, sae, layer=0, backend=backend)
     torch.testing.assert_close(feats, sae.encode(x), atol=1e-5, rtol=1e-5)
-    top = top_activating(model, [CLEAN[:1], CLEAN[1:]], sae, feature=3, k=2, layer=0)
+    top = top_activating(model, [CLEAN[:1], CLEAN[1:]], sae, feature=3, k=2, layer=0, backend=backend)
     all_acts = sorted(sae.encode(x)[..., 3].flatten().tolist(), reverse=True)
     assert [a.value for a in top] == pytest.approx(all_acts[:2], abs=1e-5)
     torch.testing.assert_close(sae_feature_direction(sae, 3), sae.W_dec[3])
 
     metric = Metric.logit(7)
-    attribution = feature_attribution(model, CLEAN, sae, metric, layer=0)
+    effects = feature_ablation(model, CLEAN, sae, [3, 5], metric, layer=0, backend=backend)
+    assert effects.shape == (2,)
+    if backend not in GRADIENTS:
+        with pytest.raises(iv.UnsupportedOp):
+            feature_attribution(model, CLEAN, sae, metric, layer=0, backend=backend)
+        return
+    attribution = feature_attribution(model, CLEAN, sae, metric, layer=0, backend=backend)
     assert attribution.shape == (24,)
     # by hand: f * d metric / d f with the error term detached
     captured = {}
