@@ -55,7 +55,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+import json
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +67,18 @@ from torch import nn
 from interventions.apply import orthonormal_basis
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.backends import Capabilities
-from interventions.errors import BackendVersionError, ExecutionError, InterventionError
+from interventions.errors import (
+    BackendVersionError,
+    ExecutionError,
+    InterventionError,
+    JobLost,
+    ModelNotDeployed,
+    RemoteAuthError,
+    RemoteConnectionError,
+    RemoteError,
+    RemoteExecutionError,
+    RemoteTimeout,
+)
 from interventions.ops import (
     OP_KINDS,
     Ablate,
@@ -602,6 +615,33 @@ def _greedy_config(max_new_tokens: int) -> Any:
     )
 
 
+def _repo_of(model: nn.Module) -> str:
+    """The name a model is known by on a host: its hub id or checkpoint directory."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+    if not name:
+        raise InterventionError(
+            "nnsight backend: this model has no name (config._name_or_path); pass "
+            "model_key= (a hub id or checkpoint directory deployed on the host)"
+        )
+    return str(name)
+
+
+def _check_max_batch(max_batch: Any) -> None:
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise InterventionError(
+            f"nnsight backend: max_batch must be a positive int, got {max_batch!r}"
+        )
+
+
+def _check_generated(plan: Plan, store: Mapping[str, Any]) -> None:
+    for run in plan.graph.runs.values():
+        if run.generates and f"{run.name}.generated" not in store:
+            raise ExecutionError(
+                f"run {run.name!r} stopped generating before its last step on the nnsight backend"
+            )
+
+
 def _takes(model: nn.Module, keyword: str) -> bool:
     """Whether the model's forward accepts ``keyword``."""
     try:
@@ -642,58 +682,152 @@ class NNsightBackend:
         show = options.pop("progress", None)
         if options.pop("remote", False):
             raise InterventionError(
-                "nnsight backend: remote execution on NDIF is not available yet; run locally"
+                "nnsight backend: a remote run goes through iv.run(..., remote=True) or "
+                "iv.submit(...), which send the whole graph to the host as one request"
             )
         if options:
             extra = " (the nnsight backend computes no gradients)" if "grad" in options else ""
             raise InterventionError(
-                f"nnsight backend: unknown options {sorted(options)}{extra}; valid: max_batch, progress, "
-                "remote"
+                f"nnsight backend: unknown options {sorted(options)}{extra}; valid: max_batch, "
+                "progress, remote"
             )
-        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-            raise InterventionError(
-                f"nnsight backend: max_batch must be a positive int, got {max_batch!r}"
-            )
+        _check_max_batch(max_batch)
         batched = _can_batch(model, plan.info)
         stages = _Compiler(plan, model, batched).stages(max_batch)
-        store: dict[str, Any] = {}
         needs_eager = any(op.site.name == "attn_pattern" for op in plan.graph.ops)
+        stage_at: dict[str, int] = {}
         with _restore_modules(model), _eager_attention(model, needs_eager), torch.no_grad():
             wrapper = _wrap(model, batched)
-            for stage in progress(stages, show, desc="stages (nnsight)"):
-                try:
-                    self._run_stage(wrapper, model, stage, plan, store)
-                except InterventionError:
-                    raise
-                except Exception as exc:
-                    names = ", ".join(repr(r.name) for r in stage.runs)
-                    which = f"run {names}" if len(stage.runs) == 1 else f"runs {names}"
-                    raise ExecutionError(
-                        f"{which} failed on the nnsight backend: {type(exc).__name__}: {exc}"
-                    ) from exc
-            del wrapper
-        for run in plan.graph.runs.values():
-            if run.generates and f"{run.name}.generated" not in store:
+            try:
+                program = {
+                    "stages": progress(
+                        [self._stage_program(wrapper, model, s, plan) for s in stages],
+                        show,
+                        desc="stages (nnsight)",
+                    ),
+                    "eager": False,  # switched above, on the client's own model
+                    "wanted": (),
+                    "echo": None,
+                }
+                store = _run_program(wrapper, program, plan.info.n_heads or 1, None, stage_at)
+            except InterventionError:
+                raise
+            except Exception as exc:
+                stage = stages[stage_at.get("stage", 0)] if stages else None
+                names = ", ".join(repr(r.name) for r in stage.runs) if stage else "-"
+                which = f"run {names}" if stage and len(stage.runs) == 1 else f"runs {names}"
                 raise ExecutionError(
-                    f"run {run.name!r} stopped generating before its last step on the "
-                    "nnsight backend"
-                )
+                    f"{which} failed on the nnsight backend: {type(exc).__name__}: {exc}"
+                ) from exc
+            del wrapper
+        _check_generated(plan, store)
         return {name: store[name].detach().cpu() for name in plan.graph.reads() if name in store}
 
-    def _run_stage(
-        self,
-        wrapper: Any,
-        model: nn.Module,
-        stage: _Stage,
-        plan: Plan,
-        store: dict[str, Any],
-    ) -> None:
+    # -- remote (NDIF) ----------------------------------------------------------------
+
+    _REMOTE_OPTIONS = ("host", "api_key", "model_key", "timeout", "retries", "max_batch")
+
+    def submit(
+        self, plan: Plan, model: nn.Module, *, wait: bool, echo: dict[str, Any], **options: Any
+    ) -> _NdifJob:
+        """Send the whole plan to an NDIF host as one request (one nnsight session).
+
+        ``wait=True`` subscribes first and receives the result on the websocket, as
+        nnsight's blocking ``remote=True`` does; ``wait=False`` submits without a
+        connection (the host stores status and result; poll or re-attach by id).
+        """
+        options.pop("progress", None)
+        unknown = sorted(set(options) - set(self._REMOTE_OPTIONS))
+        if unknown:
+            raise InterventionError(
+                f"nnsight backend: unknown options {unknown} for a remote run; valid: "
+                f"{', '.join(self._REMOTE_OPTIONS)}"
+            )
+        max_batch = options.get("max_batch")
+        _check_max_batch(max_batch)
+        if not _can_batch(model, plan.info):
+            raise InterventionError(
+                "nnsight backend: a remote run needs a HuggingFace causal LM (named on the "
+                f"host by its model key); {plan.info.class_name} is not one"
+            )
+        timeout = float(options.get("timeout") or _DEFAULT_TIMEOUT)
+        retries = int(options.get("retries", _DEFAULT_RETRIES))
+        host, api_key = _config_host_key(options.get("host"), options.get("api_key"))
+        repo = options.get("model_key") or _repo_of(model)
+        client = _Ndif(host, api_key, str(repo), retries)
+        wrapper = self._remote_wrapper(client, str(repo))
+        client.model_key = wrapper.to_model_key()
+        stages = _Compiler(plan, model, True).stages(max_batch)
+        from nnsight.schema.config import CONFIG
+
+        compress = bool(CONFIG.API.COMPRESS)
+        capture = _Capture(compress)
+        program = {
+            "stages": [self._stage_program(wrapper, model, s, plan) for s in stages],
+            "eager": any(op.site.name == "attn_pattern" for op in plan.graph.ops),
+            "wanted": tuple(plan.graph.reads()),
+            "echo": {**echo, "model_key": client.model_key},
+        }
+        _run_program(wrapper, program, plan.info.n_heads or 1, capture)
+        assert capture.blob is not None
+        socket, session_id = _subscribe(client) if wait else (None, "")
+        try:
+            received = client.post(capture.blob, compress, session_id)
+        except BaseException:
+            if socket is not None:
+                socket.close()
+            raise
+        return _NdifJob(client, str(received.id), compress=compress, timeout=timeout, socket=socket)
+
+    def attach(self, job_id: str, **options: Any) -> _NdifJob:
+        """A handle on a job submitted earlier (by any process), by its id."""
+        from nnsight.schema.config import CONFIG
+
+        host, api_key = _config_host_key(options.get("host"), options.get("api_key"))
+        client = _Ndif(host, api_key, "", int(options.get("retries", _DEFAULT_RETRIES)))
+        timeout = float(options.get("timeout") or _DEFAULT_TIMEOUT)
+        return _NdifJob(client, job_id, compress=bool(CONFIG.API.COMPRESS), timeout=timeout)
+
+    def _remote_wrapper(self, client: _Ndif, repo: str) -> Any:
+        """nnsight's own meta model for ``repo`` (no weights), cached: its envoys are
+        what the shipped block names, and its key is what the host deploys under."""
+        cache: dict[str, Any] = self.__dict__.setdefault("_remote_models", {})
+        if repo in cache:
+            return cache[repo]
+        from nnsight.modeling.transformers import TransformersModel
+
+        full_key = ":" in repo and repo.split(":", 1)[1].lstrip().startswith("{")
+        repo_id = json.loads(repo.split(":", 1)[1])["repo_id"] if full_key else repo
+        if os.path.isdir(repo_id):
+            # a checkpoint directory is its own id (nnsight would ask the hub for it)
+            from nnsight.modeling.huggingface import _ID_CACHE
+
+            _ID_CACHE.setdefault(repo_id, repo_id)
+        try:
+            if full_key:
+                wrapper = TransformersModel.from_model_key(repo, tokenizer=_NoTokenizer())
+            else:
+                wrapper = TransformersModel(
+                    repo_id, task="text-generation", tokenizer=_NoTokenizer()
+                )
+        except Exception as exc:
+            raise client.error(
+                ModelNotDeployed,
+                f"cannot read the model's config for {repo!r} ({type(exc).__name__}: {exc})",
+                hint="model_key= (or the model's name_or_path) must be a hub id or a "
+                "checkpoint directory that both this client and the host can read",
+            ) from None
+        cache[repo] = wrapper
+        return wrapper
+
+    @staticmethod
+    def _stage_program(wrapper: Any, model: nn.Module, stage: _Stage, plan: Plan) -> dict[str, Any]:
+        """One stage (one trace) as plain data: its call settings and its runs' programs."""
         graph = plan.graph
         first = graph.runs[stage.runs[0].name]
-        fn: Any = None
         decoding: dict[str, Any] = {}
         if first.max_new_tokens is not None:
-            fn = model.generate  # traced: the block sees every forward of the decoding loop
+            # traced through model.generate: the block sees every forward of the decoding loop
             decoding["generation_config"] = _greedy_config(first.max_new_tokens)
             if _takes(model, "logits_to_keep"):
                 decoding["logits_to_keep"] = 0  # the prompt pass's logits at every position
@@ -716,10 +850,15 @@ class NNsightBackend:
                 else:
                     invokes.append(((), {"input_ids": x, "use_cache": False}))
         progs = [
-            self._program(wrapper, code, plan, invoke)
+            NNsightBackend._program(wrapper, code, plan, invoke)
             for code, invoke in zip(stage.runs, invokes, strict=True)
         ]
-        _trace(wrapper, fn, trace_kwargs, progs, stage.barriers, store, plan.info.n_heads or 1)
+        return {
+            "generate": first.max_new_tokens is not None,
+            "kwargs": trace_kwargs,
+            "barriers": dict(stage.barriers),
+            "progs": progs,
+        }
 
     @staticmethod
     def _program(
@@ -752,21 +891,30 @@ class NNsightBackend:
         }
 
 
-def _trace(
+def _run_program(
     wrapper: Any,
-    fn: Any,
-    kwargs: dict[str, Any],
-    progs: Sequence[dict[str, Any]],
-    barriers: dict[str, int],
-    store: dict[str, Any],
+    program: dict[str, Any],
     n_heads: int,
-) -> None:
-    """Run one stage as one nnsight trace.
+    backend: Any = None,
+    stage_at: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Run every stage of a compiled plan, each stage one nnsight trace; return the store.
 
-    The body of the ``with`` block is what nnsight executes (and would ship to NDIF):
-    it uses torch, builtins, the trace and the plain data above, nothing else.
+    Locally (``backend=None``) the stages run one after the other in this process. For
+    a remote run the same block is the body of one nnsight *session*, captured by
+    ``backend`` and sent to the host as one request; the host runs it and sends back
+    ``result`` (the wanted reads and the echoed request data). The body of the ``with``
+    block is what nnsight ships: it names only torch, nnsight, builtins, the traces and
+    the plain data of ``program`` -- never this package, which the host does not have.
+    ``stage_at["stage"]`` says which stage is running (for error messages).
     """
-    with wrapper.trace(fn=fn, **kwargs) as tracer:
+    import nnsight  # the block marks its result with nnsight.save for the host to return
+
+    store: dict[str, Any] = {}
+    stage_at = stage_at if stage_at is not None else {}
+    remote = backend is not None  # the block must not name `backend` (it would be shipped)
+    session = wrapper.session(backend=backend) if backend is not None else contextlib.nullcontext()
+    with session:
         memo: dict[Any, Any] = {}  # (shape, axes, id of selector, device) -> index plan
 
         def axes_of(ndim: int, axes: Any) -> Any:
@@ -978,42 +1126,561 @@ def _trace(
                 raise RuntimeError("no attention weights returned; eager attention is needed")
             return raw[1]
 
-        gates = {key: tracer.barrier(n) for key, n in barriers.items()}
-        for prog in progs:
-            with tracer.invoke(*prog["args"], **prog["kwargs"]):
-                kept: dict[str, Any] = {}
-                for step in tracer.iter[0 : len(prog["steps"])]:
-                    for envoy, io, waits, signals, instrs, swap in prog["steps"][step]:
-                        for key in waits:
-                            gates[key]()
-                        raw = envoy.output if io == "output" else envoy.inputs
-                        main, where = None, None
-                        views: dict[str, Any] = {}
-                        for ins in instrs:
-                            if ins[1] not in views:
-                                if ins[1] == "attn_weights":
-                                    views[ins[1]] = (attention_of(raw), None)
-                                else:
-                                    if main is None:
-                                        main, where = main_of(raw, io)
-                                        main = main.clone() if swap else main
-                                    views[ins[1]] = view_of(main, ins[1])
-                            apply(views[ins[1]][0], ins, kept)
-                        for x, base in views.values():
-                            if base is not None:
-                                base.copy_(x.reshape(base.shape))
-                        if swap and io == "output":
-                            envoy.output = rebuild(raw, io, where, main)
-                        elif swap:
-                            envoy.inputs = rebuild(raw, io, where, main)
-                        for key in signals:
-                            gates[key]()
-                for name, axes, sel in prog["concat"]:
-                    parts = kept[name]
-                    full = parts[0]
-                    if len(parts) > 1:
-                        names = axes_of(full.ndim, axes)
-                        full = torch.cat(parts, dim=names.index("pos") if "pos" in names else 1)
-                    store[name] = take(full, index_of(full.shape, axes, sel, full.device))
-                if prog["generated"] is not None:
-                    store[prog["generated"]] = tracer.result[:, prog["prompt"] :]
+        # attention weights need eager attention; on the host it is switched per request
+        configs: list[Any] = []
+        if program["eager"]:
+            for module in wrapper._module.modules():
+                config = getattr(module, "config", None)
+                if config is not None:
+                    configs.append((config, getattr(config, "_attn_implementation", None)))
+            for config, _ in configs:
+                config._attn_implementation = "eager"
+        try:
+            for index, stage in enumerate(program["stages"]):
+                stage_at["stage"] = index
+                fn = wrapper._module.generate if stage["generate"] else None
+                with wrapper.trace(fn=fn, **stage["kwargs"]) as tracer:
+                    gates = {key: tracer.barrier(n) for key, n in stage["barriers"].items()}
+                    for prog in stage["progs"]:
+                        with tracer.invoke(*prog["args"], **prog["kwargs"]):
+                            kept: dict[str, Any] = {}
+                            for step in tracer.iter[0 : len(prog["steps"])]:
+                                for envoy, io, waits, signals, instrs, swap in prog["steps"][step]:
+                                    for key in waits:
+                                        gates[key]()
+                                    raw = envoy.output if io == "output" else envoy.inputs
+                                    main, where = None, None
+                                    views: dict[str, Any] = {}
+                                    for ins in instrs:
+                                        if ins[1] not in views:
+                                            if ins[1] == "attn_weights":
+                                                views[ins[1]] = (attention_of(raw), None)
+                                            else:
+                                                if main is None:
+                                                    main, where = main_of(raw, io)
+                                                    main = main.clone() if swap else main
+                                                views[ins[1]] = view_of(main, ins[1])
+                                        apply(views[ins[1]][0], ins, kept)
+                                    for x, base in views.values():
+                                        if base is not None:
+                                            base.copy_(x.reshape(base.shape))
+                                    if swap and io == "output":
+                                        envoy.output = rebuild(raw, io, where, main)
+                                    elif swap:
+                                        envoy.inputs = rebuild(raw, io, where, main)
+                                    for key in signals:
+                                        gates[key]()
+                            for name, axes, sel in prog["concat"]:
+                                parts = kept[name]
+                                full = parts[0]
+                                if len(parts) > 1:
+                                    names = axes_of(full.ndim, axes)
+                                    full = torch.cat(
+                                        parts, dim=names.index("pos") if "pos" in names else 1
+                                    )
+                                store[name] = take(
+                                    full, index_of(full.shape, axes, sel, full.device)
+                                )
+                            if prog["generated"] is not None:
+                                store[prog["generated"]] = tracer.result[:, prog["prompt"] :]
+        finally:
+            for config, impl in configs:
+                config._attn_implementation = impl
+        result = {
+            "values": {k: v for k, v in store.items() if k in program["wanted"]},
+            "echo": program["echo"],
+        }
+        if remote:
+            nnsight.save(result)
+    return store
+
+
+# ---------------------------------------------------------------------------------------
+# Remote execution on NDIF: the whole plan as one session, one request.
+
+_CONNECT_TIMEOUT = 5.0  # seconds to open a connection to the host
+_READ_TIMEOUT = 60.0  # seconds for one HTTP exchange
+_DEFAULT_TIMEOUT = 600.0  # seconds for a whole remote run, unless timeout= says otherwise
+_DEFAULT_RETRIES = 3  # extra attempts after a transient failure (refused, reset, 502-504)
+_TRANSIENT_STATUS = frozenset({502, 503, 504})
+_AUTH_STATUS = frozenset({400, 401, 403})
+_AUTH_HINT = (
+    "Set NDIF_API_KEY (or api_key=, or nnsight's config: "
+    "nnsight.CONFIG.set_default_api_key) to a key this host accepts"
+)
+
+
+class _Capture:
+    """An nnsight backend that serializes the captured session instead of running it."""
+
+    def __init__(self, compress: bool) -> None:
+        self.compress = compress
+        self.blob: bytes | None = None
+
+    def __call__(self, tracer: Any) -> None:
+        from nnsight.schema.request import RequestModel
+
+        # no nnsight.pull_env(): nothing is shipped by value; the block names only
+        # torch, nnsight and plain data (the host has no copy of this package)
+        self.blob = RequestModel.serialize(tracer, self.compress)
+
+
+def _config_host_key(host: str | None, api_key: str | None) -> tuple[str, str]:
+    """Host and API key as nnsight resolves them: arguments, else NDIF_HOST /
+    NDIF_API_KEY, else nnsight's config file."""
+    from nnsight.schema.config import CONFIG
+
+    found_host = host or os.environ.get("NDIF_HOST") or CONFIG.API.HOST
+    found_key = api_key if api_key is not None else (os.environ.get("NDIF_API_KEY") or "")
+    found_key = found_key or CONFIG.API.APIKEY or ""
+    found_host = str(found_host).rstrip("/")
+    if not found_host.startswith(("http://", "https://")):
+        raise RemoteConnectionError(
+            f"invalid host {found_host!r}",
+            host=found_host,
+            hint="An NDIF host is a URL starting with http:// or https:// (NDIF_HOST)",
+        )
+    return found_host, str(found_key)
+
+
+class _Ndif:
+    """A small HTTP client for one NDIF host: every call bounded in time and retries."""
+
+    def __init__(self, host: str, api_key: str, model_key: str, retries: int) -> None:
+        self.host = host
+        self.api_key = api_key
+        self.model_key = model_key
+        self.retries = max(0, int(retries))
+        self.requests = 0  # HTTP requests and websocket connections made (for measurements)
+
+    def error(self, cls: type[RemoteError], message: str, **fields: Any) -> RemoteError:
+        fields.setdefault("host", self.host)
+        fields.setdefault("model_key", self.model_key or None)
+        return cls(message, **fields)
+
+    def headers(self) -> dict[str, str]:
+        import sys
+        import time
+
+        headers = {
+            "ndif-timestamp": repr(time.time()),
+            "nnsight-version": _nnsight_version(),
+            "python-version": sys.version,
+        }
+        if self.api_key:
+            headers["ndif-api-key"] = self.api_key
+        return headers
+
+    def call(
+        self, method: str, url: str, *, job_id: str | None = None, retry: bool = True, **kw: Any
+    ) -> Any:
+        """One HTTP exchange; connection failures and 502-504 are retried with backoff."""
+        import time
+
+        import httpx
+
+        timeout = httpx.Timeout(_READ_TIMEOUT, connect=_CONNECT_TIMEOUT)
+        attempts = 1 + (self.retries if retry else 0)
+        last: str = ""
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(0.25 * 2 ** (attempt - 1), 2.0))
+            self.requests += 1
+            try:
+                with httpx.Client(timeout=timeout) as client:
+                    response = client.request(method, url, **kw)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                last = f"cannot connect: {exc}"
+                continue
+            except httpx.TimeoutException as exc:
+                raise self.error(
+                    RemoteTimeout,
+                    f"no answer from the host within {_READ_TIMEOUT:.0f}s ({type(exc).__name__})",
+                    job_id=job_id,
+                    hint="The host may be overloaded; try again later",
+                ) from None
+            except httpx.HTTPError as exc:  # reset, protocol errors: transient
+                last = f"{type(exc).__name__}: {exc}"
+                continue
+            if response.status_code in _TRANSIENT_STATUS:
+                last = f"HTTP {response.status_code}: {_detail(response)}"
+                continue
+            return response
+        raise self.error(
+            RemoteConnectionError,
+            f"the host cannot be reached after {attempts} attempt(s) ({last})",
+            job_id=job_id,
+            hint="Check that the host is up and that NDIF_HOST (or remote=) names it",
+        )
+
+    def post(self, blob: bytes, compress: bool, session_id: str = "") -> Any:
+        from nnsight.schema.request import RequestModel
+        from nnsight.schema.response import ResponseModel
+
+        envelope = RequestModel(model_key=self.model_key, compress=compress)
+        envelope.session_id = session_id
+        # a POST is sent again only when the connection failed before it was sent
+        response = self.call(
+            "POST",
+            f"{self.host}/request",
+            data={"data": envelope.metadata()},
+            files={"blob": ("request", blob, "application/octet-stream")},
+            headers=self.headers(),
+        )
+        self.check(response)
+        try:
+            return ResponseModel.model_validate_json(response.text)
+        except ValueError:
+            raise self.error(
+                RemoteConnectionError,
+                f"the host's answer to a request is not NDIF's: {response.text[:200]!r}",
+                hint="Check that NDIF_HOST (or remote=) names an NDIF API",
+            ) from None
+
+    def check(self, response: Any, job_id: str | None = None) -> None:
+        code = response.status_code
+        if code < 400:
+            return
+        detail = _detail(response)
+        if code in _AUTH_STATUS:
+            raise self.error(
+                RemoteAuthError,
+                f"the host refused the API key (HTTP {code}: {detail})",
+                job_id=job_id,
+                hint=_AUTH_HINT,
+            )
+        if code in (404, 405):
+            raise self.error(
+                RemoteConnectionError,
+                f"the host has no NDIF API at {response.request.url.path} (HTTP {code})",
+                job_id=job_id,
+                hint="Check that NDIF_HOST (or remote=) names an NDIF API, not another server",
+            )
+        raise self.error(RemoteError, f"the host answered HTTP {code}: {detail}", job_id=job_id)
+
+    def status(self, job_id: str) -> Any:
+        """The latest stored status of a non-blocking job, or None if none is stored yet."""
+        from nnsight.schema.response import ResponseModel
+
+        response = self.call(
+            "GET", f"{self.host}/response/{job_id}", job_id=job_id, headers=self.headers()
+        )
+        if response.status_code == 404:
+            return None
+        self.check(response, job_id)
+        return ResponseModel.model_validate_json(response.text)
+
+    def download(self, url: str, job_id: str) -> bytes:
+        response = self.call("GET", url, job_id=job_id)
+        if response.status_code >= 400:
+            raise self.error(
+                JobLost,
+                f"the job's result cannot be downloaded (HTTP {response.status_code})",
+                job_id=job_id,
+                hint="Results expire on the host; run the graph again",
+            )
+        return bytes(response.content)
+
+
+def _detail(response: Any) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return (response.text or "").strip()[:300] or "no detail"
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    return str(detail)[:300]
+
+
+def _nnsight_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nnsight")
+    except PackageNotFoundError:  # pragma: no cover
+        return ""
+
+
+def _load_result(blob: bytes, compress: bool) -> Any:
+    """A result blob (zstd, then torch.save) as plain data: tensors, dicts, strings.
+
+    Loaded with ``weights_only=True``: a result is tensors and plain containers, and
+    nothing the host sends is unpickled as arbitrary objects.
+    """
+    import io
+
+    if compress:
+        import zstandard
+
+        blob = zstandard.ZstdDecompressor().decompress(blob)
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def _load_frame(frame: bytes) -> Any:
+    """A binary websocket frame: a ``torch.save``d response carrying the result inline.
+
+    The frame is a dict of plain values (id, status, description, the result blob as
+    bytes, meta); it is read with an unpickler that admits nothing but nnsight's
+    ``Status`` enum, so no object the host names is ever constructed here.
+    """
+    import io
+    import pickle
+    import zipfile
+
+    from nnsight.schema.response import ResponseModel, Status
+
+    class Plain(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) == (Status.__module__, "Status"):
+                return Status
+            raise pickle.UnpicklingError(f"a response frame may not name {module}.{name}")
+
+        def persistent_load(self, pid: Any) -> Any:
+            raise pickle.UnpicklingError("a response frame carries no tensors")
+
+    with zipfile.ZipFile(io.BytesIO(frame)) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        data = Plain(io.BytesIO(archive.read(name))).load()
+    return ResponseModel(**data)
+
+
+# What NDIF says when a job failed for a reason other than the graph; anything else in
+# an ERROR is the trace raising on the host (its traceback).
+_NOT_DEPLOYED = ("CANT_ACCOMMODATE", "not deployed", "Repository Not Found", "describe_checkpoint")
+_LOST = ("cancelled or preempted", "evicted", "Actor died", "actor died", "RayActorError")
+
+
+class _NdifJob:
+    """One request on an NDIF host: the handle behind :class:`interventions.Job`."""
+
+    def __init__(
+        self,
+        client: _Ndif,
+        job_id: str,
+        *,
+        compress: bool,
+        timeout: float,
+        socket: Any = None,
+    ) -> None:
+        self.client = client
+        self.id = job_id
+        self.compress = compress
+        self.timeout = timeout
+        self.socket = socket  # the /subscribe websocket of a blocking run
+        self.last: str = "RECEIVED"
+
+    @property
+    def host(self) -> str:
+        return self.client.host
+
+    @property
+    def model_key(self) -> str:
+        return self.client.model_key or "?"
+
+    def status(self) -> str:
+        if self.socket is not None:
+            return self.last
+        response = self.client.status(self.id)
+        if response is not None:
+            self.last = response.status.value
+        return self.last
+
+    def wait(self, timeout: float | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        import time
+
+        limit = self.timeout if timeout is None else float(timeout)
+        deadline = time.monotonic() + limit
+        try:
+            response = self._wait_socket(deadline) if self.socket else self._poll(deadline)
+        finally:
+            self.close()
+        data = response.data
+        if isinstance(data, (bytes, bytearray)):
+            blob = bytes(data)
+        elif isinstance(data, str) and data:
+            blob = self.client.download(data, self.id)
+        else:
+            raise self.client.error(
+                JobLost, "the host reported the job complete but sent no result", job_id=self.id
+            )
+        try:
+            saved = _load_result(blob, self.compress)
+            result = saved["result"]
+            values, echo = dict(result["values"]), dict(result["echo"] or {})
+        except Exception as exc:
+            raise self.client.error(
+                RemoteError,
+                f"the job's result cannot be read ({type(exc).__name__}: {exc})",
+                job_id=self.id,
+            ) from None
+        if echo.get("model_key"):
+            self.client.model_key = str(echo["model_key"])
+        return values, echo
+
+    def _timeout(self, limit: float) -> RemoteTimeout:
+        how = (
+            "collect it later with iv.Job.attach(id).result()"
+            if self.socket is None
+            else "a blocking run's result arrives only on its connection: use iv.submit for "
+            "long jobs, or a larger timeout="
+        )
+        return self.client.error(  # type: ignore[return-value]
+            RemoteTimeout,
+            f"the job did not finish within {limit:.0f}s (last status {self.last})",
+            job_id=self.id,
+            hint=f"It may still be running; {how}",
+        )
+
+    def _poll(self, deadline: float) -> Any:
+        import time
+
+        from nnsight.schema.response import Status
+
+        delay = 0.02
+        while True:
+            response = self.client.status(self.id)
+            if response is not None:
+                self.last = response.status.value
+                if response.status == Status.COMPLETED:
+                    return response
+                if response.status == Status.ERROR:
+                    raise self._failure(response.description)
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._timeout(self.timeout)
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 1.5, 1.0)
+
+    def _wait_socket(self, deadline: float) -> Any:
+        import json
+        import time
+
+        import websocket
+        from nnsight.schema.response import ResponseModel, Status
+
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._timeout(self.timeout)
+            self.socket.settimeout(min(remaining, 5.0))
+            try:
+                message = self.socket.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except (websocket.WebSocketException, OSError) as exc:
+                raise self.client.error(
+                    JobLost,
+                    f"the connection to the host closed while the job ran ({type(exc).__name__})",
+                    job_id=self.id,
+                    hint="The host may have restarted. A blocking run's result arrives only on "
+                    "its connection: run it again, or use iv.submit to keep jobs across "
+                    "connection failures",
+                ) from None
+            if isinstance(message, (bytes, bytearray)):
+                response = _load_frame(bytes(message))
+            else:
+                try:
+                    response = ResponseModel.model_validate_json(message)
+                except ValueError:
+                    if "session_id" in json.loads(message):
+                        continue
+                    raise
+            self.last = response.status.value
+            if response.status == Status.COMPLETED:
+                return response
+            if response.status == Status.ERROR:
+                raise self._failure(response.description)
+
+    def _failure(self, description: str) -> RemoteError:
+        text = description or "no description"
+        if any(marker in text for marker in _NOT_DEPLOYED):
+            return self.client.error(
+                ModelNotDeployed,
+                f"the host cannot serve this model: {text.strip().splitlines()[-1][:300]}",
+                job_id=self.id,
+                hint="Deploy the model on the host (scripts/ndif/deploy.py for a local NDIF), "
+                "or check that model_key= names a deployed model",
+            )
+        if "execution timeout" in text:
+            return self.client.error(
+                RemoteTimeout,
+                f"the host stopped the job: {text.strip()[:300]}",
+                job_id=self.id,
+                hint="Split the graph (max_batch=) or ask the host for a longer timeout",
+            )
+        if any(marker in text for marker in _LOST):
+            return self.client.error(
+                JobLost,
+                f"the host lost the job: {text.strip()[:300]}",
+                job_id=self.id,
+                hint="Its replica was stopped or restarted; run the graph again",
+            )
+        last = text.strip().splitlines()[-1] if text.strip() else text
+        return self.client.error(
+            RemoteExecutionError,
+            f"the graph raised on the host: {last[:300]}",
+            job_id=self.id,
+            hint="The remote traceback below shows where; the same graph run locally "
+            "(remote=False) raises the same error",
+            remote_traceback=text,
+        )
+
+    def close(self) -> None:
+        if self.socket is not None:
+            with contextlib.suppress(Exception):
+                self.socket.close()
+            self.socket = None
+
+
+def _subscribe(client: _Ndif) -> tuple[Any, str]:
+    """Open the /subscribe websocket of a blocking run; returns (socket, session id)."""
+    import json
+    import time
+
+    import websocket
+
+    scheme, _, rest = client.host.partition("://")
+    url = ("wss" if scheme == "https" else "ws") + "://" + rest + "/subscribe"
+    header = [f"ndif-api-key: {client.api_key}"] if client.api_key else None
+    last = ""
+    for attempt in range(1 + client.retries):
+        if attempt:
+            time.sleep(min(0.25 * 2 ** (attempt - 1), 2.0))
+        client.requests += 1
+        try:
+            socket = websocket.create_connection(url, timeout=_CONNECT_TIMEOUT, header=header)
+        except websocket.WebSocketBadStatusException as exc:
+            code = int(getattr(exc, "status_code", 0) or 0)
+            if code in _AUTH_STATUS:
+                raise client.error(
+                    RemoteAuthError,
+                    f"the host refused the API key (HTTP {code})",
+                    hint=_AUTH_HINT,
+                ) from None
+            if code in _TRANSIENT_STATUS:
+                last = f"HTTP {code}"
+                continue
+            raise client.error(
+                RemoteConnectionError,
+                f"the host has no NDIF websocket at /subscribe (HTTP {code})",
+                hint="Check that NDIF_HOST (or remote=) names an NDIF API, not another server",
+            ) from None
+        except (websocket.WebSocketException, OSError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+            continue
+        try:
+            socket.settimeout(_READ_TIMEOUT)
+            first = json.loads(socket.recv())
+            return socket, str(first["session_id"])
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                socket.close()
+            raise client.error(
+                RemoteConnectionError,
+                f"the host's websocket does not speak NDIF's protocol ({type(exc).__name__})",
+                hint="Check that NDIF_HOST (or remote=) names an NDIF API",
+            ) from None
+    raise client.error(
+        RemoteConnectionError,
+        f"the host cannot be reached after {1 + client.retries} attempt(s) ({last})",
+        hint="Check that the host is up and that NDIF_HOST (or remote=) names it",
+    )

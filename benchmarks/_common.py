@@ -274,6 +274,30 @@ def timed_rounds(
             print(f"  round {r + 1}/{repeats} (s): {done}", flush=True)
 
 
+def profile(fn: Callable[[], Any], top: int = 15, sort: str = "tottime") -> str:
+    """cProfile one call of ``fn``; the ``top`` functions by ``sort``, as text."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    gc.collect()
+    prof.enable()
+    try:
+        fn()
+    finally:
+        prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out).strip_dirs().sort_stats(sort)
+    stats.print_stats(top)
+    text = out.getvalue()
+    # keep the summary line and the table, drop pstats' preamble
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "function calls" in ln]
+    start = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls")), 0)
+    return "\n".join(keep + lines[start:])
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

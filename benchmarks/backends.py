@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     # a direction about as long as the residual stream at that layer, so it changes tokens
     steer = steer / steer.norm() * float(resid[mid].norm(dim=-1).mean())
 
+    inner = 1 if args.quick else 5  # calls per timed sample of the short workloads
     workloads = {
         "reads": Workload(
-            "reads", f"a. read resid_post of all {n_layers} layers, {batch} x {seq}", 1e-4, 5
+            "reads", f"a. read resid_post of all {n_layers} layers, {batch} x {seq}", 1e-4, inner
         ),
         "sweep": Workload(
             "sweep",
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "sae",
             f"c. SAE splice (d_sae {4 * d_model}, error kept) at resid_post[{mid}], {batch} x {seq}",
             1e-3,
-            5,
+            inner,
         ),
         "steer": Workload(
             "steer",

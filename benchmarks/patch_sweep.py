@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated name prefixes of contenders to leave out, e.g. 'tl,naive'",
     )
     ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the check, cProfile one call of the optimum and of each "
+        "interventions[...] contender and print the top functions",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -227,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {c.tag:>4} {c.name:<40} ERROR {c.error}")
     cm.check_round([c for c in everything if c.error is None], compare)
     print()
+
+    if args.profile:
+        for c in contenders:
+            if c.error is None and (c is base or c.group == "ours"):
+                for sort in ("tottime", "cumulative"):
+                    print(f"profile of one call: {c.name}, top 15 by {sort}")
+                    print(cm.profile(c.fn, 15, sort))
+                    print()
 
     # --- timing ---------------------------------------------------------------------------
     print(f"timing: {repeats} rounds (the numbers in brackets are the contenders above)")

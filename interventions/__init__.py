@@ -28,6 +28,13 @@ from interventions.errors import (
     BackendVersionError,
     ExecutionError,
     InterventionError,
+    JobLost,
+    ModelNotDeployed,
+    RemoteAuthError,
+    RemoteConnectionError,
+    RemoteError,
+    RemoteExecutionError,
+    RemoteTimeout,
     SAEError,
     SpecError,
     UnknownArchitecture,
@@ -37,9 +44,10 @@ from interventions.errors import (
     UnsupportedOp,
     ValidationError,
 )
-from interventions.execute import __version__, load_model, run
+from interventions.execute import __version__, load_model, run, submit
 from interventions.graph import Graph, RunHandle
 from interventions.ops import FeatureEdit, Ref
+from interventions.remote import Job
 from interventions.results import Provenance, Results
 from interventions.sae import SAE, JumpReLUSAE, StandardSAE, TopKSAE, load_sae, save_sae
 from interventions.sites import Select, Site
@@ -57,9 +65,17 @@ __all__ = [
     "FeatureEdit",
     "Graph",
     "InterventionError",
+    "Job",
+    "JobLost",
     "JumpReLUSAE",
+    "ModelNotDeployed",
     "Provenance",
     "Ref",
+    "RemoteAuthError",
+    "RemoteConnectionError",
+    "RemoteError",
+    "RemoteExecutionError",
+    "RemoteTimeout",
     "Results",
     "RunHandle",
     "SAEError",
@@ -85,5 +101,6 @@ __all__ = [
     "register_backend",
     "run",
     "save_sae",
+    "submit",
     "validate",
 ]

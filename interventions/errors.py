@@ -12,7 +12,15 @@
     ├── UnsupportedOp                 a backend cannot express an op (before running)
     ├── BackendVersionError           an installed backend library is out of range
     ├── SAEError                      an SAE's weights or files are unusable
-    └── ExecutionError                a backend failed while running (the model is left clean)
+    ├── ExecutionError                a backend failed while running (the model is left clean)
+    │   └── RemoteExecutionError      the graph raised on the remote host (its traceback attached)
+    └── RemoteError                   a remote (NDIF) run failed; names host, model key, job id
+        ├── RemoteConnectionError     the host cannot be reached (refused, wrong host, no route)
+        ├── RemoteAuthError           the host refused the API key (HTTP 400, 401, 403)
+        ├── ModelNotDeployed          the host serves no deployment under the model key
+        ├── RemoteExecutionError      (see above)
+        ├── RemoteTimeout             no answer in time; the job may still finish (Job.attach)
+        └── JobLost                   the host lost the job (restart, replica killed, expired)
 
 Errors that cross a network travel as type name, message and traceback text, never as
 pickled classes.
@@ -66,6 +74,77 @@ class SAEError(InterventionError):
 
 class ExecutionError(InterventionError):
     """A backend failed while running a graph. The model holds no hooks afterwards."""
+
+
+class RemoteError(InterventionError):
+    """A remote run failed. Names the host, the model key and the job id (when known).
+
+    ``hint`` says what to do about it; ``remote_traceback`` holds the server's traceback
+    text for errors raised inside the trace (never a pickled exception).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str | None = None,
+        model_key: str | None = None,
+        job_id: str | None = None,
+        hint: str | None = None,
+        remote_traceback: str | None = None,
+    ) -> None:
+        self.message = message
+        self.host = host
+        self.model_key = model_key
+        self.job_id = job_id
+        self.hint = hint
+        self.remote_traceback = remote_traceback
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        where = [f"host {self.host}" if self.host else "host ?"]
+        where.append(f"model {self.model_key}" if self.model_key else "model ?")
+        where.append(f"job {self.job_id}" if self.job_id else "no job id (nothing was queued)")
+        text = f"{self.message} [{', '.join(where)}]"
+        if self.hint:
+            text += f". {self.hint}"
+        if self.remote_traceback:
+            text += f"\n--- remote traceback ---\n{self.remote_traceback.rstrip()}"
+        return text
+
+    def __reduce__(self) -> tuple[object, ...]:  # keep keyword fields across pickling
+        return (_rebuild_remote, (type(self), self.message, self.__dict__.copy()))
+
+
+def _rebuild_remote(cls: type[RemoteError], message: str, fields: dict[str, object]) -> RemoteError:
+    error = cls.__new__(cls)
+    error.__dict__.update(fields)
+    Exception.__init__(error, error._text())
+    return error
+
+
+class RemoteConnectionError(RemoteError):
+    """The remote host cannot be reached: connection refused, unknown host, no route."""
+
+
+class RemoteAuthError(RemoteError):
+    """The remote host refused the API key (HTTP 400, 401 or 403)."""
+
+
+class ModelNotDeployed(RemoteError):
+    """The remote host has no deployment under the model key the request named."""
+
+
+class RemoteExecutionError(RemoteError, ExecutionError):
+    """The graph's trace raised on the remote host; ``remote_traceback`` has its traceback."""
+
+
+class RemoteTimeout(RemoteError):
+    """No answer within the timeout. The job may still finish: re-attach by its id."""
+
+
+class JobLost(RemoteError):
+    """The remote host lost the job (it restarted, its replica died, or the job expired)."""
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:

@@ -88,14 +88,62 @@ def run(
     terminal). Backend-specific ``options`` are passed through (the torch backend takes
     ``grad=True`` to keep the autograd graph).
 
+    ``remote=True`` (nnsight backend) sends the whole graph to an NDIF host as one
+    request and waits for it: ``model`` may then be just the model's name on the host
+    (only its config is read here). Host and API key follow nnsight (``NDIF_HOST``,
+    ``NDIF_API_KEY``, its config file), or ``remote="http://host:port"``; options
+    ``model_key=``, ``api_key=``, ``timeout=`` (seconds, default 600) and ``retries=``.
+    See :func:`submit` for jobs that outlive the client.
+
     >>> import torch, interventions as iv
     >>> g = iv.Graph()
     >>> _ = g.run("a", inputs=torch.ones(1, 2, 4)).read("output", name="y")
     >>> iv.run(g, torch.nn.Linear(4, 3))["y"].shape
     torch.Size([1, 2, 3])
     """
+    remote = options.pop("remote", False)
+    if remote:
+        job = _run_remote(
+            graph, model, backend, tokenizer, batch, budget, remote, options, wait=True
+        )
+        return job.result(timeout=None)  # None: the timeout= option given to the backend
+    model, info, plan, impl, internal = _prepare(
+        graph, model, backend, tokenizer, batch, budget, options, remote=False
+    )
+    try:
+        tensors = impl.execute(plan, model, progress=progress, **options)
+    except InterventionError:
+        raise
+    except Exception as exc:
+        raise ExecutionError(f"backend {backend!r} failed: {type(exc).__name__}: {exc}") from exc
+    provenance = Provenance(
+        graph=graph.fingerprint(),
+        model_class=info.class_name,
+        model_config=_config_hash(model),
+        backend=backend,
+        versions=_versions(impl.versions()),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    wanted = graph.reads()
+    return Results(
+        {k: tensors[k] for k in wanted if k in tensors and k not in internal}, provenance
+    )
+
+
+def _prepare(
+    graph: Graph,
+    model: nn.Module | str,
+    backend: str,
+    tokenizer: Any,
+    batch: bool,
+    budget: Budget | None,
+    options: dict[str, Any],
+    *,
+    remote: bool,
+) -> tuple[nn.Module, Any, Any, Any, frozenset[str]]:
+    """Load (or, for a remote run, only build the structure of) the model, validate, batch."""
     if isinstance(model, str):
-        model, loaded_tokenizer = load_model(model)
+        model, loaded_tokenizer = load_structure(model) if remote else load_model(model)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     if not isinstance(model, nn.Module):
         raise InterventionError(f"model must be an nn.Module or a name, got {type(model).__name__}")
@@ -117,21 +165,84 @@ def run(
         batched = batch_graph(graph, budget, inputs=plan.inputs, info=info)
         internal = batched.internal
         plan = make_plan(batched.graph, info, tokenizer)
+    return model, info, plan, impl, internal
+
+
+def load_structure(name_or_path: str) -> tuple[nn.Module, Any]:
+    """A causal LM's module tree on the ``meta`` device (no weights), and its tokenizer.
+
+    What a remote run needs on the client: the graph is validated and compiled against
+    the structure, and the host runs it on its own copy of the weights.
+    """
     try:
-        tensors = impl.execute(plan, model, progress=progress, **options)
-    except InterventionError:
-        raise
-    except Exception as exc:
-        raise ExecutionError(f"backend {backend!r} failed: {type(exc).__name__}: {exc}") from exc
-    provenance = Provenance(
-        graph=graph.fingerprint(),
-        model_class=info.class_name,
-        model_config=_config_hash(model),
-        backend=backend,
-        versions=_versions(impl.versions()),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+        raise InterventionError("naming a remote model needs transformers") from exc
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise InterventionError(f"cannot read the config of {name_or_path!r}: {exc}") from None
+    model.config._name_or_path = name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model.eval(), tokenizer
+
+
+def _run_remote(
+    graph: Graph,
+    model: nn.Module | str,
+    backend: str,
+    tokenizer: Any,
+    batch: bool,
+    budget: Budget | None,
+    remote: Any,
+    options: dict[str, Any],
+    *,
+    wait: bool,
+) -> Any:
+    """Prepare the plan on the client and hand it to the backend as one request: a Job."""
+    from interventions.remote import Job, remote_backend
+
+    model, info, plan, impl, internal = _prepare(
+        graph, model, backend, tokenizer, batch, budget, options, remote=True
     )
-    wanted = graph.reads()
-    return Results(
-        {k: tensors[k] for k in wanted if k in tensors and k not in internal}, provenance
-    )
+    if isinstance(remote, str):
+        options.setdefault("host", remote)  # nnsight's convention: remote="http://host:port"
+    impl = remote_backend(impl, backend)
+    echo = {
+        "graph": graph.fingerprint(),
+        "model_class": info.class_name,
+        "model_config": _config_hash(model),
+        "backend": backend,
+        "versions": {str(k): str(v) for k, v in _versions(impl.versions())},  # type: ignore[attr-defined]
+        "wanted": [k for k in graph.reads() if k not in internal],
+    }
+    handle = impl.submit(plan, model, wait=wait, echo=echo, **options)
+    return Job(handle, backend)
+
+
+def submit(
+    graph: Graph,
+    model: nn.Module | str,
+    *,
+    backend: str = "nnsight",
+    tokenizer: Any = None,
+    batch: bool = True,
+    budget: Budget | None = None,
+    **options: Any,
+) -> Any:
+    """Send ``graph`` to a remote host as one request and return a :class:`~interventions.Job`
+    at once, without waiting.
+
+    ``model`` names the model on the host (a hub id or a checkpoint directory; only its
+    config is read here) or is a model object of the same architecture. ``job.id`` can be
+    written down: ``iv.Job.attach(id).result()`` collects the result from any process.
+    Options as for a remote :func:`run`: ``host=``, ``api_key=``, ``model_key=``,
+    ``timeout=``, ``retries=``, ``max_batch=``.
+    """
+    options.pop("remote", None)
+    return _run_remote(graph, model, backend, tokenizer, batch, budget, True, options, wait=False)

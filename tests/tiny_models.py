@@ -50,12 +50,16 @@ def _cfg(name: str):
 HF_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma")
 
 
+BUILT: dict[str, nn.Module] = {}  # every shared model built so far, for hygiene checks
+
+
 @cache
 def _build(name: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_cfg(name))
+    BUILT[name] = model
     return model.eval()
 
 
@@ -114,9 +118,18 @@ def word_tokenizer():
     )
 
 
+def _ours(hook: object) -> bool:
+    # transformers 5 installs permanent output-capturing hooks the first time a caller
+    # asks for hidden states or attentions; they belong to the model, not to a run
+    return "output_capuring_hook" not in getattr(hook, "__qualname__", "")
+
+
 def hook_count(model: nn.Module) -> int:
-    """Forward hooks and pre-hooks left on any module of ``model``."""
+    """Forward hooks and pre-hooks left on any module of ``model`` (transformers' own
+    output-capturing hooks excluded)."""
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        sum(map(_ours, m._forward_hooks.values()))
+        + sum(map(_ours, m._forward_pre_hooks.values()))
+        + len(m._backward_hooks)
         for m in model.modules()
     )

@@ -92,7 +92,7 @@ log "installing torch $TORCH (CPU), numpy $NUMPY"
 log "installing ndif[api,ray,postgres]==$NDIF_VERSION, nnsight $NNSIGHT, moto[server]"
 "${PIP[@]}" --ignore-requires-python --only-binary numpy -c "$pins" \
   "ndif[api,ray,postgres]==$NDIF_VERSION" "nnsight==$NNSIGHT" "moto[server]"
-if "$PY" -c 'import interventions' >/dev/null 2>&1; then
+if "$PY" -I -c 'import interventions' >/dev/null 2>&1; then
   log "error: 'interventions' is importable in $VENV; the server must not have it"
   exit 1
 fi

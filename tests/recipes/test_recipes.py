@@ -108,7 +108,9 @@ def test_attribution_patching_needs_gradients() -> None:
 
 
 @pytest.mark.parametrize("backend", GRADIENTS)
-def test_attribution_patching_is_exact_where_nothing_changes_and_tracks_the_sweep(backend: str) -> None:
+def test_attribution_patching_is_exact_where_nothing_changes_and_tracks_the_sweep(
+    backend: str,
+) -> None:
     model = hf_model("gpt2")
     attr = attribution_patching(model, CLEAN, CORRUPT, METRIC, compare_exact=True, backend=backend)
     assert attr.exact is not None and attr.correlation is not None
@@ -147,7 +149,9 @@ def test_path_patching_to_logits_and_receivers(backend: str) -> None:
     assert via.scores.shape == (1, 4)  # senders: the heads of layer 0
     # a receiver whose output we overwrite with its clean value (sender patched from an
     # identical run) changes nothing: with clean == corrupt every score is 1
-    same = path_patching(model, CLEAN, CLEAN.clone(), Metric.logit(7), normalize=False, backend=backend)
+    same = path_patching(
+        model, CLEAN, CLEAN.clone(), Metric.logit(7), normalize=False, backend=backend
+    )
     clean_metric = Metric.logit(7)(model(CLEAN).logits[:, -1].detach()).mean()
     torch.testing.assert_close(
         same.scores, torch.full_like(same.scores, float(clean_metric)), atol=1e-4, rtol=0
@@ -232,7 +236,9 @@ def test_contrastive_direction_and_steering(backend: str) -> None:
     zero = steer(model, CLEAN[:1], torch.zeros(32), layer=1, max_new_tokens=4, backend=backend)
     assert torch.equal(zero.plain, zero.steered) and zero.changed() == 0.0
     direction = model.get_output_embeddings().weight[42].detach()
-    strong = steer(model, CLEAN[:1], direction, layer=1, scale=50.0, max_new_tokens=4, backend=backend)
+    strong = steer(
+        model, CLEAN[:1], direction, layer=1, scale=50.0, max_new_tokens=4, backend=backend
+    )
     assert (strong.steered == 42).all()
 
 
@@ -243,7 +249,9 @@ def test_sae_recipes_against_hand_computation(backend: str) -> None:
         x = _hidden(model, CLEAN)[1]  # resid_post of layer 0
     feats = feature_activations(model, CLEAN, sae, layer=0, backend=backend)
     torch.testing.assert_close(feats, sae.encode(x), atol=1e-5, rtol=1e-5)
-    top = top_activating(model, [CLEAN[:1], CLEAN[1:]], sae, feature=3, k=2, layer=0, backend=backend)
+    top = top_activating(
+        model, [CLEAN[:1], CLEAN[1:]], sae, feature=3, k=2, layer=0, backend=backend
+    )
     all_acts = sorted(sae.encode(x)[..., 3].flatten().tolist(), reverse=True)
     assert [a.value for a in top] == pytest.approx(all_acts[:2], abs=1e-5)
     torch.testing.assert_close(sae_feature_direction(sae, 3), sae.W_dec[3])

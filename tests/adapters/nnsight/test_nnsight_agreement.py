@@ -571,10 +571,10 @@ def test_nothing_keeps_the_model_alive() -> None:
 
 def test_the_trace_block_names_only_torch() -> None:
     """What nnsight would ship of the block (its source and the names it reads): the
-    block's own parameters, torch and builtins; never this package."""
+    block's own parameters, torch, nnsight and builtins; never this package."""
     from nnsight.intervention.serialization import _referenced_names
 
-    source = inspect.getsource(nns._trace)
+    source = inspect.getsource(nns._run_program)
     block = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.With))
     names = _referenced_names(ast.unparse(ast.Module(body=block.body, type_ignores=[])))
     assert names & set(vars(nns)) == {"torch", "Any"}
