@@ -1595,7 +1595,8 @@ class _NdifJob:
         if any(marker in text for marker in _NOT_DEPLOYED):
             return self.client.error(
                 ModelNotDeployed,
-                f"the host cannot serve this model: {text.strip().splitlines()[-1][:300]}",
+                "the host has no deployment of this model (and did not deploy one): "
+                f"{text.strip().splitlines()[-1][:300]}",
                 job_id=self.id,
                 hint="Deploy the model on the host (scripts/ndif/deploy.py for a local NDIF), "
                 "or check that model_key= names a deployed model",
@@ -1650,7 +1651,7 @@ def _subscribe(client: _Ndif) -> tuple[Any, str]:
             socket = websocket.create_connection(url, timeout=_CONNECT_TIMEOUT, header=header)
         except websocket.WebSocketBadStatusException as exc:
             code = int(getattr(exc, "status_code", 0) or 0)
-            if code in _AUTH_STATUS:
+            if code in (401, 403):
                 raise client.error(
                     RemoteAuthError,
                     f"the host refused the API key (HTTP {code})",

@@ -6,6 +6,8 @@ import contextlib
 import io
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -25,15 +27,23 @@ def _blocks(lang: str) -> list[str]:
     return blocks
 
 
-def test_readme_example_runs_and_prints_the_shown_graph() -> None:
-    example = _blocks("python")[0]
+def test_readme_examples_run_and_print_the_shown_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the examples write pictures to the working directory
+    first, *rest = _blocks("python")
     out = io.StringIO()
+    namespace: dict[str, object] = {}
     with contextlib.redirect_stdout(out):
-        exec(compile(example, "README.md", "exec"), {})
+        exec(compile(first, "README.md", "exec"), namespace)
     shown = _blocks("")[0] if _blocks("") else ""
     printed = out.getvalue().strip()
     assert printed.startswith("Graph(2 runs, 3 ops)")
     assert printed == shown.strip()
+    with contextlib.redirect_stdout(io.StringIO()):
+        for block in rest:  # later examples continue from the first one's names
+            exec(compile(block, "README.md", "exec"), namespace)
+    assert (tmp_path / "patching.png").is_file()
 
 
 def test_readme_commands_exist() -> None:
