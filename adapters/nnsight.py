@@ -59,7 +59,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -753,14 +753,47 @@ class NNsightBackend:
         timeout = float(options.get("timeout") or _DEFAULT_TIMEOUT)
         retries = int(options.get("retries", _DEFAULT_RETRIES))
         host, api_key = _config_host_key(options.get("host"), options.get("api_key"))
-        repo = options.get("model_key") or _repo_of(model)
-        client = _Ndif(host, api_key, str(repo), retries)
-        wrapper = self._remote_wrapper(client, str(repo))
-        client.model_key = wrapper.to_model_key()
-        stages = _Compiler(plan, model, True).stages(max_batch)
+        client = _Ndif(host, api_key, str(options.get("model_key") or _repo_of(model)), retries)
         from nnsight.schema.config import CONFIG
 
         compress = bool(CONFIG.API.COMPRESS)
+        blob = self.payload(plan, model, client, echo, max_batch, compress)
+
+        def send() -> tuple[Any, str]:
+            socket, session_id = _subscribe(client) if wait else (None, "")
+            try:
+                received = client.post(blob, compress, session_id)
+            except BaseException:
+                if socket is not None:
+                    socket.close()
+                raise
+            return socket, str(received.id)
+
+        socket, job_id = send()
+        return _NdifJob(
+            client,
+            job_id,
+            compress=compress,
+            timeout=timeout,
+            socket=socket,
+            resend=send if wait else None,
+        )
+
+    def payload(
+        self,
+        plan: Plan,
+        model: nn.Module,
+        client: _Ndif,
+        echo: dict[str, Any],
+        max_batch: int | None = None,
+        compress: bool = False,
+    ) -> bytes:
+        """The request body a remote run sends: the plan compiled into one nnsight
+        session, serialized by nnsight (block source plus the plain data it names).
+        Sets ``client.model_key`` to the key the host must serve."""
+        wrapper = self._remote_wrapper(client, client.model_key)
+        client.model_key = wrapper.to_model_key()
+        stages = _Compiler(plan, model, True).stages(max_batch)
         capture = _Capture(compress)
         program = {
             "stages": [self._stage_program(wrapper, model, s, plan) for s in stages],
@@ -770,14 +803,7 @@ class NNsightBackend:
         }
         _run_program(wrapper, program, plan.info.n_heads or 1, capture)
         assert capture.blob is not None
-        socket, session_id = _subscribe(client) if wait else (None, "")
-        try:
-            received = client.post(capture.blob, compress, session_id)
-        except BaseException:
-            if socket is not None:
-                socket.close()
-            raise
-        return _NdifJob(client, str(received.id), compress=compress, timeout=timeout, socket=socket)
+        return capture.blob
 
     def attach(self, job_id: str, **options: Any) -> _NdifJob:
         """A handle on a job submitted earlier (by any process), by its id."""
@@ -1211,18 +1237,51 @@ _AUTH_HINT = (
 
 
 class _Capture:
-    """An nnsight backend that serializes the captured session instead of running it."""
+    """An nnsight backend that serializes the captured session instead of running it.
+
+    The payload is exactly nnsight's (``RequestModel.serialize``): the tracer and the
+    block reduced to (source, the globals and locals it names). The block's source and
+    the names it reads are the same for every request (they depend on the code, not the
+    graph), so they are computed once per block and reused: nnsight would unparse and
+    walk this block's syntax tree on every request, most of a request's client time.
+    """
+
+    _blocks: ClassVar[dict[int, tuple[Any, str, frozenset[str]]]] = {}
 
     def __init__(self, compress: bool) -> None:
         self.compress = compress
         self.blob: bytes | None = None
 
     def __call__(self, tracer: Any) -> None:
-        from nnsight.schema.request import RequestModel
+        import ast
 
+        from nnsight.intervention.serialization import _referenced_names, dumps
+
+        node = tracer.node
+        cached = self._blocks.get(id(node))
+        if cached is None or cached[0] is not node:
+            offset = "\n" * (node.body[0].lineno - 1)
+            source = offset + ast.unparse(ast.Module(body=node.body, type_ignores=[]))
+            cached = (node, source, frozenset(_referenced_names(source)))
+            self._blocks[id(node)] = cached
+        _, source, names = cached
         # no nnsight.pull_env(): nothing is shipped by value; the block names only
         # torch, nnsight and plain data (the host has no copy of this package)
-        self.blob = RequestModel.serialize(tracer, self.compress)
+        frame = tracer.info.frame
+        variables, scope = dict(frame.f_locals), frame.f_globals
+        used_locals = {n: variables[n] for n in names if n in variables}
+        used_globals = {}
+        for name in names - used_locals.keys():
+            # a Scope resolves through its chain by subscript (as nnsight does); a name
+            # it lacks is a builtin or an attribute, resolved on the host
+            with contextlib.suppress(KeyError):
+                used_globals[name] = scope[name]
+        blob = dumps((tracer, (source, used_globals, used_locals)))
+        if self.compress:
+            import zstandard
+
+            blob = zstandard.ZstdCompressor(level=6).compress(blob)
+        self.blob = blob
 
 
 def _config_host_key(host: str | None, api_key: str | None) -> tuple[str, str]:
@@ -1446,7 +1505,14 @@ def _load_frame(frame: bytes) -> Any:
 # What NDIF says when a job failed for a reason other than the graph; anything else in
 # an ERROR is the trace raising on the host (its traceback).
 _NOT_DEPLOYED = ("CANT_ACCOMMODATE", "not deployed", "Repository Not Found", "describe_checkpoint")
-_LOST = ("cancelled or preempted", "evicted", "Actor died", "actor died", "RayActorError")
+_LOST = (
+    "cancelled or preempted",
+    "evicted",
+    "Please try again later",
+    "Actor died",
+    "actor died",
+    "RayActorError",
+)
 
 
 class _NdifJob:
@@ -1460,13 +1526,17 @@ class _NdifJob:
         compress: bool,
         timeout: float,
         socket: Any = None,
+        resend: Any = None,
     ) -> None:
         self.client = client
         self.id = job_id
         self.compress = compress
         self.timeout = timeout
         self.socket = socket  # the /subscribe websocket of a blocking run
+        self.resend = resend  # sends the request again (blocking runs): (socket, job id)
+        self.resent = 0
         self.last: str = "RECEIVED"
+        self.meta: dict[str, Any] | None = None  # what the run cost the host (NDIF's meta)
 
     @property
     def host(self) -> str:
@@ -1489,10 +1559,27 @@ class _NdifJob:
 
         limit = self.timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + limit
-        try:
-            response = self._wait_socket(deadline) if self.socket else self._poll(deadline)
-        finally:
-            self.close()
+        while True:
+            try:
+                response = self._wait_socket(deadline) if self.socket else self._poll(deadline)
+                break
+            except JobLost:
+                # the host lost a blocking run (replica died, connection dropped): send it
+                # again, a bounded number of times, within the same deadline
+                self.close()
+                if self.resend is None or self.resent >= self.client.retries:
+                    raise
+                self.resent += 1
+                time.sleep(
+                    min(0.5 * 2 ** (self.resent - 1), 4.0, max(deadline - time.monotonic(), 0))
+                )
+                self.socket, self.id = self.resend()
+                self.last = "RECEIVED"
+            finally:
+                if self.last in ("COMPLETED", "ERROR"):
+                    self.close()
+        self.close()
+        self.meta = response.meta
         data = response.data
         if isinstance(data, (bytes, bytearray)):
             blob = bytes(data)
@@ -1620,8 +1707,8 @@ class _NdifJob:
             RemoteExecutionError,
             f"the graph raised on the host: {last[:300]}",
             job_id=self.id,
-            hint="The remote traceback below shows where; the same graph run locally "
-            "(remote=False) raises the same error",
+            hint="The remote traceback below shows where. If the graph runs locally, check "
+            "that the host's model is the one it was validated against (model_key=)",
             remote_traceback=text,
         )
 

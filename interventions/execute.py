@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 from typing import Any
 
@@ -15,6 +16,7 @@ from interventions.batching import Budget, batch_graph
 from interventions.errors import ExecutionError, InterventionError, UnsupportedOp
 from interventions.graph import Graph
 from interventions.plan import make_plan
+from interventions.remote import Job, remote_backend
 from interventions.results import Provenance, Results
 from interventions.validation import validate
 
@@ -172,8 +174,14 @@ def load_structure(name_or_path: str) -> tuple[nn.Module, Any]:
     """A causal LM's module tree on the ``meta`` device (no weights), and its tokenizer.
 
     What a remote run needs on the client: the graph is validated and compiled against
-    the structure, and the host runs it on its own copy of the weights.
+    the structure, and the host runs it on its own copy of the weights. Cached per name
+    (a few per process): the structure holds no weights and no state of any run.
     """
+    return _load_structure(name_or_path)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_structure(name_or_path: str) -> tuple[nn.Module, Any]:
     try:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
@@ -203,9 +211,8 @@ def _run_remote(
     options: dict[str, Any],
     *,
     wait: bool,
-) -> Any:
+) -> Job:
     """Prepare the plan on the client and hand it to the backend as one request: a Job."""
-    from interventions.remote import Job, remote_backend
 
     model, info, plan, impl, internal = _prepare(
         graph, model, backend, tokenizer, batch, budget, options, remote=True
@@ -234,7 +241,7 @@ def submit(
     batch: bool = True,
     budget: Budget | None = None,
     **options: Any,
-) -> Any:
+) -> Job:
     """Send ``graph`` to a remote host as one request and return a :class:`~interventions.Job`
     at once, without waiting.
 

@@ -53,7 +53,7 @@ def ablate_components(
     ``per_position``, its positions) or ``resample`` (each item takes a reference item's
     values, drawn with ``seed``).
     """
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     ids = as_tokens(tokens, tokenizer, "tokens")
     if method != "zero" and reference is None:
         raise SpecError(f"{method!r} ablation needs reference= (a dataset of token ids)")

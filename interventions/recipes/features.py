@@ -41,7 +41,7 @@ def feature_activations(
     **run_options: Any,
 ) -> torch.Tensor:
     """SAE feature activations ``[batch, pos, d_sae]`` at a site (the model is unchanged)."""
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     ids = as_tokens(tokens, tokenizer, "tokens")
     g = Graph()
     g.run("a", tokens=ids).sae_splice(site, layer=layer, sae=sae, error="keep", features="features")
@@ -71,7 +71,7 @@ def top_activating(
     **run_options: Any,
 ) -> list[Activation]:
     """The ``k`` positions over ``prompts`` where ``feature`` is most active (one graph)."""
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     g = Graph()
     for i, prompt in enumerate(prompts):
         g.run(f"p{i}", tokens=as_tokens(prompt, tokenizer, f"p{i}")).sae_splice(
@@ -105,7 +105,7 @@ def feature_attribution(
     The SAE is spliced with its error term detached, so outputs are unchanged and the
     gradient flows only through the features. Returns ``[d_sae]`` (batch mean).
     """
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     ids = as_tokens(tokens, tokenizer, "tokens")
     g = Graph()
     r = g.run("a", tokens=ids)
@@ -132,7 +132,7 @@ def feature_ablation(
     **run_options: Any,
 ) -> torch.Tensor:
     """Change of ``metric`` when each feature is zeroed (error term kept): ``[len(features)]``."""
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     ids = as_tokens(tokens, tokenizer, "tokens")
     g = Graph()
     g.run("base", tokens=ids).read("logits", pos=metric_pos, name="base")

@@ -112,7 +112,7 @@ def head_scores(
     **run_options: Any,
 ) -> HeadScores:
     """Previous-token, duplicate-token and induction scores of every head."""
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     info = describe(model)
     if info.n_layers is None or info.vocab is None:
         raise SpecError("head detectors need a model with an architecture map")

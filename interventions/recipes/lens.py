@@ -64,7 +64,7 @@ def logit_lens(
     **run_options: Any,
 ) -> LogitLens:
     """Decode the residual stream after every layer with the final norm and unembedding."""
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     ids = as_tokens(tokens, tokenizer, "lens")
     info = describe(model)
     if info.n_layers is None:
@@ -117,7 +117,7 @@ def direct_logit_attribution(
     """
     if metric.kind not in ("logit_diff", "logit"):
         raise SpecError("direct logit attribution needs a linear metric: logit_diff or logit")
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     ids = as_tokens(tokens, tokenizer, "dla")
     info = describe(model)
     if info.arch is None or info.n_layers is None or not info.n_heads:

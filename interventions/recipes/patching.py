@@ -27,7 +27,7 @@ from torch import nn
 
 from interventions.architectures import describe
 from interventions.errors import SpecError, UnsupportedOp, choices_text
-from interventions.execute import load_model, run
+from interventions.execute import load_model, load_structure, run
 from interventions.graph import Graph
 from interventions.ops import Ref
 from interventions.plan import tokenize
@@ -96,9 +96,13 @@ def as_tokens(value: Tokens, tokenizer: Any, what: str) -> torch.Tensor:
     return ids.unsqueeze(0) if ids.ndim == 1 else ids
 
 
-def _model(model: nn.Module | str, tokenizer: Any) -> tuple[nn.Module, Any]:
+def _model(
+    model: nn.Module | str, tokenizer: Any, run_options: dict[str, Any] | None = None
+) -> tuple[nn.Module, Any]:
+    """The model (a remote run needs only its structure: the host has the weights)."""
     if isinstance(model, str):
-        loaded, loaded_tok = load_model(model)
+        remote = bool((run_options or {}).get("remote"))
+        loaded, loaded_tok = load_structure(model) if remote else load_model(model)
         return loaded, tokenizer if tokenizer is not None else loaded_tok
     return model, tokenizer
 
@@ -160,7 +164,7 @@ def activation_patching(
         raise SpecError(f"cannot sweep site {site!r}; sites: {choices_text(PATCHABLE_SITES)}")
     if direction not in ("denoise", "noise"):
         raise SpecError(f"unknown direction {direction!r}; expected denoise, noise")
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     clean_ids, corrupt_ids = (
         as_tokens(clean, tokenizer, "clean"),
         as_tokens(corrupt, tokenizer, "corrupt"),
@@ -255,7 +259,7 @@ def path_patching(
     answer. Scores are 0 = corrupted, 1 = clean (so a sender that matters scores below 1).
     Senders default to every head in layers below the earliest receiver.
     """
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     clean_ids, corrupt_ids = (
         as_tokens(clean, tokenizer, "clean"),
         as_tokens(corrupt, tokenizer, "corrupt"),
@@ -385,7 +389,7 @@ def attribution_patching(
         raise SpecError(
             f"attribution patching sweeps positions of {choices_text(PATCHABLE_SITES[:-2])}"
         )
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     clean_ids, corrupt_ids = (
         as_tokens(clean, tokenizer, "clean"),
         as_tokens(corrupt, tokenizer, "corrupt"),

@@ -38,7 +38,7 @@ def contrastive_direction(
     **run_options: Any,
 ) -> torch.Tensor:
     """Mean activation over ``positive`` prompts minus the mean over ``negative`` ones."""
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     pos_ids, neg_ids = (
         as_tokens(positive, tokenizer, "positive"),
         as_tokens(negative, tokenizer, "negative"),
@@ -97,7 +97,7 @@ def steer(
 
     ``pos=None`` steers every position, generated ones included.
     """
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, run_options)
     ids = as_tokens(prompt, tokenizer, "prompt")
     g = Graph()
     g.run("plain", tokens=ids, max_new_tokens=max_new_tokens)

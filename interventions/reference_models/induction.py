@@ -198,15 +198,16 @@ def induction_batch(batch_size: int, seq_len: int, generator: torch.Generator) -
 def predictable_targets(tokens: torch.Tensor) -> torch.Tensor:
     """Which next-token targets can be predicted by copying: ``BoolTensor [batch, T - 1]``.
 
-    Entry ``[b, i]`` is True when both ``tokens[b, i]`` and ``tokens[b, i + 1]`` already
-    occurred before their own positions, i.e. when the target ``tokens[b, i + 1]`` sits inside
-    a repeat after its first token.  For :func:`induction_batch` rows this is exactly the
-    second copy of the segment minus its first token.
+    Entry ``[b, i]`` is True when the bigram ``(tokens[b, i], tokens[b, i + 1])`` already
+    occurred at some earlier ``(j, j + 1)``, i.e. when an induction head can predict the
+    target ``tokens[b, i + 1]``.  For :func:`induction_batch` and :func:`repeated_tokens` rows
+    this is exactly the second copy of the repeat minus its first token.
     """
-    seq_len = tokens.shape[1]
-    earlier = torch.ones(seq_len, seq_len, dtype=torch.bool).tril(-1)
-    seen_before = ((tokens[:, :, None] == tokens[:, None, :]) & earlier).any(dim=-1)
-    return seen_before[:, 1:] & seen_before[:, :-1]
+    cur, nxt = tokens[:, :-1], tokens[:, 1:]
+    n = cur.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool).tril(-1)  # [i, j]: j < i
+    same_bigram = (cur[:, :, None] == cur[:, None, :]) & (nxt[:, :, None] == nxt[:, None, :])
+    return (same_bigram & earlier).any(dim=-1)
 
 
 def repeated_tokens(batch: int, half_len: int, generator: torch.Generator) -> torch.LongTensor:
@@ -377,6 +378,12 @@ def _lr_factor(step: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _copy_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the predictable targets of the batch."""
+    mask = predictable_targets(tokens)
+    return F.cross_entropy(logits[:, :-1][mask], tokens[:, 1:][mask])
+
+
 def train_induction_model(
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
@@ -392,9 +399,9 @@ def train_induction_model(
     ``torch.Generator`` seeded with ``seed``, so two calls with the same arguments (on the
     same machine and ``num_threads``) produce identical weights.  The loss is next-token
     cross-entropy on :func:`induction_batch` data, restricted to the targets that can be
-    predicted (:func:`predictable_targets`); the remaining targets are fresh random tokens,
-    and including them dilutes the signal so much that the model stays on the
-    ``ln(127)`` plateau for thousands of steps.
+    predicted (:func:`predictable_targets`).  (The other targets are fresh random tokens;
+    including them dilutes the signal so much that the model stays on the ``ln(127)``
+    plateau for thousands of steps.)
 
     Args:
         seed: seed for initialisation and data.
@@ -435,8 +442,7 @@ def train_induction_model(
         for step in range(steps):
             tokens = induction_batch(batch_size, seq_len, gen)
             logits = model(input_ids=tokens, use_cache=False).logits
-            mask = predictable_targets(tokens)
-            loss = F.cross_entropy(logits[:, :-1][mask], tokens[:, 1:][mask])
+            loss = _copy_loss(logits, tokens)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

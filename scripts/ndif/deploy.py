@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if not state.get("pids"):
         print(f"no running stack in {args.state}; start one first", file=sys.stderr)
         return 1
-    checkpoint = str(Path(args.checkpoint).resolve()) if os.path.isdir(args.checkpoint) else args.checkpoint
+    checkpoint = (
+        str(Path(args.checkpoint).resolve()) if os.path.isdir(args.checkpoint) else args.checkpoint
+    )
     key = args.model_key or model_key(checkpoint)
     os.environ.update(Stack(args.state).env(state))
     from ndif.cli.lib.deploy import deploy

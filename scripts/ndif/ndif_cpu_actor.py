@@ -21,7 +21,6 @@ import logging
 import time
 
 import ray
-import torch
 from ndif.services.ray.deployments.modeling.base import BaseModelDeployment
 from nnsight.modeling.huggingface import HuggingFaceModel
 
@@ -66,4 +65,4 @@ class CPUModelActor(CPUModelDeployment):
     """The Ray actor class a deployment names: ``ndif_cpu_actor.CPUModelActor``."""
 
 
-__all__ = ["CPUModelActor", "CPUModelDeployment", "torch"]
+__all__ = ["CPUModelActor", "CPUModelDeployment"]

@@ -4,6 +4,7 @@
     python scripts/ndif/stack.py stop  [--state DIR]
     python scripts/ndif/stack.py status [--state DIR]
     python scripts/ndif/stack.py env   [--state DIR]    # NDIF_HOST=... NDIF_API_KEY=...
+    python scripts/ndif/stack.py stop-service|restart [api] [--state DIR]   # fault drills
 
 ``start.sh`` / ``stop.sh`` wrap this with the interpreter of the stack's virtual
 environment (``install.sh`` makes it). The stack:
@@ -24,6 +25,7 @@ that id: nothing is stopped by name. Standard library only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -90,7 +92,7 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -115,7 +117,9 @@ class Stack:
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.file)
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str], state: dict) -> subprocess.Popen:
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str], state: dict
+    ) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
         try:
@@ -156,9 +160,7 @@ class Stack:
                 "NDIF_OBJECT_STORE_ACCESS_KEY": "ndif-local",
                 "NDIF_OBJECT_STORE_SECRET_KEY": "ndif-local-secret",
                 "NDIF_OBJECT_STORE_REGION": "us-east-1",
-                "NDIF_POSTGRES_URL": (
-                    f"postgresql://ndif@{HOST}:{ports['postgres']}/ndif"
-                ),
+                "NDIF_POSTGRES_URL": (f"postgresql://ndif@{HOST}:{ports['postgres']}/ndif"),
                 "NDIF_RAY_ADDRESS": f"ray://{HOST}:{ports['ray_client']}",
                 "NDIF_API_PORT": str(ports["api"]),
                 "NDIF_API_URL": f"http://{HOST}:{ports['api']}",
@@ -197,10 +199,14 @@ class Stack:
     def start_postgres(self, state: dict, env: dict[str, str]) -> None:
         port = state["ports"]["postgres"]
         bin_dir = pg_bin()
-        data = self.dir / "pg"
         run_as: list[str] = []
-        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        data = self.dir / "pg"
+        if os.geteuid() == 0:
+            # PostgreSQL refuses to run as root: its own user runs it, in a directory of
+            # its own (the state directory may be one it cannot enter)
             run_as = ["runuser", "-u", "postgres", "--"]
+            data = Path(f"/tmp/ndif-pg-{port}")
+        state["pg_dir"] = str(data)
         shutil.rmtree(data, ignore_errors=True)  # a fresh key table at every start
         data.mkdir(parents=True)
         if run_as:
@@ -335,21 +341,38 @@ class Stack:
         self.save(state)
         return state
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def restart(self, name: str) -> None:
+        """Stop one service and start it again with the same ports (the ``api`` by default)."""
+        state = self.load()
+        pid = state.get("pids", {}).get(name)
+        if pid is not None and alive(pid):
+            stop_group(pid, 15.0, FIRST_SIGNAL.get(name, signal.SIGTERM))
+        getattr(self, f"start_{name}")(state, self.env(state))
+        self.save(state)
+
+    def stop_one(self, name: str) -> None:
+        state = self.load()
+        pid = state.get("pids", {}).get(name)
+        if pid is not None and alive(pid):
+            stop_group(pid, 15.0, FIRST_SIGNAL.get(name, signal.SIGTERM))
+
+    def stop(self, timeout: float = 15.0) -> None:
         state = self.load()
         pids = state.get("pids", {})
         for name in reversed(ORDER):
             pid = pids.get(name)
             if pid is None or not alive(pid):
                 continue
-            stop_group(pid, timeout)
-            log(f"{name} stopped (pid {pid})")
+            t0 = time.monotonic()
+            stop_group(pid, timeout, FIRST_SIGNAL.get(name, signal.SIGTERM))
+            log(f"{name} stopped (pid {pid}, {time.monotonic() - t0:.1f}s)")
         state["pids"] = {}
         if state:
             self.save(state)
-        temp = state.get("ray_temp_dir")
-        if temp and Path(temp).is_dir():
-            shutil.rmtree(temp, ignore_errors=True)
+        for key in ("ray_temp_dir", "pg_dir"):
+            temp = state.get(key)
+            if temp and Path(temp).is_dir():
+                shutil.rmtree(temp, ignore_errors=True)
 
 
 SCHEMA = """
@@ -386,9 +409,13 @@ def alive(pid: int) -> bool:
     return True
 
 
-def stop_group(pid: int, timeout: float) -> None:
-    """SIGTERM the process group ``pid`` leads (we started it), then SIGKILL it."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+# gunicorn's SIGTERM waits for its workers' graceful timeout; SIGINT is its quick stop
+FIRST_SIGNAL = {"api": signal.SIGINT}
+
+
+def stop_group(pid: int, timeout: float, first: int = signal.SIGTERM) -> None:
+    """Signal the process group ``pid`` leads (we started it), then SIGKILL it."""
+    for sig, wait in ((first, timeout), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
         except ProcessLookupError:
@@ -404,15 +431,18 @@ def stop_group(pid: int, timeout: float) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("start", "stop", "status", "env"))
+    parser.add_argument(
+        "command", choices=("start", "stop", "status", "env", "restart", "stop-service")
+    )
+    parser.add_argument(
+        "service", nargs="?", default="api", choices=("api", "redis", "objectstore")
+    )
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state directory")
     args = parser.parse_args(argv)
     stack = Stack(args.state)
@@ -421,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         print(stack.file)
     elif args.command == "stop":
         stack.stop()
+    elif args.command == "restart":
+        stack.restart(args.service)
+    elif args.command == "stop-service":
+        stack.stop_one(args.service)
     elif args.command == "status":
         state = stack.load()
         pids = state.get("pids", {})

@@ -51,3 +51,13 @@ def test_readme_commands_exist() -> None:
     assert "./dev demo" in bash and "./dev test" in bash
     ci = (README.parent / ".ci" / "run").read_text()
     assert "./dev test" in ci
+
+
+def test_readme_remote_example_is_run_by_the_remote_tests() -> None:
+    """The ``py`` block needs an NDIF host: tests/remote runs it against a local one."""
+    (block,) = _blocks("py")
+    assert "remote=True" in block and "iv.Job.attach" in block
+    remote_tests = (README.parent / "tests" / "remote" / "test_remote.py").read_text()
+    assert "test_the_readme_remote_example_runs" in remote_tests
+    for command in ("./dev ndif start", "./dev ndif stop", "./dev test-remote"):
+        assert command in README.read_text()
