@@ -193,8 +193,10 @@ def run(args: argparse.Namespace, state_dir: Path, work: Path, python: str) -> N
         return scores(clean_logits, corrupt_logits, cells)
 
     def by_hand_naive() -> torch.Tensor:
+        import nnsight
+
         with lm.trace(clean, remote=True):
-            acts = [lm.transformer.h[layer].input.save() for layer in range(n_layer)]
+            acts = nnsight.save([lm.transformer.h[layer].input for layer in range(n_layer)])
             clean_logits = lm.lm_head.output[:, -1].save()
         with lm.trace(corrupt, remote=True):
             corrupt_logits = lm.lm_head.output[:, -1].save()

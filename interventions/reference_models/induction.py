@@ -4,10 +4,10 @@ The model is a standard :class:`transformers.LlamaForCausalLM` (2 layers x 4 hea
 hidden size 64, vocabulary 128) whose MLPs are zeroed and frozen, so every layer is
 attention-only while the checkpoint stays an ordinary Llama checkpoint that any library
 can open with ``from_pretrained``.  It is trained for 2000 AdamW steps on sequences of
-distinct random tokens that contain one repeated segment (:func:`induction_batch`), with the
-loss on the predictable tokens only (:func:`predictable_targets`); the only way to predict
-them is to copy, which the model learns with layer-0 previous-token heads and layer-1
-induction heads.  Training takes about two minutes on one CPU core.
+distinct random tokens in which one to three segments are repeated (:func:`induction_batch`),
+with the loss on the predictable tokens only (:func:`predictable_targets`); the only way to
+predict them is to copy, which the model learns with a layer-0 previous-token head and
+layer-1 induction heads.  Training takes under two minutes of CPU time on one core.
 
 Evaluation data layout (:func:`repeated_tokens`)::
 
@@ -56,6 +56,7 @@ __all__ = [
     "INDUCTION_CONFIG",
     "INTERMEDIATE_SIZE",
     "MAX_POSITION_EMBEDDINGS",
+    "MAX_SEGMENTS",
     "MIN_SEGMENT_LEN",
     "NUM_HEADS",
     "NUM_LAYERS",
@@ -98,6 +99,8 @@ TRAIN_SEQ_LEN: int = 64
 TRAIN_BATCH_SIZE: int = 32
 #: Shortest repeated segment in :func:`induction_batch`.
 MIN_SEGMENT_LEN: int = 2
+#: Largest number of repeated segments per :func:`induction_batch` row.
+MAX_SEGMENTS: int = 3
 DEFAULT_STEPS: int = 2000
 LEARNING_RATE: float = 3e-3
 WEIGHT_DECAY: float = 0.01
@@ -149,23 +152,34 @@ def _distinct_tokens(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randperm(VOCAB_SIZE - 1, generator=generator)[:n] + 1
 
 
-def induction_batch(batch_size: int, seq_len: int, generator: torch.Generator) -> torch.LongTensor:
-    """Training / evaluation data: distinct random tokens with one repeated segment.
+def induction_batch(
+    batch_size: int,
+    seq_len: int,
+    generator: torch.Generator,
+    *,
+    max_segments: int = MAX_SEGMENTS,
+) -> torch.LongTensor:
+    """Training data: distinct random tokens in which a few segments occur twice.
 
-    Each row is ``[BOS, x..., S, y..., S, z...]`` of total length ``seq_len``: the segment
-    ``S`` has a log-uniformly random length in ``[MIN_SEGMENT_LEN, (seq_len - 1) // 2]``
-    (short segments are frequent, which is what makes the model learn the canonical
-    offset-1 previous-token head rather than a shifted variant), and the
-    ``seq_len - 1 - 2 * len(S)`` filler tokens are split into three random (possibly empty)
-    gaps, so the segment appears at a random offset and its two copies may be adjacent.
-    All tokens other than the second copy of ``S`` are distinct, so the only predictable
-    tokens are those inside the second copy after its first token
-    (see :func:`predictable_targets`).
+    Each row starts with BOS and contains ``k`` segments, ``k`` uniform in
+    ``[1, max_segments]``, each of which occurs exactly twice; all other tokens are distinct
+    filler.  Segment lengths are log-uniform in ``[MIN_SEGMENT_LEN, (seq_len - 1) // 2]``
+    (capped by the room left), so short repeats are frequent.  The two copies of every
+    segment and the filler tokens are shuffled into a random order, so repeats appear at
+    random offsets, may be adjacent and may interleave.  With ``max_segments=1`` a row is
+    ``[BOS, x..., S, y..., S, z...]``.
+
+    Several and short repeats matter: with one (mostly long) segment per row the model
+    sometimes settles on a shifted circuit (a layer-0 head looking 7-9 tokens back) that
+    copies long repeats but has near-zero induction and previous-token scores.
+
+    The predictable tokens are given by :func:`predictable_targets`.
 
     Args:
         batch_size: number of rows.
         seq_len: length of each row, BOS included.
         generator: source of randomness (the output is a function of its state).
+        max_segments: largest number of repeated segments per row.
 
     Returns:
         ``LongTensor`` of shape ``[batch_size, seq_len]``.
@@ -175,23 +189,26 @@ def induction_batch(batch_size: int, seq_len: int, generator: torch.Generator) -
         raise ValueError(f"seq_len={seq_len} too short for a segment of {MIN_SEGMENT_LEN}")
     if seq_len - 1 - MIN_SEGMENT_LEN > VOCAB_SIZE - 1:
         raise ValueError(f"seq_len={seq_len} needs more distinct tokens than the vocabulary")
+    if max_segments < 1:
+        raise ValueError(f"max_segments must be >= 1, got {max_segments}")
+    bos = torch.tensor([BOS_TOKEN_ID])
     out = torch.empty(batch_size, seq_len, dtype=torch.long)
     for row in range(batch_size):
-        seg_len = _log_uniform_int(MIN_SEGMENT_LEN, max_seg, generator)
-        n_fill = seq_len - 1 - 2 * seg_len
-        cuts = sorted(_rand_int(0, n_fill, generator) for _ in range(2))
-        toks = _distinct_tokens(seg_len + n_fill, generator)
-        seg, fill = toks[:seg_len], toks[seg_len:]
-        out[row] = torch.cat(
-            [
-                torch.tensor([BOS_TOKEN_ID]),
-                fill[: cuts[0]],
-                seg,
-                fill[cuts[0] : cuts[1]],
-                seg,
-                fill[cuts[1] :],
-            ]
-        )
+        n_segments = _rand_int(1, max_segments, generator)
+        room = seq_len - 1
+        lengths: list[int] = []
+        for _ in range(n_segments):
+            high = min(max_seg, room // 2)
+            if high < MIN_SEGMENT_LEN:
+                break
+            lengths.append(_log_uniform_int(MIN_SEGMENT_LEN, high, generator))
+            room -= 2 * lengths[-1]
+        toks = _distinct_tokens(sum(lengths) + room, generator)
+        segments = list(torch.split(toks, [*lengths, room]))
+        filler = segments.pop()
+        items = [seg for seg in segments for _ in range(2)] + list(filler.split(1))
+        order = torch.randperm(len(items), generator=generator).tolist()
+        out[row] = torch.cat([bos, *(items[i] for i in order)])
     return out  # type: ignore[return-value]
 
 

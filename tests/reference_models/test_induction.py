@@ -42,7 +42,15 @@ def test_config_is_small_llama() -> None:
     assert cfg.intermediate_size == ind.INTERMEDIATE_SIZE
 
 
-def test_induction_batch_has_one_repeated_segment() -> None:
+def _brute_force_predictable(row: list[int]) -> list[bool]:
+    """Target i+1 is predictable iff the bigram (row[i], row[i+1]) occurred earlier."""
+    return [
+        any(row[j] == row[i] and row[j + 1] == row[i + 1] for j in range(i))
+        for i in range(len(row) - 1)
+    ]
+
+
+def test_induction_batch_layout() -> None:
     seq_len = ind.TRAIN_SEQ_LEN
     tokens = ind.induction_batch(64, seq_len, _gen())
     assert tokens.shape == (64, seq_len) and tokens.dtype == torch.long
@@ -50,26 +58,42 @@ def test_induction_batch_has_one_repeated_segment() -> None:
     assert (tokens[:, 1:] != ind.BOS_TOKEN_ID).all()
     assert int(tokens.max()) < ind.VOCAB_SIZE
     mask = ind.predictable_targets(tokens)
+    n_repeated = set()
+    for row, row_mask in zip(tokens.tolist(), mask.tolist(), strict=True):
+        counts = {t: row.count(t) for t in row}
+        assert max(counts.values()) == 2  # every token occurs once or twice
+        repeated = sum(c == 2 for c in counts.values())
+        assert ind.MIN_SEGMENT_LEN <= repeated <= (seq_len - 1) // 2 * ind.MAX_SEGMENTS
+        assert row_mask == _brute_force_predictable(row)
+        assert 1 <= sum(row_mask) <= repeated - 1
+        n_repeated.add(repeated)
+    assert len(n_repeated) > 10  # the amount of repetition really varies
+
+
+def test_induction_batch_single_segment() -> None:
+    seq_len = 48
+    tokens = ind.induction_batch(32, seq_len, _gen(1), max_segments=1)
     lengths = set()
-    for row, row_mask in zip(tokens.tolist(), mask, strict=True):
-        n_unique = len(set(row))
-        seg_len = seq_len - n_unique  # every segment token occurs exactly twice
+    for row, row_mask in zip(tokens.tolist(), ind.predictable_targets(tokens), strict=True):
+        seg_len = seq_len - len(set(row))  # every segment token occurs exactly twice
         assert ind.MIN_SEGMENT_LEN <= seg_len <= (seq_len - 1) // 2
-        assert max(row.count(t) for t in row) == 2
         # the repeated tokens form one contiguous block, twice
-        first = [i for i, t in enumerate(row) if row.count(t) == 2]
-        a, b = first[:seg_len], first[seg_len:]
+        pos = [i for i, t in enumerate(row) if row.count(t) == 2]
+        a, b = pos[:seg_len], pos[seg_len:]
         assert a == list(range(a[0], a[0] + seg_len)) and b == list(range(b[0], b[0] + seg_len))
         assert [row[i] for i in a] == [row[i] for i in b]
-        assert int(row_mask.sum()) == seg_len - 1
+        # predictable: the second copy after its first token
+        assert row_mask.nonzero().flatten().tolist() == [i - 1 for i in b[1:]]
         lengths.add(seg_len)
-    assert len(lengths) > 5  # segment length really varies
+    assert len(lengths) > 5
 
 
 def test_induction_batch_is_deterministic() -> None:
     a = ind.induction_batch(8, 40, _gen(7))
     b = ind.induction_batch(8, 40, _gen(7))
     c = ind.induction_batch(8, 40, _gen(8))
+    with pytest.raises(ValueError):
+        ind.induction_batch(1, 4, _gen())
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
