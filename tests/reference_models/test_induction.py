@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 
 import pytest
@@ -15,6 +16,15 @@ from interventions.reference_models import induction as ind
 MIN_ACCURACY = 0.9
 HEAD_THRESHOLD = 0.5
 MIN_MARGIN = 0.4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: for a model this small, more threads only add contention."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @cache
@@ -214,3 +224,36 @@ def test_attention_patterns_leave_sdpa_models_alone() -> None:
     assert pats.shape == (ind.NUM_LAYERS, 2, ind.NUM_HEADS, 13, 13)
     assert torch.allclose(pats.sum(-1), torch.ones(()))
     assert model.config._attn_implementation == "sdpa"
+
+
+def _accuracy_without(heads: list[tuple[int, int]]) -> float:
+    """Repeated-half accuracy with the given heads' outputs zeroed (plain torch hooks)."""
+    model, h = _committed(), ind.EVAL_HALF_LEN
+    head_dim = ind.HIDDEN_SIZE // ind.NUM_HEADS
+    handles = []
+    for layer in {layer for layer, _ in heads}:
+        cols = [
+            c for lh, hh in heads if lh == layer for c in range(hh * head_dim, (hh + 1) * head_dim)
+        ]
+
+        def zero(module: torch.nn.Module, args: tuple[torch.Tensor], cols: list[int] = cols):
+            x = args[0].clone()
+            x[..., cols] = 0.0
+            return (x,)
+
+        o_proj = model.model.layers[layer].self_attn.o_proj
+        handles.append(o_proj.register_forward_pre_hook(zero))
+    try:
+        return ind.repeated_half_accuracy(model, ind.repeated_tokens(32, h, _gen(5)), h)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_committed_model_needs_its_heads() -> None:
+    prev_heads, _, _ = _split(_report().previous_token)
+    ind_heads, _, _ = _split(_report().induction)
+    others = [(0, h) for h in range(ind.NUM_HEADS) if (0, h) not in prev_heads]
+    assert _accuracy_without(prev_heads) < 0.3
+    assert _accuracy_without(ind_heads) < 0.1
+    assert _accuracy_without(others) > MIN_ACCURACY
