@@ -1331,9 +1331,20 @@ class _Ndif:
         return headers
 
     def call(
-        self, method: str, url: str, *, job_id: str | None = None, retry: bool = True, **kw: Any
+        self,
+        method: str,
+        url: str,
+        *,
+        job_id: str | None = None,
+        retry: bool = True,
+        idempotent: bool = True,
+        **kw: Any,
     ) -> Any:
-        """One HTTP exchange; connection failures and 502-504 are retried with backoff."""
+        """One HTTP exchange; connection failures and 502-504 are retried with backoff.
+
+        A request that is not ``idempotent`` (a job submission) is sent again only when it
+        cannot have arrived: the connection was refused, or the host answered 502-504.
+        """
         import time
 
         import httpx
@@ -1359,6 +1370,13 @@ class _Ndif:
                     hint="The host may be overloaded; try again later",
                 ) from None
             except httpx.HTTPError as exc:  # reset, protocol errors: transient
+                if not idempotent:  # the request may have arrived: sending it again could
+                    raise self.error(  # run the job twice
+                        RemoteConnectionError,
+                        f"the connection broke while sending ({type(exc).__name__}: {exc})",
+                        job_id=job_id,
+                        hint="The job may or may not have been queued; run it again",
+                    ) from None
                 last = f"{type(exc).__name__}: {exc}"
                 continue
             if response.status_code in _TRANSIENT_STATUS:
@@ -1378,10 +1396,10 @@ class _Ndif:
 
         envelope = RequestModel(model_key=self.model_key, compress=compress)
         envelope.session_id = session_id
-        # a POST is sent again only when the connection failed before it was sent
         response = self.call(
             "POST",
             f"{self.host}/request",
+            idempotent=False,
             data={"data": envelope.metadata()},
             files={"blob": ("request", blob, "application/octet-stream")},
             headers=self.headers(),

@@ -73,7 +73,7 @@ if [[ ! -x "$PY" ]]; then
   log "creating $VENV"
   "$base" -m venv "$VENV"
 fi
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-compile)
 TORCH="$(pin torch)"; TORCH="${TORCH:-2.13.0}"
 NNSIGHT="$(pin nnsight)"; NNSIGHT="${NNSIGHT:-0.8.1}"
 TRANSFORMERS="$(pin transformers)"

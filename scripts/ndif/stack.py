@@ -257,7 +257,7 @@ class Stack:
         argv = [
             str(VENV / "bin" / "ray"), "start", "--head", "--block",
             f"--node-ip-address={HOST}", f"--port={ports['ray_gcs']}",
-            "--num-cpus=4", "--num-gpus=1", f"--resources={json.dumps(resources)}",
+            "--num-cpus=16", "--num-gpus=1", f"--resources={json.dumps(resources)}",
             "--object-store-memory=200000000",
             "--include-dashboard=true", f"--dashboard-host={HOST}",
             f"--dashboard-port={ports['ray_dashboard']}",
@@ -356,7 +356,7 @@ class Stack:
         if pid is not None and alive(pid):
             stop_group(pid, 15.0, FIRST_SIGNAL.get(name, signal.SIGTERM))
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         state = self.load()
         pids = state.get("pids", {})
         for name in reversed(ORDER):
@@ -364,7 +364,7 @@ class Stack:
             if pid is None or not alive(pid):
                 continue
             t0 = time.monotonic()
-            stop_group(pid, timeout, FIRST_SIGNAL.get(name, signal.SIGTERM))
+            stop_group(pid, GRACE.get(name, timeout), FIRST_SIGNAL.get(name, signal.SIGTERM))
             log(f"{name} stopped (pid {pid}, {time.monotonic() - t0:.1f}s)")
         state["pids"] = {}
         if state:
@@ -409,8 +409,10 @@ def alive(pid: int) -> bool:
     return True
 
 
-# gunicorn's SIGTERM waits for its workers' graceful timeout; SIGINT is its quick stop
-FIRST_SIGNAL = {"api": signal.SIGINT}
+# gunicorn's SIGTERM waits for its workers' graceful timeout and PostgreSQL's for its
+# clients to leave; SIGINT is each one's quick stop. What is left after GRACE is killed.
+FIRST_SIGNAL = {"api": signal.SIGINT, "postgres": signal.SIGINT}
+GRACE = {"ray": 5.0}
 
 
 def stop_group(pid: int, timeout: float, first: int = signal.SIGTERM) -> None:
