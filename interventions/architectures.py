@@ -78,7 +78,7 @@ _BUILTIN: tuple[ArchitectureMap, ...] = (
     ),
     ArchitectureMap(
         name="llama-like",
-        model_types=("llama", "mistral", "qwen2", "gemma", "gemma2", "qwen3", "olmo", "olmo2"),
+        model_types=("llama", "mistral", "qwen2", "gemma"),
         layers="model.layers",
         embed="model.embed_tokens",
         final_norm="model.norm",
