@@ -144,7 +144,7 @@ class ToyModel(nn.Module):
         self.d_hidden = d_hidden
         self.down = nn.Linear(n_features, d_hidden, bias=False)
         nn.init.xavier_normal_(self.down.weight)
-        self.up = TiedDecoder(self.down.weight, n_features)
+        self.up = TiedDecoder(self.down.weight, n_features)  # type: ignore[arg-type]
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,7 +277,7 @@ def train_sae(
             opt.step()
             sched.step()
             with torch.no_grad():
-                W_dec /= W_dec.norm(dim=-1, keepdim=True)
+                W_dec.div_(W_dec.norm(dim=-1, keepdim=True))
             if log and (step % 1000 == 0 or step == steps - 1):
                 print(f"sae step {step:5d}  loss {loss.item():.5f}  mse {mse.item():.5f}")
         return StandardSAE(

@@ -25,6 +25,9 @@ BACKENDS = ("torch", "nnsight", "pyvene")
 MIN_REPRESENTED = 12
 TOP_FEATURES = 10
 MIN_COSINE = 0.93
+# The latent that fires most on a lone feature: its decoder row has cosine >= 0.942 with
+# the feature's direction (seeds 0-2).
+MIN_TOP_LATENT_COSINE = 0.9
 #: Splicing with the error term kept must not change the outputs (float rounding only).
 ATOL = 1e-5
 
@@ -50,7 +53,7 @@ def test_committed_files_are_small_and_safe() -> None:
 def test_feature_batch_is_sparse_and_deterministic() -> None:
     x = sp.feature_batch(4096, torch.Generator().manual_seed(0))
     assert x.shape == (4096, sp.N_FEATURES)
-    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     density = float((x > 0).float().mean())
     assert abs(density - sp.FEATURE_PROBABILITY) < 0.01
     assert torch.equal(x, sp.feature_batch(4096, torch.Generator().manual_seed(0)))
@@ -135,9 +138,10 @@ def test_sae_splice_keep_is_neutral_and_drop_decodes(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_each_feature_fires_its_own_latent(backend: str) -> None:
-    """One feature at a time, through the graph: the SAE latent that fires most is the one
-    whose decoder direction matches that feature's column of ``W``."""
+def test_each_feature_fires_a_latent_along_its_direction(backend: str) -> None:
+    """One feature at a time, through the graph: the SAE latent that fires most has a
+    decoder direction along that feature's column of ``W``.  (Several latents may share
+    a feature, 40 latents for ~15 features, so the top one need not be the best match.)"""
     model, sae = _committed()
     represented = sp.represented_features(model)
     x = torch.eye(sp.N_FEATURES)[represented]  # one active feature per row, magnitude 1
@@ -146,8 +150,11 @@ def test_each_feature_fires_its_own_latent(backend: str) -> None:
         sp.HIDDEN_SITE, sae=sae, error="keep", features="features"
     )
     features = iv.run(g, model, backend=backend)["features"]
+    assert features.shape == (int(represented.sum()), sp.D_SAE)
+    with torch.no_grad():
+        torch.testing.assert_close(features, sae.encode(model.down(x)), atol=ATOL, rtol=0)
     dirs = torch.nn.functional.normalize(sp.feature_directions(model)[represented], dim=-1)
-    expected = (dirs @ torch.nn.functional.normalize(sae.W_dec, dim=-1).T).argmax(-1)
-    assert torch.equal(features.argmax(-1), expected)
-    top = features.max(-1).values
-    assert bool((top > 0.5).all()), top
+    top = features.argmax(-1)
+    cos = (dirs * torch.nn.functional.normalize(sae.W_dec, dim=-1)[top]).sum(-1)
+    assert float(cos.min()) > MIN_TOP_LATENT_COSINE, cos
+    assert bool((features.max(-1).values > 0.1).all())
