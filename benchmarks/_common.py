@@ -183,7 +183,8 @@ class Contender:
     fn: Callable[[], Any]
     group: str = ""
     info: bool = False  # shown for information; no target applies
-    times: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # wall-clock seconds per round
+    cpu: list[float] = field(default_factory=list)  # CPU seconds of this process per round
     tag: str = ""  # short label in progress lines, set by label()
     error: str | None = None
     check: str = ""  # result of the agreement check
@@ -201,11 +202,19 @@ def short_error(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def call_timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+def call_timed(fn: Callable[[], Any]) -> tuple[float, Any, float]:
+    """Wall-clock seconds, the result, and the CPU seconds this process spent (all threads).
+
+    CPU time is much less disturbed than wall time by other processes on a shared machine
+    (with one thread it is close to the work done); with several OpenMP threads it also
+    counts their spinning while they wait for each other.
+    """
     gc.collect()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     out = fn()
-    return time.perf_counter() - t0, out
+    t1 = time.perf_counter()
+    return t1 - t0, out, time.process_time() - c0
 
 
 def check_round(
@@ -222,7 +231,7 @@ def check_round(
     """
     for c in contenders:
         try:
-            seconds, result = call_timed(c.fn)
+            seconds, result, _ = call_timed(c.fn)
         except Exception as exc:
             c.error = short_error(exc)
             c.ok = False
@@ -258,11 +267,12 @@ def timed_rounds(
             if c.error is not None:
                 continue
             try:
-                seconds, result = call_timed(c.fn)
+                seconds, result, cpu = call_timed(c.fn)
             except Exception as exc:
                 c.error = f"round {r + 1}: " + short_error(exc)
                 continue
             c.times.append(seconds)
+            c.cpu.append(cpu)
             if compare is not None:
                 try:
                     compare(c, result)
@@ -302,9 +312,11 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def ratio(c: Contender, base: Contender) -> float:
-    """Median over rounds of this contender's time / the baseline's time in the same round."""
-    pairs = [a / b for a, b in zip(c.times, base.times, strict=False) if b > 0]
+def ratio(c: Contender, base: Contender, *, cpu: bool = False) -> float:
+    """Median over rounds of this contender's time / the baseline's time in the same round
+    (wall-clock, or with ``cpu`` CPU time)."""
+    mine, theirs = (c.cpu, base.cpu) if cpu else (c.times, base.times)
+    pairs = [a / b for a, b in zip(mine, theirs, strict=False) if b > 0]
     return median(pairs)
 
 
