@@ -5,6 +5,8 @@ They load by short name anywhere a model name is accepted (``iv.run(g, "inductio
 script that reproduces its weights from a seed.
 
 * ``induction``: a 2-layer attention-only Llama with previous-token and induction heads;
+* ``ioi``: a 3-layer GPT-2 trained on indirect object identification, with its word-level
+  tokenizer;
 * ``superposition``: the toy model of superposition (20 features through 5 dimensions), a
   plain ``nn.Module`` whose inputs are feature vectors (raw sites only); its SAE loads with
   :func:`interventions.reference_models.superposition.load_superposition`.
@@ -17,6 +19,7 @@ from typing import Any
 
 REFERENCE_MODELS: dict[str, str] = {
     "induction": "interventions.reference_models.induction:load_induction_model",
+    "ioi": "interventions.reference_models.ioi:load_ioi_model",
     "superposition": "interventions.reference_models.superposition:load_superposition_model",
 }
 
