@@ -18,13 +18,24 @@ A ReLU SAE (:class:`interventions.StandardSAE`, ``d_sae = 40``, decoder rows of 
 norm) trained on the hidden activations ``h`` (the raw site ``"down.output"``) with an
 L1-penalised reconstruction loss recovers those directions: :func:`feature_recovery` gives,
 for each true feature, the largest cosine between its column of ``W`` and any SAE decoder
-row; every represented feature (:func:`represented_features`) is matched with cosine
-> 0.95 for the seeds tried.
+row.  Measured on seeds 0 / 1 / 2:
+
+=========================================  ========  ========  ========
+                                           seed 0    seed 1    seed 2
+=========================================  ========  ========  ========
+represented features (column norm >= 0.5)  14        15        15
+most important features all represented    0-11      0-13      0-13
+min / mean cosine over represented         0.976 /   0.969 /   0.954 /
+                                           0.990     0.992     0.989
+represented features with cosine > 0.9     14/14     15/15     15/15
+=========================================  ========  ========  ========
+
+(The dropped features' columns have norm ~0.01, so their cosines, 0.69-0.95, are noise.)
 
 The model is a plain :class:`torch.nn.Module` with no architecture map, so experiments use
 raw sites (``"down.output"``, ``"up.output"``, ``"relu.output"``) and runs with
-``inputs=`` a float tensor ``[batch, 20]``.  Training both takes about 10-20 s on one
-loaded CPU core.
+``inputs=`` a float tensor ``[batch, 20]``.  Training the model takes 4-40 s and the SAE
+6-45 s on one CPU core, depending on the machine's load.
 
 Committed files (``weights/superposition/``): ``config.json`` (model settings, training
 settings, seeds), ``model.safetensors`` (``down.weight``, ``up.bias``), and the SAE in
