@@ -79,6 +79,7 @@ from interventions.errors import (
     RemoteExecutionError,
     RemoteTimeout,
 )
+from interventions.hf import accepts, eager_attention, greedy_config
 from interventions.ops import (
     OP_KINDS,
     Ablate,
@@ -547,23 +548,6 @@ def _restore_modules(model: nn.Module) -> Iterator[None]:
                     module.__dict__.pop(key, None)
 
 
-@contextlib.contextmanager
-def _eager_attention(model: nn.Module, needed: bool) -> Iterator[None]:
-    """Switch a HuggingFace model to eager attention (attention weights), then restore."""
-    if not needed or getattr(model, "config", None) is None:
-        yield
-        return
-    configs = [getattr(m, "config", None) for m in model.modules()]
-    saved = [(c, getattr(c, "_attn_implementation", None)) for c in configs if c is not None]
-    try:
-        for c, _ in saved:
-            c._attn_implementation = "eager"
-        yield
-    finally:
-        for c, impl in saved:
-            c._attn_implementation = impl
-
-
 def _can_batch(model: nn.Module, info: ModelInfo) -> bool:
     """Whether ``TransformersModel`` fits: a decoder-only HuggingFace model that generates.
 
@@ -602,19 +586,6 @@ def _envoy_at(root: Any, path: str) -> Any:
     return envoy
 
 
-def _greedy_config(max_new_tokens: int) -> Any:
-    """Greedy decoding of exactly ``max_new_tokens`` tokens (as the torch reference)."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=[],  # not None: generate() would fill in the model's EOS and stop there
-        pad_token_id=0,
-    )
-
-
 def _repo_of(model: nn.Module) -> str:
     """The name a model is known by on a host: its hub id or checkpoint directory."""
     config = getattr(model, "config", None)
@@ -640,14 +611,6 @@ def _check_generated(plan: Plan, store: Mapping[str, Any]) -> None:
             raise ExecutionError(
                 f"run {run.name!r} stopped generating before its last step on the nnsight backend"
             )
-
-
-def _takes(model: nn.Module, keyword: str) -> bool:
-    """Whether the model's forward accepts ``keyword``."""
-    try:
-        return keyword in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -696,7 +659,7 @@ class NNsightBackend:
         stages = _Compiler(plan, model, batched).stages(max_batch)
         needs_eager = any(op.site.name == "attn_pattern" for op in plan.graph.ops)
         stage_at: dict[str, int] = {}
-        with _restore_modules(model), _eager_attention(model, needs_eager), torch.no_grad():
+        with _restore_modules(model), eager_attention(model, needs_eager), torch.no_grad():
             wrapper = _wrap(model, batched)
             try:
                 program = {
@@ -854,8 +817,8 @@ class NNsightBackend:
         decoding: dict[str, Any] = {}
         if first.max_new_tokens is not None:
             # traced through model.generate: the block sees every forward of the decoding loop
-            decoding["generation_config"] = _greedy_config(first.max_new_tokens)
-            if _takes(model, "logits_to_keep"):
+            decoding["generation_config"] = greedy_config(first.max_new_tokens)
+            if accepts(model, "logits_to_keep"):
                 decoding["logits_to_keep"] = 0  # the prompt pass's logits at every position
         invokes: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         trace_kwargs: dict[str, Any] = {}

@@ -72,7 +72,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +87,7 @@ from interventions.errors import (
     ExecutionError,
     InterventionError,
 )
+from interventions.hf import accepts, greedy_config
 from interventions.ops import OP_KINDS, Const, Op, Patch, Read, Ref
 from interventions.plan import Plan, absolute_select, step_select
 from interventions.progress import progress
@@ -583,27 +583,6 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
 # Running
 
 
-def _greedy_config(max_new_tokens: int) -> Any:
-    """Greedy decoding of exactly ``max_new_tokens`` tokens (no early stop at EOS)."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=[],  # not None: generate() would fill in the model's EOS and stop early
-        pad_token_id=0,
-    )
-
-
-def _takes(model: nn.Module, keyword: str) -> bool:
-    """Whether the model's forward accepts ``keyword``."""
-    try:
-        return keyword in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
@@ -653,12 +632,12 @@ def _execute_run(
         wrapper.hf_call = True
         # logits_to_keep=0: the prompt pass computes logits at every position, so the
         # `logits` site sees the prompt (HF would keep the last position only)
-        keep = {"logits_to_keep": 0} if _takes(model, "logits_to_keep") else {}
+        keep = {"logits_to_keep": 0} if accepts(model, "logits_to_keep") else {}
         first, generated = intervenable.generate(
             {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)},
             source_representations=sources,
             intervene_on_prompt=True,  # with no unit_locations: every step, prompt included
-            generation_config=_greedy_config(graph_run.max_new_tokens),
+            generation_config=greedy_config(graph_run.max_new_tokens),
             **keep,
         )
         tokens = generated[:, inputs.shape[1] :].cpu()

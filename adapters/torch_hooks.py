@@ -14,8 +14,7 @@ tokens but the last), concatenated along the position axis.
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from interventions.apply import RunState, apply_op
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.backends import Capabilities
 from interventions.errors import ExecutionError, InterventionError
+from interventions.hf import accepts, eager_attention, greedy_config
 from interventions.ops import OP_KINDS, Op, Read
 from interventions.plan import Plan, absolute_select, step_select
 from interventions.progress import progress
@@ -238,24 +238,6 @@ class _Hooks:
         return torch.cat(parts, dim=axes.index("pos") if "pos" in axes else 1)
 
 
-@contextlib.contextmanager
-def eager_attention(model: nn.Module, needed: bool) -> Iterator[None]:
-    """Switch a HuggingFace model to eager attention for the block, then restore it."""
-    config = getattr(model, "config", None)
-    if not needed or config is None:
-        yield
-        return
-    configs: list[Any] = [getattr(m, "config", None) for m in model.modules()]
-    saved = [(c, getattr(c, "_attn_implementation", None)) for c in configs if c is not None]
-    try:
-        for c, _ in saved:
-            c._attn_implementation = "eager"
-        yield
-    finally:
-        for c, impl in saved:
-            c._attn_implementation = impl
-
-
 def _forward(
     model: nn.Module, info: ModelInfo, plan: Plan, run: str, grad: bool
 ) -> torch.Tensor | None:
@@ -271,11 +253,11 @@ def _forward(
         if graph_run.max_new_tokens is not None:
             # logits_to_keep=0: HF generate otherwise computes the prompt pass's logits at
             # the last position only, and the `logits` site would not see the prompt.
-            keep = {"logits_to_keep": 0} if _takes(model, "logits_to_keep") else {}
+            keep = {"logits_to_keep": 0} if accepts(model, "logits_to_keep") else {}
             out = model.generate(  # type: ignore[operator]
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                generation_config=_greedy_config(graph_run.max_new_tokens),
+                generation_config=greedy_config(graph_run.max_new_tokens),
                 **keep,
             )
             return out[:, ids.shape[1] :].cpu()
@@ -284,29 +266,6 @@ def _forward(
         else:
             model(ids)
     return None
-
-
-def _greedy_config(max_new_tokens: int) -> Any:
-    """A generation config that decodes greedily for exactly ``max_new_tokens`` tokens."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        # An empty list, not None: generate() fills None from model.generation_config, and
-        # would then stop at the model's EOS token and return fewer tokens.
-        eos_token_id=[],
-        pad_token_id=0,
-    )
-
-
-def _takes(model: nn.Module, keyword: str) -> bool:
-    """Whether the model's forward accepts ``keyword``."""
-    try:
-        return keyword in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class TorchHooksBackend:

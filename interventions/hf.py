@@ -1,0 +1,55 @@
+"""What every backend does alike to a HuggingFace model, so their numbers stay equal.
+
+Kept in the core (transformers is imported lazily) rather than copied into each adapter:
+greedy generation of exactly ``max_new_tokens``, eager attention while patterns are read,
+and probing a forward signature for a keyword.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+
+def greedy_config(max_new_tokens: int) -> Any:
+    """A generation config that decodes greedily for exactly ``max_new_tokens`` tokens."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        # An empty list, not None: generate() fills None from model.generation_config, and
+        # would then stop at the model's EOS token and return fewer tokens.
+        eos_token_id=[],
+        pad_token_id=0,
+    )
+
+
+def accepts(model: nn.Module, keyword: str) -> bool:
+    """Whether the model's forward accepts ``keyword``."""
+    try:
+        return keyword in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module, needed: bool) -> Iterator[None]:
+    """Switch a HuggingFace model to eager attention for the block, then restore it."""
+    if not needed or getattr(model, "config", None) is None:
+        yield
+        return
+    configs: list[Any] = [getattr(m, "config", None) for m in model.modules()]
+    saved = [(c, getattr(c, "_attn_implementation", None)) for c in configs if c is not None]
+    try:
+        for c, _ in saved:
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for c, impl in saved:
+            c._attn_implementation = impl
