@@ -79,7 +79,7 @@ from interventions.errors import (
     RemoteExecutionError,
     RemoteTimeout,
 )
-from interventions.hf import accepts, eager_attention, greedy_config
+from interventions.hf import accepts, eager_attention, greedy_config, logits_kwargs
 from interventions.ops import (
     OP_KINDS,
     Ablate,
@@ -475,6 +475,11 @@ class _Compiler:
                     shared.append((producer, key, loc))
             if code.empty and not code.locations:
                 continue  # a forward pass nobody observes changes nothing
+            limit = max_batch
+            if limit is None and self.plan.budget is not None:
+                # the planner's budget bounds a trace too: merging its batches into one
+                # invoke set would build the forward it was told not to build
+                limit = self.plan.budget.rows(code.prompt, self.info)
             index = next(
                 (
                     i
@@ -482,7 +487,7 @@ class _Compiler:
                     if code.kind != "single"
                     and stages[i].kind == code.kind
                     and stages[i].key == code.key
-                    and (max_batch is None or stages[i].rows + code.rows <= max_batch)
+                    and (limit is None or stages[i].rows + code.rows <= limit)
                 ),
                 None,
             )
@@ -822,9 +827,11 @@ class NNsightBackend:
                 decoding["logits_to_keep"] = 0  # the prompt pass's logits at every position
         invokes: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         trace_kwargs: dict[str, Any] = {}
+        keeps = [plan.logits_to_keep(code.name) for code in stage.runs]
+        keep = None if None in keeps else max(k for k in keeps if k is not None)
         if stage.kind != "single":
             # TransformersModel batches the invokes' token ids; settings go to the call
-            trace_kwargs = decoding or {"use_cache": False}
+            trace_kwargs = decoding or {"use_cache": False, **logits_kwargs(model, keep)}
             invokes = [((plan.inputs[code.name],), {}) for code in stage.runs]
         else:
             # the generic envoy takes one invoke, passed to the model (or generate) as is
@@ -837,7 +844,8 @@ class NNsightBackend:
                         ((), {"input_ids": x, "attention_mask": torch.ones_like(x), **decoding})
                     )
                 else:
-                    invokes.append(((), {"input_ids": x, "use_cache": False}))
+                    keep_run = logits_kwargs(model, plan.logits_to_keep(code.name))
+                    invokes.append(((), {"input_ids": x, "use_cache": False, **keep_run}))
         progs = [
             NNsightBackend._program(wrapper, code, plan, invoke)
             for code, invoke in zip(stage.runs, invokes, strict=True)

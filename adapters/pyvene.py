@@ -87,7 +87,7 @@ from interventions.errors import (
     ExecutionError,
     InterventionError,
 )
-from interventions.hf import accepts, greedy_config
+from interventions.hf import accepts, greedy_config, logits_kwargs
 from interventions.ops import OP_KINDS, Const, Op, Patch, Read, Ref
 from interventions.plan import Plan, absolute_select, step_select
 from interventions.progress import progress
@@ -389,6 +389,7 @@ class _Wrapped(nn.Module):
         self.model = model
         self.config = getattr(model, "config", None)  # pyvene reads it; None for plain modules
         self.hf_call = False
+        self.logits_to_keep: int | None = None
         self.clock: _StepClock | None = None
         self.inputs: list[tuple[nn.Module, bool]] = []  # input sites, and whether to copy
         self.private_outputs: list[nn.Module] = []
@@ -403,7 +404,8 @@ class _Wrapped(nn.Module):
     def forward(self, inputs: torch.Tensor) -> Any:
         with self._helpers():
             if self.hf_call:
-                return self.model(input_ids=inputs, use_cache=False)
+                keep = logits_kwargs(self.model, self.logits_to_keep)
+                return self.model(input_ids=inputs, use_cache=False, **keep)
             return self.model(inputs)
 
     def generate(self, **kwargs: Any) -> Any:
@@ -643,6 +645,7 @@ def _execute_run(
         tokens = generated[:, inputs.shape[1] :].cpu()
     else:
         wrapper.hf_call = graph_run.inputs is None and plan.info.is_hf
+        wrapper.logits_to_keep = plan.logits_to_keep(run)
         first, _ = intervenable({"inputs": inputs}, source_representations=sources)
     collected = list(first[1]) if intervenable.return_collect_activations else []
     _finish(run, compiled, collected, ctx)

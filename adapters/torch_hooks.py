@@ -25,7 +25,7 @@ from interventions.apply import RunState, apply_op
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.backends import Capabilities
 from interventions.errors import ExecutionError, InterventionError
-from interventions.hf import accepts, eager_attention, greedy_config
+from interventions.hf import accepts, eager_attention, greedy_config, logits_kwargs
 from interventions.ops import OP_KINDS, Op, Read
 from interventions.plan import Plan, absolute_select, step_select
 from interventions.progress import progress
@@ -262,7 +262,7 @@ def _forward(
             )
             return out[:, ids.shape[1] :].cpu()
         if info.is_hf:
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, use_cache=False, **logits_kwargs(model, plan.logits_to_keep(run)))
         else:
             model(ids)
     return None

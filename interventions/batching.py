@@ -55,6 +55,20 @@ class Budget:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"Budget.{name} must be a positive int or None, got {value!r}")
 
+    def rows(self, seq: int, info: ModelInfo | None) -> int | None:
+        """How many batch items of ``seq`` positions one forward pass may hold (at least 1;
+        ``None``: no bound).
+
+        >>> Budget(max_items=64, max_bytes=None).rows(18, None)
+        64
+        """
+        limits = []
+        if self.max_items is not None:
+            limits.append(self.max_items)
+        if self.max_bytes is not None:
+            limits.append(max(1, self.max_bytes // bytes_per_item(seq, info)))
+        return min(limits) if limits else None
+
 
 @dataclass(frozen=True)
 class Batched:
@@ -189,13 +203,8 @@ def batch_graph(
             key = _shape_key(graph, run, inputs)
             n = int(inputs[name].shape[0])
             seq = int(inputs[name].shape[1]) if inputs[name].ndim > 1 else 1
-            items = sizes.get(key, 0) + n
-            too_many = budget.max_items is not None and items > budget.max_items
-            too_big = (
-                budget.max_bytes is not None
-                and items * bytes_per_item(seq, info) > budget.max_bytes
-            )
-            if key in open_groups and (too_many or too_big):
+            limit = budget.rows(seq, info)
+            if key in open_groups and limit is not None and sizes[key] + n > limit:
                 groups.append(open_groups.pop(key))
                 sizes.pop(key)
             open_groups.setdefault(key, []).append(name)

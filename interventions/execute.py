@@ -164,9 +164,10 @@ def _prepare(
         )
     internal: frozenset[str] = frozenset()
     if batch and len(graph.runs) > 1:
+        budget = budget or Budget()
         batched = batch_graph(graph, budget, inputs=plan.inputs, info=info)
         internal = batched.internal
-        plan = make_plan(batched.graph, info, tokenizer)
+        plan = make_plan(batched.graph, info, tokenizer, budget)
     return model, info, plan, impl, internal
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -341,7 +342,7 @@ class Graph:
         for key in sorted(self.tensors):
             tensor = self.tensors[key]
             digest.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
-            digest.update(_tensor_bytes(tensor))
+            digest.update(_tensor_digest(tensor))
         return digest.hexdigest()
 
     def to_json(self, *, indent: int | None = 2) -> str:
@@ -392,6 +393,29 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return bytes(flat.view(torch.uint8).numpy().tobytes())
 
 
+# SHA-256 of tensors already hashed, so an SAE's weights are hashed once, not on every run
+# that splices it. Keyed by identity and checked against the tensor's version counter,
+# which every in-place change made through torch bumps.
+_DIGESTS: dict[int, tuple[weakref.ref[torch.Tensor], tuple[object, ...], bytes]] = {}
+
+
+def _tensor_digest(tensor: torch.Tensor) -> bytes:
+    stamp = (tensor._version, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+    key = id(tensor)
+    hit = _DIGESTS.get(key)
+    if hit is not None and hit[0]() is tensor and hit[1] == stamp:
+        return hit[2]
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    data: Any = flat.view(torch.uint8).numpy() if flat.numel() else b""
+    digest = hashlib.sha256(data).digest()
+
+    def forget(_ref: weakref.ref[torch.Tensor]) -> None:
+        _DIGESTS.pop(key, None)
+
+    _DIGESTS[key] = (weakref.ref(tensor, forget), stamp, digest)
+    return digest
+
+
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and _tensor_bytes(a) == _tensor_bytes(b)
 
@@ -431,7 +455,15 @@ class RunHandle:
             try:
                 tensor = torch.as_tensor(tensor, dtype=torch.float32)
             except (TypeError, ValueError, RuntimeError) as exc:
-                raise SpecError(f"{what} must be a tensor, got {type(tensor).__name__}") from exc
+                hint = ""
+                if isinstance(tensor, str):
+                    hint = (
+                        f"; to use a value read in another run, pass the Ref that read() "
+                        f"returned, or iv.Ref({tensor!r})"
+                    )
+                raise SpecError(
+                    f"{what} must be a tensor, got {type(tensor).__name__}{hint}"
+                ) from exc
         if not tensor.is_floating_point():
             tensor = tensor.float()
         return Const(self.graph._add_tensor(tensor))

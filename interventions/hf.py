@@ -2,7 +2,7 @@
 
 Kept in the core (transformers is imported lazily) rather than copied into each adapter:
 greedy generation of exactly ``max_new_tokens``, eager attention while patterns are read,
-and probing a forward signature for a keyword.
+probing a forward signature for a keyword, and asking for the last logits only.
 """
 
 from __future__ import annotations
@@ -36,6 +36,16 @@ def accepts(model: nn.Module, keyword: str) -> bool:
         return keyword in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def logits_kwargs(model: nn.Module, keep: int | None) -> dict[str, int]:
+    """Forward keywords that compute only the last ``keep`` positions' logits (``{}`` when
+    ``keep`` is None or the model has no such option); see ``Plan.logits_to_keep``.
+
+    >>> logits_kwargs(nn.Linear(2, 2), 1)
+    {}
+    """
+    return {"logits_to_keep": keep} if keep is not None and accepts(model, "logits_to_keep") else {}
 
 
 @contextlib.contextmanager

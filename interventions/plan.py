@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from interventions.architectures import ModelInfo
+from interventions.batching import Budget
 from interventions.errors import SpecError, ValidationError
 from interventions.graph import Graph, Run
 from interventions.ops import Ablate, Op, Read
@@ -28,6 +29,9 @@ class Plan:
     info: ModelInfo
     order: tuple[str, ...]
     inputs: Mapping[str, torch.Tensor]  # run -> token ids [batch, seq] or a raw input tensor
+    # bounds one forward pass when a backend merges runs itself (None: the user asked for
+    # no batching, so the planner did not bound anything)
+    budget: Budget | None = None
 
     def ops_of(self, run: str) -> list[Op]:
         return [op for op in self.graph.ops if op.run == run]
@@ -48,6 +52,57 @@ class Plan:
 
     def batch_size(self, run: str) -> int:
         return int(self.inputs[run].shape[0])
+
+    def logits_to_keep(self, run: str) -> int | None:
+        """How many final positions of ``run``'s logits its ops touch, when fewer than all.
+
+        A HuggingFace forward then computes the unembedding only there
+        (``logits_to_keep=k``), which is most of the cost of a small model's forward when
+        a sweep reads the last position only. ``None`` means every position is needed:
+        some op at the logits selects a non-negative or open-ended position, the run
+        generates, is not a token run of a HuggingFace model, or touches raw module sites
+        (one of them could be the unembedding).
+
+        Negative positions select the same entries in the kept tail as in the full
+        tensor, so ops need no rewriting.
+        """
+        graph_run = self.graph.runs[run]
+        if not self.info.is_hf or graph_run.generates or graph_run.inputs is not None:
+            return None
+        need = 0
+        for op in self.ops_of(run):
+            if op.site.is_raw:
+                return None
+            if op.site.name != "logits":
+                continue
+            if isinstance(op, Ablate):
+                return None
+            tail = _tail_length(op.select.pos)
+            if tail is None:
+                return None
+            need = max(need, tail)
+        if any(site.name == "logits" or site.is_raw for site in self.captures_of(run)):
+            return None
+        return need if 0 < need < self.prompt_length(run) else None
+
+
+def _tail_length(index: int | tuple[int, ...] | Span | None) -> int | None:
+    """How many final positions a ``pos`` selector reaches when it uses negative positions
+    only (``None`` otherwise).
+
+    >>> _tail_length(-1), _tail_length((-3, -1)), _tail_length(Span(-4)), _tail_length(2)
+    (1, 3, 4, None)
+    """
+    if isinstance(index, int):
+        return -index if index < 0 else None
+    if isinstance(index, tuple):
+        return max(-i for i in index) if all(i < 0 for i in index) else None
+    if isinstance(index, Span):
+        ends_negative = index.stop is None or index.stop < 0
+        forward = index.step is None or index.step > 0
+        if index.start is not None and index.start < 0 and ends_negative and forward:
+            return -index.start
+    return None
 
 
 def tokenize(run: Run, tokenizer: Any) -> torch.Tensor:
@@ -150,5 +205,7 @@ def resample_indices(seed: int, n_target: int, n_source: int) -> torch.Tensor:
     return torch.randint(0, n_source, (n_target,), generator=generator)
 
 
-def make_plan(graph: Graph, info: ModelInfo, tokenizer: Any = None) -> Plan:
-    return Plan(graph, info, tuple(graph.run_order()), run_inputs(graph, tokenizer))
+def make_plan(
+    graph: Graph, info: ModelInfo, tokenizer: Any = None, budget: Budget | None = None
+) -> Plan:
+    return Plan(graph, info, tuple(graph.run_order()), run_inputs(graph, tokenizer), budget)

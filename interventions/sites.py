@@ -307,6 +307,40 @@ def _plan(
     return tuple(index_tensors), dropped
 
 
+def _basic_index(
+    select: Select, axes: Sequence[str], shape: Sequence[int]
+) -> tuple[tuple[Any, ...], list[int]] | None:
+    """The same selection as :func:`_plan` written as slices (and at most one index list),
+    which torch applies without building an index tensor per axis; ``None`` when the
+    selection needs the general outer-product form (several lists, a negative step).
+
+    An int becomes a one-wide slice whose axis is squeezed afterwards, so it never mixes
+    with a list as an advanced index (which would move the list's axis to the front).
+    """
+    per_axis = selection_axes(select, axes)
+    if sum(isinstance(i, tuple) for i in per_axis.values()) > 1:
+        return None
+    parts: list[Any] = [slice(None)] * len(shape)
+    dropped: list[int] = []
+    for dim, index in per_axis.items():
+        if dim >= len(shape):
+            return None
+        size = shape[dim]
+        if isinstance(index, int):
+            if not -size <= index < size:
+                raise IndexError(f"{axes[dim]}={index} is out of range for an axis of size {size}")
+            i = index % size
+            parts[dim] = slice(i, i + 1)
+            dropped.append(dim)
+        elif isinstance(index, Span):
+            if index.step is not None and index.step <= 0:
+                return None
+            parts[dim] = slice(index.start, index.stop, index.step)
+        elif isinstance(index, tuple):
+            parts[dim] = list(_axis_indices(index, size, axes[dim])[0])
+    return tuple(parts), sorted(dropped)
+
+
 def site_axes(kind: SiteKind, ndim: int) -> tuple[str, ...]:
     """Axis names for a tensor of ``ndim`` dims at a site (raw sites: batch, pos, ..., hidden)."""
     if len(kind.axes) == ndim:
@@ -326,9 +360,14 @@ def take(x: torch.Tensor, select: Select, axes: Sequence[str]) -> torch.Tensor:
     """
     if select.is_all:
         return x
-    index, dropped = _plan(select, axes, x.shape)
-    index = tuple(i.to(x.device) for i in index)
-    out = x[index]
+    basic = _basic_index(select, axes, x.shape)
+    if basic is not None:
+        index, dropped = basic
+        # a copy, like advanced indexing gives: a view would keep all of ``x`` alive
+        out = x[index].clone()
+    else:
+        index, dropped = _plan(select, axes, x.shape)
+        out = x[tuple(i.to(x.device) for i in index)]
     for dim in reversed(dropped):
         out = out.squeeze(dim)
     return out
@@ -344,9 +383,17 @@ def put(x: torch.Tensor, select: Select, axes: Sequence[str], value: torch.Tenso
     value = value.to(device=x.device, dtype=x.dtype)
     if select.is_all:
         return value.expand(x.shape).clone() if value.shape != x.shape else value
-    index, dropped = _plan(select, axes, x.shape)
-    index = tuple(i.to(x.device) for i in index)
-    region = [len(i.view(-1)) for i in index]
+    basic = _basic_index(select, axes, x.shape)
+    if basic is not None:
+        index, dropped = basic
+        region = [
+            len(range(size)[part]) if isinstance(part, slice) else len(part)
+            for part, size in zip(index, x.shape, strict=True)
+        ]
+    else:
+        index, dropped = _plan(select, axes, x.shape)
+        index = tuple(i.to(x.device) for i in index)
+        region = [len(i.view(-1)) for i in index]
     kept = [n for d, n in enumerate(region) if d not in dropped]
     value = value.expand(torch.broadcast_shapes(value.shape, tuple(kept)))
     for dim in dropped:
@@ -361,7 +408,15 @@ def selected_shape(select: Select, axes: Sequence[str], shape: Sequence[int]) ->
     per_axis = selection_axes(select, axes)
     out = []
     for dim, size in enumerate(shape):
-        idx, drop = _axis_indices(per_axis.get(dim), size, axes[dim] if dim < len(axes) else "axis")
-        if not drop:
-            out.append(len(idx))
+        index = per_axis.get(dim)
+        if index is None:
+            out.append(size)
+        elif isinstance(index, Span):
+            if index.step == 0:
+                raise SpecError("a slice step cannot be zero")
+            out.append(len(range(size)[slice(index.start, index.stop, index.step)]))
+        else:
+            idx, drop = _axis_indices(index, size, axes[dim] if dim < len(axes) else "axis")
+            if not drop:
+                out.append(len(idx))
     return tuple(out)

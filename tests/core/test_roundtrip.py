@@ -461,3 +461,19 @@ def test_long_chain_of_runs_checks() -> None:
         value = handles[i].read("resid_post", 0, name=f"v{i}")
     g.check()
     assert iv.Graph.from_json(g.to_json()) == g
+
+
+def test_fingerprint_sees_in_place_changes() -> None:
+    """Tensor digests are cached per tensor; an in-place change must not reuse a stale one."""
+    direction = torch.ones(8)
+    g = iv.Graph()
+    g.run("a", tokens=torch.tensor([[1, 2]])).add("resid_pre", layer=0, direction=direction)
+    before = g.fingerprint()
+    assert g.fingerprint() == before
+    with torch.no_grad():
+        direction[3] = 2.0
+    changed = g.fingerprint()
+    assert changed != before
+    with torch.no_grad():
+        direction[3] = 1.0
+    assert g.fingerprint() == before
