@@ -109,10 +109,15 @@ class _Hooks:
         self.generating = graph_run.generates
 
     def _process(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+        # Writes go into one private copy of the module's tensor, made at the first write
+        # (a copy per op would cost a full tensor copy per patch of a batched sweep), and
+        # made again after anything kept a reference to the current tensor.
+        owned = False
         for entry in self.points[point]:
             axes = site_axes(entry.site.kind, x.ndim)
             if entry.op is None:
                 self.captures.setdefault(str(entry.site), []).append(x if self.grad else x.detach())
+                owned = False
                 continue
             op = entry.op
             if isinstance(op, Read):
@@ -125,6 +130,7 @@ class _Hooks:
                     continue
                 # reads keep every position of every step; their selector applies at the end
                 self.recorded.setdefault(op.name, []).append(x.detach())
+                owned = False
                 continue
             select: Select | None = op.select
             if self.generating:
@@ -133,7 +139,10 @@ class _Hooks:
                 )
             if select is None:
                 continue
-            x, extra = apply_op(op, x, axes, select, self.state)
+            inplace = not self.grad  # autograd keeps the out-of-place form
+            if inplace and not owned:
+                x, owned = x.clone(), True
+            x, extra = apply_op(op, x, axes, select, self.state, inplace=inplace)
             for name, value in extra.items():
                 self.recorded.setdefault(name, []).append(value if self.grad else value.detach())
         return x

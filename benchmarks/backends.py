@@ -10,7 +10,9 @@ Workloads, on the GPT-2-small-shaped model (random weights, fp32, CPU):
 
 a. reads: every layer's resid_post for one batch (8 prompts x 18 tokens);
 b. sweep: the 12 x 18 resid_pre patch sweep of ``patch_sweep.py``, each backend in its
-   best batched form: hooks = the hand-batched optimum; nnsight = one trace per chunk with
+   best batched form, every one asking the model for the last position's logits only
+   (``logits_to_keep=1``, as the adapters do): hooks = the hand-batched optimum; nnsight =
+   one trace per chunk with
    the corrupted copies stacked and patched by indexed writes; pyvene =
    ``VanillaIntervention`` with ``source_representations`` over a batch (one call per
    layer, its 18 positions as 18 batch rows);
@@ -324,7 +326,9 @@ def hooks_impl(
         return torch.stack([out[i] for i in range(n_layers)])
 
     def sweep() -> torch.Tensor:
-        _, _, patched = cm.hooks_patch_sweep(model, clean, corrupt, cells, chunk)
+        _, _, patched = cm.hooks_patch_sweep(
+            model, clean, corrupt, cells, chunk, last_logits_only=True
+        )
         return patched  # [cells, vocab]
 
     def sae_run() -> torch.Tensor:
@@ -397,7 +401,7 @@ def nnsight_impl(
                     (layer, torch.tensor(r), torch.tensor(p))
                     for layer, (r, p) in sorted(per_layer.items())
                 ]
-                with nm.trace(corrupt.expand(len(part), -1), use_cache=False):
+                with nm.trace(corrupt.expand(len(part), -1), use_cache=False, logits_to_keep=1):
                     for layer, r, p in plan:
                         nm.transformer.h[layer].input[r, p] = clean_hs[layer][0, p]
                     logits = nm.lm_head.output[:, -1].save()
@@ -516,7 +520,7 @@ def pyvene_impl(
             (_, clean_hs), _ = read_clean(
                 {"input_ids": clean}, unit_locations={"base": [[list(range(seq))]] * n_layers}
             )
-            outs.append(pm(input_ids=corrupt, use_cache=False).logits[:, -1])
+            outs.append(pm(input_ids=corrupt, use_cache=False, logits_to_keep=1).logits[:, -1])
             for layer in range(n_layers):
                 # one call per layer: its seq positions are seq batch rows
                 _, patched = patchers[layer](
@@ -524,6 +528,7 @@ def pyvene_impl(
                     unit_locations={"sources->base": (None, [[[p] for p in range(seq)]])},
                     source_representations=clean_hs[layer][0].unsqueeze(1),
                     use_cache=False,
+                    logits_to_keep=1,
                 )
                 outs.append(patched.logits[:, -1])
         return torch.cat(outs)[1:]

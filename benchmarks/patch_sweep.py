@@ -148,12 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     contenders = [
         cm.Contender("hooks: hand-batched optimum", optimum, "baseline"),
-        cm.Contender(
-            "hooks: optimum + logits_to_keep=1",
-            lambda: optimum(last_only=True),
-            "hooks",
-            info=True,
-        ),
+        cm.Contender("hooks: optimum + logits_to_keep=1", lambda: optimum(last_only=True), "best"),
         cm.Contender("hooks: naive loop (1 fwd/patch)", naive, "hooks"),
         cm.Contender("interventions[torch]", package("torch"), "ours"),
         cm.Contender("interventions[nnsight]", package("nnsight"), "ours"),
@@ -201,11 +196,20 @@ def main(argv: list[str] | None = None) -> int:
 
     forward = cm.Contender("one clean forward (1 x seq), x5", forward_x5, "attribution", info=True)
 
+    def forward_last_x5() -> None:
+        with torch.no_grad():
+            for _ in range(5):
+                model(input_ids=clean, use_cache=False, logits_to_keep=1)
+
+    forward_last = cm.Contender(
+        "one clean forward, last logits only, x5", forward_last_x5, "attribution", info=True
+    )
+
     base = contenders[0]
     contenders = [
         c for c in contenders if c is base or not any(c.name.lower().startswith(s) for s in skip)
     ]
-    everything = [*contenders, attribution, forward]
+    everything = [*contenders, attribution, forward, forward_last]
     cm.label(everything)
 
     # --- check ------------------------------------------------------------------------------
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             exact, approx = reference["grid"].flatten().double(), result.flatten().double()
             corr = float(torch.corrcoef(torch.stack([approx, exact]))[0, 1])
             return f"an approximation: correlation with the exact grid {corr:+.3f}"
-        if c is forward:
+        if c is forward or c is forward_last:
             return "-"
         return cm.agree(c.name, result, reference["grid"], TOL)
 
@@ -245,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     # --- timing ---------------------------------------------------------------------------
     print(f"timing: {repeats} rounds (the numbers in brackets are the contenders above)")
     cm.timed_rounds(everything, repeats, compare)
-    forward.times = [t / 5 for t in forward.times]
-    forward.cpu = [t / 5 for t in forward.cpu]
+    for f in (forward, forward_last):
+        f.times = [t / 5 for t in f.times]
+        f.cpu = [t / 5 for t in f.cpu]
     print()
 
     # --- report -----------------------------------------------------------------------------
@@ -254,19 +259,28 @@ def main(argv: list[str] | None = None) -> int:
         "wall = wall-clock seconds; cpu = CPU seconds of this process (steadier on a busy "
         "machine); ratios are medians of per-round ratios"
     )
+    # The verdict is taken against the faster of the two hand-written optima: the package
+    # computes the last position's logits only, and so may a careful hand.
+    best = next((c for c in contenders if c.group == "best" and c.times), base)
+    print(
+        "verdicts for this package: against the faster hand-written optimum "
+        f"({best.name}); 'vs best' is that ratio"
+    )
     rows = []
     for c in contenders:
         if not c.times:
-            rows.append([c.name, "-", "-", "-", "-", "error: " + (c.error or "?")[:100]])
+            rows.append([c.name, "-", "-", "-", "-", "-", "error: " + (c.error or "?")[:100]])
             continue
-        r, rc = cm.ratio(c, base), cm.ratio(c, base, cpu=True)
+        r, rc, rb = cm.ratio(c, base), cm.ratio(c, base, cpu=True), cm.ratio(c, best)
         if c is base:
-            verdict = "baseline"
+            verdict = "baseline (scores checked against it)"
+        elif c is best:
+            verdict = "the hand-written best"
         elif c.info:
             verdict = "(information)"
         elif c.group == "ours":
-            ok = r <= TARGET_VS_OPTIMUM
-            verdict = f"{'OK' if ok else 'OVER'} (target <= {TARGET_VS_OPTIMUM}x, wall)"
+            ok = rb <= TARGET_VS_OPTIMUM
+            verdict = f"{'OK' if ok else 'OVER'} (target <= {TARGET_VS_OPTIMUM}x best, wall)"
         else:
             verdict = ""
         if not c.ok:
@@ -280,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                 cm.fmt_s(cm.median(c.cpu)),
                 cm.fmt_x(r),
                 cm.fmt_x(rc),
+                cm.fmt_x(rb),
                 verdict,
             ]
         )
-    header = ["contender", "wall s", "cpu s", "vs optimum", "cpu vs opt.", "verdict"]
+    header = ["contender", "wall s", "cpu s", "vs optimum", "cpu vs opt.", "vs best", "verdict"]
     print(cm.table(rows, header))
     print()
 
@@ -291,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if ours is not None and ours.times:
         print("speedup of interventions[torch] over each loop")
         srows = []
-        for p in [c for c in contenders if c.group in ("peer", "hooks") and not c.info]:
+        for p in [c for c in contenders if c.group in ("peer", "hooks", "best") and not c.info]:
             if not p.times:
                 srows.append([p.name, "-", "-", "error"])
                 continue
@@ -314,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{cm.median(forward.times) * 1e3:.1f} ms); {ok} (target <= {TARGET_FORWARDS:g}); "
             f"{attribution.check}"
         )
+        if forward_last.times:
+            fl = cm.ratio(attribution, forward_last)
+            print(
+                f"  against a forward that computes the last logits only "
+                f"({cm.median(forward_last.times) * 1e3:.1f} ms): {fl:.2f} forward equivalents"
+            )
     elif attribution.error:
         print(f"attribution patching: error: {attribution.error}")
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")

@@ -27,7 +27,7 @@ from interventions.ops import (
 )
 from interventions.plan import resample_indices
 from interventions.sae import SAE, sae_from_parts
-from interventions.sites import Select, put, take
+from interventions.sites import Select, put, put_, take
 
 
 @dataclass
@@ -38,6 +38,7 @@ class RunState:
     results: dict[str, torch.Tensor] = field(default_factory=dict)  # reads so far
     captures: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (run, site)
     _saes: dict[str, SAE] = field(default_factory=dict)
+    _aligned: dict[str, bool] | None = None
 
     def sae(self, key: str) -> SAE:
         if key not in self._saes:
@@ -45,6 +46,14 @@ class RunState:
             tensors = {param: self.graph.tensors[k] for param, k in spec.tensors}
             self._saes[key] = sae_from_parts(spec.kind, tensors, dict(spec.params))
         return self._saes[key]
+
+    def aligned(self, read: str) -> bool:
+        """Whether read ``read`` took its whole site (a patch from it is aligned)."""
+        if self._aligned is None:
+            self._aligned = {
+                op.name: op.select.is_all for op in self.graph.ops if isinstance(op, Read)
+            }
+        return self._aligned.get(read, False)
 
     def const(self, c: Const, like: torch.Tensor) -> torch.Tensor:
         return self.graph.tensors[c.tensor].to(device=like.device, dtype=like.dtype)
@@ -133,27 +142,35 @@ def apply_op(
     select: Select,
     state: RunState,
     recorded: Mapping[str, torch.Tensor] | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Apply one op to the full tensor ``x`` at its site, narrowed by ``select``.
 
     Returns the new tensor and anything recorded (reads, SAE features). ``select`` is the
-    op's selector, possibly rewritten for one generation step.
+    op's selector, possibly rewritten for one generation step. With ``inplace`` the op
+    writes into ``x`` and returns it: for a caller that owns ``x`` (it cloned the module's
+    tensor once for all the ops at one hook, instead of a copy per op).
     """
+
+    def write(value: torch.Tensor) -> torch.Tensor:
+        if inplace:
+            put_(x, select, axes, value)
+            return x
+        return put(x, select, axes, value)
+
     if isinstance(op, Read):
         return x, {op.name: take(x, select, axes)}
     if isinstance(op, Patch):
         if isinstance(op.value, Const):
-            return put(x, select, axes, state.const(op.value, x)), {}
+            return write(state.const(op.value, x)), {}
         value = state.results[op.value.read].to(device=x.device, dtype=x.dtype)
-        source = next(
-            (o for o in state.graph.ops if isinstance(o, Read) and o.name == op.value.read), None
-        )
-        if source is not None and source.select.is_all:  # aligned: the same entries
+        if state.aligned(op.value.read):  # a read of the whole site: take the same entries
             value = take(value, select, axes)
-        return put(x, select, axes, value), {}
+        return write(value), {}
     if isinstance(op, Ablate):
         full = ablation_value(op, x, axes, state)
-        return put(x, select, axes, take(full, select, axes)), {}
+        return write(take(full, select, axes)), {}
     region = take(x, select, axes)
     recorded_out: dict[str, torch.Tensor] = {}
     if isinstance(op, Add):
@@ -168,4 +185,4 @@ def apply_op(
             recorded_out[op.features] = feats
     else:  # pragma: no cover - the op set is closed
         raise AssertionError(f"unknown op {op!r}")
-    return put(x, select, axes, new), recorded_out
+    return write(new), recorded_out

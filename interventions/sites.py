@@ -383,6 +383,25 @@ def put(x: torch.Tensor, select: Select, axes: Sequence[str], value: torch.Tenso
     value = value.to(device=x.device, dtype=x.dtype)
     if select.is_all:
         return value.expand(x.shape).clone() if value.shape != x.shape else value
+    out = x.clone()
+    put_(out, select, axes, value)
+    return out
+
+
+def put_(x: torch.Tensor, select: Select, axes: Sequence[str], value: torch.Tensor) -> None:
+    """:func:`put` in place: write ``value`` into the selected entries of ``x`` itself.
+
+    For a caller that owns ``x`` (it cloned it once for several ops at one hook).
+
+    >>> x = torch.zeros(1, 3, 2)
+    >>> put_(x, Select.make(pos=-1, dims=0), ("batch", "pos", "hidden"), torch.tensor(5.0))
+    >>> x[0].tolist()
+    [[0.0, 0.0], [0.0, 0.0], [5.0, 0.0]]
+    """
+    value = value.to(device=x.device, dtype=x.dtype)
+    if select.is_all:
+        x.copy_(value.expand(x.shape))
+        return
     basic = _basic_index(select, axes, x.shape)
     if basic is not None:
         index, dropped = basic
@@ -398,9 +417,7 @@ def put(x: torch.Tensor, select: Select, axes: Sequence[str], value: torch.Tenso
     value = value.expand(torch.broadcast_shapes(value.shape, tuple(kept)))
     for dim in dropped:
         value = value.unsqueeze(dim)
-    out = x.clone()
-    out[index] = value
-    return out
+    x[index] = value
 
 
 def selected_shape(select: Select, axes: Sequence[str], shape: Sequence[int]) -> tuple[int, ...]:

@@ -158,7 +158,10 @@ def activation_patching(
     restores the answer); ``"noise"`` patches corrupted activations into the clean run
     (what breaks it). For ``site="head"`` the columns are heads, patched at every
     position (``per_position=False``) or at ``positions`` only. Scores are the batch mean
-    of the metric at ``metric_pos``, normalised to 0 = corrupted, 1 = clean by default.
+    of the metric at ``metric_pos``, normalised by default to 0 = corrupted, 1 = clean
+    *after* averaging: ``(mean m - mean m_corrupt) / (mean m_clean - mean m_corrupt)``,
+    so one prompt whose clean and corrupted metrics nearly coincide cannot blow up the
+    score, as normalising each prompt and then averaging would.
     """
     if site not in PATCHABLE_SITES:
         raise SpecError(f"cannot sweep site {site!r}; sites: {choices_text(PATCHABLE_SITES)}")
@@ -218,9 +221,8 @@ def activation_patching(
     scores = torch.zeros(len(rows), len(col_labels))
     for i, row in enumerate(cells):
         for j, name in enumerate(row):
-            m = _metric_values(metric, res[name], clean_logits)
-            value_ij = normalized(m, m_clean, m_corrupt) if normalize else m
-            scores[i, j] = value_ij.mean()
+            m = _metric_values(metric, res[name], clean_logits).mean()
+            scores[i, j] = normalized(m, m_clean.mean(), m_corrupt.mean()) if normalize else m
     return PatchingResult(
         scores=scores,
         site=site,
@@ -326,10 +328,10 @@ def path_patching(
     layers = sorted({layer for layer, _ in senders})
     scores = torch.full((len(layers), n_heads), float("nan"))
     for (layer, head), name in zip(senders, names, strict=True):
-        m = metric(res[name], reference=clean_logits)
+        m = metric(res[name], reference=clean_logits).mean()
         scores[layers.index(layer), head] = (
-            normalized(m, m_clean, m_corrupt) if normalize else m
-        ).mean()
+            normalized(m, m_clean.mean(), m_corrupt.mean()) if normalize else m
+        )
     target = "logits" if to_logits else ", ".join(f"{lr}.{h}" for lr, h in recv)
     return PatchingResult(
         scores=scores,
@@ -423,11 +425,10 @@ def attribution_patching(
             continue
         delta_act = (res[f"{source}.{layer}"] - res[f"{target}.{layer}"]).detach()
         delta = (delta_act * grad).sum(-1)  # [batch, seq]
-        estimate = base.detach()[:, None] + delta
-        value = (
-            normalized(estimate, m_clean[:, None], m_corrupt[:, None]) if normalize else estimate
+        estimate = (base.detach()[:, None] + delta).mean(0).detach()
+        scores[i] = (
+            normalized(estimate, m_clean.mean(), m_corrupt.mean()) if normalize else estimate
         )
-        scores[i] = value.mean(0).detach()
     approx = PatchingResult(
         scores=scores,
         site=site,

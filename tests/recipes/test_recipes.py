@@ -102,6 +102,24 @@ def test_head_sweep_and_noising(backend: str) -> None:
     assert kl.scores[0, 2] == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalisation_is_of_batch_means(backend: str) -> None:
+    """A prompt whose clean and corrupted inputs are equal has no gap of its own; the
+    score normalises the batch means, so the sweep still works and means the same."""
+    model = hf_model("gpt2")
+    clean = CLEAN
+    corrupt = torch.stack([CORRUPT[0], CLEAN[1]])  # the second prompt is not corrupted
+    raw = activation_patching(model, clean, corrupt, METRIC, normalize=False, backend=backend)
+    got = activation_patching(model, clean, corrupt, METRIC, backend=backend)
+    gap = raw.clean_metric - raw.corrupt_metric
+    assert abs(gap) > 1e-5  # a random tiny model: small, but far above fp32 noise
+    torch.testing.assert_close(
+        got.scores, (raw.scores - raw.corrupt_metric) / gap, atol=1e-3, rtol=1e-3
+    )
+    # where the first prompt's patch restores it fully, the batch mean is restored fully
+    torch.testing.assert_close(got.scores[0, 2], torch.tensor(1.0), atol=1e-2, rtol=0)
+
+
 def test_attribution_patching_needs_gradients() -> None:
     with pytest.raises(iv.UnsupportedOp, match=r"needs gradients, which backend 'nnsight' lacks"):
         attribution_patching(hf_model("gpt2"), CLEAN, CORRUPT, METRIC, backend="nnsight")
@@ -136,7 +154,7 @@ def test_attribution_patching_is_exact_where_nothing_changes_and_tracks_the_swee
     (grad,) = torch.autograd.grad(m_corrupt.sum(), [captured["x"]])
     delta = ((clean_h - captured["x"].detach()) * grad).sum(-1)
     m_clean = METRIC(model(CLEAN).logits[:, -1]).detach()
-    expected = (delta / (m_clean - m_corrupt.detach())[:, None]).mean(0)
+    expected = delta.mean(0) / (m_clean.mean() - m_corrupt.detach().mean())
     torch.testing.assert_close(attr.approx.scores[1], expected, atol=1e-4, rtol=1e-4)
 
 
