@@ -524,11 +524,11 @@ def pyvene_impl(
             for layer in range(n_layers):
                 # one call per layer: its seq positions are seq batch rows
                 _, patched = patchers[layer](
-                    {"input_ids": corrupt.expand(seq, -1)},
+                    # the base dict is the model's keyword arguments
+                    {"input_ids": corrupt.expand(seq, -1), "logits_to_keep": 1},
                     unit_locations={"sources->base": (None, [[[p] for p in range(seq)]])},
                     source_representations=clean_hs[layer][0].unsqueeze(1),
                     use_cache=False,
-                    logits_to_keep=1,
                 )
                 outs.append(patched.logits[:, -1])
         return torch.cat(outs)[1:]

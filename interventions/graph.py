@@ -160,7 +160,11 @@ class Graph:
         self.runs[run.name] = run
 
     def _add_tensor(self, tensor: torch.Tensor) -> str:
-        tensor = tensor.detach().cpu().contiguous()
+        # The tensor itself when it already is a plain CPU tensor (not a detached alias), so
+        # that its cached digest serves every graph built from it, e.g. an SAE's weights.
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        tensor = tensor.cpu().contiguous()
         for key, existing in self.tensors.items():
             if existing is tensor:
                 return key
