@@ -91,7 +91,7 @@ from interventions.hf import accepts, greedy_config, logits_kwargs
 from interventions.ops import OP_KINDS, Const, Op, Patch, Read, Ref
 from interventions.plan import Plan, absolute_select, step_select
 from interventions.progress import progress
-from interventions.sites import Select, Site, put, site_axes, take
+from interventions.sites import Select, Site, put, put_, site_axes, take
 
 SUPPORTED_PYVENE = ">=0.1.8,<0.2"
 
@@ -252,7 +252,10 @@ def _classes() -> _Classes:
             value = value.to(device=x.device, dtype=x.dtype)
             if target.aligned:
                 value = take(value, select, axes)
-            return target.view_out(put(x, select, axes, value), base)
+            if target.ctx.grad:
+                return target.view_out(put(x, select, axes, value), base)
+            put_(x, select, axes, value)  # ``base`` is pyvene's private copy of the site
+            return target.view_out(x, base)
 
         def __str__(self) -> str:
             return f"PatchIntervention({self.target.op.site})"
@@ -276,7 +279,11 @@ def _classes() -> _Classes:
             if select is None:
                 return base
             x = target.view_in(base)
-            x, extra = apply_op(target.op, x, target.axes(x), select, target.ctx.state)
+            # pyvene hands every intervention its own copy of the site (without linked
+            # subspaces, which this adapter never builds), so it may be written in place
+            x, extra = apply_op(
+                target.op, x, target.axes(x), select, target.ctx.state, inplace=not target.ctx.grad
+            )
             for name, value in extra.items():
                 target.ctx.recorded[name] = value if target.ctx.grad else value.detach()
             return target.view_out(x, base)
@@ -565,12 +572,7 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
                 private(point)
             if isinstance(op, Patch) and isinstance(op.value, Ref):
                 # a whole-site read is aligned; a selected read or SAE features are not
-                source = next(
-                    (o for o in plan.graph.ops if isinstance(o, Read) and o.name == op.value.read),
-                    None,
-                )
-                aligned = source is not None and source.select.is_all
-                target = _Target(op, point, ctx, aligned=aligned)
+                target = _Target(op, point, ctx, aligned=ctx.state.aligned(op.value.read))
                 out.sources[add(point, classes.patch(target))] = ctx.state.results[op.value.read]
             elif isinstance(op, Patch):
                 assert isinstance(op.value, Const)

@@ -7,6 +7,7 @@ generation, and the resample draws. Backends only execute it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from interventions.architectures import ModelInfo
 from interventions.batching import Budget
 from interventions.errors import SpecError, ValidationError
 from interventions.graph import Graph, Run
-from interventions.ops import Ablate, Op, Read
+from interventions.ops import Ablate, Op, Read, produces
 from interventions.sites import Select, Site, Span
 
 
@@ -32,6 +33,11 @@ class Plan:
     # bounds one forward pass when a backend merges runs itself (None: the user asked for
     # no batching, so the planner did not bound anything)
     budget: Budget | None = None
+
+    @functools.cached_property
+    def producers(self) -> dict[str, Op]:
+        """The op that produces each value name (reads, SAE features)."""
+        return {name: op for op in self.graph.ops for name in produces(op)}
 
     def ops_of(self, run: str) -> list[Op]:
         return [op for op in self.graph.ops if op.run == run]

@@ -28,7 +28,6 @@ from interventions.ops import (
     Ref,
     SAESplice,
     op_kind,
-    produces,
 )
 from interventions.plan import Plan, generation_positions, make_plan
 from interventions.sites import Select, selected_shape
@@ -197,7 +196,7 @@ def _check_op(plan: Plan, op: Op, caps: Any) -> None:
         if isinstance(op.value, Const):
             shape = const_shape(op.value)
         else:
-            producer = next(o for o in graph.ops if op.value.read in produces(o))
+            producer = plan.producers[op.value.read]
             if isinstance(producer, SAESplice):  # recorded features: placed as they are
                 feature_sizes = _axis_sizes(plan, producer, point) or sizes
                 w_enc = graph.tensors[dict(graph.saes[producer.sae].tensors)["W_enc"]]
