@@ -10,6 +10,9 @@ Contenders, all in this process, interleaved (one call each per round, order rot
   every layer, then the corrupted copies in as few batched forwards as the package's own
   memory budget allows (the same chunking for every batched contender), patched in place
   by forward pre-hooks written by hand;
+* ``hooks: optimum + logits_to_keep=1``: the same, asking the model for the last
+  position's logits only, as the package does; the package's verdicts are taken against
+  this faster one;
 * ``hooks: naive loop``: one forward per patch with a hook;
 * this package: ``interventions.recipes.activation_patching`` on the torch, nnsight and
   pyvene backends;
