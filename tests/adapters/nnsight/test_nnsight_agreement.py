@@ -303,6 +303,48 @@ def test_max_batch_splits_traces() -> None:
     agree(_flow_graph(), model, batch=False, max_batch=3)
 
 
+def test_the_planners_budget_bounds_each_trace() -> None:
+    """Batched runs are not merged back into a forward the budget forbids: six patched
+    one-row runs under Budget(max_items=2) reach the model at most two rows at a time."""
+    model = hf_model("gpt2")
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    g = iv.Graph()
+    clean = g.run("clean", tokens=ids)
+    value = clean.read("resid_pre", layer=1)
+    for p in range(5):
+        r = g.run(f"p{p}", tokens=ids.flip(1))
+        r.patch("resid_pre", layer=1, pos=p, value=value)
+        r.read("logits", pos=-1, name=f"out{p}")
+    budget = iv.Budget(max_items=2)
+    rows: list[int] = []
+    block = model.get_submodule("transformer.h.0")
+    original = block.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else kwargs["hidden_states"]
+        rows.append(int(x.shape[0]))
+        return original(*args, **kwargs)
+
+    def run_counting(**options: Any) -> tuple[iv.Results, list[int]]:
+        rows.clear()
+        block.forward = counting
+        try:
+            return iv.run(g, model, backend="nnsight", budget=budget, **options), list(rows)
+        finally:
+            del block.forward
+
+    want = iv.run(g, model, backend="torch", batch=False)
+    got, seen = run_counting()
+    assert seen and max(seen) <= 2, seen
+    assert sum(seen) == 6  # every run once, nothing repeated
+    # an explicit max_batch= still decides: the planner's three batches share one trace
+    merged, seen_merged = run_counting(max_batch=6)
+    assert seen_merged == [6]
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged[name], want[name], atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------
 # SAE splices: every kind, every error mode, edits, recorded features
 
