@@ -1198,7 +1198,10 @@ def _run_program(
 _CONNECT_TIMEOUT = 5.0  # seconds to open a connection to the host
 _READ_TIMEOUT = 60.0  # seconds for one HTTP exchange
 _DEFAULT_TIMEOUT = 600.0  # seconds for a whole remote run, unless timeout= says otherwise
-_DEFAULT_RETRIES = 3  # extra attempts after a transient failure (refused, reset, 502-504)
+# Extra attempts after a transient failure (refused, reset, 502-504), waiting
+# _backoff(1), _backoff(2), ... in between: about 15 s in all by default, because an NDIF
+# API answers 503 "compute backend is reconnecting" for some seconds after a disturbance.
+_DEFAULT_RETRIES = 5
 _TRANSIENT_STATUS = frozenset({502, 503, 504})
 _AUTH_STATUS = frozenset({400, 401, 403})
 _AUTH_HINT = (
@@ -1273,6 +1276,11 @@ def _config_host_key(host: str | None, api_key: str | None) -> tuple[str, str]:
     return found_host, str(found_key)
 
 
+def _backoff(attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (1, 2, ...): 0.5, 1, 2, 4, 8, 8, ..."""
+    return min(0.5 * 2 ** (attempt - 1), 8.0)
+
+
 class _Ndif:
     """A small HTTP client for one NDIF host: every call bounded in time and retries."""
 
@@ -1325,7 +1333,7 @@ class _Ndif:
         last: str = ""
         for attempt in range(attempts):
             if attempt:
-                time.sleep(min(0.25 * 2 ** (attempt - 1), 2.0))
+                time.sleep(_backoff(attempt))
             self.requests += 1
             try:
                 with httpx.Client(timeout=timeout) as client:
@@ -1721,7 +1729,7 @@ def _subscribe(client: _Ndif) -> tuple[Any, str]:
     last = ""
     for attempt in range(1 + client.retries):
         if attempt:
-            time.sleep(min(0.25 * 2 ** (attempt - 1), 2.0))
+            time.sleep(_backoff(attempt))
         client.requests += 1
         try:
             socket = websocket.create_connection(url, timeout=_CONNECT_TIMEOUT, header=header)

@@ -381,6 +381,7 @@ def test_the_api_restarted_mid_job(ndif: Stack) -> None:
         ndif.stack("restart", "api")
     got = iv.Job.attach(job.id).result(timeout=180)
     assert_same(got, iv.run(g, hf_model("llama"), backend="torch"))
+    model_ready(ndif)  # leave the stack serving: its dispatcher may still be reconnecting
 
 
 def test_the_readme_remote_example_runs(ndif: Stack) -> None:

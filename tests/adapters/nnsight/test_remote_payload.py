@@ -130,6 +130,49 @@ def test_a_closed_port_fails_fast_and_typed(checkpoint: str) -> None:
     assert caught.value.job_id is None
 
 
+def test_a_503_while_the_host_reconnects_is_waited_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NDIF answers 503 "compute backend is reconnecting" for a while after a disturbance;
+    the client waits it out with growing pauses. A loopback server answers 503 twice."""
+    import http.server
+    import threading
+
+    answers = [503, 503, 200]
+    seen: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status = answers[min(len(seen), len(answers) - 1)]
+            seen.append(status)
+            body = b'{"detail": "compute backend is reconnecting"}' if status == 503 else b"{}"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    pauses: list[float] = []
+    monkeypatch.setattr("time.sleep", pauses.append)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host = f"http://127.0.0.1:{server.server_address[1]}"
+        client = nns._Ndif(host, "", "m", retries=nns._DEFAULT_RETRIES)
+        response = client.call("GET", f"{host}/status")
+        assert response.status_code == 200 and seen == [503, 503, 200]
+        assert pauses == [0.5, 1.0]
+        answers[:] = [503]  # never recovers: typed error after every retry
+        seen.clear()
+        with pytest.raises(iv.RemoteConnectionError, match=r"after 6 attempt.*reconnecting"):
+            client.call("GET", f"{host}/status")
+        assert len(seen) == 6 and pauses[2:] == [0.5, 1.0, 2.0, 4.0, 8.0]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_remote_errors_name_host_model_and_job_and_pickle() -> None:
     error = iv.JobLost("the host lost the job", host="http://h:1", model_key="m", job_id="abc",
                        hint="Run it again")  # fmt: skip
