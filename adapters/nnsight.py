@@ -278,7 +278,7 @@ class _Compiler:
         self.order = _observed_order(model, plan) if raw else _event_order(model)
         self._saes: dict[str, tuple[Any, ...]] = {}
         self._bases: dict[str, torch.Tensor] = {}
-        self.producers: dict[str, Op] = {n: op for op in plan.graph.ops for n in produces(op)}
+        self.producers = plan.producers
 
     def location(self, site: Site) -> tuple[Location, HookPoint]:
         point = self.info.hook_point(site)
@@ -324,8 +324,7 @@ class _Compiler:
             if isinstance(op.value, Const):
                 return ("patch", view, axes, sel, tensors[op.value.tensor])
             assert isinstance(op.value, Ref)
-            source = self.producers[op.value.read]
-            aligned = isinstance(source, Read) and source.select.is_all
+            aligned = self.plan.aligned(op.value.read)
             return ("patchref", view, axes, sel, op.value.read, aligned)
         if isinstance(op, Ablate):
             if op.method == "zero":
@@ -1567,9 +1566,7 @@ class _NdifJob:
                 if self.resend is None or self.resent >= self.client.retries:
                     raise
                 self.resent += 1
-                time.sleep(
-                    min(0.5 * 2 ** (self.resent - 1), 4.0, max(deadline - time.monotonic(), 0))
-                )
+                time.sleep(min(_backoff(self.resent), 4.0, max(deadline - time.monotonic(), 0)))
                 self.socket, self.id = self.resend()
                 self.last = "RECEIVED"
             finally:

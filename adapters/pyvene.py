@@ -572,7 +572,7 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
                 private(point)
             if isinstance(op, Patch) and isinstance(op.value, Ref):
                 # a whole-site read is aligned; a selected read or SAE features are not
-                target = _Target(op, point, ctx, aligned=ctx.state.aligned(op.value.read))
+                target = _Target(op, point, ctx, aligned=plan.aligned(op.value.read))
                 out.sources[add(point, classes.patch(target))] = ctx.state.results[op.value.read]
             elif isinstance(op, Patch):
                 assert isinstance(op.value, Const)
@@ -713,7 +713,7 @@ class PyveneBackend:
             raise InterventionError(
                 f"pyvene backend: unknown options {sorted(options)}; valid: grad, progress"
             )
-        state = RunState(plan.graph)
+        state = RunState(plan)
         generated: dict[str, torch.Tensor] = {}
         guard = _ModelGuard(model)
         wrapper = _Wrapped(model)

@@ -300,7 +300,7 @@ class TorchHooksBackend:
             raise InterventionError(
                 f"torch backend: unknown options {sorted(options)}; valid: grad, progress"
             )
-        state = RunState(plan.graph)
+        state = RunState(plan)
         generated: dict[str, torch.Tensor] = {}
         needs_eager = any(op.site.name == "attn_pattern" for op in plan.graph.ops)
         with eager_attention(model, needs_eager):

@@ -138,16 +138,11 @@ def tl_bridge(model: nn.Module) -> Any:
 
 
 def greedy_config(max_new_tokens: int) -> Any:
-    """Greedy decoding of exactly ``max_new_tokens`` tokens (no stop at EOS)."""
-    from transformers import GenerationConfig
+    """Greedy decoding of exactly ``max_new_tokens`` tokens (no stop at EOS): the package's
+    own setting, so hand-written and package generations decode alike."""
+    from interventions.hf import greedy_config as package_greedy_config
 
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        eos_token_id=[],
-        pad_token_id=0,
-    )
+    return package_greedy_config(max_new_tokens)
 
 
 def versions() -> str:

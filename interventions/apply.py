@@ -25,7 +25,7 @@ from interventions.ops import (
     SAESplice,
     Scale,
 )
-from interventions.plan import resample_indices
+from interventions.plan import Plan, resample_indices
 from interventions.sae import SAE, sae_from_parts
 from interventions.sites import Select, put, put_, take
 
@@ -34,11 +34,14 @@ from interventions.sites import Select, put, put_, take
 class RunState:
     """What ops need from outside their own tensor while a graph executes."""
 
-    graph: Graph
+    plan: Plan
     results: dict[str, torch.Tensor] = field(default_factory=dict)  # reads so far
     captures: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # (run, site)
     _saes: dict[str, SAE] = field(default_factory=dict)
-    _aligned: dict[str, bool] | None = None
+
+    @property
+    def graph(self) -> Graph:
+        return self.plan.graph
 
     def sae(self, key: str) -> SAE:
         if key not in self._saes:
@@ -46,14 +49,6 @@ class RunState:
             tensors = {param: self.graph.tensors[k] for param, k in spec.tensors}
             self._saes[key] = sae_from_parts(spec.kind, tensors, dict(spec.params))
         return self._saes[key]
-
-    def aligned(self, read: str) -> bool:
-        """Whether read ``read`` took its whole site (a patch from it is aligned)."""
-        if self._aligned is None:
-            self._aligned = {
-                op.name: op.select.is_all for op in self.graph.ops if isinstance(op, Read)
-            }
-        return self._aligned.get(read, False)
 
     def const(self, c: Const, like: torch.Tensor) -> torch.Tensor:
         return self.graph.tensors[c.tensor].to(device=like.device, dtype=like.dtype)
@@ -165,7 +160,7 @@ def apply_op(
         if isinstance(op.value, Const):
             return write(state.const(op.value, x)), {}
         value = state.results[op.value.read].to(device=x.device, dtype=x.dtype)
-        if state.aligned(op.value.read):  # a read of the whole site: take the same entries
+        if state.plan.aligned(op.value.read):  # a read of the whole site: take the same entries
             value = take(value, select, axes)
         return write(value), {}
     if isinstance(op, Ablate):

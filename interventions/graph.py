@@ -390,11 +390,14 @@ class Graph:
         return iter(self.ops)
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def _byte_view(tensor: torch.Tensor) -> Any:
+    """The tensor's bytes as a buffer (a numpy view of CPU memory, or ``b""`` when empty)."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return b""
-    return bytes(flat.view(torch.uint8).numpy().tobytes())
+    return flat.view(torch.uint8).numpy() if flat.numel() else b""
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return bytes(_byte_view(tensor))
 
 
 # SHA-256 of tensors already hashed, so an SAE's weights are hashed once, not on every run
@@ -409,9 +412,7 @@ def _tensor_digest(tensor: torch.Tensor) -> bytes:
     hit = _DIGESTS.get(key)
     if hit is not None and hit[0]() is tensor and hit[1] == stamp:
         return hit[2]
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    data: Any = flat.view(torch.uint8).numpy() if flat.numel() else b""
-    digest = hashlib.sha256(data).digest()
+    digest = hashlib.sha256(_byte_view(tensor)).digest()
 
     def forget(_ref: weakref.ref[torch.Tensor]) -> None:
         _DIGESTS.pop(key, None)

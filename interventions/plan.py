@@ -39,6 +39,12 @@ class Plan:
         """The op that produces each value name (reads, SAE features)."""
         return {name: op for op in self.graph.ops for name in produces(op)}
 
+    def aligned(self, read: str) -> bool:
+        """Whether value ``read`` is a read of its whole site, so a patch from it takes the
+        same entries it writes (an aligned patch)."""
+        source = self.producers.get(read)
+        return isinstance(source, Read) and source.select.is_all
+
     def ops_of(self, run: str) -> list[Op]:
         return [op for op in self.graph.ops if op.run == run]
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,6 +124,28 @@ def _ours(hook: object) -> bool:
     # transformers 5 installs permanent output-capturing hooks the first time a caller
     # asks for hidden states or attentions; they belong to the model, not to a run
     return "output_capuring_hook" not in getattr(hook, "__qualname__", "")
+
+
+@contextmanager
+def input_shapes(module: nn.Module) -> Iterator[list[tuple[int, ...]]]:
+    """The shape of the tensor ``module`` is called with, one entry per call.
+
+    Counted by wrapping the module's ``forward`` rather than with a hook: pyvene sets the
+    model's hooks aside while it runs.
+    """
+    seen: list[tuple[int, ...]] = []
+    original = module.forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append(tuple(x.shape))
+        return original(*args, **kwargs)
+
+    module.forward = recording  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        del module.forward
 
 
 def hook_count(model: nn.Module) -> int:

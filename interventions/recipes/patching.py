@@ -218,18 +218,19 @@ def activation_patching(
     clean_logits = res["clean.logits"]
     m_clean = _metric_values(metric, clean_logits, clean_logits)
     m_corrupt = _metric_values(metric, res["corrupt.logits"], clean_logits)
+    clean_mean, corrupt_mean = m_clean.mean(), m_corrupt.mean()
     scores = torch.zeros(len(rows), len(col_labels))
     for i, row in enumerate(cells):
         for j, name in enumerate(row):
             m = _metric_values(metric, res[name], clean_logits).mean()
-            scores[i, j] = normalized(m, m_clean.mean(), m_corrupt.mean()) if normalize else m
+            scores[i, j] = normalized(m, clean_mean, corrupt_mean) if normalize else m
     return PatchingResult(
         scores=scores,
         site=site,
         rows=tuple(f"{site}[{layer}]" if site != "embed" else "embed" for layer in rows),
         cols=tuple(col_labels),
-        clean_metric=float(m_clean.mean()),
-        corrupt_metric=float(m_corrupt.mean()),
+        clean_metric=float(clean_mean),
+        corrupt_metric=float(corrupt_mean),
         normalized=normalize,
         direction=direction,
         graph=g,
@@ -325,12 +326,13 @@ def path_patching(
     clean_logits = res["clean.logits"]
     m_clean = metric(clean_logits, reference=clean_logits)
     m_corrupt = metric(res["corrupt.logits"], reference=clean_logits)
+    clean_mean, corrupt_mean = m_clean.mean(), m_corrupt.mean()
     layers = sorted({layer for layer, _ in senders})
     scores = torch.full((len(layers), n_heads), float("nan"))
     for (layer, head), name in zip(senders, names, strict=True):
         m = metric(res[name], reference=clean_logits).mean()
         scores[layers.index(layer), head] = (
-            normalized(m, m_clean.mean(), m_corrupt.mean()) if normalize else m
+            normalized(m, clean_mean, corrupt_mean) if normalize else m
         )
     target = "logits" if to_logits else ", ".join(f"{lr}.{h}" for lr, h in recv)
     return PatchingResult(
@@ -338,8 +340,8 @@ def path_patching(
         site=f"head->{target}",
         rows=tuple(f"head[{layer}]" for layer in layers),
         cols=tuple(f"h{h}" for h in range(n_heads)),
-        clean_metric=float(m_clean.mean()),
-        corrupt_metric=float(m_corrupt.mean()),
+        clean_metric=float(clean_mean),
+        corrupt_metric=float(corrupt_mean),
         normalized=normalize,
         direction="noise",
         graph=g,
@@ -414,6 +416,7 @@ def attribution_patching(
     clean_logits = res["clean.logits"].detach()
     m_clean = metric(clean_logits, reference=clean_logits)
     m_corrupt = metric(res["corrupt.logits"].detach(), reference=clean_logits)
+    clean_mean, corrupt_mean = m_clean.mean(), m_corrupt.mean()
     m_target = metric(res[f"{target}.logits"], reference=clean_logits)
     activations = [res[f"{target}.{layer}"] for layer in rows]
     grads = torch.autograd.grad(m_target.sum(), activations, allow_unused=True)
@@ -426,16 +429,14 @@ def attribution_patching(
         delta_act = (res[f"{source}.{layer}"] - res[f"{target}.{layer}"]).detach()
         delta = (delta_act * grad).sum(-1)  # [batch, seq]
         estimate = (base.detach()[:, None] + delta).mean(0).detach()
-        scores[i] = (
-            normalized(estimate, m_clean.mean(), m_corrupt.mean()) if normalize else estimate
-        )
+        scores[i] = normalized(estimate, clean_mean, corrupt_mean) if normalize else estimate
     approx = PatchingResult(
         scores=scores,
         site=site,
         rows=tuple(f"{site}[{layer}]" for layer in rows),
         cols=tuple(str(p) for p in range(seq)),
-        clean_metric=float(m_clean.mean()),
-        corrupt_metric=float(m_corrupt.mean()),
+        clean_metric=float(clean_mean),
+        corrupt_metric=float(corrupt_mean),
         normalized=normalize,
         direction=direction,
         graph=g,

@@ -7,9 +7,6 @@ the model's own full forward, sliced by hand.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 from torch import nn
@@ -17,32 +14,10 @@ from torch import nn
 import interventions as iv
 from interventions.plan import Plan
 from interventions.sites import Span, take
-from tests.tiny_models import VOCAB, hf_model, hook_count
+from tests.tiny_models import VOCAB, hf_model, hook_count, input_shapes
 
 BACKENDS = ("torch", "nnsight", "pyvene")
 SEQ = 7
-
-
-@contextmanager
-def unembedded_positions(model: nn.Module) -> Iterator[list[int]]:
-    """How many positions reach the output embedding, per forward call.
-
-    Counted by wrapping the module's ``forward`` rather than with a hook: pyvene sets the
-    model's hooks aside while it runs.
-    """
-    seen: list[int] = []
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    original = head.forward
-
-    def counting(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        seen.append(x.shape[1])
-        return original(x, *args, **kwargs)
-
-    head.forward = counting
-    try:
-        yield seen
-    finally:
-        del head.forward
 
 
 def ids(seed: int) -> torch.Tensor:
@@ -74,8 +49,9 @@ def test_only_touched_logits_are_computed(
 ) -> None:
     model = hf_model(family)
     graph = sweep(pos)
-    with unembedded_positions(model) as seen:
+    with input_shapes(model.get_output_embeddings()) as shapes:  # type: ignore[operator]
         got = iv.run(graph, model, backend=backend)
+    seen = [shape[1] for shape in shapes]  # positions reaching the output embedding
     assert seen and set(seen) == {kept}, f"{backend} unembedded {seen} positions"
 
     with torch.no_grad():

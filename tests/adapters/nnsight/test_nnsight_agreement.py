@@ -26,7 +26,15 @@ import interventions as iv
 from interventions.architectures import describe
 from interventions.ops import Read
 from interventions.sites import Site
-from tests.tiny_models import HF_FAMILIES, VOCAB, _cfg, hf_model, hook_count, toy_net
+from tests.tiny_models import (
+    HF_FAMILIES,
+    VOCAB,
+    _cfg,
+    hf_model,
+    hook_count,
+    input_shapes,
+    toy_net,
+)
 
 pytest.importorskip("nnsight")
 
@@ -316,22 +324,12 @@ def test_the_planners_budget_bounds_each_trace() -> None:
         r.patch("resid_pre", layer=1, pos=p, value=value)
         r.read("logits", pos=-1, name=f"out{p}")
     budget = iv.Budget(max_items=2)
-    rows: list[int] = []
     block = model.get_submodule("transformer.h.0")
-    original = block.forward
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        x = args[0] if args else kwargs["hidden_states"]
-        rows.append(int(x.shape[0]))
-        return original(*args, **kwargs)
 
     def run_counting(**options: Any) -> tuple[iv.Results, list[int]]:
-        rows.clear()
-        block.forward = counting
-        try:
-            return iv.run(g, model, backend="nnsight", budget=budget, **options), list(rows)
-        finally:
-            del block.forward
+        with input_shapes(block) as shapes:
+            got = iv.run(g, model, backend="nnsight", budget=budget, **options)
+        return got, [shape[0] for shape in shapes]  # batch rows per forward
 
     want = iv.run(g, model, backend="torch", batch=False)
     got, seen = run_counting()
