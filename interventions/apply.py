@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from interventions.graph import Graph
 from interventions.ops import (
     Ablate,
     Add,
@@ -28,6 +27,7 @@ from interventions.ops import (
 from interventions.plan import Plan, resample_indices
 from interventions.sae import SAE, sae_from_parts
 from interventions.sites import Select, put, put_, take
+from interventions.spec import GraphSpec
 
 
 @dataclass
@@ -40,7 +40,7 @@ class RunState:
     _saes: dict[str, SAE] = field(default_factory=dict)
 
     @property
-    def graph(self) -> Graph:
+    def graph(self) -> GraphSpec:
         return self.plan.graph
 
     def sae(self, key: str) -> SAE:

@@ -31,9 +31,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from interventions.architectures import ModelInfo
-from interventions.graph import Graph, Run
 from interventions.ops import Ablate, Op, Patch, Read, Ref, SAESplice
 from interventions.sites import Index, Select, Span
+from interventions.spec import GraphSpec, Run
 
 DERIVED = "__aligned__"
 
@@ -74,7 +74,7 @@ class Budget:
 class Batched:
     """A rewritten graph, and which of its results are internal to the rewrite."""
 
-    graph: Graph
+    graph: GraphSpec
     internal: frozenset[str]
     groups: tuple[tuple[str, ...], ...]  # old runs sharing each new run
 
@@ -99,7 +99,7 @@ def _shift(index: Index, offset: int, size: int) -> Index:
     return tuple(offset + i % size for i in index)
 
 
-def _dealign(graph: Graph) -> tuple[list[Op], set[str]]:
+def _dealign(graph: GraphSpec) -> tuple[list[Op], set[str]]:
     """Give every aligned patch its own explicitly selected read of the source."""
     reads = {op.name: op for op in graph.ops if isinstance(op, Read)}
     derived: dict[tuple[str, Select], str] = {}
@@ -134,7 +134,7 @@ def _dealign(graph: Graph) -> tuple[list[Op], set[str]]:
     return out, set(derived.values())
 
 
-def _stages(graph: Graph, ops: Iterable[Op]) -> list[list[str]]:
+def _stages(graph: GraphSpec, ops: Iterable[Op]) -> list[list[str]]:
     """Runs by dependency level: a run's values and sources all come from earlier levels."""
     producer = {name: op.run for op in ops if isinstance(op, Read) for name in [op.name]}
     producer.update(
@@ -155,7 +155,7 @@ def _stages(graph: Graph, ops: Iterable[Op]) -> list[list[str]]:
     return stages
 
 
-def _solo(graph: Graph, ops: list[Op]) -> set[str]:
+def _solo(graph: GraphSpec, ops: list[Op]) -> set[str]:
     solo = {r.name for r in graph.runs.values() if r.generates or r.text is not None}
     for op in ops:
         if isinstance(op, Ablate) and op.source is not None:
@@ -165,13 +165,15 @@ def _solo(graph: Graph, ops: list[Op]) -> set[str]:
     return solo
 
 
-def _shape_key(graph: Graph, run: Run, inputs: Mapping[str, torch.Tensor]) -> tuple[object, ...]:
+def _shape_key(
+    graph: GraphSpec, run: Run, inputs: Mapping[str, torch.Tensor]
+) -> tuple[object, ...]:
     t = inputs[run.name]
     return ("tokens" if run.tokens is not None else "inputs", tuple(t.shape[1:]), t.dtype)
 
 
 def batch_graph(
-    graph: Graph,
+    graph: GraphSpec,
     budget: Budget | None = None,
     *,
     inputs: Mapping[str, torch.Tensor] | None = None,
@@ -211,7 +213,7 @@ def batch_graph(
             sizes[key] = sizes.get(key, 0) + n
         groups.extend(open_groups.values())
 
-    new = Graph(tensors=dict(graph.tensors), saes=dict(graph.saes))
+    new = type(graph)(tensors=dict(graph.tensors), saes=dict(graph.saes))
     where: dict[str, tuple[str, int, int]] = {}  # old run -> (new run, offset, size)
     for i, members in enumerate(groups):
         if len(members) == 1:

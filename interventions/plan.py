@@ -17,16 +17,16 @@ import torch
 from interventions.architectures import ModelInfo
 from interventions.batching import Budget
 from interventions.errors import SpecError, ValidationError
-from interventions.graph import Graph, Run
 from interventions.ops import Ablate, Op, Read, produces
 from interventions.sites import Select, Site, Span
+from interventions.spec import GraphSpec, Run
 
 
 @dataclass(frozen=True)
 class Plan:
     """A graph ready to execute: runs in dependency order with their input tensors."""
 
-    graph: Graph
+    graph: GraphSpec
     info: ModelInfo
     order: tuple[str, ...]
     inputs: Mapping[str, torch.Tensor]  # run -> token ids [batch, seq] or a raw input tensor
@@ -137,7 +137,7 @@ def tokenize(run: Run, tokenizer: Any) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def run_inputs(graph: Graph, tokenizer: Any) -> dict[str, torch.Tensor]:
+def run_inputs(graph: GraphSpec, tokenizer: Any) -> dict[str, torch.Tensor]:
     out = {}
     for run in graph.runs.values():
         if run.tokens is not None:
@@ -218,6 +218,6 @@ def resample_indices(seed: int, n_target: int, n_source: int) -> torch.Tensor:
 
 
 def make_plan(
-    graph: Graph, info: ModelInfo, tokenizer: Any = None, budget: Budget | None = None
+    graph: GraphSpec, info: ModelInfo, tokenizer: Any = None, budget: Budget | None = None
 ) -> Plan:
     return Plan(graph, info, tuple(graph.run_order()), run_inputs(graph, tokenizer), budget)

@@ -18,10 +18,10 @@ from interventions.ops import (
 )
 
 if TYPE_CHECKING:
-    from interventions.graph import Graph, Run
+    from interventions.spec import GraphSpec, Run
 
 
-def _tensor(graph: Graph, key: str) -> str:
+def _tensor(graph: GraphSpec, key: str) -> str:
     tensor = graph.tensors.get(key)
     if tensor is None:
         return f"%{key} <missing>"
@@ -29,13 +29,13 @@ def _tensor(graph: Graph, key: str) -> str:
     return f"%{key} {dtype}{list(tensor.shape)}"
 
 
-def _value(graph: Graph, value: Value) -> str:
+def _value(graph: GraphSpec, value: Value) -> str:
     if isinstance(value, Ref):
         return f"%{value.read}"
     return _tensor(graph, value.tensor)
 
 
-def format_run(graph: Graph, run: Run, width: int) -> str:
+def format_run(graph: GraphSpec, run: Run, width: int) -> str:
     if run.tokens is not None:
         source = f"tokens={_tensor(graph, run.tokens)}"
     elif run.inputs is not None:
@@ -49,7 +49,7 @@ def format_run(graph: Graph, run: Run, width: int) -> str:
     return f"  run {run.name:<{width}} {source}{gen}"
 
 
-def format_op(graph: Graph, op: Op) -> str:
+def format_op(graph: GraphSpec, op: Op) -> str:
     where = f"{op.run} {op.site}"
     if not op.select.is_all:
         where += f" {op.select.describe()}"
@@ -91,7 +91,7 @@ def _edit(edit: object) -> str:
     return f"{edit.mode}({feats}, {edit.value:g})"
 
 
-def format_graph(graph: Graph) -> str:
+def format_graph(graph: GraphSpec) -> str:
     width = max((len(name) for name in graph.runs), default=0)
     lines = [f"Graph({len(graph.runs)} runs, {len(graph.ops)} ops)"]
     lines += [format_run(graph, run, width) for run in graph.runs.values()]

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from interventions.errors import InterventionError, SAEError, SpecError, UnknownOp, choices_text
-from interventions.graph import Graph, Run
 from interventions.ops import (
     OP_KINDS,
     Ablate,
@@ -43,10 +43,14 @@ from interventions.ops import (
 )
 from interventions.sae import SAE_KINDS, sae_from_parts
 from interventions.sites import Index, Select, Site, Span
+from interventions.spec import GraphSpec, Run
+from interventions.tensor_bytes import digest
 
 FORMAT = "interventions.graph"
 VERSION = 1
 MAX_JSON_BYTES = 64 * 1024 * 1024
+
+G = TypeVar("G", bound=GraphSpec)
 
 
 # -- encoding ----------------------------------------------------------------------------
@@ -103,7 +107,7 @@ def op_to_dict(op: Op) -> dict[str, Any]:
     return out
 
 
-def graph_to_dict(graph: Graph) -> dict[str, Any]:
+def graph_to_dict(graph: GraphSpec) -> dict[str, Any]:
     """The JSON document without tensor data (which goes inline or to a sidecar)."""
     return {
         "format": FORMAT,
@@ -130,20 +134,30 @@ def graph_to_dict(graph: Graph) -> dict[str, Any]:
     }
 
 
-def _tensor_blob(graph: Graph) -> bytes:
+def fingerprint(graph: GraphSpec) -> str:
+    """SHA-256 of the graph's JSON and tensor bytes: equal graphs, equal fingerprints."""
+    hasher = hashlib.sha256(json.dumps(graph_to_dict(graph), sort_keys=True).encode())
+    for key in sorted(graph.tensors):
+        tensor = graph.tensors[key]
+        hasher.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        hasher.update(digest(tensor))
+    return hasher.hexdigest()
+
+
+def _tensor_blob(graph: GraphSpec) -> bytes:
     from safetensors.torch import save
 
     # clone(): safetensors refuses tensors that share memory (one tensor added twice, a view)
     return save({k: t.detach().cpu().contiguous().clone() for k, t in graph.tensors.items()})
 
 
-def to_json(graph: Graph, *, indent: int | None = 2) -> str:
+def to_json(graph: GraphSpec, *, indent: int | None = 2) -> str:
     doc = graph_to_dict(graph)
     doc["tensor_data"] = {"inline": base64.b64encode(_tensor_blob(graph)).decode("ascii")}
     return json.dumps(doc, indent=indent, allow_nan=False)
 
 
-def save(graph: Graph, path: str | os.PathLike[str]) -> None:
+def save(graph: GraphSpec, path: str | os.PathLike[str]) -> None:
     target = Path(path)
     sidecar = target.with_suffix(".safetensors")
     if sidecar == target:
@@ -381,7 +395,7 @@ def _decode_sae(value: Any, where: str) -> SAESpec:
     return SAESpec(kind, tuple(sorted(params.items())), tuple(sorted(tensors.items())))
 
 
-def _check_saes(graph: Graph) -> None:
+def _check_saes(graph: GraphSpec) -> None:
     """Build each SAE once, so bad shapes, dtypes or settings fail here and not mid-run."""
     for key, spec in graph.saes.items():
         parts = {param: graph.tensors[k] for param, k in spec.tensors}
@@ -437,7 +451,8 @@ def _load_tensors(doc: _Doc, directory: Path | None) -> dict[str, torch.Tensor]:
         raise SpecError(f"tensor data is not valid safetensors: {exc}") from None
 
 
-def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
+def graph_from_doc(raw: Any, directory: Path | None = None, *, into: type[G]) -> G:
+    """Decode a parsed document into a new graph of class ``into``."""
     doc = _Doc(raw, "graph", {"format", "version", "runs", "saes", "ops", "tensors", "tensor_data"})
     if doc.get("format") != FORMAT:
         raise SpecError(f"graph.format: expected {FORMAT!r}, got {doc.get('format')!r:.80}")
@@ -476,7 +491,7 @@ def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
         if t.dtype == torch.bool and t.numel() and int(t.view(torch.uint8).max()) > 1:
             # torch keeps such bytes, but any copy turns them into 1: not a stable value
             raise SpecError(f"graph.tensors.{key}: bool data holds bytes other than 0 and 1")
-    graph = Graph(tensors={key: tensors[key] for key in declared})
+    graph = into(tensors={key: tensors[key] for key in declared})
     for i, r in enumerate(runs):
         run = _decode_run(r, f"graph.runs[{i}]")
         if run.name in graph.runs:
@@ -493,7 +508,12 @@ def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
     return graph
 
 
-def from_json(text: str | bytes, *, directory: str | os.PathLike[str] | None = None) -> Graph:
+def from_json(
+    text: str | bytes,
+    *,
+    directory: str | os.PathLike[str] | None = None,
+    into: type[G],
+) -> G:
     if not isinstance(text, (str, bytes)):
         raise SpecError(f"expected JSON text, got {type(text).__name__}")
     if len(text) > MAX_JSON_BYTES:
@@ -503,12 +523,12 @@ def from_json(text: str | bytes, *, directory: str | os.PathLike[str] | None = N
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         raise SpecError(f"not valid JSON: {str(exc)[:200]}") from None
     try:
-        return graph_from_doc(raw, None if directory is None else Path(directory))
+        return graph_from_doc(raw, None if directory is None else Path(directory), into=into)
     except RecursionError:
         raise SpecError("graph JSON is nested too deeply") from None
 
 
-def load(path: str | os.PathLike[str]) -> Graph:
+def load(path: str | os.PathLike[str], *, into: type[G]) -> G:
     target = Path(path)
     try:
         if not target.is_file():
@@ -521,4 +541,4 @@ def load(path: str | os.PathLike[str]) -> Graph:
         text = target.read_bytes()
     except OSError as exc:
         raise SpecError(f"graph file {str(target)!r} cannot be read: {exc.strerror}") from None
-    return from_json(text, directory=target.parent)
+    return from_json(text, directory=target.parent, into=into)

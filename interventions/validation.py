@@ -8,6 +8,7 @@ and the site, and lists the valid choices.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +17,6 @@ from torch import nn
 from interventions.architectures import HookPoint, ModelInfo, describe
 from interventions.backends import Capabilities
 from interventions.errors import InterventionError, UnsupportedOp, ValidationError, choices_text
-from interventions.graph import Graph
 from interventions.ops import (
     Ablate,
     Add,
@@ -31,6 +31,7 @@ from interventions.ops import (
 )
 from interventions.plan import Plan, generation_positions, make_plan
 from interventions.sites import Select, selected_shape
+from interventions.spec import GraphSpec
 
 
 def _where(op: Op) -> str:
@@ -135,27 +136,27 @@ def _prompt_only(plan: Plan, op: Op) -> bool:
     return positions is not None and all(0 <= p < prompt for p in positions)
 
 
-def _check_op(plan: Plan, op: Op, caps: Any) -> None:
-    info = plan.info
-    graph = plan.graph
-    run = graph.runs[op.run]
-    point = info.hook_point(op.site)
-    if caps is not None:
-        if op_kind(op) not in caps.ops:
-            raise UnsupportedOp(
-                f"{_where(op)}: the backend cannot run {op_kind(op)!r}; backends that can: "
-                f"{_who_can(lambda c: op_kind(op) in c.ops)}"
-            )
-        if point.view not in caps.views:
-            raise UnsupportedOp(
-                f"{_where(op)}: the backend cannot reach site {op.site.name!r}; backends that "
-                f"can: {_who_can(lambda c: point.view in c.views)}"
-            )
-        if op.site.is_raw and not caps.raw_modules:
-            raise UnsupportedOp(
-                f"{_where(op)}: the backend does not support raw module sites; backends that "
-                f"can: {_who_can(lambda c: c.raw_modules)}"
-            )
+def _check_capabilities(op: Op, point: HookPoint, caps: Capabilities) -> None:
+    if op_kind(op) not in caps.ops:
+        raise UnsupportedOp(
+            f"{_where(op)}: the backend cannot run {op_kind(op)!r}; backends that can: "
+            f"{_who_can(lambda c: op_kind(op) in c.ops)}"
+        )
+    if point.view not in caps.views:
+        raise UnsupportedOp(
+            f"{_where(op)}: the backend cannot reach site {op.site.name!r}; backends that "
+            f"can: {_who_can(lambda c: point.view in c.views)}"
+        )
+    if op.site.is_raw and not caps.raw_modules:
+        raise UnsupportedOp(
+            f"{_where(op)}: the backend does not support raw module sites; backends that "
+            f"can: {_who_can(lambda c: c.raw_modules)}"
+        )
+
+
+def _check_site_rules(plan: Plan, op: Op) -> None:
+    """Rules of the site and the run that hold whatever the op's kind."""
+    run = plan.graph.runs[op.run]
     if op.site.name == "attn_pattern" and run.generates:
         raise ValidationError(
             f"{_where(op)}: attention patterns cannot be read in a generating run"
@@ -168,18 +169,163 @@ def _check_op(plan: Plan, op: Op, caps: Any) -> None:
             f"be applied at prompt positions (0..{plan.prompt_length(op.run) - 1}); select "
             "them with pos="
         )
-    if op.site.name in ("head", "attn_pattern") and not info.n_heads:
+    if op.site.name in ("head", "attn_pattern") and not plan.info.n_heads:
         raise ValidationError(f"{_where(op)}: the model's config has no head count")
     if op.select.head is not None and op.site.name not in ("head", "attn_pattern"):
         raise ValidationError(
             f"{_where(op)}: head= only applies to the 'head' and 'attn_pattern' sites"
         )
-    sizes = _axis_sizes(plan, op, point)
-    if sizes is None:
-        if op.select.head is not None:
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where an op lands: its hook point, the site's axis sizes and the selected region."""
+
+    point: HookPoint
+    sizes: dict[str, int]
+    region: tuple[int, ...]
+
+
+def _const_shape(plan: Plan, const: Const) -> tuple[int, ...]:
+    return tuple(plan.graph.tensors[const.tensor].shape)
+
+
+def _feature_shape(plan: Plan, producer: SAESplice, target: _Target) -> tuple[int, ...]:
+    """Shape of the feature activations an SAE splice records."""
+    graph = plan.graph
+    feature_sizes = _axis_sizes(plan, producer, target.point) or target.sizes
+    w_enc = graph.tensors[dict(graph.saes[producer.sae].tensors)["W_enc"]]
+    selected = _region(plan, producer, producer.select, feature_sizes, producer.run)
+    return (*selected[:-1], int(w_enc.shape[1]))
+
+
+def _read_shape(plan: Plan, op: Patch, source: Read, target: _Target) -> tuple[int, ...]:
+    """Shape a read value takes when patched: aligned (whole read) or as it was selected."""
+    assert isinstance(op.value, Ref)
+    sizes = target.sizes
+    src_sizes = _axis_sizes(plan, source, target.point) or sizes
+    if not source.select.is_all:
+        return _region(plan, source, source.select, src_sizes, source.run)
+    if source.site.kind.axes != op.site.kind.axes or plan.info.width(
+        source.site
+    ) != plan.info.width(op.site):
+        raise ValidationError(
+            f"{_where(op)}: value {op.value.read!r} is a whole {source.site} "
+            f"and cannot be aligned with {op.site}; read it with a selector"
+        )
+    src_sizes = {**src_sizes, **{a: sizes[a] for a in ("head", "hidden") if a in sizes}}
+    return _region(plan, op, op.select, src_sizes, source.run)
+
+
+def _check_patch(plan: Plan, op: Op, target: _Target) -> None:
+    assert isinstance(op, Patch)
+    if isinstance(op.value, Const):
+        shape = _const_shape(plan, op.value)
+        what = f"constant %{op.value.tensor}"
+    else:
+        producer = plan.producers[op.value.read]
+        if isinstance(producer, SAESplice):  # recorded features: placed as they are
+            shape = _feature_shape(plan, producer, target)
+            what = f"features %{op.value.read}"
+        else:
+            assert isinstance(producer, Read)
+            if producer.site.is_raw:
+                return  # raw sites have no known shape before the run
+            try:
+                shape = _read_shape(plan, op, producer, target)
+            except IndexError as exc:
+                raise ValidationError(
+                    f"{_where(op)}: value {op.value.read!r} from run {producer.run!r}: {exc}"
+                ) from None
+            what = f"value %{op.value.read} (from run {producer.run!r})"
+    if not _fits(shape, target.region):
+        raise ValidationError(
+            f"{_where(op)}: {what} has shape {list(shape)} but the patched region is "
+            f"{list(target.region)}"
+        )
+
+
+def _check_add(plan: Plan, op: Op, target: _Target) -> None:
+    assert isinstance(op, Add)
+    shape = _const_shape(plan, op.direction)
+    if not _fits(shape, target.region):
+        raise ValidationError(
+            f"{_where(op)}: direction of shape {list(shape)} does not broadcast to the "
+            f"selected region {list(target.region)}"
+        )
+
+
+def _check_project_out(plan: Plan, op: Op, target: _Target) -> None:
+    assert isinstance(op, ProjectOut)
+    shape, region = _const_shape(plan, op.direction), target.region
+    if len(shape) not in (1, 2) or not region or shape[-1] != region[-1]:
+        width = region[-1] if region else "?"
+        raise ValidationError(
+            f"{_where(op)}: direction must be [{width}] or [k, {width}], got {list(shape)}"
+        )
+
+
+def _check_ablate(plan: Plan, op: Op, target: _Target) -> None:
+    assert isinstance(op, Ablate)
+    if op.source is None:
+        return
+    same_length = plan.prompt_length(op.source) == plan.prompt_length(op.run)
+    need = (
+        "per-position mean"
+        if op.method == "mean" and op.per_position
+        else "resampling"
+        if op.method == "resample"
+        else None
+    )
+    if need is not None and not same_length:
+        raise ValidationError(
+            f"{_where(op)}: {need} needs runs of equal length; {op.source!r} has "
+            f"{plan.prompt_length(op.source)} positions and {op.run!r} has "
+            f"{plan.prompt_length(op.run)}"
+        )
+    if plan.graph.runs[op.source].generates:
+        raise ValidationError(f"{_where(op)}: the source run {op.source!r} must not generate")
+
+
+def _check_sae_splice(plan: Plan, op: Op, target: _Target) -> None:
+    assert isinstance(op, SAESplice)
+    graph = plan.graph
+    tensors = dict(graph.saes[op.sae].tensors)
+    w_enc = graph.tensors.get(tensors.get("W_enc", ""))
+    if w_enc is None or w_enc.ndim != 2:
+        raise ValidationError(f"{_where(op)}: SAE {op.sae!r} has no 2-D W_enc")
+    d_in, d_sae = int(w_enc.shape[0]), int(w_enc.shape[1])
+    if not target.region or target.region[-1] != d_in:
+        raise ValidationError(
+            f"{_where(op)}: SAE {op.sae!r} reads vectors of size {d_in} but the selected "
+            f"region is {list(target.region)}"
+        )
+    for edit in op.edits:
+        bad = [f for f in edit.features if f >= d_sae]
+        if bad:
             raise ValidationError(
-                f"{_where(op)}: head= only applies to the 'head' and 'attn_pattern' sites"
+                f"{_where(op)}: feature(s) {bad} out of range; the SAE has features 0..{d_sae - 1}"
             )
+
+
+# What each kind of op checks about the value it brings, once its region is known (the
+# way torch.fx's interpreter dispatches per node kind). Reads and scales bring no value.
+_KIND_CHECKS: dict[type, Callable[[Plan, Op, _Target], None]] = {
+    Patch: _check_patch,
+    Add: _check_add,
+    ProjectOut: _check_project_out,
+    Ablate: _check_ablate,
+    SAESplice: _check_sae_splice,
+}
+
+
+def _check_op(plan: Plan, op: Op, caps: Capabilities | None) -> None:
+    point = plan.info.hook_point(op.site)
+    if caps is not None:
+        _check_capabilities(op, point, caps)
+    _check_site_rules(plan, op)
+    sizes = _axis_sizes(plan, op, point)
+    if sizes is None:  # a raw module site: shapes are unknown before the run
         return
     try:
         region = _region(plan, op, op.select, sizes, op.run)
@@ -188,118 +334,13 @@ def _check_op(plan: Plan, op: Op, caps: Any) -> None:
         raise ValidationError(f"{_where(op)}: {exc}; axis sizes here are {valid}") from None
     except InterventionError as exc:
         raise ValidationError(f"{_where(op)}: {exc}") from None
-
-    def const_shape(c: Const) -> tuple[int, ...]:
-        return tuple(graph.tensors[c.tensor].shape)
-
-    if isinstance(op, Patch):
-        if isinstance(op.value, Const):
-            shape = const_shape(op.value)
-        else:
-            producer = plan.producers[op.value.read]
-            if isinstance(producer, SAESplice):  # recorded features: placed as they are
-                feature_sizes = _axis_sizes(plan, producer, point) or sizes
-                w_enc = graph.tensors[dict(graph.saes[producer.sae].tensors)["W_enc"]]
-                selected = _region(plan, producer, producer.select, feature_sizes, producer.run)
-                shape = (*selected[:-1], int(w_enc.shape[1]))
-                if not _fits(shape, region):
-                    raise ValidationError(
-                        f"{_where(op)}: features %{op.value.read} have shape {list(shape)} but "
-                        f"the patched region is {list(region)}"
-                    )
-                return
-            assert isinstance(producer, Read)
-            source = producer
-            if source.site.is_raw:
-                return
-            src_sizes = _axis_sizes(plan, source, point) or sizes
-            src_sizes = {**src_sizes, **{a: sizes[a] for a in ("head", "hidden") if a in sizes}}
-            try:
-                if source.select.is_all:
-                    if source.site.kind.axes != op.site.kind.axes or info.width(
-                        source.site
-                    ) != info.width(op.site):
-                        raise ValidationError(
-                            f"{_where(op)}: value {op.value.read!r} is a whole {source.site} "
-                            f"and cannot be aligned with {op.site}; read it with a selector"
-                        )
-                    shape = _region(plan, op, op.select, src_sizes, source.run)
-                else:
-                    shape = _region(
-                        plan,
-                        source,
-                        source.select,
-                        _axis_sizes(plan, source, point) or sizes,
-                        source.run,
-                    )
-            except IndexError as exc:
-                raise ValidationError(
-                    f"{_where(op)}: value {op.value.read!r} from run {source.run!r}: {exc}"
-                ) from None
-        if not _fits(shape, region):
-            what = (
-                f"value %{op.value.read} (from run {source.run!r})"
-                if isinstance(op.value, Ref)
-                else f"constant %{op.value.tensor}"
-            )
-            raise ValidationError(
-                f"{_where(op)}: {what} has shape {list(shape)} but the patched region is "
-                f"{list(region)}"
-            )
-    elif isinstance(op, Add):
-        shape = const_shape(op.direction)
-        if not _fits(shape, region):
-            raise ValidationError(
-                f"{_where(op)}: direction of shape {list(shape)} does not broadcast to the "
-                f"selected region {list(region)}"
-            )
-    elif isinstance(op, ProjectOut):
-        shape = const_shape(op.direction)
-        if len(shape) not in (1, 2) or not region or shape[-1] != region[-1]:
-            raise ValidationError(
-                f"{_where(op)}: direction must be [{region[-1] if region else '?'}] or "
-                f"[k, {region[-1] if region else '?'}], got {list(shape)}"
-            )
-    elif isinstance(op, Ablate) and op.source is not None:
-        src = graph.runs[op.source]
-        if (
-            op.method == "mean"
-            and op.per_position
-            and plan.prompt_length(op.source) != plan.prompt_length(op.run)
-        ):
-            raise ValidationError(
-                f"{_where(op)}: per-position mean needs runs of equal length; {op.source!r} has "
-                f"{plan.prompt_length(op.source)} positions and {op.run!r} has {plan.prompt_length(op.run)}"
-            )
-        if op.method == "resample" and plan.prompt_length(op.source) != plan.prompt_length(op.run):
-            raise ValidationError(
-                f"{_where(op)}: resampling needs runs of equal length; {op.source!r} has "
-                f"{plan.prompt_length(op.source)} positions and {op.run!r} has {plan.prompt_length(op.run)}"
-            )
-        if src.generates:
-            raise ValidationError(f"{_where(op)}: the source run {op.source!r} must not generate")
-    elif isinstance(op, SAESplice):
-        spec = graph.saes[op.sae]
-        tensors = dict(spec.tensors)
-        sae_w_enc = graph.tensors.get(tensors.get("W_enc", ""))
-        if sae_w_enc is None or sae_w_enc.ndim != 2:
-            raise ValidationError(f"{_where(op)}: SAE {op.sae!r} has no 2-D W_enc")
-        d_in, d_sae = int(sae_w_enc.shape[0]), int(sae_w_enc.shape[1])
-        if not region or region[-1] != d_in:
-            raise ValidationError(
-                f"{_where(op)}: SAE {op.sae!r} reads vectors of size {d_in} but the selected "
-                f"region is {list(region)}"
-            )
-        for edit in op.edits:
-            bad = [f for f in edit.features if f >= d_sae]
-            if bad:
-                raise ValidationError(
-                    f"{_where(op)}: feature(s) {bad} out of range; the SAE has features 0..{d_sae - 1}"
-                )
+    check = _KIND_CHECKS.get(type(op))
+    if check is not None:
+        check(plan, op, _Target(point, sizes, region))
 
 
 def validate(
-    graph: Graph,
+    graph: GraphSpec,
     model: nn.Module,
     *,
     tokenizer: Any = None,

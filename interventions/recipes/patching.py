@@ -88,7 +88,7 @@ def as_tokens(value: Tokens, tokenizer: Any, what: str) -> torch.Tensor:
     if isinstance(value, str) or (
         isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value)
     ):
-        from interventions.graph import Run
+        from interventions.spec import Run
 
         texts = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
         return tokenize(Run(what, text=texts), tokenizer)

@@ -1,0 +1,565 @@
+"""The intervention graph as data: runs, ops, the tensors they name, and its builder.
+
+This is the bottom of the core: it checks each op as it is added (names, references,
+order; no model) and knows nothing of validation, planning, printing or JSON. The
+public :class:`interventions.Graph` (``graph.py``) adds those services on top.
+
+>>> import torch
+>>> from interventions.spec import GraphSpec
+>>> g = GraphSpec()
+>>> clean = g.run("clean", tokens=torch.tensor([[1, 2, 3]]))
+>>> corrupt = g.run("corrupt", tokens=torch.tensor([[1, 4, 3]]))
+>>> h = clean.read("resid_post", layer=0)
+>>> corrupt.patch("resid_post", layer=0, pos=-1, value=h)
+>>> g.run_order(), g.reads()
+(['clean', 'corrupt'], ['clean.resid_post.0'])
+
+A value read in one run can flow into another (``patch(value=h)``). Ops on the same
+site of a run apply in the order they were added; a read sees the ops added before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from interventions.errors import SpecError, choices_text, suggest
+from interventions.ops import (
+    Ablate,
+    Add,
+    Const,
+    FeatureEdit,
+    Op,
+    Patch,
+    ProjectOut,
+    Read,
+    Ref,
+    SAESpec,
+    SAESplice,
+    Scale,
+    depends_on,
+    op_kind,
+    produces,
+    tensor_keys,
+)
+from interventions.sites import IndexLike, Select, Site
+from interventions.tensor_bytes import bitwise_equal
+
+if TYPE_CHECKING:
+    from interventions.sae import SAE
+
+
+@dataclass(frozen=True)
+class Run:
+    """One forward pass (or one greedy ``generate`` call) over named inputs."""
+
+    name: str
+    tokens: str | None = None  # key of an int64 [batch, seq] tensor
+    text: tuple[str, ...] | None = None  # tokenized with the model's tokenizer
+    inputs: str | None = None  # key of a tensor passed positionally (plain nn.Module)
+    max_new_tokens: int | None = None  # set: greedy generation of this many tokens
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or not _is_name(self.name):
+            raise SpecError(
+                f"run name {self.name!r}: use letters, digits, '_', '-' and '.' (not empty)"
+            )
+        given = [k for k in ("tokens", "text", "inputs") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise SpecError(
+                f"run {self.name!r} needs exactly one of tokens=, text=, inputs=; got "
+                f"{choices_text(given) or 'none'}"
+            )
+        if self.text is not None and (
+            not self.text or not all(isinstance(t, str) and t for t in self.text)
+        ):
+            raise SpecError(f"run {self.name!r}: text must be a non-empty string or list of them")
+        if self.max_new_tokens is not None and (
+            not isinstance(self.max_new_tokens, int)
+            or isinstance(self.max_new_tokens, bool)
+            or not 1 <= self.max_new_tokens <= 100_000
+        ):
+            raise SpecError(
+                f"run {self.name!r}: max_new_tokens must be an int in 1..100000, "
+                f"got {self.max_new_tokens!r}"
+            )
+        if self.max_new_tokens is not None and self.inputs is not None:
+            raise SpecError(f"run {self.name!r}: generation needs tokens= or text=, not inputs=")
+
+    @property
+    def generates(self) -> bool:
+        return self.max_new_tokens is not None
+
+
+def _is_name(name: str) -> bool:
+    return len(name) <= 200 and all(c.isalnum() or c in "_-.:/[]#" for c in name)
+
+
+@dataclass
+class GraphSpec:
+    """An experiment as data: runs, ops and a table of named tensors and SAEs."""
+
+    runs: dict[str, Run] = field(default_factory=dict)
+    ops: list[Op] = field(default_factory=list)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    saes: dict[str, SAESpec] = field(default_factory=dict)
+
+    # -- building ------------------------------------------------------------------
+
+    def run(
+        self,
+        name: str,
+        *,
+        tokens: torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | None = None,
+        text: str | Sequence[str] | None = None,
+        inputs: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+    ) -> RunHandle:
+        """Add a run and return a handle to put ops on it.
+
+        ``tokens``: ids, ``[seq]`` or ``[batch, seq]``; ``text``: one prompt or a batch,
+        tokenized with the model's tokenizer; ``inputs``: a tensor passed positionally to a
+        plain ``nn.Module``. ``max_new_tokens`` turns the run into greedy generation.
+        """
+        if name in self.runs:
+            raise SpecError(f"run {name!r} already exists; runs: {choices_text(self.runs)}")
+        token_key = input_key = None
+        if tokens is not None:
+            ids = torch.as_tensor(tokens)
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise SpecError(f"run {name!r}: tokens must be integer ids, got {ids.dtype}")
+            if ids.ndim == 1:
+                ids = ids.unsqueeze(0)
+            if ids.ndim != 2 or ids.numel() == 0:
+                raise SpecError(
+                    f"run {name!r}: tokens must be [seq] or [batch, seq], got {list(ids.shape)}"
+                )
+            token_key = self._add_tensor(ids.to(torch.long))
+        if inputs is not None:
+            if not isinstance(inputs, torch.Tensor):
+                raise SpecError(f"run {name!r}: inputs= must be a tensor")
+            input_key = self._add_tensor(inputs)
+        texts = (text,) if isinstance(text, str) else (tuple(text) if text is not None else None)
+        self._add_run(
+            Run(name, tokens=token_key, text=texts, inputs=input_key, max_new_tokens=max_new_tokens)
+        )
+        return RunHandle(self, name)
+
+    def _add_run(self, run: Run) -> None:
+        for key in (run.tokens, run.inputs):
+            if key is not None and key not in self.tensors:
+                raise SpecError(f"run {run.name!r} names tensor {key!r}, which the graph lacks")
+        self.runs[run.name] = run
+
+    def _add_tensor(self, tensor: torch.Tensor) -> str:
+        # The tensor itself when it already is a plain CPU tensor (not a detached alias), so
+        # that its cached digest serves every graph built from it, e.g. an SAE's weights.
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        tensor = tensor.cpu().contiguous()
+        for key, existing in self.tensors.items():
+            if existing is tensor:
+                return key
+        key = f"t{len(self.tensors)}"
+        while key in self.tensors:
+            key = f"{key}_"
+        self.tensors[key] = tensor
+        return key
+
+    def add(self, op: Op) -> Op:
+        """Append an op after checking it against the graph so far (no model needed)."""
+        cache = getattr(self, "_known_cache", None)
+        if cache is None or cache[0] is not self.ops or cache[1] != len(self.ops):
+            # rebuilt only when ops were replaced or changed behind the builder's back
+            cache = (self.ops, len(self.ops), {n: o for o in self.ops for n in produces(o)})
+        self._check_op(op, cache[2])
+        self.ops.append(op)
+        cache[2].update({name: op for name in produces(op)})
+        self._known_cache = (self.ops, len(self.ops), cache[2])
+        return op
+
+    def _add_sae(self, sae: SAE) -> str:
+        from interventions.sae import SAE_KINDS
+
+        kind = getattr(sae, "kind", None)
+        if kind not in SAE_KINDS or not isinstance(sae, SAE_KINDS[kind]):
+            raise SpecError(
+                f"sae_splice needs a built-in SAE ({choices_text(SAE_KINDS)}), got "
+                f"{type(sae).__name__}; load one with iv.load_sae or build one from weights"
+            )
+        for key, spec in self.saes.items():
+            if spec.kind == kind and _same_tensors(self, spec, sae):
+                return key
+        key = f"sae{len(self.saes)}"
+        tensors = tuple(
+            (param, self._add_tensor(value)) for param, value in sorted(sae.tensors().items())
+        )
+        self.saes[key] = SAESpec(kind, tuple(sorted(sae.params().items())), tensors)
+        return key
+
+    # -- checks that need no model -------------------------------------------------
+
+    def _check_op(self, op: Op, known: Mapping[str, Op]) -> None:
+        """Check ``op`` given ``known``, the ops before it by the names they record."""
+        if op.run not in self.runs:
+            raise SpecError(
+                f"{op_kind(op)} on run {op.run!r}: no such run"
+                f"{suggest(op.run, self.runs)}; runs: {choices_text(self.runs) or 'none'}"
+            )
+        if not isinstance(op.site, Site) or not isinstance(op.select, Select):
+            raise SpecError(f"{op_kind(op)} on run {op.run!r}: malformed site or selector")
+        for name in produces(op):
+            if not _is_name(name):
+                raise SpecError(f"read name {name!r}: use letters, digits and '_-.:/[]#'")
+            if name in known:
+                raise SpecError(f"{op_kind(op)} name {name!r} is already used by another read")
+        for name in depends_on(op):
+            source = known.get(name)
+            if source is None:
+                raise SpecError(
+                    f"{op_kind(op)} on {op.run}.{op.site}: value {name!r} is not read earlier"
+                    f"{suggest(name, known)}; reads so far: {choices_text(known) or 'none'}"
+                )
+            if source.run == op.run:
+                raise SpecError(
+                    f"{op_kind(op)} on {op.run}.{op.site}: value {name!r} comes from the same "
+                    "run; a value can only flow into another run"
+                )
+        for key in tensor_keys(op):
+            if key not in self.tensors:
+                raise SpecError(f"{op_kind(op)} on {op.run}.{op.site}: no tensor {key!r}")
+        if isinstance(op, Ablate) and op.source is not None:
+            if op.source not in self.runs:
+                raise SpecError(
+                    f"ablate on {op.run}.{op.site}: source run {op.source!r} does not exist"
+                    f"{suggest(op.source, self.runs)}; runs: {choices_text(self.runs)}"
+                )
+            if op.source == op.run:
+                raise SpecError(f"ablate on {op.run}.{op.site}: source must be another run")
+        if isinstance(op, SAESplice):
+            if op.sae not in self.saes:
+                raise SpecError(f"sae_splice on {op.run}.{op.site}: no SAE {op.sae!r}")
+            for edit in op.edits:
+                if not isinstance(edit, FeatureEdit):
+                    raise SpecError(f"sae_splice on {op.run}.{op.site}: bad edit {edit!r}")
+        if not isinstance(op, Read) and not op.site.kind.writable:
+            raise SpecError(
+                f"{op_kind(op)} on {op.run}.{op.site}: site {op.site.name!r} is read only"
+            )
+
+    def check(self) -> None:
+        """Check the graph's own consistency (no model). ``validate`` also calls this."""
+        for run in self.runs.values():
+            for key in (run.tokens, run.inputs):
+                if key is not None and key not in self.tensors:
+                    raise SpecError(f"run {run.name!r} names missing tensor {key!r}")
+        for key, spec in self.saes.items():
+            for param, tensor_key in spec.tensors:
+                if tensor_key not in self.tensors:
+                    raise SpecError(f"SAE {key!r} parameter {param!r}: no tensor {tensor_key!r}")
+        known: dict[str, Op] = {}
+        for op in self.ops:
+            self._check_op(op, known)
+            known.update((name, op) for name in produces(op))
+        self.run_order()
+
+    def run_order(self) -> list[str]:
+        """Runs in an order where every value is read before it is used."""
+        reads = {name: op.run for op in self.ops for name in produces(op)}
+        needs: dict[str, set[str]] = {name: set() for name in self.runs}
+        for op in self.ops:
+            for name in depends_on(op):
+                needs[op.run].add(reads[name])
+            if isinstance(op, Ablate) and op.source is not None:
+                needs[op.run].add(op.source)
+        position = {name: i for i, name in enumerate(self.runs)}
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1: on the current path, 2: done
+        for root in self.runs:
+            if root in state:
+                continue
+            # iterative depth-first search: long chains of runs must not hit the recursion limit
+            path: list[str] = [root]
+            stack = [iter(sorted(needs[root], key=position.__getitem__))]
+            state[root] = 1
+            while stack:
+                dep = next(stack[-1], None)
+                if dep is None:
+                    stack.pop()
+                    done = path.pop()
+                    state[done] = 2
+                    order.append(done)
+                elif state.get(dep) == 1:
+                    cycle = [*path[path.index(dep) :], dep]
+                    raise SpecError(f"runs depend on each other in a cycle: {' -> '.join(cycle)}")
+                elif dep not in state:
+                    state[dep] = 1
+                    path.append(dep)
+                    stack.append(iter(sorted(needs[dep], key=position.__getitem__)))
+        return order
+
+    # -- data ----------------------------------------------------------------------
+
+    def reads(self) -> list[str]:
+        """Names of everything a run of this graph returns."""
+        names = [name for op in self.ops for name in produces(op)]
+        names += [f"{r.name}.generated" for r in self.runs.values() if r.generates]
+        return names
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GraphSpec):
+            return NotImplemented
+        return (
+            list(self.runs.items()) == list(other.runs.items())
+            and self.ops == other.ops
+            and self.saes == other.saes
+            and self.tensors.keys() == other.tensors.keys()
+            and all(bitwise_equal(t, other.tensors[k]) for k, t in self.tensors.items())
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable builder
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} runs={list(self.runs)} ops={len(self.ops)} tensors={len(self.tensors)}>"
+
+    def __iter__(self) -> Iterator[Op]:
+        return iter(self.ops)
+
+
+def _same_tensors(graph: GraphSpec, spec: SAESpec, sae: SAE) -> bool:
+    mine = dict(spec.tensors)
+    theirs = sae.tensors()  # type: ignore[attr-defined]
+    return (
+        mine.keys() == theirs.keys()
+        and all(
+            graph.tensors[mine[k]] is theirs[k] or bitwise_equal(graph.tensors[mine[k]], theirs[k])
+            for k in mine
+        )
+        and tuple(sorted(sae.params().items())) == spec.params  # type: ignore[attr-defined]
+    )
+
+
+class RunHandle:
+    """Puts ops on one run of a graph. Returned by :meth:`Graph.run`."""
+
+    def __init__(self, graph: GraphSpec, name: str) -> None:
+        self.graph = graph
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<run {self.name!r}>"
+
+    def _site(self, site: str | Site, layer: int | None) -> Site:
+        if isinstance(site, Site):
+            if layer is not None and layer != site.layer:
+                raise SpecError(f"site {site} given with a different layer={layer}")
+            return site
+        return Site(site, layer)
+
+    def _const(self, tensor: Any, what: str) -> Const:
+        if not isinstance(tensor, torch.Tensor):
+            try:
+                tensor = torch.as_tensor(tensor, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                hint = ""
+                if isinstance(tensor, str):
+                    hint = (
+                        f"; to use a value read in another run, pass the Ref that read() "
+                        f"returned, or iv.Ref({tensor!r})"
+                    )
+                raise SpecError(
+                    f"{what} must be a tensor, got {type(tensor).__name__}{hint}"
+                ) from exc
+        if not tensor.is_floating_point():
+            tensor = tensor.float()
+        return Const(self.graph._add_tensor(tensor))
+
+    def read(
+        self,
+        site: str | Site,
+        layer: int | None = None,
+        *,
+        name: str | None = None,
+        batch: IndexLike = None,
+        pos: IndexLike = None,
+        head: IndexLike = None,
+        dims: IndexLike = None,
+    ) -> Ref:
+        """Record a site's value. Returns a reference that can be patched into other runs.
+
+        The default name is ``"<run>.<site>.<layer>"`` (plus ``.h<head>`` for one head).
+        """
+        s = self._site(site, layer)
+        select = Select.make(batch=batch, pos=pos, head=head, dims=dims)
+        if name is None:
+            name = f"{self.name}.{s.name}" + ("" if s.layer is None else f".{s.layer}")
+            if isinstance(select.head, int):
+                name += f".h{select.head}"
+            taken = {n for op in self.graph.ops for n in produces(op)}
+            base, i = name, 1
+            while name in taken:
+                i += 1
+                name = f"{base}:{i}"
+        self.graph.add(Read(self.name, s, select, name))
+        return Ref(name)
+
+    def patch(
+        self,
+        site: str | Site,
+        layer: int | None = None,
+        *,
+        value: Ref | torch.Tensor,
+        batch: IndexLike = None,
+        pos: IndexLike = None,
+        head: IndexLike = None,
+        dims: IndexLike = None,
+    ) -> None:
+        """Overwrite the selection with a value read in another run, or a constant tensor.
+
+        A value read with no selector is *aligned*: the patch's selector picks the same
+        entries from it. A value read with a selector is placed as it is (broadcasting).
+        """
+        v: Ref | Const = value if isinstance(value, Ref) else self._const(value, "patch value")
+        self.graph.add(
+            Patch(
+                self.name,
+                self._site(site, layer),
+                Select.make(batch=batch, pos=pos, head=head, dims=dims),
+                v,
+            )
+        )
+
+    def ablate(
+        self,
+        site: str | Site,
+        layer: int | None = None,
+        *,
+        method: str = "zero",
+        source: RunHandle | str | None = None,
+        per_position: bool = False,
+        seed: int = 0,
+        batch: IndexLike = None,
+        pos: IndexLike = None,
+        head: IndexLike = None,
+        dims: IndexLike = None,
+    ) -> None:
+        """Zero the selection, or replace it by the mean over / a resample from ``source``.
+
+        ``mean`` averages the source run's values over its batch and, unless
+        ``per_position``, over positions too. ``resample`` gives each batch item the
+        values of a source item drawn with ``seed``.
+        """
+        src = source.name if isinstance(source, RunHandle) else source
+        self.graph.add(
+            Ablate(
+                self.name,
+                self._site(site, layer),
+                Select.make(batch=batch, pos=pos, head=head, dims=dims),
+                method,  # type: ignore[arg-type]
+                src,
+                per_position,
+                seed,
+            )
+        )
+
+    def add(
+        self,
+        site: str | Site,
+        layer: int | None = None,
+        *,
+        direction: torch.Tensor,
+        scale: float = 1.0,
+        batch: IndexLike = None,
+        pos: IndexLike = None,
+        head: IndexLike = None,
+        dims: IndexLike = None,
+    ) -> None:
+        """Add ``scale * direction`` to the selection (steering)."""
+        self.graph.add(
+            Add(
+                self.name,
+                self._site(site, layer),
+                Select.make(batch=batch, pos=pos, head=head, dims=dims),
+                self._const(direction, "direction"),
+                float(scale),
+            )
+        )
+
+    def project_out(
+        self,
+        site: str | Site,
+        layer: int | None = None,
+        *,
+        direction: torch.Tensor,
+        batch: IndexLike = None,
+        pos: IndexLike = None,
+        head: IndexLike = None,
+        dims: IndexLike = None,
+    ) -> None:
+        """Remove the component along ``direction`` ([d]) or a subspace ([k, d] rows)."""
+        self.graph.add(
+            ProjectOut(
+                self.name,
+                self._site(site, layer),
+                Select.make(batch=batch, pos=pos, head=head, dims=dims),
+                self._const(direction, "direction"),
+            )
+        )
+
+    def scale(
+        self,
+        site: str | Site,
+        layer: int | None = None,
+        *,
+        factor: float,
+        batch: IndexLike = None,
+        pos: IndexLike = None,
+        head: IndexLike = None,
+        dims: IndexLike = None,
+    ) -> None:
+        """Multiply the selection by ``factor``."""
+        self.graph.add(
+            Scale(
+                self.name,
+                self._site(site, layer),
+                Select.make(batch=batch, pos=pos, head=head, dims=dims),
+                float(factor),
+            )
+        )
+
+    def sae_splice(
+        self,
+        site: str | Site,
+        layer: int | None = None,
+        *,
+        sae: SAE,
+        edits: Sequence[FeatureEdit] = (),
+        error: str = "keep",
+        features: str | None = None,
+        batch: IndexLike = None,
+        pos: IndexLike = None,
+        head: IndexLike = None,
+        dims: IndexLike = None,
+    ) -> Ref | None:
+        """Replace the selection by the SAE's reconstruction after feature ``edits``.
+
+        ``error="keep"`` adds back ``x - decode(encode(x))`` (so no edits = no change);
+        ``"drop"`` leaves the bare reconstruction; ``"detach"`` keeps it without gradient.
+        ``features="name"`` records the unedited feature activations as a result.
+        """
+        key = self.graph._add_sae(sae)
+        self.graph.add(
+            SAESplice(
+                self.name,
+                self._site(site, layer),
+                Select.make(batch=batch, pos=pos, head=head, dims=dims),
+                key,
+                tuple(edits),
+                error,  # type: ignore[arg-type]
+                features,
+            )
+        )
+        return Ref(features) if features is not None else None
