@@ -96,6 +96,7 @@ def _shift(index: Index, offset: int, size: int) -> Index:
         return offset + index % size
     if isinstance(index, Span):
         return tuple(offset + i for i in index.indices(size))
+    assert isinstance(index, tuple), "only pos= is chosen prompt by prompt"
     return tuple(offset + i % size for i in index)
 
 

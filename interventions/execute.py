@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,9 +17,12 @@ from interventions.backends import get_backend
 from interventions.batching import Budget, batch_graph
 from interventions.errors import ExecutionError, InterventionError, UnsupportedOp
 from interventions.graph import Graph
+from interventions.ops import Ablate, Read, depends_on, produces
 from interventions.plan import make_plan
+from interventions.ragged import Split, fill_means
 from interventions.remote import Job, remote_backend
 from interventions.results import Provenance, Results
+from interventions.sites import Select
 from interventions.validation import validate
 
 __version__ = "0.1.0"
@@ -109,8 +114,21 @@ def run(
             graph, model, backend, tokenizer, batch, budget, remote, options, wait=True
         )
         return job.result(timeout=None)  # None: the timeout= option given to the backend
+
+    def run_first(sub: Graph) -> Results:
+        return run(
+            sub,
+            model,
+            backend=backend,
+            tokenizer=tokenizer,
+            batch=batch,
+            budget=budget,
+            progress=progress,
+            **options,
+        )
+
     model, info, plan, impl, internal = _prepare(
-        graph, model, backend, tokenizer, batch, budget, options, remote=False
+        graph, model, backend, tokenizer, batch, budget, options, remote=False, first=run_first
     )
     try:
         tensors = impl.execute(plan, model, progress=progress, **options)
@@ -118,6 +136,9 @@ def run(
         raise
     except Exception as exc:
         raise ExecutionError(f"backend {backend!r} failed: {type(exc).__name__}: {exc}") from exc
+    masks: dict[str, torch.Tensor] = {}
+    if plan.assembly is not None:
+        tensors, masks = plan.assembly.assemble(tensors)
     provenance = Provenance(
         graph=graph.fingerprint(),
         model_class=info.class_name,
@@ -128,7 +149,9 @@ def run(
     )
     wanted = graph.reads()
     return Results(
-        {k: tensors[k] for k in wanted if k in tensors and k not in internal}, provenance
+        {k: tensors[k] for k in wanted if k in tensors and k not in internal},
+        provenance,
+        masks={k: m for k, m in masks.items() if k in wanted},
     )
 
 
@@ -142,8 +165,14 @@ def _prepare(
     options: dict[str, Any],
     *,
     remote: bool,
+    first: Callable[[Graph], Results] | None = None,
 ) -> tuple[nn.Module, Any, Any, Any, frozenset[str]]:
-    """Load (or, for a remote run, only build the structure of) the model, validate, batch."""
+    """Load (or, for a remote run, only build the structure of) the model, validate, batch.
+
+    A mean ablation over a run of prompts of different lengths needs the source's mean
+    over its real tokens first: ``first`` runs that smaller graph (same backend, local or
+    remote) before the plan is final.
+    """
     if isinstance(model, str):
         model, loaded_tokenizer = load_structure(model) if remote else load_model(model)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
@@ -163,12 +192,53 @@ def _prepare(
             f"{', '.join(able)}"
         )
     internal: frozenset[str] = frozenset()
-    if batch and len(graph.runs) > 1:
+    split = plan.assembly
+    if split is not None:
+        internal = split.internal
+        if split.means:
+            assert first is not None, "mean ablations over ragged sources need a first pass"
+            fill_means(split, _source_means(graph, split, first))
+    if batch and len(plan.graph.runs) > 1:
         budget = budget or Budget()
-        batched = batch_graph(graph, budget, inputs=plan.inputs, info=info)
-        internal = batched.internal
-        plan = make_plan(batched.graph, info, tokenizer, budget)
+        batched = batch_graph(plan.graph, budget, inputs=plan.inputs, info=info)
+        internal = internal | batched.internal
+        plan = replace(make_plan(batched.graph, info, tokenizer, budget), assembly=split)
     return model, info, plan, impl, internal
+
+
+def _source_means(
+    graph: Graph, split: Split, first: Callable[[Graph], Results]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The whole sites that mean ablations average, from a first run of their source runs
+    (and the runs those depend on), rows left-aligned."""
+    wanted = {(slot.source, slot.site) for slot in split.means}
+    needs = {name: set() for name in graph.runs}  # type: dict[str, set[str]]
+    producer = {n: op.run for op in graph.ops for n in produces(op)}
+    for op in graph.ops:
+        needs[op.run].update(producer[n] for n in depends_on(op))
+        if isinstance(op, Ablate) and op.source is not None:
+            needs[op.run].add(op.source)
+    keep: set[str] = set()
+    todo = [source for source, _ in wanted]
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo.extend(needs[name])
+    sub = Graph(tensors=dict(graph.tensors), saes=dict(graph.saes))
+    for name in graph.run_order():
+        if name in keep:
+            sub.runs[name] = replace(graph.runs[name], padding_side="right")
+    sub.ops = [op for op in graph.ops if op.run in keep]
+    names = {}
+    for i, (source, site) in enumerate(sorted(wanted, key=str)):
+        names[(source, site)] = f"__mean_source{i}"
+        sub.ops.append(Read(source, site, Select(), names[(source, site)]))
+    res = first(sub)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for (source, site), name in names.items():
+        out.setdefault(source, {})[str(site)] = res[name]
+    return out
 
 
 def load_structure(name_or_path: str) -> tuple[nn.Module, Any]:
@@ -215,8 +285,22 @@ def _run_remote(
 ) -> Job:
     """Prepare the plan on the client and hand it to the backend as one request: a Job."""
 
+    given, first_options = model, dict(options)
+
+    def run_first(sub: Graph) -> Results:
+        return run(
+            sub,
+            given,
+            backend=backend,
+            tokenizer=tokenizer,
+            batch=batch,
+            budget=budget,
+            remote=remote,
+            **first_options,
+        )
+
     model, info, plan, impl, internal = _prepare(
-        graph, model, backend, tokenizer, batch, budget, options, remote=True
+        graph, model, backend, tokenizer, batch, budget, options, remote=True, first=run_first
     )
     if isinstance(remote, str):
         options.setdefault("host", remote)  # nnsight's convention: remote="http://host:port"
@@ -229,6 +313,8 @@ def _run_remote(
         "versions": {str(k): str(v) for k, v in _versions(impl.versions())},  # type: ignore[attr-defined]
         "wanted": [k for k in graph.reads() if k not in internal],
     }
+    if plan.assembly is not None:  # the results are put back together where they arrive
+        echo["assemblies"] = [a.to_dict() for a in plan.assembly.assemblies]
     handle = impl.submit(plan, model, wait=wait, echo=echo, **options)
     return Job(handle, backend)
 

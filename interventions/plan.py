@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from interventions.architectures import ModelInfo
 from interventions.batching import Budget
 from interventions.errors import SpecError, ValidationError
 from interventions.ops import Ablate, Op, Read, produces
-from interventions.sites import Select, Site, Span
+from interventions.sites import Index, PerPrompt, Select, Site, Span
 from interventions.spec import GraphSpec, Run
 
 
@@ -33,6 +33,12 @@ class Plan:
     # bounds one forward pass when a backend merges runs itself (None: the user asked for
     # no batching, so the planner did not bound anything)
     budget: Budget | None = None
+    # runs whose prompts differ in length: each prompt's length (``inputs`` holds them
+    # left-aligned and zero-filled); the ragged pass splits such runs by length
+    lengths: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    padding_side: str = "right"  # the tokenizer's, for results laid out over positions
+    # how to put the results of a graph split by the ragged pass back together
+    assembly: Any = None
 
     @functools.cached_property
     def producers(self) -> dict[str, Op]:
@@ -98,7 +104,7 @@ class Plan:
         return need if 0 < need < self.prompt_length(run) else None
 
 
-def _tail_length(index: int | tuple[int, ...] | Span | None) -> int | None:
+def _tail_length(index: Index) -> int | None:
     """How many final positions a ``pos`` selector reaches when it uses negative positions
     only (``None`` otherwise).
 
@@ -117,41 +123,65 @@ def _tail_length(index: int | tuple[int, ...] | Span | None) -> int | None:
     return None
 
 
-def tokenize(run: Run, tokenizer: Any) -> torch.Tensor:
-    """Token ids of a text run; prompts of one run must have the same length."""
+def tokenize_rows(run: Run, tokenizer: Any) -> list[list[int]]:
+    """Token ids of each prompt of a text run (any lengths)."""
     assert run.text is not None
     if tokenizer is None:
         raise ValidationError(
             f"run {run.name!r} has text but no tokenizer was given; pass tokenizer=, or "
             "tokens= instead of text="
         )
-    ids = [list(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in run.text]
-    lengths = sorted({len(x) for x in ids})
+    rows = [list(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in run.text]
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValidationError(
+                f"run {run.name!r}: prompt {i} ({run.text[i]!r:.60}) tokenizes to nothing"
+            )
+    return rows
+
+
+def tokenize(run: Run, tokenizer: Any) -> torch.Tensor:
+    """Token ids of a text run whose prompts have one length (see :func:`tokenize_rows`)."""
+    rows = tokenize_rows(run, tokenizer)
+    lengths = sorted({len(x) for x in rows})
     if len(lengths) > 1:
         raise ValidationError(
-            f"run {run.name!r}: its prompts tokenize to different lengths {lengths}; positions "
-            "would not line up. Use prompts of equal length, one run per length, or tokens="
+            f"run {run.name!r}: its prompts tokenize to different lengths {lengths}"
         )
-    if lengths == [0]:
-        raise ValidationError(f"run {run.name!r}: a prompt tokenizes to nothing")
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long)
 
 
-def run_inputs(graph: GraphSpec, tokenizer: Any) -> dict[str, torch.Tensor]:
-    out = {}
+def padded(rows: list[list[int]]) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """Rows left-aligned and zero-filled, and their lengths when they differ."""
+    lengths = tuple(len(r) for r in rows)
+    ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return ids, (lengths if len(set(lengths)) > 1 else None)
+
+
+def run_inputs(
+    graph: GraphSpec, tokenizer: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """Each run's input tensor, and the prompt lengths of runs whose prompts differ."""
+    out: dict[str, torch.Tensor] = {}
+    lengths: dict[str, tuple[int, ...]] = {}
     for run in graph.runs.values():
         if run.tokens is not None:
             out[run.name] = graph.tensors[run.tokens]
+            if run.lengths is not None:
+                lengths[run.name] = tuple(int(n) for n in graph.tensors[run.lengths])
         elif run.inputs is not None:
             out[run.name] = graph.tensors[run.inputs]
         else:
-            out[run.name] = tokenize(run, tokenizer)
-    return out
+            ids, ragged = padded(tokenize_rows(run, tokenizer))
+            out[run.name] = ids
+            if ragged is not None:
+                lengths[run.name] = ragged
+    return out, lengths
 
 
-def generation_positions(
-    index: int | tuple[int, ...] | Span | None, prompt: int, fed: int
-) -> list[int] | None:
+def generation_positions(index: Index, prompt: int, fed: int) -> list[int] | None:
     """Absolute positions an op's ``pos`` selects in a generating run (``None``: all).
 
     Negative positions count from the end of the prompt; slices are taken over every
@@ -164,6 +194,7 @@ def generation_positions(
     """
     if index is None:
         return None
+    assert not isinstance(index, PerPrompt), "the ragged pass resolves per-prompt positions"
     if isinstance(index, Span):
         start = index.start + prompt if index.start is not None and index.start < 0 else index.start
         stop = index.stop + prompt if index.stop is not None and index.stop < 0 else index.stop
@@ -220,4 +251,14 @@ def resample_indices(seed: int, n_target: int, n_source: int) -> torch.Tensor:
 def make_plan(
     graph: GraphSpec, info: ModelInfo, tokenizer: Any = None, budget: Budget | None = None
 ) -> Plan:
-    return Plan(graph, info, tuple(graph.run_order()), run_inputs(graph, tokenizer), budget)
+    inputs, lengths = run_inputs(graph, tokenizer)
+    side = getattr(tokenizer, "padding_side", None)
+    return Plan(
+        graph,
+        info,
+        tuple(graph.run_order()),
+        inputs,
+        budget,
+        lengths=lengths,
+        padding_side=side if side in ("left", "right") else "right",
+    )

@@ -38,6 +38,9 @@ def _value(graph: GraphSpec, value: Value) -> str:
 def format_run(graph: GraphSpec, run: Run, width: int) -> str:
     if run.tokens is not None:
         source = f"tokens={_tensor(graph, run.tokens)}"
+        lengths = graph.tensors.get(run.lengths) if run.lengths is not None else None
+        if lengths is not None and lengths.numel():
+            source += f" lengths={int(lengths.min())}..{int(lengths.max())}"
     elif run.inputs is not None:
         source = f"inputs={_tensor(graph, run.inputs)}"
     else:
@@ -46,6 +49,8 @@ def format_run(graph: GraphSpec, run: Run, width: int) -> str:
         more = f", ... ({len(texts)} prompts)" if len(texts) > 3 else ""
         source = f"text=[{shown}{more}]"
     gen = f" generate max_new_tokens={run.max_new_tokens}" if run.generates else ""
+    if run.padding_side is not None:
+        gen += f" padding_side={run.padding_side}"
     return f"  run {run.name:<{width}} {source}{gen}"
 
 

@@ -98,8 +98,17 @@ def results_from(
         remote=(("host", handle.host), ("job_id", handle.id), ("model_key", handle.model_key)),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+    masks: dict[str, torch.Tensor] = {}
+    if echo.get("assemblies"):
+        from interventions.ragged import assemble, assemblies_from
+
+        tensors, masks = assemble(assemblies_from(echo["assemblies"]), tensors)
     wanted = [str(name) for name in echo.get("wanted", list(tensors))]
-    return Results({k: tensors[k] for k in wanted if k in tensors}, provenance)
+    return Results(
+        {k: tensors[k] for k in wanted if k in tensors},
+        provenance,
+        masks={k: m for k, m in masks.items() if k in wanted},
+    )
 
 
 class Job:

@@ -39,12 +39,32 @@ class Provenance:
         return out
 
 
+_MASK = "__mask__:"  # how masks of padded results are stored beside them
+
+
 class Results(Mapping[str, torch.Tensor]):
     """A read-only mapping from read names to tensors, with :class:`Provenance`."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], provenance: Provenance) -> None:
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        provenance: Provenance,
+        *,
+        masks: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         self._tensors = dict(tensors)
         self.provenance = provenance
+        self._masks = dict(masks or {})
+
+    def mask(self, name: str) -> torch.Tensor | None:
+        """Which entries of a padded result are real: bool ``[batch, positions]``.
+
+        A read over whole positions of prompts of different lengths is padded with
+        zeros to the longest prompt (see :mod:`interventions.ragged`); every other result
+        is ``None`` here: all of it is real.
+        """
+        self[name]  # a clear error for a name that is not a result
+        return self._masks.get(name)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         try:
@@ -76,7 +96,9 @@ class Results(Mapping[str, torch.Tensor]):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._tensors.items()}
-        save_file(tensors, str(out / "results.safetensors"))
+        stored = dict(tensors)
+        stored.update({_MASK + k: m.contiguous() for k, m in self._masks.items()})
+        save_file(stored, str(out / "results.safetensors"))
         summary = {
             "provenance": self.provenance.to_dict(),
             "results": {
@@ -109,4 +131,5 @@ class Results(Mapping[str, torch.Tensor]):
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InterventionError(f"cannot load results from {str(src)!r}: {exc}") from None
         order = list(summary.get("results", tensors))
-        return cls({k: tensors[k] for k in order if k in tensors}, prov)
+        masks = {k[len(_MASK) :]: t for k, t in tensors.items() if k.startswith(_MASK)}
+        return cls({k: tensors[k] for k in order if k in tensors}, prov, masks=masks)

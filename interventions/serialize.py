@@ -42,7 +42,7 @@ from interventions.ops import (
     op_kind,
 )
 from interventions.sae import SAE_KINDS, sae_from_parts
-from interventions.sites import Index, Select, Site, Span
+from interventions.sites import Index, PerPrompt, Select, Site, Span
 from interventions.spec import GraphSpec, Run
 from interventions.tensor_bytes import digest
 
@@ -57,6 +57,8 @@ G = TypeVar("G", bound=GraphSpec)
 
 
 def _index(index: Index) -> Any:
+    if isinstance(index, PerPrompt):
+        return {"per_prompt": [list(row) for row in index.positions], "squeeze": index.squeeze}
     if isinstance(index, Span):
         return {"start": index.start, "stop": index.stop, "step": index.step}
     if isinstance(index, tuple):
@@ -107,21 +109,27 @@ def op_to_dict(op: Op) -> dict[str, Any]:
     return out
 
 
+def _run_doc(run: Run) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "name": run.name,
+        "tokens": run.tokens,
+        "text": None if run.text is None else list(run.text),
+        "inputs": run.inputs,
+        "max_new_tokens": run.max_new_tokens,
+    }
+    # written only when set, so graphs without them keep their JSON and fingerprint
+    for key in ("lengths", "padding_side"):
+        if getattr(run, key) is not None:
+            doc[key] = getattr(run, key)
+    return doc
+
+
 def graph_to_dict(graph: GraphSpec) -> dict[str, Any]:
     """The JSON document without tensor data (which goes inline or to a sidecar)."""
     return {
         "format": FORMAT,
         "version": VERSION,
-        "runs": [
-            {
-                "name": r.name,
-                "tokens": r.tokens,
-                "text": None if r.text is None else list(r.text),
-                "inputs": r.inputs,
-                "max_new_tokens": r.max_new_tokens,
-            }
-            for r in graph.runs.values()
-        ],
+        "runs": [_run_doc(r) for r in graph.runs.values()],
         "saes": {
             key: {"kind": s.kind, "params": dict(s.params), "tensors": dict(s.tensors)}
             for key, s in graph.saes.items()
@@ -241,6 +249,18 @@ def _decode_index(value: Any, where: str) -> Index:
         if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise SpecError(f"{where}: expected a non-empty list of ints")
         return tuple(value)
+    if isinstance(value, dict) and "per_prompt" in value:
+        d = _Doc(value, where, {"per_prompt", "squeeze"})
+        rows = d.get("per_prompt")
+        if not isinstance(rows, list) or not all(
+            isinstance(r, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+            for r in rows
+        ):
+            raise SpecError(f"{where}.per_prompt: expected a list of lists of ints")
+        try:
+            return PerPrompt(tuple(tuple(r) for r in rows), d.flag("squeeze"))
+        except SpecError as exc:
+            raise _at(exc, where) from None
     d = _Doc(value, where, {"start", "stop", "step"})
     span = Span(
         d.integer("start", optional=True),
@@ -254,9 +274,11 @@ def _decode_index(value: Any, where: str) -> Index:
 
 def _decode_select(value: Any, where: str) -> Select:
     d = _Doc(value if value is not None else {}, where, {"batch", "pos", "head", "dims"})
-    return Select(
-        **{k: _decode_index(d.get(k), f"{where}.{k}") for k in ("batch", "pos", "head", "dims")}
-    )
+    fields = {k: _decode_index(d.get(k), f"{where}.{k}") for k in ("batch", "pos", "head", "dims")}
+    for k in ("batch", "head", "dims"):
+        if isinstance(fields[k], PerPrompt):
+            raise SpecError(f"{where}.{k}: only pos can be chosen prompt by prompt")
+    return Select(**fields)
 
 
 def _decode_site(value: Any, where: str) -> Site:
@@ -359,7 +381,11 @@ def _op_from_dict(value: Any, where: str) -> Op:
 
 
 def _decode_run(value: Any, where: str) -> Run:
-    d = _Doc(value, where, {"name", "tokens", "text", "inputs", "max_new_tokens"})
+    d = _Doc(
+        value,
+        where,
+        {"name", "tokens", "text", "inputs", "max_new_tokens", "lengths", "padding_side"},
+    )
     text = d.get("text")
     if text is not None and (
         not isinstance(text, list) or not all(isinstance(t, str) for t in text)
@@ -372,6 +398,8 @@ def _decode_run(value: Any, where: str) -> Run:
             None if text is None else tuple(text),
             d.text("inputs", optional=True),
             d.integer("max_new_tokens", optional=True),
+            d.text("lengths", optional=True),
+            d.text("padding_side", optional=True),
         )
     except SpecError as exc:
         raise _at(exc, where) from None

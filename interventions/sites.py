@@ -50,14 +50,102 @@ class Span:
         return ":".join(parts[:2] if self.step is None else parts)
 
 
-Index: TypeAlias = int | tuple[int, ...] | Span | None
-IndexLike: TypeAlias = int | Sequence[int] | slice | range | Span | None
+@dataclass(frozen=True)
+class PerPrompt:
+    """Positions chosen prompt by prompt: row ``i`` of a run takes ``positions[i]``.
+
+    Positions count like every other position selector, in each prompt's own tokens:
+    non-negative ones from its first token, negative ones from its last. ``squeeze``
+    (one position per prompt, as :func:`per_prompt` and ``iv.token_positions`` give)
+    drops the position axis the way an int selector does; a list per prompt keeps it.
+
+    >>> per_prompt([3, 5, 4])
+    PerPrompt((3, 5, 4))
+    >>> Select.make(pos=[[1, 2], [0, 3]]).pos
+    PerPrompt(((1, 2), (0, 3)))
+    """
+
+    positions: tuple[tuple[int, ...], ...]
+    squeeze: bool = False
+
+    def __post_init__(self) -> None:
+        rows = self.positions
+        if not isinstance(rows, tuple) or not rows:
+            raise SpecError("a per-prompt selector needs at least one prompt's positions")
+        for i, row in enumerate(rows):
+            if (
+                not isinstance(row, tuple)
+                or not row
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in row)
+            ):
+                raise SpecError(
+                    f"per-prompt positions: prompt {i} has {row!r:.80}; expected a non-empty "
+                    "list of ints"
+                )
+        if self.squeeze and any(len(row) != 1 for row in rows):
+            raise SpecError("per-prompt positions with squeeze=True take one position per prompt")
+        counts = {len(row) for row in rows}
+        if len(counts) > 1:
+            raise SpecError(
+                f"per-prompt positions: every prompt needs the same number of positions, got "
+                f"{sorted(counts)}; pad with a repeated position or use one run per count"
+            )
+
+    def row(self, i: int) -> int | tuple[int, ...]:
+        """Prompt ``i``'s selector as a plain index (an int when squeezed)."""
+        return self.positions[i][0] if self.squeeze else self.positions[i]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __repr__(self) -> str:
+        shown = tuple(r[0] for r in self.positions) if self.squeeze else self.positions
+        return f"PerPrompt({shown!r})"
+
+
+def per_prompt(positions: Sequence[int] | Sequence[Sequence[int]]) -> PerPrompt:
+    """A per-prompt position selector: one int per prompt (the position axis is dropped,
+    like ``pos=-1``) or one list per prompt (kept).
+
+    >>> per_prompt([4, 6]).row(1)
+    6
+    """
+    items = list(positions)
+    if items and all(isinstance(p, int) and not isinstance(p, bool) for p in items):
+        return PerPrompt(tuple((p,) for p in items if isinstance(p, int)), squeeze=True)
+    if isinstance(positions, torch.Tensor) and positions.ndim == 1:
+        return PerPrompt(tuple((int(p),) for p in positions), squeeze=True)
+    rows = []
+    for row in items:
+        if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, torch.Tensor)):
+            raise SpecError(f"per_prompt: expected ints or lists of ints, got {row!r:.80}")
+        rows.append(tuple(int(p) if isinstance(p, torch.Tensor) else p for p in row))
+    return PerPrompt(tuple(rows))
+
+
+Index: TypeAlias = int | tuple[int, ...] | Span | PerPrompt | None
+IndexLike: TypeAlias = (
+    int | Sequence[int] | Sequence[Sequence[int]] | slice | range | Span | PerPrompt | None
+)
 
 
 def as_index(value: Any, what: str) -> Index:
-    """Normalise a user selector (int, list, tuple, range, slice, Span, None) to an Index."""
+    """Normalise a user selector (int, list, tuple, range, slice, Span, None) to an Index.
+
+    Only ``pos`` may be chosen prompt by prompt (a :class:`PerPrompt`, or a list of lists).
+    """
     if value is None or isinstance(value, Span):
         return value
+    if isinstance(value, PerPrompt) or (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, (list, tuple)) for v in value)
+    ):
+        if what != "pos":
+            raise SpecError(
+                f"selector {what}=: only pos= can be chosen prompt by prompt, not {what}="
+            )
+        return value if isinstance(value, PerPrompt) else per_prompt(value)
     if isinstance(value, bool):
         raise SpecError(f"selector {what}={value!r}: expected an int, a list of ints or a slice")
     if isinstance(value, int):
@@ -112,6 +200,11 @@ class Select:
             head=as_index(head, "head"),
             dims=as_index(dims, "dims"),
         )
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "head", "dims"):
+            if isinstance(getattr(self, name), PerPrompt):
+                raise SpecError(f"selector {name}=: only pos= can be chosen prompt by prompt")
 
     @property
     def is_all(self) -> bool:
@@ -259,6 +352,7 @@ def _axis_indices(index: Index, size: int, what: str) -> tuple[list[int], bool]:
         return list(range(size)), False
     if isinstance(index, Span):
         return index.indices(size), False
+    assert not isinstance(index, PerPrompt), "the ragged pass resolves per-prompt positions"
     items = [index] if isinstance(index, int) else list(index)
     out = []
     for i in items:

@@ -61,6 +61,12 @@ class Run:
     text: tuple[str, ...] | None = None  # tokenized with the model's tokenizer
     inputs: str | None = None  # key of a tensor passed positionally (plain nn.Module)
     max_new_tokens: int | None = None  # set: greedy generation of this many tokens
+    # prompts of different lengths given as ids: key of an int64 [batch] tensor of each
+    # prompt's length; ``tokens`` then holds them left-aligned, zero-filled on the right
+    lengths: str | None = None
+    # how results over whole positions of prompts of different lengths are laid out
+    # ("left": padding first; "right": padding last; None: the tokenizer's side, else right)
+    padding_side: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or not _is_name(self.name):
@@ -88,10 +94,116 @@ class Run:
             )
         if self.max_new_tokens is not None and self.inputs is not None:
             raise SpecError(f"run {self.name!r}: generation needs tokens= or text=, not inputs=")
+        if self.lengths is not None and self.tokens is None:
+            raise SpecError(f"run {self.name!r}: lengths go with tokens=")
+        if self.padding_side not in (None, "left", "right"):
+            raise SpecError(
+                f"run {self.name!r}: padding_side must be 'left' or 'right', got "
+                f"{self.padding_side!r:.40}"
+            )
 
     @property
     def generates(self) -> bool:
         return self.max_new_tokens is not None
+
+
+def _token_rows(
+    name: str, tokens: Any, attention_mask: Any
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids as int64 ``[batch, seq]``, and each prompt's length when they differ
+    (the rows then left-aligned and zero-filled)."""
+    rows: list[list[int]] | None = None
+    ids: torch.Tensor | None = None
+    if isinstance(tokens, torch.Tensor):
+        ids = tokens
+    elif (
+        isinstance(tokens, Sequence)
+        and tokens
+        and all(isinstance(t, (Sequence, torch.Tensor)) and not isinstance(t, str) for t in tokens)
+    ):
+        rows = []
+        for i, row in enumerate(tokens):
+            values = row.tolist() if isinstance(row, torch.Tensor) else list(row)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise SpecError(f"run {name!r}: prompt {i}: token ids must be ints")
+            rows.append(values)
+    else:
+        try:
+            ids = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise SpecError(
+                f"run {name!r}: tokens must be ids: [seq], [batch, seq] or a list of prompts; {exc}"
+            ) from None
+    if ids is not None:
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise SpecError(f"run {name!r}: tokens must be integer ids, got {ids.dtype}")
+        if ids.ndim == 1:
+            ids = ids.unsqueeze(0)
+        if ids.ndim != 2 or ids.numel() == 0:
+            raise SpecError(
+                f"run {name!r}: tokens must be [seq] or [batch, seq], got {list(ids.shape)}"
+            )
+        ids = ids.to(torch.long)
+        if attention_mask is None:
+            return ids, None
+        rows = _unpad(name, ids, attention_mask)
+    assert rows is not None
+    for i, row in enumerate(rows):
+        if not row:
+            raise SpecError(f"run {name!r}: prompt {i} is empty; every prompt needs a token")
+    lengths = [len(r) for r in rows]
+    width = max(lengths)
+    padded = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    if len(set(lengths)) == 1:
+        return padded, None
+    return padded, torch.tensor(lengths, dtype=torch.long)
+
+
+def _unpad(name: str, ids: torch.Tensor, attention_mask: Any) -> list[list[int]]:
+    """The real tokens of each row of padded ids (left or right padding)."""
+    mask = torch.as_tensor(attention_mask)
+    if mask.ndim == 1:
+        mask = mask.unsqueeze(0)
+    if mask.shape != ids.shape:
+        raise SpecError(
+            f"run {name!r}: attention_mask has shape {list(mask.shape)} but tokens have "
+            f"{list(ids.shape)}"
+        )
+    if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise SpecError(f"run {name!r}: attention_mask must hold 0s and 1s")
+    rows = []
+    for i in range(ids.shape[0]):
+        real = mask[i].nonzero().flatten()
+        if real.numel() == 0:
+            raise SpecError(f"run {name!r}: prompt {i} is empty (its attention_mask is all 0)")
+        first, last = int(real[0]), int(real[-1])
+        if last - first + 1 != real.numel():
+            raise SpecError(
+                f"run {name!r}: prompt {i}: attention_mask has a gap; only left or right "
+                "padding is understood"
+            )
+        rows.append(ids[i, first : last + 1].tolist())
+    return rows
+
+
+def _check_lengths(run: Run, ids: torch.Tensor, lengths: torch.Tensor) -> None:
+    if (
+        lengths.dtype != torch.long
+        or lengths.ndim != 1
+        or ids.ndim != 2
+        or lengths.shape[0] != ids.shape[0]
+    ):
+        raise SpecError(
+            f"run {run.name!r}: lengths must be int64 [batch] beside tokens [batch, seq]; got "
+            f"{lengths.dtype} {list(lengths.shape)} and {list(ids.shape)}"
+        )
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > ids.shape[1]):
+        raise SpecError(
+            f"run {run.name!r}: each prompt's length must be in 1..{ids.shape[1]}, got "
+            f"{int(lengths.min())}..{int(lengths.max())}"
+        )
 
 
 def _is_name(name: str) -> bool:
@@ -117,41 +229,56 @@ class GraphSpec:
         text: str | Sequence[str] | None = None,
         inputs: torch.Tensor | None = None,
         max_new_tokens: int | None = None,
+        attention_mask: torch.Tensor | Sequence[Sequence[int]] | None = None,
+        padding_side: str | None = None,
     ) -> RunHandle:
         """Add a run and return a handle to put ops on it.
 
-        ``tokens``: ids, ``[seq]`` or ``[batch, seq]``; ``text``: one prompt or a batch,
-        tokenized with the model's tokenizer; ``inputs``: a tensor passed positionally to a
-        plain ``nn.Module``. ``max_new_tokens`` turns the run into greedy generation.
+        ``tokens``: ids, ``[seq]`` or ``[batch, seq]``, or a list of prompts of different
+        lengths; ``text``: one prompt or a batch (any lengths), tokenized with the model's
+        tokenizer; ``inputs``: a tensor passed positionally to a plain ``nn.Module``.
+        ``max_new_tokens`` turns the run into greedy generation.
+
+        Padded ids from a tokenizer come with their ``attention_mask`` (left or right
+        padding): the padding is dropped here, so the pad id never matters. Prompts of
+        different lengths never share a padded forward pass: positions count in each
+        prompt's own tokens (see :mod:`interventions.ragged`). ``padding_side`` lays out
+        results over whole positions of such prompts (default: the tokenizer's side).
         """
         if name in self.runs:
             raise SpecError(f"run {name!r} already exists; runs: {choices_text(self.runs)}")
-        token_key = input_key = None
+        token_key = input_key = length_key = None
+        if attention_mask is not None and tokens is None:
+            raise SpecError(f"run {name!r}: attention_mask= goes with tokens=")
         if tokens is not None:
-            ids = torch.as_tensor(tokens)
-            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-                raise SpecError(f"run {name!r}: tokens must be integer ids, got {ids.dtype}")
-            if ids.ndim == 1:
-                ids = ids.unsqueeze(0)
-            if ids.ndim != 2 or ids.numel() == 0:
-                raise SpecError(
-                    f"run {name!r}: tokens must be [seq] or [batch, seq], got {list(ids.shape)}"
-                )
-            token_key = self._add_tensor(ids.to(torch.long))
+            ids, lengths = _token_rows(name, tokens, attention_mask)
+            token_key = self._add_tensor(ids)
+            if lengths is not None:
+                length_key = self._add_tensor(lengths)
         if inputs is not None:
             if not isinstance(inputs, torch.Tensor):
                 raise SpecError(f"run {name!r}: inputs= must be a tensor")
             input_key = self._add_tensor(inputs)
         texts = (text,) if isinstance(text, str) else (tuple(text) if text is not None else None)
         self._add_run(
-            Run(name, tokens=token_key, text=texts, inputs=input_key, max_new_tokens=max_new_tokens)
+            Run(
+                name,
+                tokens=token_key,
+                text=texts,
+                inputs=input_key,
+                max_new_tokens=max_new_tokens,
+                lengths=length_key,
+                padding_side=padding_side,
+            )
         )
         return RunHandle(self, name)
 
     def _add_run(self, run: Run) -> None:
-        for key in (run.tokens, run.inputs):
+        for key in (run.tokens, run.inputs, run.lengths):
             if key is not None and key not in self.tensors:
                 raise SpecError(f"run {run.name!r} names tensor {key!r}, which the graph lacks")
+        if run.lengths is not None:
+            _check_lengths(run, self.tensors[run.tokens], self.tensors[run.lengths])  # type: ignore[index]
         self.runs[run.name] = run
 
     def _add_tensor(self, tensor: torch.Tensor) -> str:
@@ -253,7 +380,7 @@ class GraphSpec:
     def check(self) -> None:
         """Check the graph's own consistency (no model). ``validate`` also calls this."""
         for run in self.runs.values():
-            for key in (run.tokens, run.inputs):
+            for key in (run.tokens, run.inputs, run.lengths):
                 if key is not None and key not in self.tensors:
                     raise SpecError(f"run {run.name!r} names missing tensor {key!r}")
         for key, spec in self.saes.items():

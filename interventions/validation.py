@@ -8,7 +8,7 @@ and the site, and lists the valid choices.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from interventions.ops import (
     op_kind,
 )
 from interventions.plan import Plan, generation_positions, make_plan
+from interventions.ragged import needs_split, split_graph
 from interventions.sites import Select, selected_shape
 from interventions.spec import GraphSpec
 
@@ -389,6 +390,22 @@ def validate(
                 f"run {name!r}: token ids must be in 0..{info.vocab - 1}, found "
                 f"{int(ids.min())}..{int(ids.max())}"
             )
+    if needs_split(graph, plan.lengths):
+        split = split_graph(graph, plan.inputs, plan.lengths, plan.padding_side, info)
+        plan = replace(make_plan(split.graph, info), assembly=split)
+        origin = {p.run: (run, p) for run, parts in split.parts.items() for p in parts}
+        for op in split.graph.ops:
+            try:
+                _check_op(plan, op, caps)
+            except ValidationError as exc:
+                if op.run not in origin:
+                    raise
+                whole, part = origin[op.run]
+                raise ValidationError(
+                    f"{exc} [{op.run!r} is prompts {list(part.rows)[:8]}"
+                    f"{'...' if len(part.rows) > 8 else ''} of run {whole!r}, {part.length} tokens]"
+                ) from None
+        return plan
     for op in graph.ops:
         _check_op(plan, op, caps)
     return plan

@@ -21,11 +21,16 @@ def test_text_runs_use_the_tokenizer() -> None:
     torch.testing.assert_close(res["last"], model(ids).logits[:, -1])
 
 
-def test_text_prompts_of_different_lengths_are_refused() -> None:
+def test_text_prompts_of_different_lengths_are_each_their_own_forward() -> None:
+    model, tok = hf_model("gpt2"), word_tokenizer()
     g = iv.Graph()
-    g.run("a", text=["w5 w6", "w5 w6 w7"]).read("logits")
-    with pytest.raises(iv.ValidationError, match=r"different lengths \[2, 3\]"):
-        iv.run(g, hf_model("gpt2"), tokenizer=word_tokenizer())
+    g.run("a", text=["w5 w6", "w5 w6 w7"]).read("logits", name="all")
+    res = iv.run(g, model, tokenizer=tok)
+    assert res["all"].shape[:2] == (2, 3)
+    torch.testing.assert_close(res["all"][0, :2], model(torch.tensor([[5, 6]])).logits[0])
+    torch.testing.assert_close(res["all"][1], model(torch.tensor([[5, 6, 7]])).logits[0])
+    assert res.mask("all").tolist() == [[True, True, False], [True, True, True]]
+    assert not res["all"][0, 2].any()  # padding is zero
 
 
 def test_model_by_path(tmp_path: Path) -> None:

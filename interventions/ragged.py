@@ -1,0 +1,674 @@
+"""Prompts of different lengths, exactly: runs split by length, results put back together.
+
+A run may hold prompts of different lengths (``tokens=`` as a list of lists, ``text=``,
+or padded ids with their ``attention_mask``), and positions may be chosen prompt by
+prompt (:class:`~interventions.sites.PerPrompt`, ``iv.token_positions``). Positions
+always count in each prompt's own tokens: non-negative ones from its first token,
+negative ones from its last.
+
+No forward pass here ever sees padding. This planner pass splits each such run into
+*parts*, one per prompt length (and per choice of per-prompt positions), each an
+ordinary run of equal-length prompts, and rewrites every op onto the parts; a value
+patched between runs is routed row by row through small derived reads. Because the
+rewritten graph has no padding, no attention mask and no shifted position ids, it is
+exact on every model family and every backend (remote too), and the pad id cannot
+matter. Parts of one length from different runs still share forward passes through the
+batching pass that follows.
+
+What a read of a split run returns (in prompt order, whatever the split):
+
+* when every prompt gives the same number of positions (``pos=-1``, a list, a
+  per-prompt position, a negative slice), the rows are stacked as usual;
+* otherwise (whole positions, a slice past some prompts' ends) the rows are padded with
+  zeros to the longest, on the run's ``padding_side`` (the tokenizer's by default, else
+  right), and :meth:`Results.mask <interventions.results.Results.mask>` gives which
+  entries are real (``attn_pattern`` is padded on both of its position axes).
+
+>>> import torch, transformers, interventions as iv
+>>> model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2))
+>>> g = iv.Graph()
+>>> r = g.run("r", tokens=[[1, 2, 3, 4], [5, 6]])
+>>> _ = r.read("resid_post", layer=0, pos=-1, name="last")
+>>> _ = r.read("resid_post", layer=0, name="all")
+>>> res = iv.run(g, model)
+>>> res["last"].shape, res["all"].shape, res.mask("all").tolist()
+(torch.Size([2, 32]), torch.Size([2, 4, 32]), [[True, True, True, True], [True, True, False, False]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from interventions.architectures import ModelInfo
+from interventions.errors import ValidationError
+from interventions.ops import Ablate, Add, Const, Op, Patch, Read, Ref, SAESplice, produces
+from interventions.sites import Index, PerPrompt, Select, Site, Span, selected_shape, take
+from interventions.spec import GraphSpec, Run
+
+# -- what the pass produces -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows of one original run that share a length: one run of the split graph."""
+
+    run: str
+    rows: tuple[int, ...]  # rows of the original run, ascending
+    length: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One read of the split graph, and which rows of the assembled result it fills."""
+
+    name: str
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """How one result of the original graph is put together from pieces."""
+
+    name: str
+    pieces: tuple[Piece, ...]
+    rows: int | None  # batch size of the result; None: no batch axis (a single piece)
+    side: str  # "left" or "right": where padding goes when pieces differ in positions
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pieces": [[p.name, list(p.rows)] for p in self.pieces],
+            "rows": self.rows,
+            "side": self.side,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Assembly:
+        pieces = tuple(Piece(str(n), tuple(int(r) for r in rows)) for n, rows in doc["pieces"])
+        rows = doc["rows"]
+        return cls(str(doc["name"]), pieces, None if rows is None else int(rows), str(doc["side"]))
+
+
+@dataclass(frozen=True)
+class MeanSlot:
+    """A placeholder constant to fill with a mean over a split source run's real tokens."""
+
+    tensor: str  # key in the split graph's tensor table
+    source: str  # the original source run
+    site: Site
+    per_position: bool
+    length: int  # positions of the target part (per-position means)
+    select: Select  # the ablated region within one row (pos, head, dims)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A graph without prompts of different lengths, and how to read its results back."""
+
+    graph: GraphSpec
+    parts: Mapping[str, tuple[Part, ...]]
+    assemblies: tuple[Assembly, ...]
+    internal: frozenset[str]  # names of the split graph that are not results
+    means: tuple[MeanSlot, ...] = ()
+
+    def assemble(
+        self, tensors: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return assemble(self.assemblies, tensors, self.internal)
+
+
+def assemble(
+    assemblies: Sequence[Assembly],
+    tensors: Mapping[str, torch.Tensor],
+    internal: frozenset[str] | set[str] = frozenset(),
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The original results from the split graph's (and masks of the padded ones).
+
+    >>> a = Assembly("x", (Piece("x#0", (1,)), Piece("x#1", (0,))), rows=2, side="right")
+    >>> out, masks = assemble([a], {"x#0": torch.ones(1, 2), "x#1": torch.ones(1, 3)})
+    >>> out["x"].tolist(), masks["x"].tolist()
+    ([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], [[True, True, True], [True, True, False]])
+    """
+    out: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for a in assemblies:
+        parts = [(p, tensors[p.name]) for p in a.pieces if p.name in tensors]
+        used.update(p.name for p in a.pieces)
+        if not parts:
+            continue
+        if a.rows is None:
+            out[a.name] = parts[0][1]
+            continue
+        first = parts[0][1]
+        shape = [a.rows, *(max(t.shape[d] for _, t in parts) for d in range(1, first.ndim))]
+        result = first.new_zeros(shape)
+        padded = any(list(t.shape[1:]) != shape[1:] for _, t in parts)
+        mask = torch.zeros(a.rows, shape[1] if padded and len(shape) > 1 else 0, dtype=torch.bool)
+        for piece, t in parts:
+            region: list[slice] = []
+            for d in range(1, t.ndim):
+                n, full = t.shape[d], shape[d]
+                region.append(slice(full - n, full) if a.side == "left" else slice(0, n))
+            rows = torch.tensor(piece.rows, dtype=torch.long)
+            index: tuple[Any, ...] = (rows, *region)
+            result[index] = t
+            if padded:
+                mask[rows, region[0]] = True
+        out[a.name] = result
+        if padded:
+            masks[a.name] = mask
+    for name, t in tensors.items():
+        if name not in used and name not in internal:
+            out[name] = t
+    return out, masks
+
+
+# -- the pass ---------------------------------------------------------------------------
+
+
+def needs_split(graph: GraphSpec, lengths: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether some run holds prompts of different lengths or per-prompt positions."""
+    return bool(lengths) or any(isinstance(op.select.pos, PerPrompt) for op in graph.ops)
+
+
+def _rows_of(index: Index, n: int, where: str) -> tuple[list[int], bool]:
+    """The rows a batch selector picks, in order, and whether it drops the batch axis."""
+    if index is None:
+        return list(range(n)), False
+    if isinstance(index, Span):
+        return index.indices(n), False
+    items = [index] if isinstance(index, int) else list(index)  # type: ignore[arg-type]
+    for i in items:
+        if not -n <= i < n:
+            raise ValidationError(f"{where}: batch={i} is out of range for {n} prompts")
+    return [i % n for i in items], isinstance(index, int)
+
+
+def _where(op: Op) -> str:
+    kind = type(op).__name__.lower()
+    return f"{kind} on {op.run}.{op.site}"
+
+
+@dataclass
+class _Builder:
+    graph: GraphSpec
+    inputs: Mapping[str, torch.Tensor]
+    lengths: Mapping[str, tuple[int, ...]]
+    padding_side: str
+    info: ModelInfo | None
+    new: GraphSpec = field(init=False)
+    parts: dict[str, tuple[Part, ...]] = field(default_factory=dict)
+    assemblies: list[Assembly] = field(default_factory=list)
+    internal: set[str] = field(default_factory=set)
+    means: list[MeanSlot] = field(default_factory=list)
+    derived: dict[str, list[Read]] = field(default_factory=dict)  # source read -> reads
+    replaced: dict[int, list[Op]] = field(default_factory=dict)  # id(op) -> its ops
+    taken: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        sae_keys = {key for spec in self.graph.saes.values() for _, key in spec.tensors}
+        self.new = type(self.graph)(
+            tensors={k: self.graph.tensors[k] for k in sae_keys}, saes=dict(self.graph.saes)
+        )
+        self.producers = {n: op for op in self.graph.ops for n in produces(op)}
+        self.taken = set(self.graph.runs) | {n for op in self.graph.ops for n in produces(op)}
+
+    # names --------------------------------------------------------------------------
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+    def tensor(self, t: torch.Tensor) -> str:
+        return self.new._add_tensor(t)
+
+    # rows and parts -----------------------------------------------------------------
+
+    def n_rows(self, run: str) -> int:
+        return int(self.inputs[run].shape[0])
+
+    def length(self, run: str, row: int) -> int:
+        if run in self.lengths:
+            return self.lengths[run][row]
+        t = self.inputs[run]
+        return int(t.shape[1]) if t.ndim >= 2 else 1
+
+    def split_runs(self) -> set[str]:
+        out = set(self.lengths)
+        out.update(op.run for op in self.graph.ops if isinstance(op.select.pos, PerPrompt))
+        return out
+
+    def make_parts(self, name: str) -> None:
+        run = self.graph.runs[name]
+        n = self.n_rows(name)
+        per_prompt = [
+            op for op in self.graph.ops if op.run == name and isinstance(op.select.pos, PerPrompt)
+        ]
+        for op in per_prompt:
+            pos = op.select.pos
+            assert isinstance(pos, PerPrompt)
+            if len(pos) != n:
+                raise ValidationError(
+                    f"{_where(op)}: per-prompt positions are given for {len(pos)} prompts but "
+                    f"run {name!r} has {n}"
+                )
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for row in range(n):
+            key = (self.length(name, row), *(op.select.pos.row(row) for op in per_prompt))  # type: ignore[union-attr]
+            groups.setdefault(key, []).append(row)
+        parts = []
+        ids = self.inputs[name]
+        for k, (key, rows) in enumerate(
+            sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]))
+        ):
+            length = int(key[0])  # type: ignore[call-overload]
+            part = self.fresh(f"{name}#{k}")
+            tokens = ids[rows, :length].contiguous()
+            self.new.runs[part] = Run(
+                part, tokens=self.tensor(tokens), max_new_tokens=run.max_new_tokens
+            )
+            parts.append(Part(part, tuple(rows), length))
+        self.parts[name] = tuple(parts)
+        if run.generates:
+            pieces = tuple(Piece(f"{p.run}.generated", p.rows) for p in parts)
+            self.assemblies.append(Assembly(f"{name}.generated", pieces, n, self.side(name)))
+            self.internal.update(piece.name for piece in pieces)
+
+    def parts_of(self, run: str) -> tuple[Part, ...]:
+        """A split run's parts; an unsplit run is one part, itself."""
+        if run in self.parts:
+            return self.parts[run]
+        n = self.n_rows(run)
+        return (Part(run, tuple(range(n)), self.length(run, 0) if n else 0),)
+
+    def part_of(self, run: str, row: int) -> Part:
+        for p in self.parts_of(run):
+            if row in p.rows:
+                return p
+        raise AssertionError((run, row))  # pragma: no cover
+
+    def side(self, run: str) -> str:
+        return self.graph.runs[run].padding_side or self.padding_side
+
+    # checks -------------------------------------------------------------------------
+
+    def check_positions(
+        self, op: Op, run: str, rows: Sequence[int], pos: Index, what: str = ""
+    ) -> None:
+        """Positions given as ints must exist in every prompt they apply to."""
+        if pos is None or isinstance(pos, Span):
+            return
+        graph_run = self.graph.runs[run]
+        extra = (graph_run.max_new_tokens or 1) - 1
+        for row in rows:
+            items: Sequence[int]
+            if isinstance(pos, PerPrompt):
+                items = pos.positions[row]
+            else:
+                items = (pos,) if isinstance(pos, int) else pos
+            n = self.length(run, row)
+            for p in items:
+                if not -n <= p < n + extra:
+                    raise ValidationError(
+                        f"{_where(op)}{what}: pos={p} is past the end of prompt {row} of run "
+                        f"{run!r}, which has {n} tokens (valid: {-n}..{n + extra - 1})"
+                    )
+
+    # emission -----------------------------------------------------------------------
+
+    def local_batch(self, part: Part, targets: Sequence[int], dropped: bool) -> Index:
+        local = [part.rows.index(t) for t in targets]
+        if dropped:
+            return local[0]
+        if local == list(range(len(part.rows))):
+            return None
+        return tuple(local)
+
+    def part_pos(self, op: Op, part: Part) -> Index:
+        pos = op.select.pos
+        if isinstance(pos, PerPrompt):
+            return pos.row(part.rows[0])
+        return pos
+
+    def const_rows(self, const: Const, op: Op, n_sel: int, picks: Sequence[int]) -> Const:
+        """A constant for some selected prompts: sliced when it has a row per selected prompt."""
+        t = self.graph.tensors[const.tensor]
+        sel = op.select
+        dropped = [
+            i
+            for i in (sel.batch, sel.pos, sel.head, sel.dims)
+            if isinstance(i, int) or (isinstance(i, PerPrompt) and i.squeeze)
+        ]
+        region_ndim = len(op.site.kind.axes) - len(dropped)
+        row_per_prompt = not isinstance(sel.batch, int) and n_sel > 1 and t.ndim == region_ndim
+        if not op.site.is_raw and row_per_prompt and t.shape[0] == n_sel:
+            return Const(self.tensor(t[list(picks)].contiguous()))
+        return Const(self.tensor(t))
+
+    def emit_generic(self, op: Op) -> list[Op]:
+        """An op on a split run (no value from another run): one copy per part it touches."""
+        n = self.n_rows(op.run)
+        sel_rows, dropped = _rows_of(op.select.batch, n, _where(op))
+        self.check_positions(op, op.run, sel_rows, op.select.pos)
+        out: list[Op] = []
+        pieces: list[tuple[str, list[int]]] = []
+        for part in self.parts[op.run]:
+            picks = [j for j, r in enumerate(sel_rows) if r in part.rows]
+            if not picks:
+                continue
+            targets = [sel_rows[j] for j in picks]
+            select = replace(
+                op.select,
+                batch=self.local_batch(part, targets, dropped),
+                pos=self.part_pos(op, part),
+            )
+            new_op: Any = replace(op, run=part.run, select=select)
+            if isinstance(op, Read):
+                name = self.fresh(f"{op.name}#{len(pieces)}")
+                new_op = replace(new_op, name=name)
+                pieces.append((name, picks))
+            elif isinstance(op, Patch) and isinstance(op.value, Const):
+                new_op = replace(new_op, value=self.const_rows(op.value, op, len(sel_rows), picks))
+            elif isinstance(op, Add):
+                new_op = replace(
+                    new_op, direction=self.const_rows(op.direction, op, len(sel_rows), picks)
+                )
+            elif isinstance(op, SAESplice) and op.features is not None:
+                name = self.fresh(f"{op.features}#{len(pieces)}")
+                new_op = replace(new_op, features=name)
+                pieces.append((name, picks))
+            else:  # project_out's direction; other ops hold no constant
+                new_op = self.with_consts(new_op)
+            out.append(new_op)
+        if isinstance(op, Read) or (isinstance(op, SAESplice) and op.features is not None):
+            result = op.name if isinstance(op, Read) else op.features
+            assert result is not None
+            self.assemblies.append(
+                Assembly(
+                    result,
+                    tuple(Piece(n, tuple(p)) for n, p in pieces),
+                    None if dropped else len(sel_rows),
+                    self.side(op.run),
+                )
+            )
+            self.internal.update(n for n, _ in pieces)
+        return out
+
+    def with_consts(self, op: Op) -> Op:
+        """Copy an op's constants into the new graph's tensor table."""
+        for attr in ("value", "direction"):
+            v = getattr(op, attr, None)
+            if isinstance(v, Const):
+                fields: dict[str, Any] = {attr: Const(self.tensor(self.graph.tensors[v.tensor]))}
+                op = replace(op, **fields)
+        return op
+
+    # values between runs ------------------------------------------------------------
+
+    def route(
+        self,
+        op: Patch | Ablate,
+        source: tuple[str, str, Site],
+        pairs: Sequence[tuple[int, int, int]],
+        source_select: Select,
+        aligned: bool,
+    ) -> list[Op]:
+        """Ops that give each target row its source row's value.
+
+        ``pairs`` are (index among the selected targets, target row, source row). Each
+        (target part, source part) pair gets one derived read of the source part and one
+        patch of the target part. ``source`` is (run, key the derived reads go after, site).
+        """
+        source_run, source_key, source_site = source
+        target_run = op.run
+        n_target = self.n_rows(target_run)
+        _, dropped = _rows_of(op.select.batch, n_target, _where(op))
+        groups: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+        for j, t, s in pairs:
+            groups.setdefault(
+                (self.part_of(target_run, t).run, self.part_of(source_run, s).run), []
+            ).append((j, t, s))
+        out: list[Op] = []
+        by_name_t = {p.run: p for p in self.parts_of(target_run)}
+        by_name_s = {p.run: p for p in self.parts_of(source_run)}
+        for (tp_name, sp_name), members in groups.items():
+            tp, sp = by_name_t[tp_name], by_name_s[sp_name]
+            targets = [t for _, t, _ in members]
+            sources = [s for _, _, s in members]
+            if aligned:
+                pos = self.part_pos(op, tp)
+                if pos is None and tp.length != sp.length:
+                    raise ValidationError(
+                        f"{_where(op)}: the value is a whole site of run "
+                        f"{source_run!r}, whose prompt {sources[0]} has {sp.length} tokens, "
+                        f"but prompt {targets[0]} of run {target_run!r} has {tp.length}; "
+                        "select positions with pos= (e.g. pos=-1, or iv.token_positions(...))"
+                    )
+                self.check_positions(op, source_run, sources, pos, " (in the source run)")
+                local_s = [sp.rows.index(s) for s in sources]
+                dselect = Select(
+                    batch=tuple(local_s), pos=pos, head=op.select.head, dims=op.select.dims
+                )
+            else:
+                spos = source_select.pos
+                if isinstance(spos, PerPrompt):
+                    spos = spos.row(sp.rows[0])
+                local_s = [sp.rows.index(s) for s in sources]
+                if isinstance(source_select.batch, int):
+                    batch: Index = local_s[0]
+                elif len(set(local_s)) == 1 and self.value_rows(source_select, source_run) == 1:
+                    batch = (local_s[0],)
+                else:
+                    batch = tuple(local_s)
+                dselect = Select(
+                    batch=batch, pos=spos, head=source_select.head, dims=source_select.dims
+                )
+            read_name = self.fresh(f"__ragged{len(self.internal)}")
+            self.internal.add(read_name)
+            self.derived.setdefault(source_key, []).append(
+                Read(sp.run, source_site, dselect, read_name)
+            )
+            tselect = replace(
+                op.select,
+                batch=self.local_batch(tp, targets, dropped),
+                pos=self.part_pos(op, tp),
+            )
+            out.append(Patch(tp.run, op.site, tselect, Ref(read_name)))
+        return out
+
+    def mean_shape(self, site: Site, length: int, region: Select) -> tuple[int, ...]:
+        """The shape of a mean ablation's value over ``region`` of one prompt."""
+        info = self.info
+        if site.is_raw or info is None or info.width(site) is None:
+            raise ValidationError(
+                f"mean ablation of {site} from a run of prompts of different lengths needs a "
+                "standard site of a known model"
+            )
+        sizes = {"batch": 1, "pos": length, "key_pos": length, "head": info.n_heads or 0}
+        sizes["hidden"] = int(info.width(site))  # type: ignore[arg-type]
+        axes = site.kind.axes
+        return selected_shape(region, axes, [sizes[a] for a in axes])
+
+    def value_rows(self, select: Select, run: str) -> int:
+        rows, dropped = _rows_of(select.batch, self.n_rows(run), "value")
+        return 1 if dropped else len(rows)
+
+    def plan_patch(self, op: Patch) -> list[Op] | None:
+        """The ops replacing a patch whose value comes from another run, when either run is split."""
+        assert isinstance(op.value, Ref)
+        producer = self.producers[op.value.read]
+        source_run = producer.run
+        if op.run not in self.parts and source_run not in self.parts:
+            return None
+        if not isinstance(producer, Read):
+            raise ValidationError(
+                f"{_where(op)}: SAE features %{op.value.read} cannot be patched between runs "
+                "whose prompts differ in length or positions; patch a read instead"
+            )
+        n_t, n_s = self.n_rows(op.run), self.n_rows(source_run)
+        targets, _ = _rows_of(op.select.batch, n_t, _where(op))
+        self.check_positions(op, op.run, targets, op.select.pos)
+        aligned = producer.select.is_all
+        pairs: list[tuple[int, int, int]] = []
+        if aligned:
+            for j, t in enumerate(targets):
+                if n_s == n_t:
+                    s = t
+                elif n_s == 1 and op.select.batch is None:
+                    s = 0
+                else:
+                    raise ValidationError(
+                        f"{_where(op)}: value %{op.value.read} holds {n_s} prompts and the "
+                        f"patched run {op.run!r} {n_t}; they are paired prompt by prompt"
+                    )
+                pairs.append((j, t, s))
+        else:
+            sources, dropped = _rows_of(producer.select.batch, n_s, _where(producer))
+            self.check_positions(producer, source_run, sources, producer.select.pos)
+            for j, t in enumerate(targets):
+                if dropped or len(sources) == 1:
+                    s = sources[0]
+                elif len(sources) == len(targets):
+                    s = sources[j]
+                else:
+                    raise ValidationError(
+                        f"{_where(op)}: value %{op.value.read} holds {len(sources)} prompts "
+                        f"but the patch selects {len(targets)} of run {op.run!r}"
+                    )
+                pairs.append((j, t, s))
+        return self.route(
+            op, (source_run, producer.name, producer.site), pairs, producer.select, aligned
+        )
+
+    def plan_ablate(self, op: Ablate) -> list[Op] | None:
+        """Mean and resample ablations when the target or the source run is split."""
+        if op.source is None or (op.run not in self.parts and op.source not in self.parts):
+            return None
+        source = op.source
+        n_t, n_s = self.n_rows(op.run), self.n_rows(source)
+        targets, dropped = _rows_of(op.select.batch, n_t, _where(op))
+        self.check_positions(op, op.run, targets, op.select.pos)
+        if op.method == "resample":
+            from interventions.plan import resample_indices
+
+            draws = resample_indices(op.seed, n_t, n_s).tolist()
+            pairs = [(j, t, int(draws[t])) for j, t in enumerate(targets)]
+            # a resample is a patch from the drawn prompts at the same positions: a read of
+            # the whole source site placed right after the source run's last op
+            return self.route(op, (source, f"__end__:{source}", op.site), pairs, Select(), True)
+        # mean: a constant per target part, filled after a first pass over the source
+        out: list[Op] = []
+        for part in self.parts_of(op.run):
+            picks = [t for t in targets if t in part.rows]
+            if not picks:
+                continue
+            pos = self.part_pos(op, part)
+            region = Select(pos=pos, head=op.select.head, dims=op.select.dims)
+            key = self.tensor(torch.zeros(self.mean_shape(op.site, part.length, region)))
+            self.means.append(MeanSlot(key, source, op.site, op.per_position, part.length, region))
+            select = replace(op.select, batch=self.local_batch(part, picks, dropped), pos=pos)
+            out.append(Patch(part.run, op.site, select, Const(key)))
+        return out
+
+
+def split_graph(
+    graph: GraphSpec,
+    inputs: Mapping[str, torch.Tensor],
+    lengths: Mapping[str, tuple[int, ...]],
+    padding_side: str = "right",
+    info: ModelInfo | None = None,
+) -> Split:
+    """Rewrite ``graph`` so that no run holds prompts of different lengths.
+
+    ``inputs`` are the runs' token ids (text runs tokenized, rows left-aligned and
+    zero-filled) and ``lengths`` each split run's prompt lengths.
+    """
+    b = _Builder(graph, inputs, lengths, padding_side, info)
+    split = b.split_runs()
+    for name in graph.runs:
+        if name in split:
+            b.make_parts(name)
+        else:
+            run = graph.runs[name]
+            if run.inputs is not None:
+                b.new.runs[name] = Run(name, inputs=b.tensor(inputs[name]))
+            else:
+                b.new.runs[name] = Run(
+                    name, tokens=b.tensor(inputs[name]), max_new_tokens=run.max_new_tokens
+                )
+    # patches and ablations routed between runs, worked out before emission so that the
+    # derived reads they need can be placed right after their source reads
+    for op in graph.ops:
+        if isinstance(op, Patch) and isinstance(op.value, Ref):
+            ops = b.plan_patch(op)
+        elif isinstance(op, Ablate) and op.method != "zero":
+            ops = b.plan_ablate(op)
+        else:
+            continue
+        if ops is not None:
+            b.replaced[id(op)] = ops
+    emitted: list[Op] = []
+    for op in graph.ops:
+        if id(op) in b.replaced:
+            emitted.extend(b.replaced[id(op)])
+        elif op.run in b.parts:
+            emitted.extend(b.emit_generic(op))
+        else:
+            emitted.append(b.with_consts(op))
+        if isinstance(op, Read):
+            emitted.extend(b.derived.get(op.name, []))
+    # resample reads of whole source sites see everything the source run does
+    for key, reads in b.derived.items():
+        if key.startswith("__end__:"):
+            source = key.removeprefix("__end__:")
+            last = max(
+                (i for i, o in enumerate(emitted) if o.run in {p.run for p in b.parts_of(source)}),
+                default=len(emitted) - 1,
+            )
+            emitted[last + 1 : last + 1] = reads
+    b.new.ops = emitted
+    b.new.check()
+    return Split(b.new, dict(b.parts), tuple(b.assemblies), frozenset(b.internal), tuple(b.means))
+
+
+def fill_means(split: Split, sources: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Write the means of a first pass into the split graph's placeholder constants.
+
+    ``sources[run][str(site)]`` is the source run's whole site ``[batch, pos, ...]`` with
+    rows left-aligned (zero beyond each prompt's length); the means count real tokens only.
+    """
+    for slot in split.means:
+        x = sources[slot.source][str(slot.site)].float()
+        n, width = x.shape[0], x.shape[1]
+        lens = torch.full((n,), width)
+        for part in split.parts.get(slot.source, ()):
+            lens[list(part.rows)] = part.length
+        real = (torch.arange(width)[None, :] < lens[:, None]).to(x.dtype)  # [batch, pos]
+        weights = real.reshape(*real.shape, *([1] * (x.ndim - 2)))
+        if slot.per_position:
+            count = weights.sum(0)
+            if slot.length > width or bool((count[: slot.length] == 0).any()):
+                raise ValidationError(
+                    f"per-position mean from run {slot.source!r}: its prompts have at most "
+                    f"{width} tokens but a target prompt has {slot.length}"
+                )
+            full = ((x * weights).sum(0)[: slot.length] / count[: slot.length]).unsqueeze(0)
+        else:
+            mean = (x * weights).sum((0, 1)) / weights.sum((0, 1))
+            full = mean.reshape(1, 1, *mean.shape).expand(1, slot.length, *mean.shape)
+        axes = slot.site.kind.axes
+        value = take(full, slot.select, axes)
+        split.graph.tensors[slot.tensor] = value.contiguous().clone()
+
+
+def assemblies_from(doc: Sequence[Mapping[str, Any]]) -> tuple[Assembly, ...]:
+    return tuple(Assembly.from_dict(d) for d in doc)
