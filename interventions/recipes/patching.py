@@ -144,7 +144,7 @@ def activation_patching(
     site: str = "resid_pre",
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
-    per_position: bool = True,
+    per_position: bool | None = None,
     direction: Direction = "denoise",
     normalize: bool = True,
     metric_pos: int = -1,
@@ -156,8 +156,22 @@ def activation_patching(
 
     ``direction="denoise"`` patches clean activations into the corrupted run (what
     restores the answer); ``"noise"`` patches corrupted activations into the clean run
-    (what breaks it). For ``site="head"`` the columns are heads, patched at every
-    position (``per_position=False``) or at ``positions`` only. Scores are the batch mean
+    (what breaks it). ``positions`` (default: all) are the positions patched, and
+    ``per_position`` says whether each is a cell of its own or all are patched at once:
+
+    ==============  ======================  ===========================================
+    site            per_position            columns
+    ==============  ======================  ===========================================
+    residual sites  True (their default)    one per position (``"3"``)
+    residual sites  False                   one, ``"all"``: every position at once
+    ``head``        False (its default)     one per head (``"h2"``), at every position
+    ``head``        True                    one per (position, head), ``"3.h2"``,
+                                            position-major: ``scores.unflatten(1,
+                                            (n_positions, n_heads))`` is TransformerLens's
+                                            ``[layer, pos, head]`` by-position grid
+    ==============  ======================  ===========================================
+
+    Scores are the batch mean
     of the metric at ``metric_pos``, normalised by default to 0 = corrupted, 1 = clean
     *after* averaging: ``(mean m - mean m_corrupt) / (mean m_clean - mean m_corrupt)``,
     so one prompt whose clean and corrupted metrics nearly coincide cannot blow up the
@@ -184,36 +198,37 @@ def activation_patching(
     clean_run.read("logits", pos=metric_pos, name="clean.logits")
     corrupt_run.read("logits", pos=metric_pos, name="corrupt.logits")
     source = clean_run if direction == "denoise" else corrupt_run
-    cells: list[list[str]] = []
-    col_labels: list[str]
+    if per_position is None:
+        per_position = site != "head"
+    if not isinstance(per_position, bool):
+        raise SpecError(f"per_position must be True, False or None, got {per_position!r}")
+    pos_list = list(range(seq)) if positions is None else [p % seq for p in positions]
+    # each cell: a label and the (pos, head) selector it patches
+    cell_sels: list[tuple[str, Any, int | None]]
     if site == "head":
-        n_heads = info.n_heads or 0
-        col_labels = [f"h{h}" for h in range(n_heads)]
-        pos_sel: Any = None if positions is None else list(positions)
-        for layer in rows:
-            value = source.read("head", layer=layer)
-            row = []
-            for head in range(n_heads):
-                name = f"cell.{layer}.h{head}"
-                r = g.run(name, tokens=target_ids)
-                r.patch("head", layer=layer, head=head, pos=pos_sel, value=value)
-                r.read("logits", pos=metric_pos, name=name)
-                row.append(name)
-            cells.append(row)
+        heads = range(info.n_heads or 0)
+        if per_position:
+            cell_sels = [(f"{p}.h{h}", p, h) for p in pos_list for h in heads]
+        else:
+            pos_sel: Any = None if positions is None else pos_list
+            cell_sels = [(f"h{h}", pos_sel, h) for h in heads]
+    elif per_position:
+        cell_sels = [(str(p), p, None) for p in pos_list]
     else:
-        cols = list(range(seq)) if positions is None else [p % seq for p in positions]
-        col_labels = [str(p) for p in cols]
-        for layer in rows:
-            lay = None if site == "embed" else layer
-            value = source.read(site, layer=lay)
-            row = []
-            for pos in cols:
-                name = f"cell.{layer}.{pos}"
-                r = g.run(name, tokens=target_ids)
-                r.patch(site, layer=lay, pos=pos, value=value)
-                r.read("logits", pos=metric_pos, name=name)
-                row.append(name)
-            cells.append(row)
+        cell_sels = [("all", None if positions is None else pos_list, None)]
+    col_labels = [label for label, _, _ in cell_sels]
+    cells: list[list[str]] = []
+    for layer in rows:
+        lay = None if site == "embed" else layer
+        value = source.read(site, layer=lay)
+        row = []
+        for label, pos, head in cell_sels:
+            name = f"cell.{layer}.{label}"
+            r = g.run(name, tokens=target_ids)
+            r.patch(site, layer=lay, pos=pos, head=head, value=value)
+            r.read("logits", pos=metric_pos, name=name)
+            row.append(name)
+        cells.append(row)
     res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
     clean_logits = res["clean.logits"]
     m_clean = _metric_values(metric, clean_logits, clean_logits)
