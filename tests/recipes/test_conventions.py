@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interventions.recipes import Metric, activation_patching
+from interventions.errors import SpecError
+from interventions.recipes import Metric, activation_patching, head_scores
 from tests.tiny_models import hf_model
 
 CLEAN = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
@@ -70,8 +71,6 @@ def test_head_sweep_per_position_matches_hand_hooks() -> None:
 
 
 def test_per_position_must_be_a_bool() -> None:
-    from interventions.errors import SpecError
-
     with pytest.raises(SpecError, match="per_position must be True, False or None, got 'yes'"):
         activation_patching(hf_model("gpt2"), CLEAN, CORRUPT, METRIC, per_position="yes")  # type: ignore[arg-type]
 
@@ -131,11 +130,77 @@ def test_per_example_normalisation_stderr_and_bootstrap_by_hand() -> None:
 
 
 def test_per_example_normalisation_refuses_a_prompt_with_no_gap() -> None:
-    from interventions.errors import SpecError
-
     corrupt = torch.stack([CORRUPT[0], CLEAN[1]])  # the second prompt is not corrupted
     model = hf_model("gpt2")
-    with pytest.raises(SpecError, match="per_example.*normalization='batch_mean'"):
+    with pytest.raises(SpecError, match=r"per_example.*normalization='batch_mean'"):
         activation_patching(model, CLEAN, corrupt, METRIC, layers=[0], normalization="per_example")
     with pytest.raises(SpecError, match="unknown normalization 'each'; expected batch_mean"):
         activation_patching(model, CLEAN, CORRUPT, METRIC, normalization="each")  # type: ignore[arg-type]
+
+
+# tokens 7 8 7 8 7: query 4 has two earlier 7s, so "last occurrence" and "every
+# occurrence" differ; one head, rows summing to one
+HEAD_TOKENS = torch.tensor([[7, 8, 7, 8, 7]])
+HEAD_PATTERN = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0, 0.0],
+        [0.5, 0.5, 0.0, 0.0, 0.0],
+        [0.2, 0.3, 0.5, 0.0, 0.0],
+        [0.1, 0.2, 0.3, 0.4, 0.0],
+        [0.1, 0.2, 0.3, 0.1, 0.3],
+    ]
+)[None, None]
+
+
+def test_head_detector_conventions_by_hand() -> None:
+    from interventions.recipes.heads import scores_from_patterns
+
+    prev, dup, ind = scores_from_patterns(HEAD_PATTERN, HEAD_TOKENS)
+    # ours: mean over queries with a target; the last earlier occurrence only
+    assert float(prev) == pytest.approx((0.5 + 0.3 + 0.3 + 0.1) / 4)  # q1..q4 -> q-1
+    assert float(dup) == pytest.approx((0.2 + 0.2 + 0.3) / 3)  # q2->0, q3->1, q4->2
+    assert float(ind) == pytest.approx((0.3 + 0.3 + 0.1) / 3)  # q2->1, q3->2, q4->3
+    prev, dup, ind = scores_from_patterns(HEAD_PATTERN, HEAD_TOKENS, "transformer_lens")
+    # TransformerLens: attention on every target, summed, over the pattern's sum (5)
+    assert float(prev) == pytest.approx((0.5 + 0.3 + 0.3 + 0.1) / 5)
+    assert float(dup) == pytest.approx((0.2 + 0.2 + (0.1 + 0.3)) / 5)  # q4 -> 0 and 2
+    assert float(ind) == pytest.approx((0.3 + 0.3 + (0.2 + 0.1)) / 5)  # q4 -> 1 and 3
+
+
+def test_a_perfect_induction_head_scores_one_here_and_under_half_in_transformer_lens() -> None:
+    from interventions.recipes.heads import repeated_random_tokens, scores_from_patterns
+
+    half = 10
+    tokens = repeated_random_tokens(64, half, batch=2, bos=1)  # [2, 21]
+    seq = tokens.shape[1]
+    pattern = torch.zeros(2, 1, seq, seq)
+    pattern[:, :, :, 0] = 1.0  # first half: everything on the BOS
+    for q in range(1 + half, seq):
+        pattern[:, :, q, 0] = 0.0
+        pattern[:, :, q, q - half + 1] = 1.0  # the token after the earlier copy
+    assert float(scores_from_patterns(pattern, tokens)[2]) == pytest.approx(1.0)
+    tl = float(scores_from_patterns(pattern, tokens, "transformer_lens")[2])
+    assert tl == pytest.approx(half / seq)  # 10 / 21 = 0.476
+
+
+def test_head_scores_transformer_lens_convention_on_a_model() -> None:
+    model = hf_model("llama")
+    scores = head_scores(model, half=6, batch=3, seed=1, convention="transformer_lens")
+    ids = scores.tokens
+    with torch.no_grad():
+        model.config._attn_implementation = "eager"
+        try:
+            attn = model(ids, output_attentions=True).attentions
+        finally:
+            model.config._attn_implementation = "sdpa"
+    seq = 12  # distinct tokens twice: one earlier occurrence each, at q - 6
+    for layer in range(2):
+        a = attn[layer]  # [batch, heads, q, k]; each row sums to one, so the total is seq
+        prev = sum(a[:, :, q, q - 1] for q in range(1, seq)) / seq
+        ind = sum(a[:, :, q, q - 5] for q in range(6, seq)) / seq
+        dup = sum(a[:, :, q, q - 6] for q in range(6, seq)) / seq
+        torch.testing.assert_close(scores.previous[layer], prev.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scores.induction[layer], ind.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scores.duplicate[layer], dup.mean(0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SpecError, match="unknown convention 'tl'; expected interventions"):
+        head_scores(model, half=4, batch=1, convention="tl")  # type: ignore[arg-type]
