@@ -33,23 +33,26 @@ from interventions.recipes.patching import Tokens, _model, as_tokens
 class LogitLens:
     """Per layer and position: the top tokens, their probabilities, and chosen tokens'."""
 
-    top_tokens: torch.Tensor  # [layers, positions, k] (batch item 0)
-    top_probs: torch.Tensor  # [layers, positions, k]
-    probs: torch.Tensor  # [layers, positions, len(tokens_of_interest)] (batch mean)
-    logits: torch.Tensor  # [layers, batch, positions, vocab]
+    top_tokens: torch.Tensor  # [entries, positions, k] (batch item 0)
+    top_probs: torch.Tensor  # [entries, positions, k]
+    probs: torch.Tensor  # [entries, positions, len(tokens_of_interest)] (batch mean)
+    logits: torch.Tensor  # [entries, batch, positions, vocab]
     tokens_of_interest: tuple[int, ...]
     graph: Graph
+    labels: tuple[str, ...] = ()  # what each entry decodes: "embed", "resid_post[0]", ...
 
     def table(self, decode: Any = None, position: int = -1) -> str:
         """Top token per layer at ``position`` (decoded with ``decode(id)`` if given)."""
         lines = []
-        for layer in range(self.top_tokens.shape[0]):
-            tops = self.top_tokens[layer, position].tolist()
-            probs = self.top_probs[layer, position].tolist()
+        offset = 1 if self.labels[:1] == ("embed",) else 0
+        for entry in range(self.top_tokens.shape[0]):
+            tops = self.top_tokens[entry, position].tolist()
+            probs = self.top_probs[entry, position].tolist()
             shown = ", ".join(
                 f"{decode(t) if decode else t} {p:.2f}" for t, p in zip(tops, probs, strict=True)
             )
-            lines.append(f"layer {layer:>2}: {shown}")
+            label = "embed   " if entry < offset else f"layer {entry - offset:>2}"
+            lines.append(f"{label}: {shown}")
         return "\n".join(lines)
 
 
@@ -59,11 +62,31 @@ def logit_lens(
     *,
     tokens_of_interest: Sequence[int] = (),
     k: int = 5,
+    include_embeddings: bool = False,
     backend: str = "torch",
     tokenizer: Any = None,
     **run_options: Any,
 ) -> LogitLens:
-    """Decode the residual stream after every layer with the final norm and unembedding."""
+    """Decode the residual stream after every layer with the final norm and unembedding.
+
+    Entry ``i`` of ``logits``/``probs``/``top_*`` for an ``n``-layer model, against
+    TransformerLens's ``cache.accumulated_resid()`` (``n + 1`` entries, embeddings first):
+
+    ===================  ====================  ====================  ======================
+    what is decoded      default (``n``)       ``include_embeddings  ``accumulated_resid``
+                                               =True`` (``n + 1``)
+    ===================  ====================  ====================  ======================
+    embeddings           (absent)              0                     0 (``resid_pre[0]``)
+    output of layer L    L                     L + 1                 L + 1
+    (``resid_post[L]``)
+    final residual       n - 1 (the model's    n                     n
+                         own logits)
+    ===================  ====================  ====================  ======================
+
+    The embeddings entry is ``resid_pre[0]``: token embeddings plus position embeddings
+    where the model adds them (GPT-2), scaled where the model scales them (Gemma).
+    ``lens.labels`` names each entry.
+    """
     model, tokenizer = _model(model, tokenizer, run_options)
     ids = as_tokens(tokens, tokenizer, "lens")
     info = describe(model)
@@ -72,21 +95,24 @@ def logit_lens(
     last = info.n_layers - 1
     g = Graph()
     base = g.run("base", tokens=ids)
-    for layer in range(info.n_layers):
-        if layer == last:
-            base.read("logits", name=f"lens.{layer}")
+    entries: list[tuple[str, str, int]] = [("embed", "resid_pre", 0)] if include_embeddings else []
+    entries += [(f"resid_post[{layer}]", "resid_post", layer) for layer in range(info.n_layers)]
+    for label, site, layer in entries:
+        if site == "resid_post" and layer == last:
+            base.read("logits", name=f"lens.{label}")
             continue
-        value = base.read("resid_post", layer=layer)
-        r = g.run(f"lens.{layer}", tokens=ids)
+        value = base.read(site, layer=layer)
+        r = g.run(f"lens.{label}", tokens=ids)
         r.patch("resid_post", layer=last, value=value)
-        r.read("logits", name=f"lens.{layer}")
+        r.read("logits", name=f"lens.{label}")
     res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
-    logits = torch.stack([res[f"lens.{layer}"] for layer in range(info.n_layers)]).float()
+    labels = tuple(label for label, _, _ in entries)
+    logits = torch.stack([res[f"lens.{label}"] for label in labels]).float()
     probs = logits.softmax(-1)
     top = probs[:, 0].topk(min(k, probs.shape[-1]), dim=-1)
     chosen = list(tokens_of_interest)
     picked = probs[..., chosen].mean(1) if chosen else probs[..., :0].mean(1)
-    return LogitLens(top.indices, top.values, picked, logits, tuple(chosen), g)
+    return LogitLens(top.indices, top.values, picked, logits, tuple(chosen), g, labels)
 
 
 @dataclass(frozen=True, eq=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from interventions.errors import SpecError
-from interventions.recipes import Metric, activation_patching, head_scores
+from interventions.recipes import Metric, activation_patching, head_scores, logit_lens
 from tests.tiny_models import hf_model
 
 CLEAN = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
@@ -204,3 +204,23 @@ def test_head_scores_transformer_lens_convention_on_a_model() -> None:
         torch.testing.assert_close(scores.duplicate[layer], dup.mean(0), atol=1e-5, rtol=1e-5)
     with pytest.raises(SpecError, match="unknown convention 'tl'; expected interventions"):
         head_scores(model, half=4, batch=1, convention="tl")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logit_lens_embeddings_entry_is_transformer_lens_entry_zero(family: str) -> None:
+    model = hf_model(family)
+    plain = logit_lens(model, CLEAN)
+    lens = logit_lens(model, CLEAN, include_embeddings=True)
+    assert lens.labels == ("embed", "resid_post[0]", "resid_post[1]")
+    assert plain.labels == ("resid_post[0]", "resid_post[1]")
+    torch.testing.assert_close(lens.logits[1:], plain.logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        if family == "gpt2":  # token plus position embeddings, final LayerNorm, unembedding
+            t = model.transformer
+            x = t.wte(CLEAN) + t.wpe(torch.arange(CLEAN.shape[1]))
+            by_hand = model.lm_head(t.ln_f(x))
+        else:
+            by_hand = model.lm_head(model.model.norm(model.model.embed_tokens(CLEAN)))
+    torch.testing.assert_close(lens.logits[0], by_hand, atol=1e-5, rtol=1e-5)
+    assert lens.table().splitlines()[0].startswith("embed   : ")
+    assert lens.table().splitlines()[1].startswith("layer  0: ")
