@@ -117,12 +117,29 @@ def logit_lens(
 
 @dataclass(frozen=True, eq=False)
 class LogitAttribution:
-    """Each head's and MLP's direct contribution to a logit difference, per layer."""
+    """Each head's and MLP's direct contribution to a logit difference, per layer, and the
+    constant (bias) terms, which together sum to ``total``:
+    ``heads.sum() + mlps.sum() + embed + attn_bias.sum() + mlp_bias.sum() + final_bias``
+    (:attr:`components_total`)."""
 
-    heads: torch.Tensor  # [layers, heads]
-    mlps: torch.Tensor  # [layers]
+    heads: torch.Tensor  # [layers, heads]: z_h @ W_O[h], no output bias
+    mlps: torch.Tensor  # [layers]: the MLP output less its down projection's bias
     embed: float  # the embedding's (with positions, if any) direct share
     total: float  # the actual logit difference at the position
+    attn_bias: torch.Tensor  # [layers]: the attention output projection's bias (0 if none)
+    mlp_bias: torch.Tensor  # [layers]: the MLP down projection's bias (0 if none)
+    final_bias: float  # the final norm's additive bias and the unembedding's bias
+
+    @property
+    def components_total(self) -> float:
+        """The sum of every term; equals ``total`` up to float error."""
+        parts = self.heads.sum() + self.mlps.sum() + self.attn_bias.sum() + self.mlp_bias.sum()
+        return float(parts) + self.embed + self.final_bias
+
+
+def _bias(module: nn.Module, width: int) -> torch.Tensor:
+    bias = getattr(module, "bias", None)
+    return torch.zeros(width) if bias is None else bias.detach().float()
 
 
 def direct_logit_attribution(
@@ -136,9 +153,17 @@ def direct_logit_attribution(
     **run_options: Any,
 ) -> LogitAttribution:
     """Direct logit attribution of heads and MLP outputs to ``metric`` (a logit difference
-    or a logit), with the final norm's scale frozen at its value on the full residual.
+    or a logit), decomposed so that the terms sum exactly to the metric.
 
-    Reads come from any backend; the unembedding and the norm's weight come from the
+    The final residual is ``embed + sum_L (attn_out[L] + mlp_out[L])``, and
+    ``attn_out[L] = sum_h z_h W_O[h] + b_O``, ``mlp_out[L] = (MLP less bias) + b_out``. The
+    final norm is linearised the usual DLA way: its scale (the RMS, or the standard
+    deviation for LayerNorm) is **frozen at its value on this run's full residual**, and
+    its centring (LayerNorm) is applied to each term, which is exact because centring is
+    linear. What is left is constant: the norm's additive bias and the unembedding's bias
+    (``final_bias``). So ``components_total == total`` to float precision, on every family.
+
+    Reads come from any backend; the unembedding, norm and bias weights come from the
     local model object, so this recipe needs local weights.
     """
     if metric.kind not in ("logit_diff", "logit"):
@@ -161,16 +186,20 @@ def direct_logit_attribution(
 
     unembed = model.get_output_embeddings()  # type: ignore[operator]
     w_u = unembed.weight.detach().float()  # [vocab, d]
+    d_model = w_u.shape[1]
+    b_u = _bias(unembed, w_u.shape[0])
     answer = metric.answer
     assert answer is not None
     rows = torch.arange(ids.shape[0])
     direction = w_u[answer.expand(len(rows))]
+    unembed_bias = b_u[answer.expand(len(rows))]
     if metric.kind == "logit_diff":
         assert metric.wrong is not None
         direction = direction - w_u[metric.wrong.expand(len(rows))]
+        unembed_bias = unembed_bias - b_u[metric.wrong.expand(len(rows))]
     norm = model.get_submodule(arch.final_norm)
     gamma = getattr(norm, "weight", None)
-    gamma_t = torch.ones(w_u.shape[1]) if gamma is None else gamma.detach().float()
+    gamma_t = torch.ones(d_model) if gamma is None else gamma.detach().float()
     if type(norm).__name__.startswith("Gemma"):
         gamma_t = 1.0 + gamma_t  # Gemma's RMSNorm scales by (1 + weight)
     final = res["final"].float()
@@ -190,15 +219,18 @@ def direct_logit_attribution(
     readout = direction * gamma_t  # [batch, d]
 
     def contribution(x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        x = x.float().expand(len(rows), d_model)
         if centre:
             x = x - x.mean(-1, keepdim=True)
         return ((x / scale) * readout).sum(-1)  # [batch]
 
     heads = torch.zeros(info.n_layers, info.n_heads)
     mlps = torch.zeros(info.n_layers)
+    attn_bias = torch.zeros(info.n_layers)
+    mlp_bias = torch.zeros(info.n_layers)
     for layer in range(info.n_layers):
         proj = model.get_submodule(f"{arch.layers}.{layer}.{arch.attn_out_proj}")
+        down = model.get_submodule(f"{arch.layers}.{layer}.{arch.mlp_down_proj}")
         weight = proj.get_parameter("weight").detach().float()
         # nn.Linear weight is [out, in]; GPT-2's Conv1D is [in, out]
         w_o = weight.T if type(proj).__name__ == "Conv1D" else weight
@@ -207,6 +239,20 @@ def direct_logit_attribution(
             d_head = z.shape[-1]
             out = z[:, head] @ w_o[:, head * d_head : (head + 1) * d_head].T
             heads[layer, head] = contribution(out).mean()
-        mlps[layer] = contribution(res[f"mlp.{layer}"]).mean()
+        b_o, b_out = _bias(proj, d_model), _bias(down, d_model)
+        attn_bias[layer] = contribution(b_o).mean()
+        mlp_bias[layer] = contribution(b_out).mean()
+        mlps[layer] = contribution(res[f"mlp.{layer}"].float() - b_out).mean()
+    norm_beta = getattr(norm, "bias", None)
+    beta = torch.zeros(d_model) if norm_beta is None else norm_beta.detach().float()
+    final_bias = ((beta * direction).sum(-1) + unembed_bias).mean()
     total = metric(res["logits"]).mean()
-    return LogitAttribution(heads, mlps, float(contribution(res["embed"]).mean()), float(total))
+    return LogitAttribution(
+        heads,
+        mlps,
+        float(contribution(res["embed"]).mean()),
+        float(total),
+        attn_bias,
+        mlp_bias,
+        float(final_bias),
+    )

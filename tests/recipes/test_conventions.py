@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from interventions.errors import SpecError
-from interventions.recipes import Metric, activation_patching, head_scores, logit_lens
-from tests.tiny_models import hf_model
+from interventions.recipes import (
+    Metric,
+    activation_patching,
+    direct_logit_attribution,
+    head_scores,
+    logit_lens,
+)
+from tests.tiny_models import HF_FAMILIES, hf_model
 
 CLEAN = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
 CORRUPT = CLEAN.clone()
@@ -224,3 +232,66 @@ def test_logit_lens_embeddings_entry_is_transformer_lens_entry_zero(family: str)
     torch.testing.assert_close(lens.logits[0], by_hand, atol=1e-5, rtol=1e-5)
     assert lens.table().splitlines()[0].startswith("embed   : ")
     assert lens.table().splitlines()[1].startswith("layer  0: ")
+
+
+def _with_random_biases(family: str) -> torch.nn.Module:
+    """A copy of the tiny model whose biases and norm weights are random (a freshly built
+    model has zero biases, which would make the bias terms vanish)."""
+    model = copy.deepcopy(hf_model(family))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or ".ln_" in name:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_direct_logit_attribution_terms_sum_to_the_logit_difference(family: str) -> None:
+    model = _with_random_biases(family)
+    dla = direct_logit_attribution(model, CLEAN, METRIC)
+    with torch.no_grad():
+        by_hand = float(METRIC(model(CLEAN).logits[:, -1]).mean())
+    assert dla.total == pytest.approx(by_hand, abs=1e-5)
+    parts = (
+        float(dla.heads.sum() + dla.mlps.sum() + dla.attn_bias.sum() + dla.mlp_bias.sum())
+        + dla.embed
+        + dla.final_bias
+    )
+    assert parts == pytest.approx(dla.total, abs=1e-4)
+    assert dla.components_total == pytest.approx(dla.total, abs=1e-4)
+
+
+def test_direct_logit_attribution_bias_terms_by_hand_on_gpt2() -> None:
+    model = _with_random_biases("gpt2")  # every linear map has a bias; ln_f has one too
+    dla = direct_logit_attribution(model, CLEAN, METRIC)
+    assert abs(dla.final_bias) > 1e-6 and dla.attn_bias.abs().min() > 1e-6
+    seen: dict[str, torch.Tensor] = {}
+    h = model.transformer.h[-1].register_forward_hook(
+        lambda m, i, o: seen.update(x=o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.no_grad():
+        model(CLEAN)
+    h.remove()
+    x = seen["x"][:, -1]  # the final residual at the last position, [batch, d]
+    centred = x - x.mean(-1, keepdim=True)
+    ln = model.transformer.ln_f
+    scale = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()  # frozen
+    w_u = model.lm_head.weight.detach()
+    direction = w_u[torch.tensor([7, 8])] - w_u[torch.tensor([9, 10])]  # [batch, d]
+
+    def through_norm(v: torch.Tensor) -> float:
+        v = v - v.mean()
+        return float(((v / scale) * ln.weight.detach() * direction).sum(-1).mean())
+
+    for layer in range(2):
+        block = model.transformer.h[layer]
+        assert float(dla.attn_bias[layer]) == pytest.approx(
+            through_norm(block.attn.c_proj.bias.detach()), abs=1e-5
+        )
+        assert float(dla.mlp_bias[layer]) == pytest.approx(
+            through_norm(block.mlp.c_proj.bias.detach()), abs=1e-5
+        )
+    assert dla.final_bias == pytest.approx(
+        float((ln.bias.detach() * direction).sum(-1).mean()), abs=1e-5
+    )
