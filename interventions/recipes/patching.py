@@ -456,7 +456,9 @@ def attribution_patching(
     pass: the change of the metric when patching position ``p`` of layer ``l`` is
     approximated by ``(a_source - a_target) . d metric / d a_target``. With
     ``compare_exact=True`` the exact sweep also runs, and the result reports the
-    Pearson correlation and the largest absolute error between the two.
+    Pearson correlation and the largest absolute error between the two. It splices no
+    SAE; the gradient recipe that does (``feature_attribution``) defaults to
+    ``error="detach"`` and warns when given ``"keep"``.
     """
     from interventions.backends import get_backend
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 
+import interventions as iv
 from interventions.errors import SpecError
 from interventions.recipes import (
     Metric,
     activation_patching,
     direct_logit_attribution,
+    feature_attribution,
     head_scores,
     logit_lens,
 )
@@ -295,3 +298,63 @@ def test_direct_logit_attribution_bias_terms_by_hand_on_gpt2() -> None:
     assert dla.final_bias == pytest.approx(
         float((ln.bias.detach() * direction).sum(-1).mean()), abs=1e-5
     )
+
+
+def _tiny_sae(d: int = 32, n: int = 24) -> iv.StandardSAE:
+    g = torch.Generator().manual_seed(0)
+    return iv.StandardSAE(
+        W_enc=torch.randn(d, n, generator=g) / d**0.5,
+        b_enc=torch.zeros(n),
+        W_dec=torch.randn(n, d, generator=g) / n**0.5,
+        b_dec=torch.zeros(d),
+    )
+
+
+@pytest.mark.parametrize("error", ["keep", "detach"])
+def test_sae_error_term_same_values_different_gradients_by_hand(error: str) -> None:
+    model = hf_model("gpt2")
+    sae = _tiny_sae()
+    g = iv.Graph()
+    r = g.run("a", tokens=CLEAN)
+    r.sae_splice("resid_post", 0, sae=sae, error=error, features="f")
+    r.read("logits", pos=-1, name="logits")
+    res = iv.run(g, model, grad=True)
+    (grad_f,) = torch.autograd.grad(METRIC(res["logits"]).sum(), [res["f"]])
+
+    # by hand, with no SAE at all: the unchanged model and d metric / d resid_post[0]
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(m: torch.nn.Module, i: object, o: object) -> object:
+        h = o[0] if isinstance(o, tuple) else o
+        h = h.detach().requires_grad_(True)
+        seen["h"] = h
+        return (h, *o[1:]) if isinstance(o, tuple) else h
+
+    handle = model.transformer.h[0].register_forward_hook(grab)
+    try:
+        logits = model(CLEAN).logits[:, -1]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(res["logits"].detach(), logits.detach(), atol=1e-5, rtol=1e-5)
+    (grad_h,) = torch.autograd.grad(METRIC(logits).sum(), [seen["h"]])
+    if error == "keep":
+        # out = decode(f) + (x - decode(f)): W_dec is added and subtracted, nothing reaches f
+        torch.testing.assert_close(grad_f, torch.zeros_like(grad_f), atol=0, rtol=0)
+    else:
+        # out = decode(f) + constant: d metric / d f = d metric / d out @ W_dec^T
+        torch.testing.assert_close(grad_f, grad_h @ sae.W_dec.T, atol=1e-5, rtol=1e-4)
+        assert grad_f.abs().max() > 1e-4
+
+
+def test_feature_attribution_warns_once_when_the_error_term_is_kept() -> None:
+    model = hf_model("gpt2")
+    sae = _tiny_sae()
+    with pytest.warns(iv.SAEErrorGradientWarning, match="error='keep'") as caught:
+        kept = feature_attribution(model, CLEAN, sae, METRIC, layer=0, error="keep")
+    assert sum(issubclass(w.category, iv.SAEErrorGradientWarning) for w in caught) == 1
+    assert issubclass(iv.SAEErrorGradientWarning, UserWarning)
+    torch.testing.assert_close(kept, torch.zeros_like(kept), atol=0, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", iv.SAEErrorGradientWarning)
+        detached = feature_attribution(model, CLEAN, sae, METRIC, layer=0)  # the default
+    assert detached.abs().max() > 1e-6
