@@ -173,27 +173,37 @@ class ModelInfo:
                     f"layers 0..{self.n_layers - 1}"
                 )
         a = self.arch
-        layer = f"{a.layers}.{site.layer}"
-        points: dict[str, HookPoint] = {
-            "embed": HookPoint(a.embed, "output"),
-            "resid_pre": HookPoint(layer, "input"),
-            "resid_post": HookPoint(layer, "output"),
-            "attn_out": HookPoint(f"{layer}.{a.attn}", "output"),
-            "mlp_out": HookPoint(f"{layer}.{a.mlp}", "output"),
-            "head": HookPoint(f"{layer}.{a.attn_out_proj}", "input", "heads"),
-            "attn_pattern": HookPoint(f"{layer}.{a.attn}", "output", "attn_weights"),
-            "mlp_hidden": HookPoint(f"{layer}.{a.mlp_down_proj}", "input"),
-            "final_norm": HookPoint(a.final_norm, "output"),
-            "logits": HookPoint("", "output", "logits"),
-        }
-        assert set(points) == set(STANDARD_SITES)
-        point = points[site.name]
+        point = standard_hook_points(a, site.layer)[site.name]
         if point.module not in self.module_names:
             raise UnknownSite(
                 f"site {site}: the {a.name} map points at {point.module!r}, which "
                 f"{self.class_name} does not have; fix or override the architecture map"
             )
         return point
+
+
+def standard_hook_points(a: ArchitectureMap, layer: int | str | None) -> dict[str, HookPoint]:
+    """Where each standard site of family ``a`` lives at ``layer`` (any label: the
+    crosswalk in the docs passes ``"L"``).
+
+    >>> standard_hook_points(architectures()["gpt2"], 3)["head"]
+    HookPoint(module='transformer.h.3.attn.c_proj', io='input', view='heads')
+    """
+    block = f"{a.layers}.{layer}"
+    points: dict[str, HookPoint] = {
+        "embed": HookPoint(a.embed, "output"),
+        "resid_pre": HookPoint(block, "input"),
+        "resid_post": HookPoint(block, "output"),
+        "attn_out": HookPoint(f"{block}.{a.attn}", "output"),
+        "mlp_out": HookPoint(f"{block}.{a.mlp}", "output"),
+        "head": HookPoint(f"{block}.{a.attn_out_proj}", "input", "heads"),
+        "attn_pattern": HookPoint(f"{block}.{a.attn}", "output", "attn_weights"),
+        "mlp_hidden": HookPoint(f"{block}.{a.mlp_down_proj}", "input"),
+        "final_norm": HookPoint(a.final_norm, "output"),
+        "logits": HookPoint("", "output", "logits"),
+    }
+    assert set(points) == set(STANDARD_SITES)
+    return points
 
 
 def _config_int(config: Any, *names: str) -> int | None:

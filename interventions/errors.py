@@ -24,6 +24,9 @@
 
 Errors that cross a network travel as type name, message and traceback text, never as
 pickled classes.
+
+One warning, not an error: ``SAEErrorGradientWarning`` (a ``UserWarning``), when a
+gradient recipe is asked to splice an SAE with its error term kept (``error="keep"``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ from collections.abc import Iterable
 
 class InterventionError(Exception):
     """Base class of every error raised on purpose by ``interventions``."""
+
+
+class SAEErrorGradientWarning(UserWarning):
+    """A gradient recipe spliced an SAE with ``error="keep"``: gradient flows through the
+    error term, so feature gradients are not SAELens's (whose error term carries none,
+    like ``error="detach"``)."""
 
 
 class SpecError(InterventionError):

@@ -214,6 +214,11 @@ class Scale:
 
 @dataclass(frozen=True)
 class SAESplice:
+    """Replace a selection by an SAE's reconstruction (after ``edits``), with the error
+    term ``x - decode(encode(x))`` added back (``keep``), left out (``drop``) or added as a
+    constant with no gradient (``detach``, SAELens's convention). ``keep`` and ``detach``
+    agree in value and differ in gradient: see :meth:`RunHandle.sae_splice`."""
+
     run: str
     site: Site
     select: Select

@@ -272,6 +272,43 @@ STANDARD_SITES: dict[str, SiteKind] = {
 
 RAW_SUFFIXES = (".output", ".input")
 
+# TransformerLens hook names accepted as aliases of standard sites with the same meaning
+# ("{layer}" is the block index). Resolved when a Site is made, so graphs, printing and
+# JSON only ever hold the standard name. TransformerLens hooks left out have no standard
+# site of the same meaning (hook_q/k/v, hook_pos_embed, ln_final.hook_normalized, which
+# is before the final norm's weight and bias, ...).
+TRANSFORMER_LENS_HOOKS: dict[str, str] = {
+    "embed": "hook_embed",
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "head": "blocks.{layer}.attn.hook_z",
+    "attn_pattern": "blocks.{layer}.attn.hook_pattern",
+    "mlp_hidden": "blocks.{layer}.mlp.hook_post",
+}
+
+
+def transformer_lens_alias(name: str) -> tuple[str, int | None] | None:
+    """The standard site (and layer) a TransformerLens hook name means, else ``None``.
+
+    >>> transformer_lens_alias("blocks.3.attn.hook_z")
+    ('head', 3)
+    >>> transformer_lens_alias("blocks.3.attn.hook_q") is None
+    True
+    """
+    for site, template in TRANSFORMER_LENS_HOOKS.items():
+        before, _, after = template.partition("{layer}")
+        if not after:
+            if name == template:
+                return site, None
+            continue
+        if name.startswith(before) and name.endswith(after):
+            middle = name[len(before) : len(name) - len(after)]
+            if middle.isdigit():
+                return site, int(middle)
+    return None
+
 
 @dataclass(frozen=True)
 class Site:
@@ -293,6 +330,8 @@ class Site:
             not isinstance(self.layer, int) or isinstance(self.layer, bool)
         ):
             raise SpecError(f"site {self.name!r}: layer must be an int, got {self.layer!r}")
+        if not self.is_raw and self.name not in STANDARD_SITES:
+            self._resolve_alias()
         if self.is_raw:
             path = self.raw_parts[0]
             if path and not all(part.isidentifier() or part.isdigit() for part in path.split(".")):
@@ -316,6 +355,26 @@ class Site:
             raise SpecError(f"site {self.name!r} needs a layer, e.g. layer=0")
         if not kind.layered and self.layer is not None:
             raise SpecError(f"site {self.name!r} has no layer; drop layer={self.layer}")
+
+    def _resolve_alias(self) -> None:
+        """Replace a TransformerLens hook name by the standard name and layer it means."""
+        alias = transformer_lens_alias(self.name)
+        if alias is None:
+            if self.name.startswith(("blocks.", "hook_")):
+                hooks = ", ".join(TRANSFORMER_LENS_HOOKS.values())
+                raise UnknownSite(
+                    f"{self.name!r} is not a TransformerLens hook with a standard site of the "
+                    f"same meaning; aliases: {hooks}. Standard sites: "
+                    f"{choices_text(STANDARD_SITES)}"
+                )
+            return
+        name, layer = alias
+        if self.layer is not None and self.layer != layer:
+            raise SpecError(
+                f"site {self.name!r} names layer {layer} but was given layer={self.layer}"
+            )
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "layer", layer)
 
     @property
     def is_raw(self) -> bool:

@@ -676,6 +676,14 @@ class RunHandle:
         ``error="keep"`` adds back ``x - decode(encode(x))`` (so no edits = no change);
         ``"drop"`` leaves the bare reconstruction; ``"detach"`` keeps it without gradient.
         ``features="name"`` records the unedited feature activations as a result.
+
+        Gradients: ``keep`` and ``detach`` give identical forward values but different
+        gradients. With ``keep`` the error term is differentiable, so the gradient reaches
+        ``x`` unchanged along it and, with no edits, the features' gradient is exactly
+        zero (``W_dec`` is added and subtracted). With ``detach`` (SAELens's convention:
+        its error term carries no gradient) it flows only through the SAE: the features'
+        gradient is ``W_dec @ grad``. Gradient recipes default to ``detach`` and warn
+        (:class:`~interventions.errors.SAEErrorGradientWarning`) when given ``keep``.
         """
         key = self.graph._add_sae(sae)
         self.graph.add(

@@ -14,6 +14,7 @@ torch.Size([1, 3, 12])
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from interventions.errors import SAEErrorGradientWarning
 from interventions.execute import run
 from interventions.graph import Graph
-from interventions.ops import FeatureEdit
+from interventions.ops import ErrorTerm, FeatureEdit
 from interventions.recipes.metrics import Metric
 from interventions.recipes.patching import Tokens, _model, as_tokens
 from interventions.sae import SAE
@@ -87,6 +89,18 @@ def top_activating(
     return sorted(found, key=lambda a: -a.value)[:k]
 
 
+def warn_if_error_kept(error: str, recipe: str) -> None:
+    """Warn once when a gradient recipe is asked to keep an SAE's error term."""
+    if error == "keep":
+        warnings.warn(
+            f"{recipe}: error='keep' lets gradient flow through the SAE error term, so "
+            "feature gradients cancel and differ from SAELens's; the default "
+            "error='detach' gives SAELens's gradients (forward values are the same)",
+            SAEErrorGradientWarning,
+            stacklevel=3,
+        )
+
+
 def feature_attribution(
     model: nn.Module,
     tokens: Tokens,
@@ -96,20 +110,26 @@ def feature_attribution(
     site: str = "resid_post",
     layer: int | None = None,
     metric_pos: int = -1,
+    error: ErrorTerm = "detach",
     backend: str = "torch",
     tokenizer: Any = None,
     **run_options: Any,
 ) -> torch.Tensor:
     """Each feature's linear attribution to ``metric``: ``sum_pos f * d metric / d f``.
 
-    The SAE is spliced with its error term detached, so outputs are unchanged and the
-    gradient flows only through the features. Returns ``[d_sae]`` (batch mean).
+    By default the SAE is spliced with its error term detached (``error="detach"``, as
+    SAELens does), so outputs are unchanged and the gradient flows only through the
+    features. ``error="keep"`` gives the same outputs but lets gradient through the
+    error term, which cancels the features' own gradient (all zero with no edits); it
+    warns with :class:`~interventions.errors.SAEErrorGradientWarning`. Returns
+    ``[d_sae]`` (batch mean).
     """
+    warn_if_error_kept(error, "feature_attribution")
     model, tokenizer = _model(model, tokenizer, run_options)
     ids = as_tokens(tokens, tokenizer, "tokens")
     g = Graph()
     r = g.run("a", tokens=ids)
-    r.sae_splice(site, layer=layer, sae=sae, error="detach", features="features")
+    r.sae_splice(site, layer=layer, sae=sae, error=error, features="features")
     r.read("logits", pos=metric_pos, name="logits")
     res = run(g, model, backend=backend, tokenizer=tokenizer, grad=True, **run_options)
     feats = res["features"]

@@ -10,6 +10,26 @@ attention patterns runs them). On any token sequence, for a query at position ``
 The default input is a batch of random token sequences repeated twice, where every
 second-half position has a previous occurrence.
 
+Two conventions (``convention=``), which differ in what they count and divide by:
+
+=====================  ==========================  ====================================
+                       ``"interventions"``         ``"transformer_lens"``
+                       (default)                   (``transformer_lens.head_detector``)
+=====================  ==========================  ====================================
+queries averaged       those with a target: every  all positions: the attention on the
+                       ``i >= 1`` (previous), every  targets, summed over every query,
+                       ``i`` with an earlier         divided by the pattern's total
+                       occurrence (dup., ind.)       (one per query), per sequence
+earlier occurrences    the last one only           every one
+batch                  mean over all queries       mean of per-sequence scores
+perfect induction      1.0                         (queries with a target) / seq:
+head, ``2 x half``                                 0.5 (0.476 with a BOS, half=10)
+=====================  ==========================  ====================================
+
+The default reads as "how much of its attention does a head put where the mechanism
+says, when it has somewhere to put it"; TransformerLens's score is lower by the share of
+queries that have no target, so its numbers depend on the sequence layout.
+
 >>> import torch
 >>> from transformers import LlamaConfig, LlamaForCausalLM
 >>> model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=2,
@@ -22,16 +42,19 @@ torch.Size([2, 2])
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from interventions.architectures import describe
-from interventions.errors import SpecError
+from interventions.errors import SpecError, choices_text
 from interventions.execute import run
 from interventions.graph import Graph
 from interventions.recipes.patching import Tokens, _model, as_tokens
+
+Convention = Literal["interventions", "transformer_lens"]
+CONVENTIONS: tuple[str, ...] = ("interventions", "transformer_lens")
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,8 +105,21 @@ def _previous_occurrence(tokens: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def scores_from_patterns(patterns: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Detector scores ``[heads]`` from one layer's patterns ``[batch, heads, q, k]``."""
+def scores_from_patterns(
+    patterns: torch.Tensor, tokens: torch.Tensor, convention: Convention = "interventions"
+) -> tuple[torch.Tensor, ...]:
+    """Detector scores ``[heads]`` from one layer's patterns ``[batch, heads, q, k]``.
+
+    >>> p = torch.tensor([[[[1.0, 0, 0], [1, 0, 0], [0, 1, 0]]]])  # a previous-token head
+    >>> scores_from_patterns(p, torch.tensor([[4, 5, 6]]))[0].tolist()  # previous-token
+    [1.0]
+    >>> round(float(scores_from_patterns(p, torch.tensor([[4, 5, 6]]), "transformer_lens")[0]), 4)
+    0.6667
+    """
+    if convention == "transformer_lens":
+        return _transformer_lens_scores(patterns, tokens)
+    if convention != "interventions":
+        raise SpecError(f"unknown convention {convention!r}; expected {choices_text(CONVENTIONS)}")
     batch, _, seq, _ = patterns.shape
     prev = patterns[:, :, torch.arange(1, seq), torch.arange(0, seq - 1)].mean(dim=(0, 2))
     occurrence = _previous_occurrence(tokens)
@@ -99,6 +135,33 @@ def scores_from_patterns(patterns: torch.Tensor, tokens: torch.Tensor) -> tuple[
     return prev, dup, ind
 
 
+def _transformer_lens_scores(
+    patterns: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """TransformerLens's ``"mul"`` detector: per sequence, the attention on a 0/1 target
+    mask summed over every (query, key) and divided by the pattern's sum; then the batch
+    mean. Duplicate targets are *every* earlier occurrence; induction targets the key
+    after each of them."""
+    seq = patterns.shape[-1]
+    below = torch.ones(seq, seq).tril(-1).bool()  # key strictly before query
+    previous = torch.zeros(seq, seq, dtype=torch.bool)
+    previous[torch.arange(1, seq), torch.arange(seq - 1)] = True
+    same = tokens[:, :, None] == tokens[:, None, :]  # [batch, q, k]
+    duplicate = same & below
+    induction = torch.zeros_like(duplicate)
+    induction[:, :, 1:] = duplicate[:, :, :-1]  # key j + 1 for each earlier occurrence j
+    total = patterns.sum(dim=(-2, -1))  # [batch, heads]
+
+    def score(mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.to(patterns.dtype)
+        if mask.ndim == 2:
+            mask = mask.expand(patterns.shape[0], seq, seq)
+        hits = (patterns * mask[:, None]).sum(dim=(-2, -1))
+        return (hits / total).mean(0)
+
+    return score(previous), score(duplicate), score(induction)
+
+
 def head_scores(
     model: nn.Module | str,
     tokens: Tokens | None = None,
@@ -107,11 +170,16 @@ def head_scores(
     batch: int = 8,
     seed: int = 0,
     bos: int | None = None,
+    convention: Convention = "interventions",
     backend: str = "torch",
     tokenizer: Any = None,
     **run_options: Any,
 ) -> HeadScores:
-    """Previous-token, duplicate-token and induction scores of every head."""
+    """Previous-token, duplicate-token and induction scores of every head, in the
+    package's convention (default) or TransformerLens's (``convention="transformer_lens"``;
+    the module docstring has the table of differences)."""
+    if convention not in CONVENTIONS:
+        raise SpecError(f"unknown convention {convention!r}; expected {choices_text(CONVENTIONS)}")
     model, tokenizer = _model(model, tokenizer, run_options)
     info = describe(model)
     if info.n_layers is None or info.vocab is None:
@@ -127,7 +195,8 @@ def head_scores(
         r.read("attn_pattern", layer=layer, name=f"pattern.{layer}")
     res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
     per_layer = [
-        scores_from_patterns(res[f"pattern.{layer}"].float(), ids) for layer in range(info.n_layers)
+        scores_from_patterns(res[f"pattern.{layer}"].float(), ids, convention)
+        for layer in range(info.n_layers)
     ]
     prev, dup, ind = (torch.stack([s[i] for s in per_layer]) for i in range(3))
     return HeadScores(prev, dup, ind, ids)

@@ -33,23 +33,26 @@ from interventions.recipes.patching import Tokens, _model, as_tokens
 class LogitLens:
     """Per layer and position: the top tokens, their probabilities, and chosen tokens'."""
 
-    top_tokens: torch.Tensor  # [layers, positions, k] (batch item 0)
-    top_probs: torch.Tensor  # [layers, positions, k]
-    probs: torch.Tensor  # [layers, positions, len(tokens_of_interest)] (batch mean)
-    logits: torch.Tensor  # [layers, batch, positions, vocab]
+    top_tokens: torch.Tensor  # [entries, positions, k] (batch item 0)
+    top_probs: torch.Tensor  # [entries, positions, k]
+    probs: torch.Tensor  # [entries, positions, len(tokens_of_interest)] (batch mean)
+    logits: torch.Tensor  # [entries, batch, positions, vocab]
     tokens_of_interest: tuple[int, ...]
     graph: Graph
+    labels: tuple[str, ...] = ()  # what each entry decodes: "embed", "resid_post[0]", ...
 
     def table(self, decode: Any = None, position: int = -1) -> str:
         """Top token per layer at ``position`` (decoded with ``decode(id)`` if given)."""
         lines = []
-        for layer in range(self.top_tokens.shape[0]):
-            tops = self.top_tokens[layer, position].tolist()
-            probs = self.top_probs[layer, position].tolist()
+        offset = 1 if self.labels[:1] == ("embed",) else 0
+        for entry in range(self.top_tokens.shape[0]):
+            tops = self.top_tokens[entry, position].tolist()
+            probs = self.top_probs[entry, position].tolist()
             shown = ", ".join(
                 f"{decode(t) if decode else t} {p:.2f}" for t, p in zip(tops, probs, strict=True)
             )
-            lines.append(f"layer {layer:>2}: {shown}")
+            label = "embed   " if entry < offset else f"layer {entry - offset:>2}"
+            lines.append(f"{label}: {shown}")
         return "\n".join(lines)
 
 
@@ -59,11 +62,31 @@ def logit_lens(
     *,
     tokens_of_interest: Sequence[int] = (),
     k: int = 5,
+    include_embeddings: bool = False,
     backend: str = "torch",
     tokenizer: Any = None,
     **run_options: Any,
 ) -> LogitLens:
-    """Decode the residual stream after every layer with the final norm and unembedding."""
+    """Decode the residual stream after every layer with the final norm and unembedding.
+
+    Entry ``i`` of ``logits``/``probs``/``top_*`` for an ``n``-layer model, against
+    TransformerLens's ``cache.accumulated_resid()`` (``n + 1`` entries, embeddings first):
+
+    ===================  ====================  ====================  ======================
+    what is decoded      default (``n``)       ``include_embeddings  ``accumulated_resid``
+                                               =True`` (``n + 1``)
+    ===================  ====================  ====================  ======================
+    embeddings           (absent)              0                     0 (``resid_pre[0]``)
+    output of layer L    L                     L + 1                 L + 1
+    (``resid_post[L]``)
+    final residual       n - 1 (the model's    n                     n
+                         own logits)
+    ===================  ====================  ====================  ======================
+
+    The embeddings entry is ``resid_pre[0]``: token embeddings plus position embeddings
+    where the model adds them (GPT-2), scaled where the model scales them (Gemma).
+    ``lens.labels`` names each entry.
+    """
     model, tokenizer = _model(model, tokenizer, run_options)
     ids = as_tokens(tokens, tokenizer, "lens")
     info = describe(model)
@@ -72,31 +95,51 @@ def logit_lens(
     last = info.n_layers - 1
     g = Graph()
     base = g.run("base", tokens=ids)
-    for layer in range(info.n_layers):
-        if layer == last:
-            base.read("logits", name=f"lens.{layer}")
+    entries: list[tuple[str, str, int]] = [("embed", "resid_pre", 0)] if include_embeddings else []
+    entries += [(f"resid_post[{layer}]", "resid_post", layer) for layer in range(info.n_layers)]
+    for label, site, layer in entries:
+        if site == "resid_post" and layer == last:
+            base.read("logits", name=f"lens.{label}")
             continue
-        value = base.read("resid_post", layer=layer)
-        r = g.run(f"lens.{layer}", tokens=ids)
+        value = base.read(site, layer=layer)
+        r = g.run(f"lens.{label}", tokens=ids)
         r.patch("resid_post", layer=last, value=value)
-        r.read("logits", name=f"lens.{layer}")
+        r.read("logits", name=f"lens.{label}")
     res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
-    logits = torch.stack([res[f"lens.{layer}"] for layer in range(info.n_layers)]).float()
+    labels = tuple(label for label, _, _ in entries)
+    logits = torch.stack([res[f"lens.{label}"] for label in labels]).float()
     probs = logits.softmax(-1)
     top = probs[:, 0].topk(min(k, probs.shape[-1]), dim=-1)
     chosen = list(tokens_of_interest)
     picked = probs[..., chosen].mean(1) if chosen else probs[..., :0].mean(1)
-    return LogitLens(top.indices, top.values, picked, logits, tuple(chosen), g)
+    return LogitLens(top.indices, top.values, picked, logits, tuple(chosen), g, labels)
 
 
 @dataclass(frozen=True, eq=False)
 class LogitAttribution:
-    """Each head's and MLP's direct contribution to a logit difference, per layer."""
+    """Each head's and MLP's direct contribution to a logit difference, per layer, and the
+    constant (bias) terms, which together sum to ``total``:
+    ``heads.sum() + mlps.sum() + embed + attn_bias.sum() + mlp_bias.sum() + final_bias``
+    (:attr:`components_total`)."""
 
-    heads: torch.Tensor  # [layers, heads]
-    mlps: torch.Tensor  # [layers]
+    heads: torch.Tensor  # [layers, heads]: z_h @ W_O[h], no output bias
+    mlps: torch.Tensor  # [layers]: the MLP output less its down projection's bias
     embed: float  # the embedding's (with positions, if any) direct share
     total: float  # the actual logit difference at the position
+    attn_bias: torch.Tensor  # [layers]: the attention output projection's bias (0 if none)
+    mlp_bias: torch.Tensor  # [layers]: the MLP down projection's bias (0 if none)
+    final_bias: float  # the final norm's additive bias and the unembedding's bias
+
+    @property
+    def components_total(self) -> float:
+        """The sum of every term; equals ``total`` up to float error."""
+        parts = self.heads.sum() + self.mlps.sum() + self.attn_bias.sum() + self.mlp_bias.sum()
+        return float(parts) + self.embed + self.final_bias
+
+
+def _bias(module: nn.Module, width: int) -> torch.Tensor:
+    bias = getattr(module, "bias", None)
+    return torch.zeros(width) if bias is None else bias.detach().float()
 
 
 def direct_logit_attribution(
@@ -110,9 +153,17 @@ def direct_logit_attribution(
     **run_options: Any,
 ) -> LogitAttribution:
     """Direct logit attribution of heads and MLP outputs to ``metric`` (a logit difference
-    or a logit), with the final norm's scale frozen at its value on the full residual.
+    or a logit), decomposed so that the terms sum exactly to the metric.
 
-    Reads come from any backend; the unembedding and the norm's weight come from the
+    The final residual is ``embed + sum_L (attn_out[L] + mlp_out[L])``, and
+    ``attn_out[L] = sum_h z_h W_O[h] + b_O``, ``mlp_out[L] = (MLP less bias) + b_out``. The
+    final norm is linearised the usual DLA way: its scale (the RMS, or the standard
+    deviation for LayerNorm) is **frozen at its value on this run's full residual**, and
+    its centring (LayerNorm) is applied to each term, which is exact because centring is
+    linear. What is left is constant: the norm's additive bias and the unembedding's bias
+    (``final_bias``). So ``components_total == total`` to float precision, on every family.
+
+    Reads come from any backend; the unembedding, norm and bias weights come from the
     local model object, so this recipe needs local weights.
     """
     if metric.kind not in ("logit_diff", "logit"):
@@ -135,16 +186,20 @@ def direct_logit_attribution(
 
     unembed = model.get_output_embeddings()  # type: ignore[operator]
     w_u = unembed.weight.detach().float()  # [vocab, d]
+    d_model = w_u.shape[1]
+    b_u = _bias(unembed, w_u.shape[0])
     answer = metric.answer
     assert answer is not None
     rows = torch.arange(ids.shape[0])
     direction = w_u[answer.expand(len(rows))]
+    unembed_bias = b_u[answer.expand(len(rows))]
     if metric.kind == "logit_diff":
         assert metric.wrong is not None
         direction = direction - w_u[metric.wrong.expand(len(rows))]
+        unembed_bias = unembed_bias - b_u[metric.wrong.expand(len(rows))]
     norm = model.get_submodule(arch.final_norm)
     gamma = getattr(norm, "weight", None)
-    gamma_t = torch.ones(w_u.shape[1]) if gamma is None else gamma.detach().float()
+    gamma_t = torch.ones(d_model) if gamma is None else gamma.detach().float()
     if type(norm).__name__.startswith("Gemma"):
         gamma_t = 1.0 + gamma_t  # Gemma's RMSNorm scales by (1 + weight)
     final = res["final"].float()
@@ -164,15 +219,18 @@ def direct_logit_attribution(
     readout = direction * gamma_t  # [batch, d]
 
     def contribution(x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        x = x.float().expand(len(rows), d_model)
         if centre:
             x = x - x.mean(-1, keepdim=True)
         return ((x / scale) * readout).sum(-1)  # [batch]
 
     heads = torch.zeros(info.n_layers, info.n_heads)
     mlps = torch.zeros(info.n_layers)
+    attn_bias = torch.zeros(info.n_layers)
+    mlp_bias = torch.zeros(info.n_layers)
     for layer in range(info.n_layers):
         proj = model.get_submodule(f"{arch.layers}.{layer}.{arch.attn_out_proj}")
+        down = model.get_submodule(f"{arch.layers}.{layer}.{arch.mlp_down_proj}")
         weight = proj.get_parameter("weight").detach().float()
         # nn.Linear weight is [out, in]; GPT-2's Conv1D is [in, out]
         w_o = weight.T if type(proj).__name__ == "Conv1D" else weight
@@ -181,6 +239,20 @@ def direct_logit_attribution(
             d_head = z.shape[-1]
             out = z[:, head] @ w_o[:, head * d_head : (head + 1) * d_head].T
             heads[layer, head] = contribution(out).mean()
-        mlps[layer] = contribution(res[f"mlp.{layer}"]).mean()
+        b_o, b_out = _bias(proj, d_model), _bias(down, d_model)
+        attn_bias[layer] = contribution(b_o).mean()
+        mlp_bias[layer] = contribution(b_out).mean()
+        mlps[layer] = contribution(res[f"mlp.{layer}"].float() - b_out).mean()
+    norm_beta = getattr(norm, "bias", None)
+    beta = torch.zeros(d_model) if norm_beta is None else norm_beta.detach().float()
+    final_bias = ((beta * direction).sum(-1) + unembed_bias).mean()
     total = metric(res["logits"]).mean()
-    return LogitAttribution(heads, mlps, float(contribution(res["embed"]).mean()), float(total))
+    return LogitAttribution(
+        heads,
+        mlps,
+        float(contribution(res["embed"]).mean()),
+        float(total),
+        attn_bias,
+        mlp_bias,
+        float(final_bias),
+    )

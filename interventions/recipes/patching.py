@@ -31,7 +31,14 @@ from interventions.execute import load_model, load_structure, run
 from interventions.graph import Graph
 from interventions.ops import Ref
 from interventions.plan import tokenize
-from interventions.recipes.metrics import Metric, normalized
+from interventions.recipes.metrics import (
+    Metric,
+    Normalization,
+    batch_score,
+    bootstrap_interval,
+    check_normalization,
+    standard_error,
+)
 from interventions.results import Results
 
 PATCHABLE_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_hidden", "head", "embed")
@@ -53,6 +60,38 @@ class PatchingResult:
     direction: Direction
     graph: Graph
     results: Results | None = None
+    values: torch.Tensor | None = None  # [rows, cols, batch]: each example's raw metric
+    clean_values: torch.Tensor | None = None  # [batch]
+    corrupt_values: torch.Tensor | None = None  # [batch]
+    normalization: Normalization = "batch_mean"
+
+    def _per_example(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.values is None or self.clean_values is None or self.corrupt_values is None:
+            raise SpecError("this result kept no per-example values")
+        return self.values, self.clean_values, self.corrupt_values
+
+    @property
+    def stderr(self) -> torch.Tensor:
+        """The standard error of each score over the batch (NaN for one prompt); see
+        :func:`interventions.recipes.metrics.standard_error`."""
+        v, k, c = self._per_example()
+        return standard_error(v, k, c, normalize=self.normalized, normalization=self.normalization)
+
+    def bootstrap(
+        self, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Percentile bootstrap interval ``(low, high)`` of each score over the prompts."""
+        v, k, c = self._per_example()
+        return bootstrap_interval(
+            v,
+            k,
+            c,
+            normalize=self.normalized,
+            normalization=self.normalization,
+            n_resamples=n_resamples,
+            confidence=confidence,
+            seed=seed,
+        )
 
     def table(self, fmt: str = "{:+.2f}") -> str:
         """The scores as an aligned text table."""
@@ -144,9 +183,10 @@ def activation_patching(
     site: str = "resid_pre",
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
-    per_position: bool = True,
+    per_position: bool | None = None,
     direction: Direction = "denoise",
     normalize: bool = True,
+    normalization: Normalization = "batch_mean",
     metric_pos: int = -1,
     backend: str = "torch",
     tokenizer: Any = None,
@@ -156,17 +196,38 @@ def activation_patching(
 
     ``direction="denoise"`` patches clean activations into the corrupted run (what
     restores the answer); ``"noise"`` patches corrupted activations into the clean run
-    (what breaks it). For ``site="head"`` the columns are heads, patched at every
-    position (``per_position=False``) or at ``positions`` only. Scores are the batch mean
+    (what breaks it). ``positions`` (default: all) are the positions patched, and
+    ``per_position`` says whether each is a cell of its own or all are patched at once:
+
+    ==============  ======================  ===========================================
+    site            per_position            columns
+    ==============  ======================  ===========================================
+    residual sites  True (their default)    one per position (``"3"``)
+    residual sites  False                   one, ``"all"``: every position at once
+    ``head``        False (its default)     one per head (``"h2"``), at every position
+    ``head``        True                    one per (position, head), ``"3.h2"``,
+                                            position-major: ``scores.unflatten(1,
+                                            (n_positions, n_heads))`` is TransformerLens's
+                                            ``[layer, pos, head]`` by-position grid
+    ==============  ======================  ===========================================
+
+    Scores are the batch mean
     of the metric at ``metric_pos``, normalised by default to 0 = corrupted, 1 = clean
     *after* averaging: ``(mean m - mean m_corrupt) / (mean m_clean - mean m_corrupt)``,
     so one prompt whose clean and corrupted metrics nearly coincide cannot blow up the
     score, as normalising each prompt and then averaging would.
+    ``normalization="per_example"`` does that instead (TransformerLens's usual
+    normalised metric): ``mean((m - m_corrupt) / (m_clean - m_corrupt))``.
+
+    The result keeps every prompt's metric (``values``, ``[rows, cols, batch]``), so
+    ``result.stderr`` (standard error over the prompts) and ``result.bootstrap()`` (a
+    percentile interval) report the spread of each score.
     """
     if site not in PATCHABLE_SITES:
         raise SpecError(f"cannot sweep site {site!r}; sites: {choices_text(PATCHABLE_SITES)}")
     if direction not in ("denoise", "noise"):
         raise SpecError(f"unknown direction {direction!r}; expected denoise, noise")
+    check_normalization(normalization)
     model, tokenizer = _model(model, tokenizer, run_options)
     clean_ids, corrupt_ids = (
         as_tokens(clean, tokenizer, "clean"),
@@ -184,57 +245,65 @@ def activation_patching(
     clean_run.read("logits", pos=metric_pos, name="clean.logits")
     corrupt_run.read("logits", pos=metric_pos, name="corrupt.logits")
     source = clean_run if direction == "denoise" else corrupt_run
-    cells: list[list[str]] = []
-    col_labels: list[str]
+    if per_position is None:
+        per_position = site != "head"
+    if not isinstance(per_position, bool):
+        raise SpecError(f"per_position must be True, False or None, got {per_position!r}")
+    pos_list = list(range(seq)) if positions is None else [p % seq for p in positions]
+    # each cell: a label and the (pos, head) selector it patches
+    cell_sels: list[tuple[str, Any, int | None]]
     if site == "head":
-        n_heads = info.n_heads or 0
-        col_labels = [f"h{h}" for h in range(n_heads)]
-        pos_sel: Any = None if positions is None else list(positions)
-        for layer in rows:
-            value = source.read("head", layer=layer)
-            row = []
-            for head in range(n_heads):
-                name = f"cell.{layer}.h{head}"
-                r = g.run(name, tokens=target_ids)
-                r.patch("head", layer=layer, head=head, pos=pos_sel, value=value)
-                r.read("logits", pos=metric_pos, name=name)
-                row.append(name)
-            cells.append(row)
+        heads = range(info.n_heads or 0)
+        if per_position:
+            cell_sels = [(f"{p}.h{h}", p, h) for p in pos_list for h in heads]
+        else:
+            pos_sel: Any = None if positions is None else pos_list
+            cell_sels = [(f"h{h}", pos_sel, h) for h in heads]
+    elif per_position:
+        cell_sels = [(str(p), p, None) for p in pos_list]
     else:
-        cols = list(range(seq)) if positions is None else [p % seq for p in positions]
-        col_labels = [str(p) for p in cols]
-        for layer in rows:
-            lay = None if site == "embed" else layer
-            value = source.read(site, layer=lay)
-            row = []
-            for pos in cols:
-                name = f"cell.{layer}.{pos}"
-                r = g.run(name, tokens=target_ids)
-                r.patch(site, layer=lay, pos=pos, value=value)
-                r.read("logits", pos=metric_pos, name=name)
-                row.append(name)
-            cells.append(row)
+        cell_sels = [("all", None if positions is None else pos_list, None)]
+    col_labels = [label for label, _, _ in cell_sels]
+    cells: list[list[str]] = []
+    for layer in rows:
+        lay = None if site == "embed" else layer
+        value = source.read(site, layer=lay)
+        row = []
+        for label, pos, head in cell_sels:
+            name = f"cell.{layer}.{label}"
+            r = g.run(name, tokens=target_ids)
+            r.patch(site, layer=lay, pos=pos, head=head, value=value)
+            r.read("logits", pos=metric_pos, name=name)
+            row.append(name)
+        cells.append(row)
     res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
     clean_logits = res["clean.logits"]
     m_clean = _metric_values(metric, clean_logits, clean_logits)
     m_corrupt = _metric_values(metric, res["corrupt.logits"], clean_logits)
-    clean_mean, corrupt_mean = m_clean.mean(), m_corrupt.mean()
-    scores = torch.zeros(len(rows), len(col_labels))
-    for i, row in enumerate(cells):
-        for j, name in enumerate(row):
-            m = _metric_values(metric, res[name], clean_logits).mean()
-            scores[i, j] = normalized(m, clean_mean, corrupt_mean) if normalize else m
+    values = torch.stack(
+        [
+            torch.stack([_metric_values(metric, res[name], clean_logits) for name in row])
+            for row in cells
+        ]
+    )  # [rows, cols, batch]
+    scores = batch_score(
+        values, m_clean, m_corrupt, normalize=normalize, normalization=normalization
+    )
     return PatchingResult(
         scores=scores,
         site=site,
         rows=tuple(f"{site}[{layer}]" if site != "embed" else "embed" for layer in rows),
         cols=tuple(col_labels),
-        clean_metric=float(clean_mean),
-        corrupt_metric=float(corrupt_mean),
+        clean_metric=float(m_clean.mean()),
+        corrupt_metric=float(m_corrupt.mean()),
         normalized=normalize,
         direction=direction,
         graph=g,
         results=res,
+        values=values,
+        clean_values=m_clean,
+        corrupt_values=m_corrupt,
+        normalization=normalization,
     )
 
 
@@ -247,6 +316,7 @@ def path_patching(
     receivers: Sequence[tuple[int, int]] | Literal["logits"] = "logits",
     senders: Sequence[tuple[int, int]] | None = None,
     normalize: bool = True,
+    normalization: Normalization = "batch_mean",
     metric_pos: int = -1,
     backend: str = "torch",
     tokenizer: Any = None,
@@ -262,6 +332,7 @@ def path_patching(
     answer. Scores are 0 = corrupted, 1 = clean (so a sender that matters scores below 1).
     Senders default to every head in layers below the earliest receiver.
     """
+    check_normalization(normalization)
     model, tokenizer = _model(model, tokenizer, run_options)
     clean_ids, corrupt_ids = (
         as_tokens(clean, tokenizer, "clean"),
@@ -326,26 +397,29 @@ def path_patching(
     clean_logits = res["clean.logits"]
     m_clean = metric(clean_logits, reference=clean_logits)
     m_corrupt = metric(res["corrupt.logits"], reference=clean_logits)
-    clean_mean, corrupt_mean = m_clean.mean(), m_corrupt.mean()
     layers = sorted({layer for layer, _ in senders})
-    scores = torch.full((len(layers), n_heads), float("nan"))
+    values = torch.full((len(layers), n_heads, clean_ids.shape[0]), float("nan"))
     for (layer, head), name in zip(senders, names, strict=True):
-        m = metric(res[name], reference=clean_logits).mean()
-        scores[layers.index(layer), head] = (
-            normalized(m, clean_mean, corrupt_mean) if normalize else m
-        )
+        values[layers.index(layer), head] = metric(res[name], reference=clean_logits)
+    scores = batch_score(
+        values, m_clean, m_corrupt, normalize=normalize, normalization=normalization
+    )
     target = "logits" if to_logits else ", ".join(f"{lr}.{h}" for lr, h in recv)
     return PatchingResult(
         scores=scores,
         site=f"head->{target}",
         rows=tuple(f"head[{layer}]" for layer in layers),
         cols=tuple(f"h{h}" for h in range(n_heads)),
-        clean_metric=float(clean_mean),
-        corrupt_metric=float(corrupt_mean),
+        clean_metric=float(m_clean.mean()),
+        corrupt_metric=float(m_corrupt.mean()),
         normalized=normalize,
         direction="noise",
         graph=g,
         results=res,
+        values=values,
+        clean_values=m_clean,
+        corrupt_values=m_corrupt,
+        normalization=normalization,
     )
 
 
@@ -369,6 +443,7 @@ def attribution_patching(
     layers: Sequence[int] | None = None,
     direction: Direction = "denoise",
     normalize: bool = True,
+    normalization: Normalization = "batch_mean",
     metric_pos: int = -1,
     compare_exact: bool = False,
     backend: str = "torch",
@@ -381,7 +456,9 @@ def attribution_patching(
     pass: the change of the metric when patching position ``p`` of layer ``l`` is
     approximated by ``(a_source - a_target) . d metric / d a_target``. With
     ``compare_exact=True`` the exact sweep also runs, and the result reports the
-    Pearson correlation and the largest absolute error between the two.
+    Pearson correlation and the largest absolute error between the two. It splices no
+    SAE; the gradient recipe that does (``feature_attribution``) defaults to
+    ``error="detach"`` and warns when given ``"keep"``.
     """
     from interventions.backends import get_backend
 
@@ -393,6 +470,7 @@ def attribution_patching(
         raise SpecError(
             f"attribution patching sweeps positions of {choices_text(PATCHABLE_SITES[:-2])}"
         )
+    check_normalization(normalization)
     model, tokenizer = _model(model, tokenizer, run_options)
     clean_ids, corrupt_ids = (
         as_tokens(clean, tokenizer, "clean"),
@@ -416,31 +494,36 @@ def attribution_patching(
     clean_logits = res["clean.logits"].detach()
     m_clean = metric(clean_logits, reference=clean_logits)
     m_corrupt = metric(res["corrupt.logits"].detach(), reference=clean_logits)
-    clean_mean, corrupt_mean = m_clean.mean(), m_corrupt.mean()
     m_target = metric(res[f"{target}.logits"], reference=clean_logits)
     activations = [res[f"{target}.{layer}"] for layer in rows]
     grads = torch.autograd.grad(m_target.sum(), activations, allow_unused=True)
     seq = clean_ids.shape[1]
-    scores = torch.zeros(len(rows), seq)
-    base = m_corrupt if direction == "denoise" else m_clean
+    base = (m_corrupt if direction == "denoise" else m_clean).detach()
+    values = base.expand(len(rows), seq, len(base)).clone()  # [rows, positions, batch]
     for i, (layer, grad) in enumerate(zip(rows, grads, strict=True)):
         if grad is None:
             continue
         delta_act = (res[f"{source}.{layer}"] - res[f"{target}.{layer}"]).detach()
         delta = (delta_act * grad).sum(-1)  # [batch, seq]
-        estimate = (base.detach()[:, None] + delta).mean(0).detach()
-        scores[i] = normalized(estimate, clean_mean, corrupt_mean) if normalize else estimate
+        values[i] += delta.T.detach().float()
+    scores = batch_score(
+        values, m_clean, m_corrupt, normalize=normalize, normalization=normalization
+    )
     approx = PatchingResult(
         scores=scores,
         site=site,
         rows=tuple(f"{site}[{layer}]" for layer in rows),
         cols=tuple(str(p) for p in range(seq)),
-        clean_metric=float(clean_mean),
-        corrupt_metric=float(corrupt_mean),
+        clean_metric=float(m_clean.mean()),
+        corrupt_metric=float(m_corrupt.mean()),
         normalized=normalize,
         direction=direction,
         graph=g,
         results=None,
+        values=values,
+        clean_values=m_clean,
+        corrupt_values=m_corrupt,
+        normalization=normalization,
     )
     if not compare_exact:
         return AttributionResult(approx)
@@ -453,6 +536,7 @@ def attribution_patching(
         layers=rows,
         direction=direction,
         normalize=normalize,
+        normalization=normalization,
         metric_pos=metric_pos,
         backend=backend,
         tokenizer=tokenizer,

@@ -33,6 +33,7 @@ EXPECTED = {
     "Results",
     "RunHandle",
     "SAEError",
+    "SAEErrorGradientWarning",
     "Select",
     "Site",
     "SpecError",

@@ -1,0 +1,79 @@
+"""The site crosswalk: this package's standard sites against TransformerLens hook names,
+nnsight module paths and pyvene components, per built-in family.
+
+``docs/crosswalk.md`` holds :func:`crosswalk_markdown`'s output between its markers (a
+test checks it); ``python -m interventions.crosswalk`` prints it to paste there.
+
+>>> from interventions.architectures import architectures
+>>> rows = crosswalk_rows(architectures()["gpt2"])
+>>> rows[1][:2]
+('`resid_pre[L]`', '`blocks.L.hook_resid_pre`')
+>>> rows[1][2:]
+('`model.transformer.h[L].input`', '`model.transformer.h.L.input`')
+"""
+
+from __future__ import annotations
+
+import re
+
+from interventions.architectures import (
+    _BUILTIN,
+    ArchitectureMap,
+    HookPoint,
+    standard_hook_points,
+)
+from interventions.sites import STANDARD_SITES, TRANSFORMER_LENS_HOOKS
+
+_NOTES = {"heads": " viewed as [batch, pos, head, d_head]"}
+
+_NO_TL = {
+    "final_norm": "— (`ln_final.hook_normalized` is before the weight and bias)",
+    "logits": "— (the model's return value)",
+}
+
+
+def _nnsight(point: HookPoint) -> str:
+    if point.view == "logits":
+        return "`model.output.logits`"
+    path = re.sub(r"\.(\d+|L)(?=\.|$)", r"[\1]", point.module)
+    if point.view == "attn_weights":
+        return f"`model.{path}.output[1]` (eager attention)"
+    return f"`model.{path}.{point.io}`" + _NOTES.get(point.view, "")
+
+
+def _pyvene(point: HookPoint) -> str:
+    if point.view == "attn_weights":
+        return "— (pyvene cannot read it)"
+    base = f"model.{point.module}.{point.io}" if point.module else f"model.{point.io}"
+    return f"`{base}`" + _NOTES.get(point.view, "")
+
+
+def crosswalk_rows(arch: ArchitectureMap) -> list[tuple[str, str, str, str]]:
+    """(site, TransformerLens hook, nnsight, pyvene) cells, in Markdown, for each standard
+    site of ``arch``."""
+    points = standard_hook_points(arch, "L")
+    rows = []
+    for site, kind in STANDARD_SITES.items():
+        label = f"`{site}[L]`" if kind.layered else f"`{site}`"
+        tl = TRANSFORMER_LENS_HOOKS.get(site)
+        tl_text = f"`{tl.replace('{layer}', 'L')}`" if tl else _NO_TL.get(site, "—")
+        rows.append((label, tl_text, _nnsight(points[site]), _pyvene(points[site])))
+    return rows
+
+
+def crosswalk_markdown() -> str:
+    """The crosswalk tables, one per built-in family, as Markdown."""
+    out = []
+    for arch in _BUILTIN:
+        types = ", ".join(arch.model_types)
+        out.append(f"### {arch.name} (`model_type`: {types})\n")
+        out.append("| site | TransformerLens | nnsight | pyvene component |")
+        out.append("|---|---|---|---|")
+        for row in crosswalk_rows(arch):
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(crosswalk_markdown())
