@@ -14,7 +14,9 @@ The files, in the order a plan goes through them:
                 version check, and :class:`_Capture`, which serializes the session
 ``ndif``        a thin HTTP/websocket client for one NDIF host (:class:`_Ndif`)
 ``jobs``        one request from submission to result (:class:`_NdifJob`)
-``decode``      what the host sends back, read as tensors and plain data
+``decode``      what the host sends back, read as tensors and plain data; anything
+                malformed is a typed ``MalformedResponse``, a result over
+                ``max_result_bytes=`` a ``ResultTooLarge``
 ==============  =========================================================================
 
 Why an NDIF client of our own rather than nnsight's ``RemoteBackend``: the request is

@@ -30,6 +30,7 @@ from interventions.plan import Plan
 from interventions.progress import progress
 
 from .compiler import _Compiler, _RunCode, _Stage
+from .decode import _DEFAULT_MAX_RESULT_BYTES, check_max_result_bytes
 from .jobs import _NdifJob
 from .model import (
     _can_batch,
@@ -41,7 +42,7 @@ from .model import (
     _restore_modules,
     _wrap,
 )
-from .ndif import _DEFAULT_RETRIES, _DEFAULT_TIMEOUT, _config_host_key, _Ndif, _subscribe
+from .ndif import _DEFAULT_RETRIES, _config_host_key, _Ndif, _subscribe, _timeout_of
 from .program import _run_program
 
 SUPPORTED = ">=0.8,<0.9"  # the range of the `nnsight` extra in pyproject.toml
@@ -141,7 +142,15 @@ class NNsightBackend:
 
     # -- remote (NDIF) ----------------------------------------------------------------
 
-    _REMOTE_OPTIONS = ("host", "api_key", "model_key", "timeout", "retries", "max_batch")
+    _REMOTE_OPTIONS = (
+        "host",
+        "api_key",
+        "model_key",
+        "timeout",
+        "retries",
+        "max_batch",
+        "max_result_bytes",
+    )
 
     def submit(
         self, plan: Plan, model: nn.Module, *, wait: bool, echo: dict[str, Any], **options: Any
@@ -159,6 +168,10 @@ class NNsightBackend:
                 f"nnsight backend: unknown options {unknown} for a remote run; valid: "
                 f"{', '.join(self._REMOTE_OPTIONS)}"
             )
+        timeout = _timeout_of(options.get("timeout"))
+        max_result = check_max_result_bytes(
+            options.get("max_result_bytes", _DEFAULT_MAX_RESULT_BYTES)
+        )
         max_batch = options.get("max_batch")
         _check_max_batch(max_batch)
         if not _can_batch(model, plan.info):
@@ -166,7 +179,6 @@ class NNsightBackend:
                 "nnsight backend: a remote run needs a HuggingFace causal LM (named on the "
                 f"host by its model key); {plan.info.class_name} is not one"
             )
-        timeout = float(options.get("timeout") or _DEFAULT_TIMEOUT)
         retries = int(options.get("retries", _DEFAULT_RETRIES))
         host, api_key = _config_host_key(options.get("host"), options.get("api_key"))
         client = _Ndif(host, api_key, str(options.get("model_key") or _repo_of(model)), retries)
@@ -191,6 +203,7 @@ class NNsightBackend:
             job_id,
             compress=compress,
             timeout=timeout,
+            max_result_bytes=max_result,
             socket=socket,
             resend=send if wait else None,
         )
@@ -227,8 +240,14 @@ class NNsightBackend:
 
         host, api_key = _config_host_key(options.get("host"), options.get("api_key"))
         client = _Ndif(host, api_key, "", int(options.get("retries", _DEFAULT_RETRIES)))
-        timeout = float(options.get("timeout") or _DEFAULT_TIMEOUT)
-        return _NdifJob(client, job_id, compress=bool(CONFIG.API.COMPRESS), timeout=timeout)
+        timeout = _timeout_of(options.get("timeout"))
+        max_result = check_max_result_bytes(
+            options.get("max_result_bytes", _DEFAULT_MAX_RESULT_BYTES)
+        )
+        compress = bool(CONFIG.API.COMPRESS)
+        return _NdifJob(
+            client, job_id, compress=compress, timeout=timeout, max_result_bytes=max_result
+        )
 
     def _remote_wrapper(self, client: _Ndif, repo: str) -> Any:
         """nnsight's own meta model for ``repo`` (no weights), cached: its envoys are

@@ -22,8 +22,9 @@ from interventions.errors import (
     RemoteTimeout,
 )
 
-from .decode import _load_frame, _load_result
-from .ndif import _backoff, _Ndif
+from . import decode
+from .decode import _DEFAULT_MAX_RESULT_BYTES
+from .ndif import _backoff, _Ndif, _timeout_of
 
 # an ERROR is the trace raising on the host (its traceback).
 _NOT_DEPLOYED = ("CANT_ACCOMMODATE", "not deployed", "Repository Not Found", "describe_checkpoint")
@@ -47,6 +48,7 @@ class _NdifJob:
         *,
         compress: bool,
         timeout: float,
+        max_result_bytes: int = _DEFAULT_MAX_RESULT_BYTES,
         socket: Any = None,
         resend: Any = None,
     ) -> None:
@@ -54,6 +56,7 @@ class _NdifJob:
         self.id = job_id
         self.compress = compress
         self.timeout = timeout
+        self.max_result_bytes = max_result_bytes
         self.socket = socket  # the /subscribe websocket of a blocking run
         self.resend = resend  # sends the request again (blocking runs): (socket, job id)
         self.resent = 0
@@ -79,7 +82,7 @@ class _NdifJob:
     def wait(self, timeout: float | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         import time
 
-        limit = self.timeout if timeout is None else float(timeout)
+        limit = self.timeout if timeout is None else _timeout_of(timeout)
         deadline = time.monotonic() + limit
         while True:
             try:
@@ -95,6 +98,9 @@ class _NdifJob:
                 time.sleep(min(_backoff(self.resent), 4.0, max(deadline - time.monotonic(), 0)))
                 self.socket, self.id = self.resend()
                 self.last = "RECEIVED"
+            except BaseException:
+                self.close()
+                raise
             finally:
                 if self.last in ("COMPLETED", "ERROR"):
                     self.close()
@@ -109,17 +115,12 @@ class _NdifJob:
             raise self.client.error(
                 JobLost, "the host reported the job complete but sent no result", job_id=self.id
             )
-        try:
-            saved = _load_result(blob, self.compress)
-            result = saved["result"]
-            values, echo = dict(result["values"]), dict(result["echo"] or {})
-        except Exception as exc:
-            raise self.client.error(
-                RemoteError,
-                f"the job's result cannot be read ({type(exc).__name__}: {exc})",
-                job_id=self.id,
-            ) from None
-        if echo.get("model_key"):
+        with self.client.context(self.id):
+            values, echo = decode.load_result(blob, self.compress, self.max_result_bytes)
+        if not self.client.model_key and echo.get("model_key"):
+            # a job attached by id: what it asked for is known only from the request's
+            # echo. Never overwritten otherwise: provenance records the key asked for
+            # (this) and the key that came back (the echo's) side by side.
             self.client.model_key = str(echo["model_key"])
         return values, echo
 
@@ -158,11 +159,10 @@ class _NdifJob:
             delay = min(delay * 1.5, 1.0)
 
     def _wait_socket(self, deadline: float) -> Any:
-        import json
         import time
 
         import websocket
-        from nnsight.schema.response import ResponseModel, Status
+        from nnsight.schema.response import Status
 
         while True:
             remaining = deadline - time.monotonic()
@@ -182,15 +182,14 @@ class _NdifJob:
                     "its connection: run it again, or use iv.submit to keep jobs across "
                     "connection failures",
                 ) from None
-            if isinstance(message, (bytes, bytearray)):
-                response = _load_frame(bytes(message))
-            else:
-                try:
-                    response = ResponseModel.model_validate_json(message)
-                except ValueError:
-                    if "session_id" in json.loads(message):
-                        continue
-                    raise
+            with self.client.context(self.id):
+                if isinstance(message, (bytes, bytearray)):
+                    response = decode.load_frame(bytes(message), self.max_result_bytes)
+                else:
+                    fields = decode.json_object(message, "a websocket message")
+                    if "session_id" in fields and "status" not in fields:
+                        continue  # the session's greeting, repeated
+                    response = decode.response(fields, "a websocket message")
             self.last = response.status.value
             if response.status == Status.COMPLETED:
                 return response

@@ -9,16 +9,21 @@ and serialized session); what comes back is decoded by :mod:`.decode`.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from interventions.errors import (
+    InterventionError,
     JobLost,
     RemoteAuthError,
     RemoteConnectionError,
     RemoteError,
     RemoteTimeout,
 )
+
+from . import decode
 
 _CONNECT_TIMEOUT = 5.0  # seconds to open a connection to the host
 _READ_TIMEOUT = 60.0  # seconds for one HTTP exchange
@@ -51,6 +56,32 @@ def _config_host_key(host: str | None, api_key: str | None) -> tuple[str, str]:
             hint="An NDIF host is a URL starting with http:// or https:// (NDIF_HOST)",
         )
     return found_host, str(found_key)
+
+
+def _timeout_of(value: Any) -> float:
+    """``timeout=`` in seconds: ``None`` is the default (600 s); anything but a positive
+    number (0, negative, NaN, a string) is an error, never replaced by the default.
+
+    >>> _timeout_of(None), _timeout_of(2)
+    (600.0, 2.0)
+    >>> _timeout_of(0)
+    Traceback (most recent call last):
+    ...
+    interventions.errors.InterventionError: nnsight backend: timeout must be a positive number of seconds, got 0; leave it out for the default (600 s)
+    """
+    if value is None:
+        return _DEFAULT_TIMEOUT
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+        or value <= 0
+    ):
+        raise InterventionError(
+            f"nnsight backend: timeout must be a positive number of seconds, got {value!r}; "
+            f"leave it out for the default ({_DEFAULT_TIMEOUT:.0f} s)"
+        )
+    return float(value)
 
 
 def _backoff(attempt: int) -> float:
@@ -191,15 +222,24 @@ class _Ndif:
 
     def status(self, job_id: str) -> Any:
         """The latest stored status of a non-blocking job, or None if none is stored yet."""
-        from nnsight.schema.response import ResponseModel
-
         response = self.call(
             "GET", f"{self.host}/response/{job_id}", job_id=job_id, headers=self.headers()
         )
         if response.status_code == 404:
             return None
         self.check(response, job_id)
-        return ResponseModel.model_validate_json(response.text)
+        with self.context(job_id):
+            return decode.response_json(response.content, "a job status")
+
+    @contextlib.contextmanager
+    def context(self, job_id: str | None) -> Iterator[None]:
+        """Add host, model key and job id to the errors of decoding what the host sent."""
+        try:
+            yield
+        except RemoteError as exc:
+            if exc.host is not None:
+                raise
+            raise self.error(type(exc), exc.message, job_id=job_id, hint=exc.hint) from None
 
     def download(self, url: str, job_id: str) -> bytes:
         response = self.call("GET", url, job_id=job_id)
