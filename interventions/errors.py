@@ -20,7 +20,9 @@
         ├── ModelNotDeployed          the host serves no deployment under the model key
         ├── RemoteExecutionError      (see above)
         ├── RemoteTimeout             no answer in time; the job may still finish (Job.attach)
-        └── JobLost                   the host lost the job (restart, replica killed, expired)
+        ├── JobLost                   the host lost the job (restart, replica killed, expired)
+        ├── MalformedResponse         the host's answer is not what NDIF sends (bad JSON, archive, ...)
+        └── ResultTooLarge            a result over max_result_bytes (checked before it is loaded)
 
 Errors that cross a network travel as type name, message and traceback text, never as
 pickled classes.
@@ -154,6 +156,17 @@ class RemoteTimeout(RemoteError):
 
 class JobLost(RemoteError):
     """The remote host lost the job (it restarted, its replica died, or the job expired)."""
+
+
+class MalformedResponse(RemoteError):
+    """The host's answer is not what NDIF sends: bad JSON, wrong types, a corrupt or
+    truncated archive or compression stream, a pickle naming objects. The message says
+    which message was malformed and how."""
+
+
+class ResultTooLarge(RemoteError):
+    """A remote result is larger than ``max_result_bytes`` once decompressed; refused
+    before it is decompressed or loaded (raise the option to accept it)."""
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:

@@ -99,7 +99,8 @@ def run(
     request and waits for it: ``model`` may then be just the model's name on the host
     (only its config is read here). Host and API key follow nnsight (``NDIF_HOST``,
     ``NDIF_API_KEY``, its config file), or ``remote="http://host:port"``; options
-    ``model_key=``, ``api_key=``, ``timeout=`` (seconds, default 600) and ``retries=``.
+    ``model_key=``, ``api_key=``, ``timeout=`` (seconds, default 600; 0 or negative is an
+    error), ``retries=`` and ``max_result_bytes=`` (default 2 GiB, the largest result read).
     See :func:`submit` for jobs that outlive the client.
 
     >>> import torch, interventions as iv
@@ -336,7 +337,7 @@ def submit(
     config is read here) or is a model object of the same architecture. ``job.id`` can be
     written down: ``iv.Job.attach(id).result()`` collects the result from any process.
     Options as for a remote :func:`run`: ``host=``, ``api_key=``, ``model_key=``,
-    ``timeout=``, ``retries=``, ``max_batch=``.
+    ``timeout=``, ``retries=``, ``max_batch=``, ``max_result_bytes=``.
     """
     options.pop("remote", None)
     return _run_remote(graph, model, backend, tokenizer, batch, budget, True, options, wait=False)

@@ -95,7 +95,13 @@ def results_from(
         model_config=str(echo.get("model_config", "-")),
         backend=str(echo.get("backend", "-")),
         versions=tuple(sorted((str(k), str(v)) for k, v in versions.items())),
-        remote=(("host", handle.host), ("job_id", handle.id), ("model_key", handle.model_key)),
+        # the model key this client asked for, and the one the answer carries back
+        remote=(
+            ("answered_model_key", str(echo.get("model_key", "-"))),
+            ("host", handle.host),
+            ("job_id", handle.id),
+            ("model_key", handle.model_key),
+        ),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     masks: dict[str, torch.Tensor] = {}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import doctest
 import gc
+import importlib
 import inspect
+import pkgutil
 import subprocess
 import sys
 import weakref
@@ -493,7 +495,7 @@ def test_plain_module() -> None:
 
 def test_generic_envoy_on_hf_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without TransformersModel (no batching): one ``NNsight`` trace per run, generation too."""
-    monkeypatch.setattr(nns, "_can_batch", lambda model, info: False)
+    monkeypatch.setattr(nns.backend, "_can_batch", lambda model, info: False)
     model = hf_model("qwen2")
     agree(_flow_graph(), model, batch=False)
     agree(_generation_graph(32), model, batch=False)
@@ -617,7 +619,7 @@ def test_the_trace_block_names_only_torch() -> None:
     source = inspect.getsource(nns._run_program)
     block = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.With))
     names = _referenced_names(ast.unparse(ast.Module(body=block.body, type_ignores=[])))
-    assert names & set(vars(nns)) == {"torch", "Any"}
+    assert names & set(vars(nns.program)) == {"torch", "Any"}
     assert "interventions" not in ast.unparse(block)
 
 
@@ -664,8 +666,14 @@ def test_version_checked_when_the_backend_is_built(monkeypatch: pytest.MonkeyPat
 
 
 def test_docstring_examples() -> None:
-    result = doctest.testmod(nns, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 0
+    attempted = 0
+    for found in pkgutil.iter_modules(nns.__path__):  # every file of the package
+        module = importlib.import_module(f"{nns.__name__}.{found.name}")
+        flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+        result = doctest.testmod(module, optionflags=flags)
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted > 0
 
 
 def test_importing_interventions_does_not_import_nnsight() -> None:

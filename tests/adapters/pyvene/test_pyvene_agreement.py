@@ -501,7 +501,7 @@ def test_versions_out_of_range_are_refused(version: str) -> None:
 def test_version_checked_when_the_backend_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     for ok in ("0.1.8", "0.1.9", "0.1.10.post1"):
         assert pv_adapter.check_version(ok) == ok
-    monkeypatch.setattr(pv_adapter.importlib.metadata, "version", lambda name: "0.3.1")
+    monkeypatch.setattr(pv_adapter.backend.importlib.metadata, "version", lambda name: "0.3.1")
     with pytest.raises(iv.BackendVersionError, match=r"pyvene 0\.3\.1 is installed"):
         pv_adapter.PyveneBackend()
     monkeypatch.undo()
@@ -573,7 +573,7 @@ def test_failure_inside_an_intervention_while_generating(monkeypatch: pytest.Mon
     def explode(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("intervention failed")
 
-    monkeypatch.setattr(pv_adapter, "apply_op", explode)
+    monkeypatch.setattr(pv_adapter.classes, "apply_op", explode)
     g = iv.Graph()
     g.run("gen", tokens=IDS, max_new_tokens=3).scale("resid_post", 0, factor=2.0, pos=7)
     with pytest.raises(iv.ExecutionError, match=r"run 'gen' failed.*intervention failed"):
