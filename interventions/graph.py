@@ -628,7 +628,7 @@ class RunHandle:
 
     def sae_splice(
         self,
-        site: str | Site,
+        site: str | Site | None = None,
         layer: int | None = None,
         *,
         sae: SAE,
@@ -645,7 +645,24 @@ class RunHandle:
         ``error="keep"`` adds back ``x - decode(encode(x))`` (so no edits = no change);
         ``"drop"`` leaves the bare reconstruction; ``"detach"`` keeps it without gradient.
         ``features="name"`` records the unedited feature activations as a result.
+        With no ``site``, the SAE's own (``sae.info``, e.g. from ``iv.load_sae``) is used.
+        ``pos=slice(1, None)`` keeps position 0 (the BOS token) out of the splice.
+
+        ``"keep"`` adds the error with its gradient, so gradients reach earlier layers
+        through it; SAELens's error term (``use_error_term``) is computed without gradient,
+        which is ``"detach"``: use that to match SAELens, and for attribution recipes, whose
+        default it is (gradient flows only through the features).
         """
+        if site is None:
+            info = getattr(sae, "info", None)
+            if info is None or info.site is None:
+                hook = getattr(info, "hook_name", None)
+                raise SpecError(
+                    "sae_splice: no site given, and the SAE does not say where it belongs"
+                    + (f" (its hook {hook!r} has no standard site)" if hook else "")
+                    + "; pass a site, e.g. sae_splice('resid_pre', 8, sae=...)"
+                )
+            site, layer = info.site, info.layer if layer is None else layer
         key = self.graph._add_sae(sae)
         self.graph.add(
             SAESplice(

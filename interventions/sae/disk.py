@@ -260,7 +260,8 @@ def _read_weights(weights_path: Path) -> tuple[dict[str, Tensor], dict[str, str]
 
 
 def _wanted(kind: str) -> list[str]:
-    from interventions.sae.kinds import _META_FIELDS, _NON_TENSOR_FIELDS, SAE_KINDS
+    from interventions.sae.base import _META_FIELDS, _NON_TENSOR_FIELDS
+    from interventions.sae.kinds import SAE_KINDS
 
     skip = _NON_TENSOR_FIELDS | _META_FIELDS
     return [f.name for f in dataclasses.fields(SAE_KINDS[kind]) if f.name not in skip]
