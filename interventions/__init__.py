@@ -49,7 +49,22 @@ from interventions.graph import Graph, RunHandle
 from interventions.ops import FeatureEdit, Ref
 from interventions.remote import Job
 from interventions.results import Provenance, Results
-from interventions.sae import SAE, JumpReLUSAE, StandardSAE, TopKSAE, load_sae, save_sae
+from interventions.sae import (
+    SAE,
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    JumpReLUTranscoder,
+    SAEInfo,
+    SkipTranscoder,
+    StandardSAE,
+    TopKSAE,
+    Transcoder,
+    load_sae,
+    save_sae,
+)
+from interventions.sae.check import SAEFit, check_sae
+from interventions.sae.training import train_sae
 from interventions.sites import Select, Site
 from interventions.validation import validate
 
@@ -58,16 +73,19 @@ __all__ = [
     "ArchitectureMap",
     "Backend",
     "BackendVersionError",
+    "BatchTopKSAE",
     "Budget",
     "Capabilities",
     "Comparison",
     "ExecutionError",
     "FeatureEdit",
+    "GatedSAE",
     "Graph",
     "InterventionError",
     "Job",
     "JobLost",
     "JumpReLUSAE",
+    "JumpReLUTranscoder",
     "ModelNotDeployed",
     "Provenance",
     "Ref",
@@ -79,11 +97,15 @@ __all__ = [
     "Results",
     "RunHandle",
     "SAEError",
+    "SAEFit",
+    "SAEInfo",
     "Select",
     "Site",
+    "SkipTranscoder",
     "SpecError",
     "StandardSAE",
     "TopKSAE",
+    "Transcoder",
     "UnknownArchitecture",
     "UnknownBackend",
     "UnknownOp",
@@ -93,6 +115,7 @@ __all__ = [
     "__version__",
     "architectures",
     "backend_capabilities",
+    "check_sae",
     "compare",
     "list_backends",
     "load_model",
@@ -102,5 +125,6 @@ __all__ = [
     "run",
     "save_sae",
     "submit",
+    "train_sae",
     "validate",
 ]

@@ -36,8 +36,9 @@ def kinds(d: int, s: int = 8) -> dict[str, Any]:
     dec = {"W_dec": rand(s, d), "b_dec": rand(d) * 0.2}
     return {
         "rescaled-relu": StandardSAE(**enc, **dec, constant_norm_rescale=True),
-        "batchtopk": BatchTopKSAE(**enc, **dec, threshold=torch.full((s,), 0.1), k=2.0,
-                                  apply_b_dec_to_input=True),  # fmt: skip
+        "batchtopk": BatchTopKSAE(
+            **enc, **dec, threshold=torch.full((s,), 0.1), k=2.0, apply_b_dec_to_input=True
+        ),
         "gated": GatedSAE(**enc, **dec, r_mag=rand(s) * 0.2, b_mag=rand(s) * 0.2),
         "transcoder": Transcoder(**enc, **dec),
         "jumprelu_transcoder": JumpReLUTranscoder(**enc, **dec, threshold=torch.full((s,), 0.1)),

@@ -200,7 +200,9 @@ def test_single_file_without_config_is_named(tmp_path: Path) -> None:
     save_file(example("relu").tensors(), str(tmp_path / "w.safetensors"))
     with pytest.raises(SAEError, match="no config"):
         load_sae(tmp_path / "w.safetensors")
-    sae = load_sae(tmp_path / "w.safetensors", cfg={"architecture": "standard", "d_in": 4, "d_sae": 6})
+    sae = load_sae(
+        tmp_path / "w.safetensors", cfg={"architecture": "standard", "d_in": 4, "d_sae": 6}
+    )
     assert sae.kind == "relu"
 
 
@@ -236,7 +238,7 @@ def test_load_by_release_through_the_hub_cache(tmp_path: Path) -> None:
     again = load_sae(release=RELEASE, sae_id="blocks.0.hook_resid_pre", revision=REV,
                      cache_dir=tmp_path, local_files_only=True)  # fmt: skip
     _bits_equal(again.tensors(), saes["blocks.0.hook_resid_pre"].tensors())
-    with pytest.raises(SAEError, match="blocks.1.hook_resid_pre"):
+    with pytest.raises(SAEError, match=r"blocks\.1\.hook_resid_pre"):
         load_sae(release=RELEASE, sae_id="blocks.7.hook_resid_pre", cache_dir=tmp_path)
     with pytest.raises(SAEError, match="gpt2-small-res-jb"):
         load_sae(release="gpt2-small-res-jbb", sae_id="x")
