@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import interventions as iv
 import interventions.reference_models.superposition as sp
 
-CHECK = r'''
+CHECK = r"""
 import sys
 from pathlib import Path
 import torch
@@ -46,7 +46,7 @@ for d in sorted(p for p in root.iterdir() if p.is_dir()):
     print(f"{d.name:22s} {type(sae).__name__:22s} max|diff| {err:.2e} {'ok' if ok else 'FAIL'}")
     failed += not ok
 sys.exit(1 if failed else 0)
-'''
+"""
 
 
 def examples() -> dict[str, object]:

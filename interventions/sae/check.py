@@ -93,6 +93,7 @@ def check_sae(
     tokenizer: Any = None,
     min_explained_variance: float = 0.5,
     min_ce_recovered: float = 0.5,
+    exclude_bos: bool = False,
     **options: Any,
 ) -> SAEFit:
     """Check that ``sae`` fits ``site`` of ``model``, measured on ``prompts``.
@@ -100,7 +101,8 @@ def check_sae(
     ``site`` defaults to the SAE's own (``sae.info``). ``prompts`` are token ids
     ``[batch, pos]`` (or text with ``tokenizer``) for a language model, or float inputs for
     any other module (then no losses are measured). Returns an :class:`SAEFit`; nothing is
-    raised for a poor fit, so print it or test ``fit.ok``.
+    raised for a poor fit, so print it or test ``fit.ok``. ``exclude_bos`` leaves position 0
+    out of the measures and the splice.
 
     >>> import torch, interventions as iv
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
@@ -156,6 +158,8 @@ def check_sae(
     except Exception as exc:
         raise type(exc)(f"check_sae at {where}: {exc}") from None
     x = acts["x"].float()
+    if exclude_bos and x.ndim >= 3:
+        x = x[:, 1:]
     width = int(x.shape[-1])
     sae_dtype = getattr(sae, "dtype", None)
     if width != sae.d_in:
@@ -178,7 +182,9 @@ def check_sae(
     if is_lm:
         g = g2 = Graph()  # new_run writes into g
         spliced = new_run("sae")
-        spliced.sae_splice(site, layer, sae=sae, error="drop")
+        spliced.sae_splice(
+            site, layer, sae=sae, error="drop", pos=slice(1, None) if exclude_bos else None
+        )
         spliced.read("logits", name="sae")
         zero = new_run("zero")
         zero.ablate(site, layer)
