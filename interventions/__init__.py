@@ -52,7 +52,22 @@ from interventions.graph import Graph, RunHandle
 from interventions.ops import FeatureEdit, Ref
 from interventions.remote import Job
 from interventions.results import Provenance, Results
-from interventions.sae import SAE, JumpReLUSAE, StandardSAE, TopKSAE, load_sae, save_sae
+from interventions.sae import (
+    SAE,
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    JumpReLUTranscoder,
+    SAEInfo,
+    SkipTranscoder,
+    StandardSAE,
+    TopKSAE,
+    Transcoder,
+    load_sae,
+    save_sae,
+)
+from interventions.sae.check import SAEFit, check_sae
+from interventions.sae.training import train_sae
 from interventions.sites import Select, Site
 from interventions.validation import validate
 
@@ -61,16 +76,19 @@ __all__ = [
     "ArchitectureMap",
     "Backend",
     "BackendVersionError",
+    "BatchTopKSAE",
     "Budget",
     "Capabilities",
     "Comparison",
     "ExecutionError",
     "FeatureEdit",
+    "GatedSAE",
     "Graph",
     "InterventionError",
     "Job",
     "JobLost",
     "JumpReLUSAE",
+    "JumpReLUTranscoder",
     "MalformedResponse",
     "ModelNotDeployed",
     "Provenance",
@@ -85,11 +103,15 @@ __all__ = [
     "RunHandle",
     "SAEError",
     "SAEErrorGradientWarning",
+    "SAEFit",
+    "SAEInfo",
     "Select",
     "Site",
+    "SkipTranscoder",
     "SpecError",
     "StandardSAE",
     "TopKSAE",
+    "Transcoder",
     "UnknownArchitecture",
     "UnknownBackend",
     "UnknownOp",
@@ -99,6 +121,7 @@ __all__ = [
     "__version__",
     "architectures",
     "backend_capabilities",
+    "check_sae",
     "compare",
     "list_backends",
     "load_model",
@@ -108,5 +131,6 @@ __all__ = [
     "run",
     "save_sae",
     "submit",
+    "train_sae",
     "validate",
 ]

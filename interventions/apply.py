@@ -75,16 +75,23 @@ def edit_features(f: torch.Tensor, edits: Sequence[FeatureEdit]) -> torch.Tensor
 def sae_splice(x: torch.Tensor, sae: SAE, op: SAESplice) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstruct ``x`` through the SAE with edits; returns (new x, unedited features).
 
-    The SAE runs in float32 whatever the model's dtype, and the result is cast back.
+    The SAE runs in float32 whatever the model's dtype, and the result is cast back. What
+    is written is the SAE's ``reconstruct(f, x)`` (which undoes an input rescaling and adds
+    a skip transcoder's skip path), or ``decode(f)`` for an SAE that has no ``reconstruct``.
     """
     x32 = x.float()
     sae32 = sae.to(device=x.device, dtype=torch.float32)  # type: ignore[attr-defined]
     f = sae32.encode(x32)
-    recon = sae32.decode(edit_features(f, op.edits))
+    reconstruct = getattr(sae32, "reconstruct", None)
+
+    def written(h: torch.Tensor) -> torch.Tensor:
+        return reconstruct(h, x32) if reconstruct is not None else sae32.decode(h)
+
+    recon = written(edit_features(f, op.edits))
     if op.error == "drop":
         out = recon
     else:
-        err = x32 - (recon if not op.edits else sae32.decode(f))
+        err = x32 - (recon if not op.edits else written(f))
         out = recon + (err.detach() if op.error == "detach" else err)
     return out.to(x.dtype), f
 

@@ -49,7 +49,7 @@ from interventions.sites import IndexLike, Select, Site
 from interventions.tensor_bytes import bitwise_equal
 
 if TYPE_CHECKING:
-    from interventions.sae import SAE
+    from interventions.sae.base import SAE
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,7 @@ class GraphSpec:
         return op
 
     def _add_sae(self, sae: SAE) -> str:
-        from interventions.sae import SAE_KINDS
+        from interventions.sae.kinds import SAE_KINDS
 
         kind = getattr(sae, "kind", None)
         if kind not in SAE_KINDS or not isinstance(sae, SAE_KINDS[kind]):
@@ -659,7 +659,7 @@ class RunHandle:
 
     def sae_splice(
         self,
-        site: str | Site,
+        site: str | Site | None = None,
         layer: int | None = None,
         *,
         sae: SAE,
@@ -684,7 +684,20 @@ class RunHandle:
         its error term carries no gradient) it flows only through the SAE: the features'
         gradient is ``W_dec @ grad``. Gradient recipes default to ``detach`` and warn
         (:class:`~interventions.errors.SAEErrorGradientWarning`) when given ``keep``.
+
+        With no ``site``, the SAE's own (``sae.info``, e.g. from ``iv.load_sae``) is used.
+        ``pos=slice(1, None)`` keeps position 0 (the BOS token) out of the splice.
         """
+        if site is None:
+            info = getattr(sae, "info", None)
+            if info is None or info.site is None:
+                hook = getattr(info, "hook_name", None)
+                raise SpecError(
+                    "sae_splice: no site given, and the SAE does not say where it belongs"
+                    + (f" (its hook {hook!r} has no standard site)" if hook else "")
+                    + "; pass a site, e.g. sae_splice('resid_pre', 8, sae=...)"
+                )
+            site, layer = info.site, info.layer if layer is None else layer
         key = self.graph._add_sae(sae)
         self.graph.add(
             SAESplice(

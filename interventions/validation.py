@@ -301,6 +301,12 @@ def _check_sae_splice(plan: Plan, op: Op, target: _Target) -> None:
             f"{_where(op)}: SAE {op.sae!r} reads vectors of size {d_in} but the selected "
             f"region is {list(target.region)}"
         )
+    w_dec = graph.tensors.get(tensors.get("W_dec", ""))
+    if w_dec is not None and w_dec.ndim == 2 and int(w_dec.shape[1]) != d_in:
+        raise ValidationError(
+            f"{_where(op)}: transcoder {op.sae!r} ({graph.saes[op.sae].kind}) writes vectors of "
+            f"size {int(w_dec.shape[1])} into the region it reads, of size {d_in}"
+        )
     for edit in op.edits:
         bad = [f for f in edit.features if f >= d_sae]
         if bad:

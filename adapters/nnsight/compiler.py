@@ -224,20 +224,7 @@ class _Compiler:
             spec = self.graph.saes[key]
             tensors = {param: self.graph.tensors[k] for param, k in spec.tensors}
             sae = sae_from_parts(spec.kind, tensors, dict(spec.params)).to(dtype=torch.float32)
-            extra: Any = None
-            if spec.kind == "jumprelu":
-                extra = sae.threshold  # type: ignore[union-attr]
-            elif spec.kind == "topk":
-                extra = int(sae.k)  # type: ignore[union-attr]
-            self._saes[key] = (
-                spec.kind,
-                sae.W_enc,
-                sae.b_enc,
-                sae.W_dec,
-                sae.b_dec,
-                extra,
-                bool(sae.apply_b_dec_to_input),
-            )
+            self._saes[key] = sae.kernel()  # the canonical form: no per-kind code here
         edits = tuple((e.mode, list(e.features), e.value, e.low, e.high) for e in op.edits)
         return (*self._saes[key], edits, op.error)
 

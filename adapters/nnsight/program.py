@@ -141,19 +141,27 @@ def _run_program(
             x[index] = value
 
         def sae_splice(region: Any, params: Any) -> Any:
-            kind, w_enc, b_enc, w_dec, b_dec, extra, b_dec_in, edits, error = params
+            # the canonical form of interventions.sae.base._AffineSAE.kernel
+            act, w_enc, b_enc, w_dec, b_dec, extra, b_in, w_skip, rescale, edits, error = params
             device = region.device
             w_enc, b_enc = w_enc.to(device), b_enc.to(device)
             w_dec, b_dec = w_dec.to(device), b_dec.to(device)
             x32 = region.float()
-            pre = (x32 - b_dec if b_dec_in else x32) @ w_enc + b_enc
-            if kind == "relu":
+            scale = x32.shape[-1] ** 0.5 / x32.norm(dim=-1, keepdim=True) if rescale else None
+            xin = x32 * scale if rescale else x32
+            if b_in is not None:
+                xin = xin - b_in.to(device)
+            pre = xin @ w_enc + b_enc
+            if act == "relu":
                 f = torch.relu(pre)
-            elif kind == "jumprelu":
+            elif act == "jumprelu":
                 f = torch.relu(pre) * (pre > extra.to(device)).to(pre.dtype)
-            else:
+            elif act == "topk":
                 top = torch.topk(pre, k=extra, dim=-1, sorted=False)
                 f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+            else:  # gated: pre is the gate, extra the magnitude path
+                mag = xin @ extra[0].to(device) + extra[1].to(device)
+                f = (pre > 0).to(pre.dtype) * torch.relu(mag)
             g = f.clone() if edits else f
             for mode, features, value, low, high in edits:
                 if mode == "set":
@@ -162,11 +170,20 @@ def _run_program(
                     g[..., features] = g[..., features] * value
                 else:
                     g[..., features] = g[..., features].clamp(min=low, max=high)
-            recon = g @ w_dec + b_dec
+
+            def written(h: Any) -> Any:
+                y = h @ w_dec + b_dec
+                if rescale:
+                    y = y / scale
+                if w_skip is not None:
+                    y = y + x32 @ w_skip.to(device).T
+                return y
+
+            recon = written(g)
             if error == "drop":
                 out = recon
             else:
-                err = x32 - (recon if not edits else f @ w_dec + b_dec)
+                err = x32 - (recon if not edits else written(f))
                 out = recon + (err.detach() if error == "detach" else err)
             return out.to(region.dtype), f
 

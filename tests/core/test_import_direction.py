@@ -20,7 +20,10 @@ DATA = {
     "interventions.ops",
     "interventions.spec",
     "interventions.tensor_bytes",
-    "interventions.sae",  # the SAE kinds a graph may splice (weights and their formulas)
+    # the SAE kinds a graph may splice: weights and their formulas (not loading or training)
+    "interventions.sae.base",
+    "interventions.sae.info",
+    "interventions.sae.kinds",
 }
 
 

@@ -9,6 +9,15 @@ import interventions as iv
 
 EXPECTED = {
     "SAE",
+    "BatchTopKSAE",
+    "GatedSAE",
+    "JumpReLUTranscoder",
+    "SAEFit",
+    "SAEInfo",
+    "SkipTranscoder",
+    "Transcoder",
+    "check_sae",
+    "train_sae",
     "ArchitectureMap",
     "Backend",
     "BackendVersionError",

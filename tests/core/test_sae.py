@@ -29,6 +29,8 @@ from interventions.sae import (
 )
 
 FAST = settings(max_examples=40, deadline=None)
+# The three kinds these tests were written for; the later kinds are in test_sae_kinds.py.
+FIRST_KINDS = ("jumprelu", "relu", "topk")
 
 # --- a 2 -> 3 SAE whose outputs are worked out by hand -----------------------------------------
 #   x = [1, 2]
@@ -118,7 +120,7 @@ def test_topk_batched_rows_are_independent() -> None:
             assert torch.equal(f[i, j], sae.encode(x[i, j]))
 
 
-@pytest.mark.parametrize("kind", sorted(SAE_KINDS))
+@pytest.mark.parametrize("kind", FIRST_KINDS)
 def test_encode_decode_accept_any_leading_shape(kind: str) -> None:
     sae = make(kind, random_parts(4, 6, seed=1))
     x = torch.randn(2, 3, 5, 4)
@@ -230,7 +232,7 @@ def test_perfect_reconstruction_with_pseudo_inverse() -> None:
 # --- dataclass behaviour --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(SAE_KINDS))
+@pytest.mark.parametrize("kind", FIRST_KINDS)
 def test_parts_round_trip_and_protocol(kind: str) -> None:
     sae = make(kind, random_parts(3, 4, seed=2), apply=True)
     assert sae.kind == kind and SAE_KINDS[kind] is type(sae)
@@ -278,9 +280,9 @@ def test_frozen_and_to_returns_new_instance() -> None:
 
 def test_unknown_kind_lists_valid_kinds() -> None:
     with pytest.raises(SAEError) as info:
-        sae_from_parts("gated", hand_parts(), {})
+        sae_from_parts("gatd", hand_parts(), {})
     msg = str(info.value)
-    assert "'gated'" in msg and all(k in msg for k in ("relu", "jumprelu", "topk"))
+    assert "'gatd'" in msg and all(k in msg for k in ("relu", "jumprelu", "topk"))
     assert isinstance(info.value, InterventionError)
 
 
@@ -350,7 +352,7 @@ def test_encode_and_decode_check_the_width() -> None:
 # --- save / load ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(SAE_KINDS))
+@pytest.mark.parametrize("kind", FIRST_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_save_load_round_trip(kind: str, dtype: torch.dtype, tmp_path: Path) -> None:
     sae = make(kind, random_parts(5, 7, seed=3, dtype=dtype), apply=True)
@@ -587,10 +589,10 @@ BAD_DIRS: list[tuple[str, Any, Any, list[str]]] = [
     ("no weights", v6_cfg("standard"), None, [WEIGHTS_FILENAME, "missing"]),
     ("corrupt weights", v6_cfg("standard"), b"\x00garbage", [WEIGHTS_FILENAME, "safetensors"]),
     (
-        "gated",
-        v6_cfg("gated"),
+        "clt",
+        v6_cfg("clt"),
         hand_parts(),
-        [CFG_FILENAME, "'architecture'", "'gated'", "jumprelu, standard, topk"],
+        [CFG_FILENAME, "'architecture'", "'clt'", "gated, jumprelu"],
     ),
     ("bad arch type", v6_cfg(["standard"]), hand_parts(), [CFG_FILENAME, "'architecture'"]),
     (
@@ -606,12 +608,6 @@ BAD_DIRS: list[tuple[str, Any, Any, list[str]]] = [
         v6_cfg("standard", normalize_activations="layer_norm"),
         hand_parts(),
         ["'normalize_activations'", "layer_norm"],
-    ),
-    (
-        "norm true",
-        v5_cfg(normalize_activations=True),
-        hand_parts(),
-        ["'normalize_activations'", "expected_average_only_in"],
     ),
     (
         "reshape",
