@@ -68,7 +68,8 @@ from interventions.sae import (
 )
 from interventions.sae.check import SAEFit, check_sae
 from interventions.sae.training import train_sae
-from interventions.sites import Select, Site
+from interventions.positions import token_positions
+from interventions.sites import PerPrompt, Select, Site, per_prompt
 from interventions.validation import validate
 
 __all__ = [
@@ -105,6 +106,7 @@ __all__ = [
     "SAEErrorGradientWarning",
     "SAEFit",
     "SAEInfo",
+    "PerPrompt",
     "Select",
     "Site",
     "SkipTranscoder",
@@ -123,6 +125,8 @@ __all__ = [
     "backend_capabilities",
     "check_sae",
     "compare",
+    "per_prompt",
+    "token_positions",
     "list_backends",
     "load_model",
     "load_sae",

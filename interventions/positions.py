@@ -4,10 +4,12 @@ Text runs are tokenized with ``add_special_tokens=True`` (a BOS token counts as 
 position); these helpers tokenize the same way, so the positions they return select the
 intended token in a ``text=`` run of the same prompts.
 
->>> from tests.tiny_models import word_tokenizer  # doctest: +SKIP
->>> tok = word_tokenizer()  # doctest: +SKIP
->>> token_positions(tok, ["w1 w2 w3", "w4 w2"], word="w2")  # doctest: +SKIP
-PerPrompt((1, 1))
+>>> from interventions.reference_models.ioi import make_tokenizer
+>>> tok = make_tokenizer()  # word-level, prepends <bos>
+>>> prompts = ["when Mary and John went to the store , John gave a drink to",
+...            "then , Mary and John had a long argument , afterwards John said to"]
+>>> token_positions(tok, prompts, word="John", occurrence=1)
+PerPrompt((10, 12))
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def token_positions(
             raise SpecError(f"token_positions: word for prompt {i} must be a non-empty string")
         pattern = r"(?<!\w)" + re.escape(w.strip()) + r"(?!\w)"
         matches = [m.span() for m in re.finditer(pattern, prompt)]
-        start, end = _pick(matches, occ, f"word {w!r}", i, prompt)  # type: ignore[misc]
+        start, end = _pick(matches, occ, f"word {w!r}", i, prompt)
         spans = _token_spans(tokenizer, prompt)
         covering = [k for k, (a, b) in enumerate(spans) if b > a and a < end and b > start]
         if not covering:

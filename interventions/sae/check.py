@@ -105,9 +105,9 @@ def check_sae(
     out of the measures and the splice.
 
     >>> import torch, interventions as iv
-    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> net = torch.nn.Sequential(torch.nn.Identity())
     >>> sae = iv.StandardSAE(torch.eye(2), torch.zeros(2), torch.eye(2), torch.zeros(2))
-    >>> fit = iv.check_sae(sae, net, "0.output", torch.randn(64, 2))
+    >>> fit = iv.check_sae(sae, net, "0.output", torch.linspace(-1, 1, 128).reshape(64, 2))
     >>> fit.d_in, fit.site_width, round(fit.explained_variance, 2) < 1.0
     (2, 2, True)
     """
