@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
+import threading
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,6 +54,58 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | None = None) -> tuple[
     return model, tokenizer
 
 
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_lock(model: nn.Module) -> Iterator[None]:
+    """Hold ``model``'s run lock: runs on one model object are serialised, never interleaved.
+
+    Every backend installs hooks (or wraps modules) on the model object itself, so two
+    runs at once would see each other's interventions. :func:`run` holds this lock from
+    validation to the last hook removed. It is re-entrant (a recipe may call ``run``
+    while holding it) and kept in a weak map, so it does not keep the model alive.
+
+    >>> import torch
+    >>> m = torch.nn.Linear(2, 2)
+    >>> with model_lock(m), model_lock(m):  # re-entrant
+    ...     pass
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+    with lock:
+        yield
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout), then give every module back its own mode.
+
+    A model left in ``train()`` mode would run with dropout, so reruns would differ.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Dropout(0.5)).train()
+    >>> with eval_mode(m):
+    ...     m.training
+    False
+    >>> m.training, m[0].training
+    (True, True)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _config_hash(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     to_json = getattr(config, "to_json_string", None)
@@ -90,6 +146,10 @@ def run(
     terminal). Backend-specific ``options`` are passed through (the torch backend takes
     ``grad=True`` to keep the autograd graph).
 
+    Runs on one model object are serialised (see :func:`model_lock`): threads that share a
+    model wait for each other and never see each other's hooks. A model in ``train()`` mode
+    runs in eval mode (no dropout) and gets each module's mode back afterwards.
+
     ``remote=True`` (nnsight backend) sends the whole graph to an NDIF host as one
     request and waits for it: ``model`` may then be just the model's name on the host
     (only its config is read here). Host and API key follow nnsight (``NDIF_HOST``,
@@ -109,15 +169,23 @@ def run(
             graph, model, backend, tokenizer, batch, budget, remote, options, wait=True
         )
         return job.result(timeout=None)  # None: the timeout= option given to the backend
-    model, info, plan, impl, internal = _prepare(
-        graph, model, backend, tokenizer, batch, budget, options, remote=False
-    )
-    try:
-        tensors = impl.execute(plan, model, progress=progress, **options)
-    except InterventionError:
-        raise
-    except Exception as exc:
-        raise ExecutionError(f"backend {backend!r} failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(model, str):
+        model, loaded_tokenizer = load_model(model)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    if not isinstance(model, nn.Module):
+        raise InterventionError(f"model must be an nn.Module or a name, got {type(model).__name__}")
+    with model_lock(model), eval_mode(model):
+        model, info, plan, impl, internal = _prepare(
+            graph, model, backend, tokenizer, batch, budget, options, remote=False
+        )
+        try:
+            tensors = impl.execute(plan, model, progress=progress, **options)
+        except InterventionError:
+            raise
+        except Exception as exc:
+            raise ExecutionError(
+                f"backend {backend!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
     provenance = Provenance(
         graph=graph.fingerprint(),
         model_class=info.class_name,
