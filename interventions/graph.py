@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from interventions.errors import SpecError, choices_text, suggest
+from interventions.errors import SpecError, check_name, choices_text, excerpt, suggest
 from interventions.ops import (
     Ablate,
     Add,
@@ -44,6 +44,7 @@ from interventions.ops import (
     SAESpec,
     SAESplice,
     Scale,
+    check_op_names,
     depends_on,
     op_kind,
     produces,
@@ -70,8 +71,11 @@ class Run:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or not _is_name(self.name):
             raise SpecError(
-                f"run name {self.name!r}: use letters, digits, '_', '-' and '.' (not empty)"
+                f"run name {excerpt(self.name)}: use letters, digits, '_', '-' and '.' "
+                "(not empty, at most 200)"
             )
+        check_name(self.tokens, f"run {self.name!r} tokens key")
+        check_name(self.inputs, f"run {self.name!r} inputs key")
         given = [k for k in ("tokens", "text", "inputs") if getattr(self, k) is not None]
         if len(given) != 1:
             raise SpecError(
@@ -209,6 +213,7 @@ class Graph:
 
     def _check_op(self, op: Op, known: Mapping[str, Op]) -> None:
         """Check ``op`` given ``known``, the ops before it by the names they record."""
+        check_op_names(op)  # before any message quotes a name or suggests one
         if op.run not in self.runs:
             raise SpecError(
                 f"{op_kind(op)} on run {op.run!r}: no such run"

@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from interventions.errors import InterventionError, SAEError, SpecError, UnknownOp, choices_text
+from interventions.errors import (
+    InterventionError,
+    SAEError,
+    SpecError,
+    UnknownOp,
+    check_name,
+    choices_text,
+)
 from interventions.graph import Graph, Run
 from interventions.ops import (
     OP_KINDS,
@@ -452,6 +459,8 @@ def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
         raise SpecError("graph.runs and graph.ops must be lists")
     if not isinstance(saes, dict) or not isinstance(declared, dict):
         raise SpecError("graph.saes and graph.tensors must be objects")
+    for key in (*declared, *saes):
+        check_name(key, "graph.tensors / graph.saes key")
     tensors = _load_tensors(doc, directory)
     if set(tensors) != set(declared):
         raise SpecError(
