@@ -377,11 +377,16 @@ class Graph:
         save(self, path)
 
     @classmethod
-    def load(cls, path: str) -> Graph:
-        """Read a graph written by :meth:`save`. Nothing is unpickled or imported."""
-        from interventions.serialize import load
+    def load(cls, path: str, *, max_tensor_bytes: int | None = None) -> Graph:
+        """Read a graph written by :meth:`save`. Nothing is unpickled or imported.
 
-        return load(path)
+        The sidecar's header is checked against the graph before its data is read; its
+        tensors may hold at most ``max_tensor_bytes`` (default 4 GiB; raise it on purpose).
+        """
+        from interventions.serialize import load
+        from interventions.tensorfile import MAX_TENSOR_BYTES
+
+        return load(path, max_tensor_bytes=max_tensor_bytes or MAX_TENSOR_BYTES)
 
     def __str__(self) -> str:
         from interventions.printing import format_graph

@@ -50,6 +50,7 @@ from interventions.ops import (
 )
 from interventions.sae import SAE_KINDS, sae_from_parts
 from interventions.sites import Index, Select, Site, Span
+from interventions.tensorfile import MAX_TENSOR_BYTES, read_tensors
 
 FORMAT = "interventions.graph"
 VERSION = 1
@@ -398,21 +399,45 @@ def _check_saes(graph: Graph) -> None:
             raise SpecError(f"graph.saes.{key}: {exc}") from None
 
 
-def _load_tensors(doc: _Doc, directory: Path | None) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
+def _declared(declared: dict[Any, Any]) -> dict[str, tuple[str, list[int]]]:
+    """``graph.tensors`` checked as ``{key: {dtype, shape}}``, before any data is read."""
+    out: dict[str, tuple[str, list[int]]] = {}
+    for key, meta in declared.items():
+        m = _Doc(meta, f"graph.tensors.{key}", {"dtype", "shape"})
+        dtype, shape = m.get("dtype"), m.get("shape")
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(shape, list)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+        ):
+            raise SpecError(
+                f"graph.tensors.{key}: declared {meta!r:.200}; expected a dtype name and a list "
+                "of sizes"
+            )
+        out[str(key)] = (dtype, shape)
+    return out
 
+
+def _load_tensors(
+    doc: _Doc,
+    directory: Path | None,
+    expected: dict[str, tuple[str, list[int]]],
+    max_tensor_bytes: int,
+) -> dict[str, torch.Tensor]:
     data = _Doc(doc.get("tensor_data", {}), "tensor_data", {"inline", "file"})
     if "inline" in data.value and "file" in data.value:
         raise SpecError("tensor_data: give inline or file, not both")
+    source: bytes | Path
     if "inline" in data.value:
         try:
-            blob = base64.b64decode(data.text("inline"), validate=True)
+            source = base64.b64decode(data.text("inline"), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise SpecError(f"tensor_data.inline: not valid base64 ({exc})") from None
+        what = "tensor_data.inline"
     elif "file" in data.value:
         name = data.text("file")
         if directory is None:
-            raise SpecError(f"tensor_data.file {name!r}: load the graph with Graph.load(path)")
+            raise SpecError(f"tensor_data.file {name!r:.80}: load the graph with Graph.load(path)")
         if (
             name in ("", ".", "..")
             or name != os.path.basename(name)
@@ -422,29 +447,33 @@ def _load_tensors(doc: _Doc, directory: Path | None) -> dict[str, torch.Tensor]:
             or not name.endswith(".safetensors")
         ):
             raise SpecError(
-                f"tensor_data.file {name!r}: must be a bare '<name>.safetensors' file name "
+                f"tensor_data.file {name!r:.80}: must be a bare '<name>.safetensors' file name "
                 "beside the graph"
             )
-        path = directory / name
+        source = directory / name
+        what = f"tensor sidecar {str(source)!r:.300}"
         try:
-            if path.is_symlink() or not path.is_file():
-                raise SpecError(f"tensor sidecar {str(path)!r} is missing or not a regular file")
-            blob = path.read_bytes()
+            if source.is_symlink() or not source.is_file():
+                raise SpecError(f"{what} is missing or not a regular file")
         except OSError as exc:
-            raise SpecError(
-                f"tensor sidecar {str(path)!r} cannot be read: {exc.strerror}"
-            ) from None
+            raise SpecError(f"{what} cannot be read: {exc.strerror}") from None
     else:
-        blob = b""
-    if not blob:
+        source = b""
+        what = "tensor data"
+    if source == b"":
+        if expected:
+            raise SpecError(
+                f"tensor data holds nothing but the graph declares {choices_text(sorted(expected))}"
+            )
         return {}
-    try:
-        return dict(load(blob))
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise SpecError(f"tensor data is not valid safetensors: {exc}") from None
+    return read_tensors(
+        source, expected, what=what, max_bytes=max_tensor_bytes, field="graph.tensors."
+    )
 
 
-def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
+def graph_from_doc(
+    raw: Any, directory: Path | None = None, *, max_tensor_bytes: int = MAX_TENSOR_BYTES
+) -> Graph:
     doc = _Doc(raw, "graph", {"format", "version", "runs", "saes", "ops", "tensors", "tensor_data"})
     if doc.get("format") != FORMAT:
         raise SpecError(f"graph.format: expected {FORMAT!r}, got {doc.get('format')!r:.80}")
@@ -461,24 +490,11 @@ def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
         raise SpecError("graph.saes and graph.tensors must be objects")
     for key in (*declared, *saes):
         check_name(key, "graph.tensors / graph.saes key")
-    tensors = _load_tensors(doc, directory)
-    if set(tensors) != set(declared):
-        raise SpecError(
-            f"tensor data holds {choices_text(sorted(tensors)) or 'nothing'} but the graph "
-            f"declares {choices_text(sorted(map(str, declared))) or 'nothing'}"
-        )
+    tensors = _load_tensors(doc, directory, _declared(declared), max_tensor_bytes)
     for key, meta in declared.items():
-        m = _Doc(meta, f"graph.tensors.{key}", {"dtype", "shape"})
         t = tensors[key]
-        shape = m.get("shape")
-        if (
-            not isinstance(m.get("dtype"), str)
-            or not isinstance(shape, list)
-            or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
-            or m.get("dtype") != str(t.dtype).removeprefix("torch.")
-            or shape != list(t.shape)
-        ):
-            raise SpecError(
+        if str(t.dtype).removeprefix("torch.") != meta["dtype"] or list(t.shape) != meta["shape"]:
+            raise SpecError(  # read_tensors checked this already; kept as a second guard
                 f"graph.tensors.{key}: declared {meta!r:.200} but the data is "
                 f"{t.dtype} {list(t.shape)}"
             )
@@ -502,7 +518,12 @@ def graph_from_doc(raw: Any, directory: Path | None = None) -> Graph:
     return graph
 
 
-def from_json(text: str | bytes, *, directory: str | os.PathLike[str] | None = None) -> Graph:
+def from_json(
+    text: str | bytes,
+    *,
+    directory: str | os.PathLike[str] | None = None,
+    max_tensor_bytes: int = MAX_TENSOR_BYTES,
+) -> Graph:
     if not isinstance(text, (str, bytes)):
         raise SpecError(f"expected JSON text, got {type(text).__name__}")
     if len(text) > MAX_JSON_BYTES:
@@ -512,12 +533,16 @@ def from_json(text: str | bytes, *, directory: str | os.PathLike[str] | None = N
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         raise SpecError(f"not valid JSON: {str(exc)[:200]}") from None
     try:
-        return graph_from_doc(raw, None if directory is None else Path(directory))
+        return graph_from_doc(
+            raw, None if directory is None else Path(directory), max_tensor_bytes=max_tensor_bytes
+        )
     except RecursionError:
         raise SpecError("graph JSON is nested too deeply") from None
 
 
-def load(path: str | os.PathLike[str]) -> Graph:
+def load(path: str | os.PathLike[str], *, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> Graph:
+    """Read a graph file and its sidecar; the sidecar's header is checked against the
+    graph (names, dtypes, shapes, a total under ``max_tensor_bytes``) before its data."""
     target = Path(path)
     try:
         if not target.is_file():
@@ -530,4 +555,4 @@ def load(path: str | os.PathLike[str]) -> Graph:
         text = target.read_bytes()
     except OSError as exc:
         raise SpecError(f"graph file {str(target)!r} cannot be read: {exc.strerror}") from None
-    return from_json(text, directory=target.parent)
+    return from_json(text, directory=target.parent, max_tensor_bytes=max_tensor_bytes)
