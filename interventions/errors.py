@@ -12,6 +12,8 @@
     ├── UnsupportedOp                 a backend cannot express an op (before running)
     ├── BackendVersionError           an installed backend library is out of range
     ├── SAEError                      an SAE's weights or files are unusable
+    ├── ResultsError                  a results folder is malformed (names the file and field)
+    ├── OutputError                   an output cannot be written (disk full, permissions)
     ├── ExecutionError                a backend failed while running (the model is left clean)
     │   └── RemoteExecutionError      the graph raised on the remote host (its traceback attached)
     └── RemoteError                   a remote (NDIF) run failed; names host, model key, job id
@@ -70,6 +72,15 @@ class BackendVersionError(InterventionError):
 
 class SAEError(InterventionError):
     """An SAE's weights, configuration or files are unusable."""
+
+
+class ResultsError(InterventionError):
+    """A results folder cannot be read or is malformed; names the file and the field."""
+
+
+class OutputError(InterventionError):
+    """An output (results, graph, picture) cannot be written: disk full, permissions, a
+    file where a folder should be. Nothing half-written is left under the final name."""
 
 
 class ExecutionError(InterventionError):

@@ -50,7 +50,7 @@ from interventions.ops import (
 )
 from interventions.sae import SAE_KINDS, sae_from_parts
 from interventions.sites import Index, Select, Site, Span
-from interventions.tensorfile import MAX_TENSOR_BYTES, read_tensors
+from interventions.tensorfile import MAX_TENSOR_BYTES, read_tensors, write_atomic
 
 FORMAT = "interventions.graph"
 VERSION = 1
@@ -158,14 +158,9 @@ def save(graph: Graph, path: str | os.PathLike[str]) -> None:
         raise SpecError(f"{target}: a graph file cannot end in .safetensors (that is the sidecar)")
     doc = graph_to_dict(graph)
     doc["tensor_data"] = {"file": sidecar.name}
-    tmp_json, tmp_side = (
-        target.with_name(target.name + ".tmp"),
-        sidecar.with_name(sidecar.name + ".tmp"),
-    )
-    tmp_side.write_bytes(_tensor_blob(graph))
-    tmp_json.write_text(json.dumps(doc, indent=2, allow_nan=False))
-    os.replace(tmp_side, sidecar)  # both or neither look complete to a reader
-    os.replace(tmp_json, target)
+    # each file is renamed into place whole; the graph names its sidecar and is written last
+    write_atomic(sidecar, _tensor_blob(graph))
+    write_atomic(target, json.dumps(doc, indent=2, allow_nan=False).encode())
 
 
 # -- decoding ----------------------------------------------------------------------------
@@ -450,10 +445,10 @@ def _load_tensors(
                 f"tensor_data.file {name!r:.80}: must be a bare '<name>.safetensors' file name "
                 "beside the graph"
             )
-        source = directory / name
-        what = f"tensor sidecar {str(source)!r:.300}"
+        path = source = directory / name
+        what = f"tensor sidecar {str(path)!r:.300}"
         try:
-            if source.is_symlink() or not source.is_file():
+            if path.is_symlink() or not path.is_file():
                 raise SpecError(f"{what} is missing or not a regular file")
         except OSError as exc:
             raise SpecError(f"{what} cannot be read: {exc.strerror}") from None

@@ -1,4 +1,4 @@
-"""Bounded safetensors reading: the header is checked against what is expected first.
+"""Safe file I/O: bounded safetensors reads (header checked first) and atomic writes.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header naming each
 tensor's dtype, shape and byte range, then the data. :func:`read_tensors` reads only the
@@ -15,18 +15,20 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import struct
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
-from interventions.errors import InterventionError, SpecError, choices_text, excerpt
+from interventions.errors import InterventionError, OutputError, SpecError, choices_text, excerpt
 
 MAX_TENSOR_BYTES = 4 * 1024**3  # default cap on the data of one file (4 GiB)
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -193,3 +195,28 @@ def _listing(names: Sequence[str]) -> str:
     shown = [excerpt(n, 40) for n in names[:20]]
     more = f", ... ({len(names)} in all)" if len(names) > 20 else ""
     return (", ".join(shown) + more) if names else "nothing"
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then rename it over ``path``.
+
+    A reader sees the old file or the new one, never a part; on failure (disk full,
+    permissions) the temporary file is removed and :class:`OutputError` names ``path``.
+
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+    >>> write_atomic(target, b"abc"); target.read_bytes()
+    b'abc'
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from None
