@@ -6,25 +6,27 @@ import contextlib
 import datetime
 import functools
 import hashlib
+import os
 import threading
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from interventions._version import __version__
 from interventions.architectures import describe
 from interventions.backends import get_backend
 from interventions.batching import Budget, batch_graph
 from interventions.errors import ExecutionError, InterventionError, UnsupportedOp
 from interventions.graph import Graph
+from interventions.hf import empty_tokenizer
 from interventions.plan import make_plan
 from interventions.remote import Job, remote_backend
 from interventions.results import Provenance, Results
 from interventions.validation import validate
-
-__version__ = "0.1.0"
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
@@ -39,19 +41,46 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | None = None) -> tuple[
     if bundled is not None:
         return bundled
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise InterventionError("loading a model by name needs transformers") from exc
+    _check_local_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise InterventionError(f"cannot load model {name_or_path!r}: {exc}") from None
+    model.eval()
+    return model, _tokenizer(name_or_path)
+
+
+def _check_local_path(name_or_path: str) -> None:
+    """A name that can only be a path (``/x``, ``./x``, ``~/x``, ``a/b/c``) must exist."""
+    path = Path(name_or_path).expanduser()
+    looks_local = (
+        name_or_path.startswith((".", "/", "~", "\\"))
+        or name_or_path.count("/") > 1
+        or (os.sep != "/" and os.sep in name_or_path)
+    )
+    if looks_local and not path.exists():
+        raise InterventionError(
+            f"cannot load model {name_or_path!r}: no such directory ({str(path.absolute())!r}); "
+            "give a bundled name, a hub id like 'gpt2' or 'org/name', or an existing folder"
+        )
+    if path.exists() and not path.is_dir():
+        raise InterventionError(
+            f"cannot load model {name_or_path!r}: it is a file, not a model directory"
+        )
+
+
+def _tokenizer(name_or_path: str) -> Any:
+    """The model's tokenizer, or ``None`` when it has none (or an empty one)."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):
-        tokenizer = None
-    model.eval()
-    return model, tokenizer
+        return None
+    return None if empty_tokenizer(tokenizer) else tokenizer
 
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -252,7 +281,7 @@ def load_structure(name_or_path: str) -> tuple[nn.Module, Any]:
 @functools.lru_cache(maxsize=8)
 def _load_structure(name_or_path: str) -> tuple[nn.Module, Any]:
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise InterventionError("naming a remote model needs transformers") from exc
     try:
@@ -262,11 +291,7 @@ def _load_structure(name_or_path: str) -> tuple[nn.Module, Any]:
     except (OSError, ValueError) as exc:
         raise InterventionError(f"cannot read the config of {name_or_path!r}: {exc}") from None
     model.config._name_or_path = name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model.eval(), tokenizer
+    return model.eval(), _tokenizer(name_or_path)
 
 
 def _run_remote(

@@ -133,6 +133,13 @@ def tokenize(run: Run, tokenizer: Any) -> torch.Tensor:
             "would not line up. Use prompts of equal length, one run per length, or tokens="
         )
     if lengths == [0]:
+        from interventions.hf import empty_tokenizer
+
+        if empty_tokenizer(tokenizer):
+            raise ValidationError(
+                f"run {run.name!r}: this model has no tokenizer (the one given is empty, as for "
+                "a model saved without tokenizer files); pass tokens= or --clean-ids"
+            )
         raise ValidationError(f"run {run.name!r}: a prompt tokenizes to nothing")
     return torch.tensor(ids, dtype=torch.long)
 
