@@ -109,12 +109,18 @@ def _is_name(name: str) -> bool:
 
 @dataclass
 class Graph:
-    """An experiment as data: runs, ops and a table of named tensors and SAEs."""
+    """An experiment as data: runs, ops and a table of named tensors and SAEs.
+
+    Tensors holding NaN or Inf are refused unless ``allow_nonfinite=True``: a policy kept
+    in the JSON (a graph that opts in loads again; one that does not is refused at load),
+    not part of equality or the fingerprint.
+    """
 
     runs: dict[str, Run] = field(default_factory=dict)
     ops: list[Op] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     saes: dict[str, SAESpec] = field(default_factory=dict)
+    allow_nonfinite: bool = False
 
     # -- building ------------------------------------------------------------------
 
@@ -175,6 +181,8 @@ class Graph:
         key = f"t{len(self.tensors)}"
         while key in self.tensors:
             key = f"{key}_"
+        if not self.allow_nonfinite:
+            check_finite(tensor, f"tensor {key}")
         self.tensors[key] = tensor
         return key
 
@@ -347,7 +355,9 @@ class Graph:
         """SHA-256 of the graph's JSON and tensor bytes: equal graphs, equal fingerprints."""
         from interventions.serialize import graph_to_dict
 
-        digest = hashlib.sha256(json.dumps(graph_to_dict(self), sort_keys=True).encode())
+        doc = graph_to_dict(self)
+        doc.pop("allow_nonfinite", None)  # a policy for building and loading, not content
+        digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
         for key in sorted(self.tensors):
             tensor = self.tensors[key]
             digest.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
@@ -398,6 +408,20 @@ class Graph:
 
     def __iter__(self) -> Iterator[Op]:
         return iter(self.ops)
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise :class:`SpecError` if a float tensor holds NaN or Inf (the first one named)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+        return
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        index = [int(i) for i in bad.nonzero()[0]]
+        raise SpecError(
+            f"{what} holds {int(bad.sum())} NaN/Inf value(s), first at {index} "
+            f"({tensor[tuple(index)].item()}); build with iv.Graph(allow_nonfinite=True) to "
+            "keep them on purpose"
+        )
 
 
 def _byte_view(tensor: torch.Tensor) -> Any:

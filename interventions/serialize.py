@@ -31,7 +31,7 @@ from interventions.errors import (
     check_name,
     choices_text,
 )
-from interventions.graph import Graph, Run
+from interventions.graph import Graph, Run, check_finite
 from interventions.ops import (
     OP_KINDS,
     Ablate,
@@ -135,6 +135,7 @@ def graph_to_dict(graph: Graph) -> dict[str, Any]:
             key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
             for key, t in graph.tensors.items()
         },
+        **({"allow_nonfinite": True} if graph.allow_nonfinite else {}),
     }
 
 
@@ -469,7 +470,11 @@ def _load_tensors(
 def graph_from_doc(
     raw: Any, directory: Path | None = None, *, max_tensor_bytes: int = MAX_TENSOR_BYTES
 ) -> Graph:
-    doc = _Doc(raw, "graph", {"format", "version", "runs", "saes", "ops", "tensors", "tensor_data"})
+    doc = _Doc(
+        raw,
+        "graph",
+        {"format", "version", "runs", "saes", "ops", "tensors", "tensor_data", "allow_nonfinite"},
+    )
     if doc.get("format") != FORMAT:
         raise SpecError(f"graph.format: expected {FORMAT!r}, got {doc.get('format')!r:.80}")
     version = doc.get("version")
@@ -496,7 +501,11 @@ def graph_from_doc(
         if t.dtype == torch.bool and t.numel() and int(t.view(torch.uint8).max()) > 1:
             # torch keeps such bytes, but any copy turns them into 1: not a stable value
             raise SpecError(f"graph.tensors.{key}: bool data holds bytes other than 0 and 1")
-    graph = Graph(tensors={key: tensors[key] for key in declared})
+    allow_nonfinite = doc.flag("allow_nonfinite")
+    if not allow_nonfinite:
+        for key, t in tensors.items():
+            check_finite(t, f"graph.tensors.{key}")
+    graph = Graph(tensors={key: tensors[key] for key in declared}, allow_nonfinite=allow_nonfinite)
     for i, r in enumerate(runs):
         run = _decode_run(r, f"graph.runs[{i}]")
         if run.name in graph.runs:
