@@ -221,3 +221,25 @@ def test_steer_reports_its_effect_size(model_dir: Path, capsys: pytest.CaptureFi
     )
     norm = float(iv.run(probe, model)["r"].norm(dim=-1).mean())
     assert f"whose mean norm is {norm:.3g}" in out
+
+
+@pytest.mark.parametrize("skip", ["0", "1"])
+def test_dev_test_says_up_front_what_it_installs(tmp_path: Path, skip: str) -> None:
+    """The notice comes before anything is installed: here setup fails at once (PYTHON is
+    ``false``), so nothing is installed, and the notice has already been printed."""
+    import os
+
+    env = {
+        **os.environ,
+        "INTERVENTIONS_VENV": str(tmp_path / "venv"),
+        "PYTHON": "false",
+        "INTERVENTIONS_SKIP_REMOTE": skip,
+    }
+    out = subprocess.run(
+        ["bash", str(ROOT / "dev"), "test"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode != 0 and not (tmp_path / "venv").exists()
+    said = "redis-server and PostgreSQL from apt" in out.stderr
+    assert said == (skip == "0"), out.stderr
+    if skip == "0":
+        assert "INTERVENTIONS_SKIP_REMOTE=1 ./dev test" in out.stderr
