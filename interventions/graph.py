@@ -51,6 +51,7 @@ from interventions.ops import (
     tensor_keys,
 )
 from interventions.sites import IndexLike, Select, Site
+from interventions.tensorfile import check_finite
 
 if TYPE_CHECKING:
     from torch import nn
@@ -408,20 +409,6 @@ class Graph:
 
     def __iter__(self) -> Iterator[Op]:
         return iter(self.ops)
-
-
-def check_finite(tensor: torch.Tensor, what: str) -> None:
-    """Raise :class:`SpecError` if a float tensor holds NaN or Inf (the first one named)."""
-    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
-        return
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        index = [int(i) for i in bad.nonzero()[0]]
-        raise SpecError(
-            f"{what} holds {int(bad.sum())} NaN/Inf value(s), first at {index} "
-            f"({tensor[tuple(index)].item()}); build with iv.Graph(allow_nonfinite=True) to "
-            "keep them on purpose"
-        )
 
 
 def _byte_view(tensor: torch.Tensor) -> Any:

@@ -31,7 +31,7 @@ from interventions.errors import (
     check_name,
     choices_text,
 )
-from interventions.graph import Graph, Run, check_finite
+from interventions.graph import Graph, Run
 from interventions.ops import (
     OP_KINDS,
     Ablate,
@@ -50,7 +50,7 @@ from interventions.ops import (
 )
 from interventions.sae import SAE_KINDS, sae_from_parts
 from interventions.sites import Index, Select, Site, Span
-from interventions.tensorfile import MAX_TENSOR_BYTES, read_tensors, write_atomic
+from interventions.tensorfile import MAX_TENSOR_BYTES, check_finite, read_tensors, write_atomic
 
 FORMAT = "interventions.graph"
 VERSION = 1

@@ -1,4 +1,5 @@
-"""Safe file I/O: bounded safetensors reads (header checked first) and atomic writes.
+"""Safe tensor I/O: bounded safetensors reads (header checked first), atomic writes, and
+the finiteness check for graph tensors.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header naming each
 tensor's dtype, shape and byte range, then the data. :func:`read_tensors` reads only the
@@ -195,6 +196,20 @@ def _listing(names: Sequence[str]) -> str:
     shown = [excerpt(n, 40) for n in names[:20]]
     more = f", ... ({len(names)} in all)" if len(names) > 20 else ""
     return (", ".join(shown) + more) if names else "nothing"
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise :class:`SpecError` if a float tensor holds NaN or Inf (the first one named)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+        return
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        index = [int(i) for i in bad.nonzero()[0]]
+        raise SpecError(
+            f"{what} holds {int(bad.sum())} NaN/Inf value(s), first at {index} "
+            f"({tensor[tuple(index)].item()}); build with iv.Graph(allow_nonfinite=True) to "
+            "keep them on purpose"
+        )
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
