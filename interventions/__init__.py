@@ -14,16 +14,11 @@ closed op set), ``graph`` (runs + ops; JSON), ``validate``, ``plan``, ``results`
 and are imported only when a backend is used.
 """
 
-from interventions.architectures import ArchitectureMap, architectures, register_architecture
-from interventions.backends import (
-    Backend,
-    Capabilities,
-    backend_capabilities,
-    list_backends,
-    register_backend,
-)
-from interventions.batching import Budget
-from interventions.comparison import Comparison, compare
+import sys
+import types
+from typing import TYPE_CHECKING
+
+from interventions._version import __version__
 from interventions.errors import (
     BackendVersionError,
     ExecutionError,
@@ -31,11 +26,13 @@ from interventions.errors import (
     JobLost,
     MalformedResponse,
     ModelNotDeployed,
+    OutputError,
     RemoteAuthError,
     RemoteConnectionError,
     RemoteError,
     RemoteExecutionError,
     RemoteTimeout,
+    ResultsError,
     ResultTooLarge,
     SAEError,
     SAEErrorGradientWarning,
@@ -47,30 +44,117 @@ from interventions.errors import (
     UnsupportedOp,
     ValidationError,
 )
-from interventions.execute import __version__, load_model, run, submit
-from interventions.graph import Graph, RunHandle
-from interventions.ops import FeatureEdit, Ref
-from interventions.remote import Job
-from interventions.results import Provenance, Results
-from interventions.sae import (
-    SAE,
-    BatchTopKSAE,
-    GatedSAE,
-    JumpReLUSAE,
-    JumpReLUTranscoder,
-    SAEInfo,
-    SkipTranscoder,
-    StandardSAE,
-    TopKSAE,
-    Transcoder,
-    load_sae,
-    save_sae,
-)
-from interventions.sae.check import SAEFit, check_sae
-from interventions.sae.training import train_sae
-from interventions.positions import token_positions
-from interventions.sites import PerPrompt, Select, Site, per_prompt
-from interventions.validation import validate
+
+if TYPE_CHECKING:
+    from interventions.architectures import ArchitectureMap, architectures, register_architecture
+    from interventions.backends import (
+        Backend,
+        Capabilities,
+        backend_capabilities,
+        list_backends,
+        register_backend,
+    )
+    from interventions.batching import Budget
+    from interventions.comparison import Comparison, compare
+    from interventions.execute import load_model, run, submit
+    from interventions.graph import Graph, RunHandle
+    from interventions.ops import FeatureEdit, Ref
+    from interventions.positions import token_positions
+    from interventions.remote import Job
+    from interventions.results import Provenance, Results
+    from interventions.sae import (
+        SAE,
+        BatchTopKSAE,
+        GatedSAE,
+        JumpReLUSAE,
+        JumpReLUTranscoder,
+        SAEInfo,
+        SkipTranscoder,
+        StandardSAE,
+        TopKSAE,
+        Transcoder,
+        load_sae,
+        save_sae,
+    )
+    from interventions.sae.check import SAEFit, check_sae
+    from interventions.sae.training import train_sae
+    from interventions.sites import PerPrompt, Select, Site, per_prompt
+    from interventions.validation import validate
+
+# Everything but the errors is imported on first use, so ``import interventions`` (and the
+# command line's ``--help``) does not import torch.
+_LAZY: dict[str, str] = {
+    "ArchitectureMap": "interventions.architectures",
+    "architectures": "interventions.architectures",
+    "register_architecture": "interventions.architectures",
+    "Backend": "interventions.backends",
+    "Capabilities": "interventions.backends",
+    "backend_capabilities": "interventions.backends",
+    "list_backends": "interventions.backends",
+    "register_backend": "interventions.backends",
+    "Budget": "interventions.batching",
+    "Comparison": "interventions.comparison",
+    "compare": "interventions.comparison",
+    "load_model": "interventions.execute",
+    "run": "interventions.execute",
+    "submit": "interventions.execute",
+    "Graph": "interventions.graph",
+    "RunHandle": "interventions.graph",
+    "FeatureEdit": "interventions.ops",
+    "Ref": "interventions.ops",
+    "token_positions": "interventions.positions",
+    "Job": "interventions.remote",
+    "Provenance": "interventions.results",
+    "Results": "interventions.results",
+    "BatchTopKSAE": "interventions.sae",
+    "GatedSAE": "interventions.sae",
+    "JumpReLUSAE": "interventions.sae",
+    "JumpReLUTranscoder": "interventions.sae",
+    "SAE": "interventions.sae",
+    "SAEInfo": "interventions.sae",
+    "SkipTranscoder": "interventions.sae",
+    "StandardSAE": "interventions.sae",
+    "TopKSAE": "interventions.sae",
+    "Transcoder": "interventions.sae",
+    "load_sae": "interventions.sae",
+    "save_sae": "interventions.sae",
+    "SAEFit": "interventions.sae.check",
+    "check_sae": "interventions.sae.check",
+    "train_sae": "interventions.sae.training",
+    "PerPrompt": "interventions.sites",
+    "Select": "interventions.sites",
+    "Site": "interventions.sites",
+    "per_prompt": "interventions.sites",
+    "validate": "interventions.validation",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'interventions' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """``iv.architectures`` is a function: importing the submodule of that name must not
+    replace it (the import system sets each loaded submodule as a package attribute)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return  # the submodule stays in sys.modules under its full name
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "SAE",
@@ -92,6 +176,8 @@ __all__ = [
     "JumpReLUTranscoder",
     "MalformedResponse",
     "ModelNotDeployed",
+    "OutputError",
+    "PerPrompt",
     "Provenance",
     "Ref",
     "RemoteAuthError",
@@ -101,12 +187,12 @@ __all__ = [
     "RemoteTimeout",
     "ResultTooLarge",
     "Results",
+    "ResultsError",
     "RunHandle",
     "SAEError",
     "SAEErrorGradientWarning",
     "SAEFit",
     "SAEInfo",
-    "PerPrompt",
     "Select",
     "Site",
     "SkipTranscoder",
@@ -125,16 +211,16 @@ __all__ = [
     "backend_capabilities",
     "check_sae",
     "compare",
-    "per_prompt",
-    "token_positions",
     "list_backends",
     "load_model",
     "load_sae",
+    "per_prompt",
     "register_architecture",
     "register_backend",
     "run",
     "save_sae",
     "submit",
+    "token_positions",
     "train_sae",
     "validate",
 ]

@@ -27,6 +27,7 @@ from interventions.errors import (
     UnknownSite,
     ValidationError,
     choices_text,
+    excerpt,
     suggest,
 )
 from interventions.sites import STANDARD_SITES, Site
@@ -153,7 +154,7 @@ class ModelInfo:
             if path not in self.module_names:
                 modules = sorted(m for m in self.module_names if m)
                 raise UnknownSite(
-                    f"{path!r} is not a module of {self.class_name}"
+                    f"{excerpt(path, 200)} is not a module of {self.class_name}"
                     f"{suggest(path, modules)}. Modules include: "
                     f"{choices_text(modules[:12])}{', ...' if len(modules) > 12 else ''}"
                 )

@@ -115,12 +115,13 @@ def get_backend(name: str) -> Backend:
     module_name, _, attr = targets[name].partition(":")
     try:
         module = importlib.import_module(module_name)
+        backend = getattr(module, attr)()  # a backend may import its library only here
     except ImportError as exc:
+        missing = f"needs {exc.name}, which is not installed" if exc.name else "cannot be imported"
         raise InterventionError(
-            f"backend {name!r} cannot be imported ({exc}); install its extra, e.g. "
+            f"backend {name!r} {missing} ({exc}); install its extra: "
             f"pip install 'interventions[{name}]'"
-        ) from exc
-    backend = getattr(module, attr)()
+        ) from None
     _INSTANCES[name] = backend
     return backend
 

@@ -10,9 +10,12 @@
     interventions logit-lens --model M --prompt ... --out DIR
     interventions steer --model M --prompt ... --layer L --token-direction ID --scale S
 
-Exit codes scripts can rely on: 0 success; 2 usage error or missing file; 3 malformed
-spec; 4 the spec does not fit the model or backend (site, shape, capability); 5 the
-backend failed while running; 1 anything else.
+Exit codes scripts can rely on: 0 success; 2 usage error (a bad argument, a missing
+file, ``--out`` naming a file); 3 malformed spec; 4 the spec does not fit the model or
+backend (site, shape, capability); 5 the backend failed while running; 6 an output could
+not be written (disk full, permissions; nothing half-written is left); 1 anything else.
+
+``--help`` and ``--version`` do not import torch.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_SPEC, EXIT_INVALID, EXIT_RUN = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_SPEC, EXIT_INVALID, EXIT_RUN, EXIT_OUTPUT = range(7)
+# commands whose inputs are all arguments: a bad value there is a usage error (exit 2)
+ARGUMENT_COMMANDS = ("patch-sweep", "logit-lens", "steer")
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 class UsageError(Exception):
@@ -46,10 +52,43 @@ def _load_graph(path: str) -> Any:
     return Graph.load(path)
 
 
-def _model(name: str) -> tuple[Any, Any]:
+def _model(args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+
     from interventions.execute import load_model
 
-    return load_model(name)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    if dtype is not None:
+        model = model.to(dtype)  # bundled models load in float32
+    if args.device:
+        try:
+            model = model.to(args.device)
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            raise UsageError(f"--device {args.device!r}: {exc}") from None
+    return model, tokenizer
+
+
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path!r} is a file; give a folder (it is created if missing)")
+    return out
+
+
+def _picture(draw: Any, *args: Any, **kwargs: Any) -> Path | None:
+    """Draw a picture; without matplotlib say so and go on (the data is saved already)."""
+    from interventions.errors import InterventionError, OutputError
+
+    try:
+        return Path(draw(*args, **kwargs))
+    except InterventionError as exc:
+        if not isinstance(exc.__cause__, ImportError):
+            raise
+        print(f"note: no picture ({exc})", file=sys.stderr)
+        return None
+    except OSError as exc:
+        raise OutputError(f"cannot write the picture: {exc.strerror or exc}") from None
 
 
 def _tokens(args: argparse.Namespace, which: str, tokenizer: Any) -> Any:
@@ -60,7 +99,7 @@ def _tokens(args: argparse.Namespace, which: str, tokenizer: Any) -> Any:
     if ids is not None:
         return [_ids(x) for x in ids]
     if tokenizer is None:
-        raise UsageError(f"--{which} TEXT needs a model with a tokenizer; use --{which}-ids")
+        raise UsageError(f"this model has no tokenizer; pass --{which}-ids instead of --{which}")
     return list(text or [])
 
 
@@ -81,15 +120,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     import interventions as iv
 
     graph = _load_graph(args.spec)
+    out_dir = _out_dir(args.out)
     options: dict[str, Any] = {}
     if args.remote:
         options["remote"] = True
     if args.remote:
         res = iv.run(graph, args.model, backend=args.backend, **options)
     else:
-        model, tokenizer = _model(args.model)
+        model, tokenizer = _model(args)
         res = iv.run(graph, model, backend=args.backend, tokenizer=tokenizer, **options)
-    out = res.save(args.out)
+    out = res.save(out_dir)
     print(res)
     print(f"wrote {out / 'results.safetensors'} and {out / 'summary.json'}")
     return EXIT_OK
@@ -99,7 +139,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import interventions as iv
 
     graph = _load_graph(args.spec)
-    model, tokenizer = _model(args.model)
+    model, tokenizer = _model(args)
     plan = iv.validate(graph, model, tokenizer=tokenizer, backend=args.backend)
     print(
         f"ok: {len(graph.runs)} runs, {len(graph.ops)} ops fit {plan.info.class_name} on {args.backend}"
@@ -121,13 +161,17 @@ def cmd_backends(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table, indent=2))
         return EXIT_OK
+    from interventions.sites import STANDARD_SITES
+
+    print(f"standard sites: {', '.join(STANDARD_SITES)} (layered ones take a layer)")
+    print("raw sites: any module path + '.output' or '.input', e.g. 'transformer.h.0.mlp.output'")
     for name, caps in table.items():
         if isinstance(caps, str):
             print(f"{name}: unavailable ({caps})")
             continue
         flags = [k for k in ("generation", "gradients", "remote", "raw_modules") if caps[k]]
         print(
-            f"{name}: ops={','.join(caps['ops'])} sites={','.join(caps['views'])} {' '.join(flags)}"
+            f"{name}: ops={','.join(caps['ops'])} views={','.join(caps['views'])} {' '.join(flags)}"
         )
     return EXIT_OK
 
@@ -135,7 +179,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
 def cmd_patch_sweep(args: argparse.Namespace) -> int:
     from interventions.recipes import Metric, activation_patching
 
-    model, tokenizer = _model(args.model)
+    out = _out_dir(args.out)
+    model, tokenizer = _model(args)
     clean, corrupt = _tokens(args, "clean", tokenizer), _tokens(args, "corrupt", tokenizer)
     answer = _one_token(args.answer, tokenizer, "answer")
     wrong = _one_token(args.wrong, tokenizer, "wrong")
@@ -153,19 +198,19 @@ def cmd_patch_sweep(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
     )
     print(result.table())
-    out = Path(args.out)
+    from interventions.tensorfile import write_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    result.graph.save(str(out / "sweep.json"))  # the data first, then the picture
+    scores = {"rows": result.rows, "cols": result.cols, "scores": result.scores.tolist()}
+    write_atomic(out / "scores.json", json.dumps(scores, indent=2).encode())
     labels = None
     if result.site != "head" and tokenizer is not None and isinstance(clean[0], str):
         ids = tokenizer(clean[0])["input_ids"]
         labels = [f"{i}:{tokenizer.decode([t])!r}" for i, t in enumerate(ids)]
-    png = result.heatmap(out / "patching.png", col_labels=labels)
-    result.graph.save(str(out / "sweep.json"))
-    (out / "scores.json").write_text(
-        json.dumps(
-            {"rows": result.rows, "cols": result.cols, "scores": result.scores.tolist()}, indent=2
-        )
-    )
-    print(f"wrote {png}, {out / 'scores.json'} and {out / 'sweep.json'}")
+    png = _picture(result.heatmap, out / "patching.png", col_labels=labels)
+    wrote = [str(p) for p in (png, out / "scores.json", out / "sweep.json") if p is not None]
+    print(f"wrote {', '.join(wrote)}")
     return EXIT_OK
 
 
@@ -175,7 +220,8 @@ def cmd_logit_lens(args: argparse.Namespace) -> int:
     from interventions.plots import heatmap
     from interventions.recipes import logit_lens
 
-    model, tokenizer = _model(args.model)
+    out = _out_dir(args.out)
+    model, tokenizer = _model(args)
     tokens = _tokens(args, "prompt", tokenizer)
     lens = logit_lens(model, tokens[:1], k=args.k, backend=args.backend, tokenizer=tokenizer)
 
@@ -188,16 +234,18 @@ def cmd_logit_lens(args: argparse.Namespace) -> int:
     grid = torch.stack(
         [probs[layer, torch.arange(len(final)), final] for layer in range(len(probs))]
     )
-    png = heatmap(
+    png = _picture(
+        heatmap,
         grid,
-        Path(args.out) / "logit_lens.png",
+        out / "logit_lens.png",
         row_labels=[f"layer {layer}" for layer in range(len(probs))],
         col_labels=[f"{p}→{decode(int(t))}" for p, t in enumerate(final)],
         title="Logit lens: probability of the final prediction",
         center=None,
         colorbar_label="probability",
     )
-    print(f"wrote {png}")
+    if png is not None:
+        print(f"wrote {png}")
     return EXIT_OK
 
 
@@ -206,7 +254,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     from interventions.recipes import contrastive_direction, steer
 
-    model, tokenizer = _model(args.model)
+    model, tokenizer = _model(args)
     prompt = _tokens(args, "prompt", tokenizer)
     if args.token_direction is not None:
         token = _one_token(args.token_direction, tokenizer, "token-direction")
@@ -250,25 +298,70 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     print(f"plain   → {show(result.plain, result.plain_text)}")
     print(f"steered → {show(result.steered, result.steered_text)}")
+    print(
+        _effect(
+            model,
+            prompt[:1],
+            direction,
+            args,
+            tokenizer,
+            changed=not torch.equal(result.plain, result.steered),
+        )
+    )
     return EXIT_OK
 
 
+def _effect(
+    model: Any,
+    prompt: Any,
+    direction: Any,
+    args: argparse.Namespace,
+    tokenizer: Any,
+    *,
+    changed: bool,
+) -> str:
+    """How large the steering was next to the residual stream it was added to."""
+    import interventions as iv
+    from interventions.recipes.patching import as_tokens
+
+    probe = iv.Graph()
+    probe.run("p", tokens=as_tokens(prompt, tokenizer, "prompt")).read(
+        "resid_post", args.layer, name="r"
+    )
+    norm = float(iv.run(probe, model, backend="torch")["r"].norm(dim=-1).mean())
+    unit = float(direction.norm())
+    added = abs(args.scale) * unit
+    text = (
+        f"effect: added a vector of norm {added:.3g} at resid_post[{args.layer}], whose mean "
+        f"norm is {norm:.3g} ({added / norm if norm else float('inf'):.2g}x)"
+    )
+    if not changed and unit > 0:
+        text += f"; the output did not change: try --scale {4 * norm / unit:.3g} (4x the norm)"
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from interventions._version import __version__
+
     parser = argparse.ArgumentParser(
         prog="interventions", description="Run intervention graphs and recipes on any backend."
     )
+    parser.add_argument("--version", action="version", version=f"interventions {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
         if model:
             p.add_argument("--model", required=True, help="bundled name, HF hub name or local path")
         p.add_argument("--backend", default="torch", help="torch, nnsight or pyvene")
+        if model:
+            p.add_argument("--device", help="put the model here first, e.g. cuda, cuda:1, mps")
+            p.add_argument("--dtype", choices=DTYPES, help="cast the model to this dtype first")
 
     p = sub.add_parser("run", help="run a graph; write results.safetensors + summary.json")
     p.add_argument("spec")
     common(p)
     p.add_argument("--remote", action="store_true", help="run on an NDIF host (nnsight)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the results (created if missing)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a graph against a model without running it")
@@ -291,7 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{which}-ids", nargs="+", help=f"{which} token ids, comma-separated")
     p.add_argument("--answer", help="the clean answer token (text or id)")
     p.add_argument("--wrong", help="a wrong answer token: the metric becomes a logit difference")
-    p.add_argument("--site", default="resid_pre")
+    p.add_argument(
+        "--site",
+        default="resid_pre",
+        help="standard site to patch at every layer and position (resid_pre, resid_post, "
+        "attn_out, mlp_out, or head for layer x head); see `interventions backends`",
+    )
     p.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_patch_sweep)
@@ -300,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--prompt", nargs="+")
     p.add_argument("--prompt-ids", nargs="+")
-    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--k", type=int, default=3, help="how many top tokens to show per layer")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_logit_lens)
 
@@ -308,8 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--prompt", nargs="+")
     p.add_argument("--prompt-ids", nargs="+")
-    p.add_argument("--layer", type=int, required=True)
-    p.add_argument("--scale", type=float, default=4.0)
+    p.add_argument("--layer", type=int, required=True, help="steer resid_post of this layer")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=4.0,
+        help="multiplies the direction (unit length for --token-direction) added at every "
+        "position; the effect size next to the residual norm is printed",
+    )
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--token-direction", help="steer toward this token's unembedding")
     p.add_argument("--contrast", nargs=2, metavar=("POSITIVE", "NEGATIVE"))
@@ -322,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from interventions.errors import (
         ExecutionError,
         InterventionError,
+        OutputError,
         SpecError,
         UnsupportedOp,
         ValidationError,
@@ -329,23 +434,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = f"interventions {args.command}"
+    arguments = args.command in ARGUMENT_COMMANDS
     try:
         return int(args.func(args))
     except UsageError as exc:
-        print(f"interventions {args.command}: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except SpecError as exc:
-        print(f"interventions {args.command}: bad spec: {exc}", file=sys.stderr)
-        return EXIT_SPEC
-    except (ValidationError, UnsupportedOp) as exc:
-        print(f"interventions {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except (SpecError, ValidationError, UnsupportedOp) as exc:
+        if arguments:  # no spec file: the arguments built the graph
+            print(f"{command}: bad argument: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, SpecError):
+            print(f"{command}: bad spec: {exc}", file=sys.stderr)
+            return EXIT_SPEC
+        print(f"{command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except ExecutionError as exc:
-        print(f"interventions {args.command}: run failed: {exc}", file=sys.stderr)
+        print(f"{command}: run failed: {exc}", file=sys.stderr)
         return EXIT_RUN
+    except OutputError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
     except InterventionError as exc:
-        print(f"interventions {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INVALID if "cannot load model" not in str(exc) else EXIT_USAGE
+    except OSError as exc:  # a file given on the command line cannot be read or written
+        print(f"{command}: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@
     ├── UnsupportedOp                 a backend cannot express an op (before running)
     ├── BackendVersionError           an installed backend library is out of range
     ├── SAEError                      an SAE's weights or files are unusable
+    ├── ResultsError                  a results folder is malformed (names the file and field)
+    ├── OutputError                   an output cannot be written (disk full, permissions)
     ├── ExecutionError                a backend failed while running (the model is left clean)
     │   └── RemoteExecutionError      the graph raised on the remote host (its traceback attached)
     └── RemoteError                   a remote (NDIF) run failed; names host, model key, job id
@@ -81,6 +83,15 @@ class BackendVersionError(InterventionError):
 
 class SAEError(InterventionError):
     """An SAE's weights, configuration or files are unusable."""
+
+
+class ResultsError(InterventionError):
+    """A results folder cannot be read or is malformed; names the file and the field."""
+
+
+class OutputError(InterventionError):
+    """An output (results, graph, picture) cannot be written: disk full, permissions, a
+    file where a folder should be. Nothing half-written is left under the final name."""
 
 
 class ExecutionError(InterventionError):
@@ -169,13 +180,51 @@ class ResultTooLarge(RemoteError):
     before it is decompressed or loaded (raise the option to accept it)."""
 
 
+MAX_NAME = 1000  # characters in any name: run, read, site, module path, tensor or SAE key
+_SUGGEST_LIMIT = 200  # longer words get no "did you mean" (difflib is quadratic)
+
+
+def excerpt(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters, with the full length noted.
+
+    Errors quote names through this, so a hostile 50 MB name gives a short message.
+
+    >>> excerpt("resid_post")
+    "'resid_post'"
+    >>> excerpt("x" * 1000, limit=10)
+    "'xxxxxxxxx... (1000 characters)"
+    """
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[: limit - 1]!r}"[:-1] + f"... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_name(value: object, what: str) -> None:
+    """Raise :class:`SpecError` if ``value`` is a string longer than :data:`MAX_NAME`.
+
+    >>> check_name("a" * 2000, "run name")
+    Traceback (most recent call last):
+    ...
+    interventions.errors.SpecError: run name 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa... (2000 characters) is longer than 1000 characters
+    """
+    if isinstance(value, str) and len(value) > MAX_NAME:
+        raise SpecError(f"{what} {excerpt(value, 40)} is longer than {MAX_NAME} characters")
+
+
 def suggest(word: str, choices: Iterable[str]) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest choice, or ``""``.
+
+    Words longer than 200 characters get no suggestion (the search would be quadratic).
 
     >>> suggest("resid_psot", ["resid_pre", "resid_post"])
     "; did you mean 'resid_post'?"
     """
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if not isinstance(word, str) or len(word) > _SUGGEST_LIMIT:
+        return ""
+    close = difflib.get_close_matches(
+        word, [c for c in choices if len(c) <= _SUGGEST_LIMIT], n=1, cutoff=0.6
+    )
     return f"; did you mean {close[0]!r}?" if close else ""
 
 

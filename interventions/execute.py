@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
-from collections.abc import Callable
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from interventions._version import __version__
 from interventions.architectures import describe
 from interventions.backends import get_backend
 from interventions.batching import Budget, batch_graph
 from interventions.errors import ExecutionError, InterventionError, UnsupportedOp
 from interventions.graph import Graph
+from interventions.hf import empty_tokenizer
 from interventions.ops import Ablate, Read, depends_on, produces
 from interventions.plan import make_plan
 from interventions.ragged import Split, fill_means
@@ -24,8 +31,6 @@ from interventions.remote import Job, remote_backend
 from interventions.results import Provenance, Results
 from interventions.sites import Select
 from interventions.validation import validate
-
-__version__ = "0.1.0"
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
@@ -40,19 +45,98 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | None = None) -> tuple[
     if bundled is not None:
         return bundled
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise InterventionError("loading a model by name needs transformers") from exc
+    _check_local_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise InterventionError(f"cannot load model {name_or_path!r}: {exc}") from None
+    model.eval()
+    return model, _tokenizer(name_or_path)
+
+
+def _check_local_path(name_or_path: str) -> None:
+    """A name that can only be a path (``/x``, ``./x``, ``~/x``, ``a/b/c``) must exist."""
+    path = Path(name_or_path).expanduser()
+    looks_local = (
+        name_or_path.startswith((".", "/", "~", "\\"))
+        or name_or_path.count("/") > 1
+        or (os.sep != "/" and os.sep in name_or_path)
+    )
+    if looks_local and not path.exists():
+        raise InterventionError(
+            f"cannot load model {name_or_path!r}: no such directory ({str(path.absolute())!r}); "
+            "give a bundled name, a hub id like 'gpt2' or 'org/name', or an existing folder"
+        )
+    if path.exists() and not path.is_dir():
+        raise InterventionError(
+            f"cannot load model {name_or_path!r}: it is a file, not a model directory"
+        )
+
+
+def _tokenizer(name_or_path: str) -> Any:
+    """The model's tokenizer, or ``None`` when it has none (or an empty one)."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):
-        tokenizer = None
+        return None
+    return None if empty_tokenizer(tokenizer) else tokenizer
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_lock(model: nn.Module) -> Iterator[None]:
+    """Hold ``model``'s run lock: runs on one model object are serialised, never interleaved.
+
+    Every backend installs hooks (or wraps modules) on the model object itself, so two
+    runs at once would see each other's interventions. :func:`run` holds this lock from
+    validation to the last hook removed. It is re-entrant (a recipe may call ``run``
+    while holding it) and kept in a weak map, so it does not keep the model alive.
+
+    >>> import torch
+    >>> m = torch.nn.Linear(2, 2)
+    >>> with model_lock(m), model_lock(m):  # re-entrant
+    ...     pass
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+    with lock:
+        yield
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout), then give every module back its own mode.
+
+    A model left in ``train()`` mode would run with dropout, so reruns would differ.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Dropout(0.5)).train()
+    >>> with eval_mode(m):
+    ...     m.training
+    False
+    >>> m.training, m[0].training
+    (True, True)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
     model.eval()
-    return model, tokenizer
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _config_hash(model: nn.Module) -> str:
@@ -95,6 +179,10 @@ def run(
     terminal). Backend-specific ``options`` are passed through (the torch backend takes
     ``grad=True`` to keep the autograd graph).
 
+    Runs on one model object are serialised (see :func:`model_lock`): threads that share a
+    model wait for each other and never see each other's hooks. A model in ``train()`` mode
+    runs in eval mode (no dropout) and gets each module's mode back afterwards.
+
     ``remote=True`` (nnsight backend) sends the whole graph to an NDIF host as one
     request and waits for it: ``model`` may then be just the model's name on the host
     (only its config is read here). Host and API key follow nnsight (``NDIF_HOST``,
@@ -115,11 +203,17 @@ def run(
             graph, model, backend, tokenizer, batch, budget, remote, options, wait=True
         )
         return job.result(timeout=None)  # None: the timeout= option given to the backend
+    if isinstance(model, str):
+        model, loaded_tokenizer = load_model(model)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    if not isinstance(model, nn.Module):
+        raise InterventionError(f"model must be an nn.Module or a name, got {type(model).__name__}")
+    loaded = model
 
     def run_first(sub: Graph) -> Results:
         return run(
             sub,
-            model,
+            loaded,
             backend=backend,
             tokenizer=tokenizer,
             batch=batch,
@@ -128,15 +222,18 @@ def run(
             **options,
         )
 
-    model, info, plan, impl, internal = _prepare(
-        graph, model, backend, tokenizer, batch, budget, options, remote=False, first=run_first
-    )
-    try:
-        tensors = impl.execute(plan, model, progress=progress, **options)
-    except InterventionError:
-        raise
-    except Exception as exc:
-        raise ExecutionError(f"backend {backend!r} failed: {type(exc).__name__}: {exc}") from exc
+    with model_lock(model), eval_mode(model):
+        model, info, plan, impl, internal = _prepare(
+            graph, model, backend, tokenizer, batch, budget, options, remote=False, first=run_first
+        )
+        try:
+            tensors = impl.execute(plan, model, progress=progress, **options)
+        except InterventionError:
+            raise
+        except Exception as exc:
+            raise ExecutionError(
+                f"backend {backend!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
     masks: dict[str, torch.Tensor] = {}
     if plan.assembly is not None:
         tensors, masks = plan.assembly.assemble(tensors)
@@ -255,7 +352,7 @@ def load_structure(name_or_path: str) -> tuple[nn.Module, Any]:
 @functools.lru_cache(maxsize=8)
 def _load_structure(name_or_path: str) -> tuple[nn.Module, Any]:
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise InterventionError("naming a remote model needs transformers") from exc
     try:
@@ -265,11 +362,7 @@ def _load_structure(name_or_path: str) -> tuple[nn.Module, Any]:
     except (OSError, ValueError) as exc:
         raise InterventionError(f"cannot read the config of {name_or_path!r}: {exc}") from None
     model.config._name_or_path = name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model.eval(), tokenizer
+    return model.eval(), _tokenizer(name_or_path)
 
 
 def _run_remote(

@@ -33,6 +33,7 @@ from torch import nn
 
 from interventions import printing, serialize, validation
 from interventions.spec import GraphSpec, Run, RunHandle
+from interventions.tensorfile import MAX_TENSOR_BYTES
 
 __all__ = ["Graph", "Run", "RunHandle"]
 
@@ -70,9 +71,13 @@ class Graph(GraphSpec):
         serialize.save(self, path)
 
     @classmethod
-    def load(cls, path: str) -> Graph:
-        """Read a graph written by :meth:`save`. Nothing is unpickled or imported."""
-        return serialize.load(path, into=cls)
+    def load(cls, path: str, *, max_tensor_bytes: int | None = None) -> Graph:
+        """Read a graph written by :meth:`save`. Nothing is unpickled or imported.
+
+        The sidecar's header is checked against the graph before its data is read; its
+        tensors may hold at most ``max_tensor_bytes`` (default 4 GiB; raise it on purpose).
+        """
+        return serialize.load(path, into=cls, max_tensor_bytes=max_tensor_bytes or MAX_TENSOR_BYTES)
 
     def __str__(self) -> str:
         return printing.format_graph(self)

@@ -63,3 +63,18 @@ def eager_attention(model: nn.Module, needed: bool) -> Iterator[None]:
     finally:
         for c, impl in saved:
             c._attn_implementation = impl
+
+
+def empty_tokenizer(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` turns ordinary text into no tokens at all.
+
+    transformers returns such a tokenizer for a model saved without tokenizer files.
+
+    >>> empty_tokenizer(lambda text, add_special_tokens=True: {"input_ids": []})
+    True
+    """
+    try:
+        ids = tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    except Exception:  # a tokenizer that cannot even be called is no tokenizer either
+        return True
+    return len(ids) == 0

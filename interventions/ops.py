@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, TypeAlias, get_args
 
-from interventions.errors import SpecError, choices_text
+from interventions.errors import SpecError, check_name, choices_text
 from interventions.sites import Select, Site
 
 
@@ -273,3 +273,21 @@ def tensor_keys(op: Op) -> list[str]:
     if isinstance(op, (Add, ProjectOut)):
         return [op.direction.tensor]
     return []
+
+
+def check_op_names(op: Op) -> None:
+    """Raise :class:`SpecError` if any name in ``op`` is longer than ``MAX_NAME``.
+
+    Run, read, source, SAE and tensor names and the site name are all bounded, so no
+    suggestion or message ever works on a huge string.
+    """
+    kind = KIND_OF.get(type(op), type(op).__name__)
+    check_name(getattr(op, "run", None), f"{kind} run")
+    site = getattr(op, "site", None)
+    check_name(getattr(site, "name", None), f"{kind} site name")
+    for field in ("name", "source", "sae", "features"):
+        check_name(getattr(op, field, None), f"{kind} {field}")
+    for field in ("value", "direction"):
+        value = getattr(op, field, None)
+        check_name(getattr(value, "read", None), f"{kind} {field} ref")
+        check_name(getattr(value, "tensor", None), f"{kind} {field} tensor")

@@ -134,6 +134,13 @@ def tokenize_rows(run: Run, tokenizer: Any) -> list[list[int]]:
     rows = [list(tokenizer(t, add_special_tokens=True)["input_ids"]) for t in run.text]
     for i, row in enumerate(rows):
         if not row:
+            from interventions.hf import empty_tokenizer
+
+            if empty_tokenizer(tokenizer):
+                raise ValidationError(
+                    f"run {run.name!r}: this model has no tokenizer (the one given is empty, "
+                    "as for a model saved without tokenizer files); pass tokens= or --clean-ids"
+                )
             raise ValidationError(
                 f"run {run.name!r}: prompt {i} ({run.text[i]!r:.60}) tokenizes to nothing"
             )

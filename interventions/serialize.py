@@ -24,7 +24,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from interventions.errors import InterventionError, SAEError, SpecError, UnknownOp, choices_text
+from interventions.errors import (
+    InterventionError,
+    SAEError,
+    SpecError,
+    UnknownOp,
+    check_name,
+    choices_text,
+)
 from interventions.ops import (
     OP_KINDS,
     Ablate,
@@ -45,6 +52,7 @@ from interventions.sae import SAE_KINDS, sae_from_parts
 from interventions.sites import Index, PerPrompt, Select, Site, Span
 from interventions.spec import GraphSpec, Run
 from interventions.tensor_bytes import digest
+from interventions.tensorfile import MAX_TENSOR_BYTES, check_finite, read_tensors, write_atomic
 
 FORMAT = "interventions.graph"
 VERSION = 1
@@ -139,12 +147,15 @@ def graph_to_dict(graph: GraphSpec) -> dict[str, Any]:
             key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
             for key, t in graph.tensors.items()
         },
+        **({"allow_nonfinite": True} if graph.allow_nonfinite else {}),
     }
 
 
 def fingerprint(graph: GraphSpec) -> str:
     """SHA-256 of the graph's JSON and tensor bytes: equal graphs, equal fingerprints."""
-    hasher = hashlib.sha256(json.dumps(graph_to_dict(graph), sort_keys=True).encode())
+    doc = graph_to_dict(graph)
+    doc.pop("allow_nonfinite", None)  # a policy for building and loading, not content
+    hasher = hashlib.sha256(json.dumps(doc, sort_keys=True).encode())
     for key in sorted(graph.tensors):
         tensor = graph.tensors[key]
         hasher.update(f"{key}:{tensor.dtype}:{list(tensor.shape)}".encode())
@@ -172,14 +183,9 @@ def save(graph: GraphSpec, path: str | os.PathLike[str]) -> None:
         raise SpecError(f"{target}: a graph file cannot end in .safetensors (that is the sidecar)")
     doc = graph_to_dict(graph)
     doc["tensor_data"] = {"file": sidecar.name}
-    tmp_json, tmp_side = (
-        target.with_name(target.name + ".tmp"),
-        sidecar.with_name(sidecar.name + ".tmp"),
-    )
-    tmp_side.write_bytes(_tensor_blob(graph))
-    tmp_json.write_text(json.dumps(doc, indent=2, allow_nan=False))
-    os.replace(tmp_side, sidecar)  # both or neither look complete to a reader
-    os.replace(tmp_json, target)
+    # each file is renamed into place whole; the graph names its sidecar and is written last
+    write_atomic(sidecar, _tensor_blob(graph))
+    write_atomic(target, json.dumps(doc, indent=2, allow_nan=False).encode())
 
 
 # -- decoding ----------------------------------------------------------------------------
@@ -433,21 +439,45 @@ def _check_saes(graph: GraphSpec) -> None:
             raise SpecError(f"graph.saes.{key}: {exc}") from None
 
 
-def _load_tensors(doc: _Doc, directory: Path | None) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
+def _declared(declared: dict[Any, Any]) -> dict[str, tuple[str, list[int]]]:
+    """``graph.tensors`` checked as ``{key: {dtype, shape}}``, before any data is read."""
+    out: dict[str, tuple[str, list[int]]] = {}
+    for key, meta in declared.items():
+        m = _Doc(meta, f"graph.tensors.{key}", {"dtype", "shape"})
+        dtype, shape = m.get("dtype"), m.get("shape")
+        if (
+            not isinstance(dtype, str)
+            or not isinstance(shape, list)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+        ):
+            raise SpecError(
+                f"graph.tensors.{key}: declared {meta!r:.200}; expected a dtype name and a list "
+                "of sizes"
+            )
+        out[str(key)] = (dtype, shape)
+    return out
 
+
+def _load_tensors(
+    doc: _Doc,
+    directory: Path | None,
+    expected: dict[str, tuple[str, list[int]]],
+    max_tensor_bytes: int,
+) -> dict[str, torch.Tensor]:
     data = _Doc(doc.get("tensor_data", {}), "tensor_data", {"inline", "file"})
     if "inline" in data.value and "file" in data.value:
         raise SpecError("tensor_data: give inline or file, not both")
+    source: bytes | Path
     if "inline" in data.value:
         try:
-            blob = base64.b64decode(data.text("inline"), validate=True)
+            source = base64.b64decode(data.text("inline"), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise SpecError(f"tensor_data.inline: not valid base64 ({exc})") from None
+        what = "tensor_data.inline"
     elif "file" in data.value:
         name = data.text("file")
         if directory is None:
-            raise SpecError(f"tensor_data.file {name!r}: load the graph with Graph.load(path)")
+            raise SpecError(f"tensor_data.file {name!r:.80}: load the graph with Graph.load(path)")
         if (
             name in ("", ".", "..")
             or name != os.path.basename(name)
@@ -457,31 +487,43 @@ def _load_tensors(doc: _Doc, directory: Path | None) -> dict[str, torch.Tensor]:
             or not name.endswith(".safetensors")
         ):
             raise SpecError(
-                f"tensor_data.file {name!r}: must be a bare '<name>.safetensors' file name "
+                f"tensor_data.file {name!r:.80}: must be a bare '<name>.safetensors' file name "
                 "beside the graph"
             )
-        path = directory / name
+        path = source = directory / name
+        what = f"tensor sidecar {str(path)!r:.300}"
         try:
             if path.is_symlink() or not path.is_file():
-                raise SpecError(f"tensor sidecar {str(path)!r} is missing or not a regular file")
-            blob = path.read_bytes()
+                raise SpecError(f"{what} is missing or not a regular file")
         except OSError as exc:
-            raise SpecError(
-                f"tensor sidecar {str(path)!r} cannot be read: {exc.strerror}"
-            ) from None
+            raise SpecError(f"{what} cannot be read: {exc.strerror}") from None
     else:
-        blob = b""
-    if not blob:
+        source = b""
+        what = "tensor data"
+    if source == b"":
+        if expected:
+            raise SpecError(
+                f"tensor data holds nothing but the graph declares {choices_text(sorted(expected))}"
+            )
         return {}
-    try:
-        return dict(load(blob))
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise SpecError(f"tensor data is not valid safetensors: {exc}") from None
+    return read_tensors(
+        source, expected, what=what, max_bytes=max_tensor_bytes, field="graph.tensors."
+    )
 
 
-def graph_from_doc(raw: Any, directory: Path | None = None, *, into: type[G]) -> G:
+def graph_from_doc(
+    raw: Any,
+    directory: Path | None = None,
+    *,
+    into: type[G],
+    max_tensor_bytes: int = MAX_TENSOR_BYTES,
+) -> G:
     """Decode a parsed document into a new graph of class ``into``."""
-    doc = _Doc(raw, "graph", {"format", "version", "runs", "saes", "ops", "tensors", "tensor_data"})
+    doc = _Doc(
+        raw,
+        "graph",
+        {"format", "version", "runs", "saes", "ops", "tensors", "tensor_data", "allow_nonfinite"},
+    )
     if doc.get("format") != FORMAT:
         raise SpecError(f"graph.format: expected {FORMAT!r}, got {doc.get('format')!r:.80}")
     version = doc.get("version")
@@ -495,31 +537,24 @@ def graph_from_doc(raw: Any, directory: Path | None = None, *, into: type[G]) ->
         raise SpecError("graph.runs and graph.ops must be lists")
     if not isinstance(saes, dict) or not isinstance(declared, dict):
         raise SpecError("graph.saes and graph.tensors must be objects")
-    tensors = _load_tensors(doc, directory)
-    if set(tensors) != set(declared):
-        raise SpecError(
-            f"tensor data holds {choices_text(sorted(tensors)) or 'nothing'} but the graph "
-            f"declares {choices_text(sorted(map(str, declared))) or 'nothing'}"
-        )
+    for key in (*declared, *saes):
+        check_name(key, "graph.tensors / graph.saes key")
+    tensors = _load_tensors(doc, directory, _declared(declared), max_tensor_bytes)
     for key, meta in declared.items():
-        m = _Doc(meta, f"graph.tensors.{key}", {"dtype", "shape"})
         t = tensors[key]
-        shape = m.get("shape")
-        if (
-            not isinstance(m.get("dtype"), str)
-            or not isinstance(shape, list)
-            or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
-            or m.get("dtype") != str(t.dtype).removeprefix("torch.")
-            or shape != list(t.shape)
-        ):
-            raise SpecError(
+        if str(t.dtype).removeprefix("torch.") != meta["dtype"] or list(t.shape) != meta["shape"]:
+            raise SpecError(  # read_tensors checked this already; kept as a second guard
                 f"graph.tensors.{key}: declared {meta!r:.200} but the data is "
                 f"{t.dtype} {list(t.shape)}"
             )
         if t.dtype == torch.bool and t.numel() and int(t.view(torch.uint8).max()) > 1:
             # torch keeps such bytes, but any copy turns them into 1: not a stable value
             raise SpecError(f"graph.tensors.{key}: bool data holds bytes other than 0 and 1")
-    graph = into(tensors={key: tensors[key] for key in declared})
+    allow_nonfinite = doc.flag("allow_nonfinite")
+    if not allow_nonfinite:
+        for key, t in tensors.items():
+            check_finite(t, f"graph.tensors.{key}")
+    graph = into(tensors={key: tensors[key] for key in declared}, allow_nonfinite=allow_nonfinite)
     for i, r in enumerate(runs):
         run = _decode_run(r, f"graph.runs[{i}]")
         if run.name in graph.runs:
@@ -541,6 +576,7 @@ def from_json(
     *,
     directory: str | os.PathLike[str] | None = None,
     into: type[G],
+    max_tensor_bytes: int = MAX_TENSOR_BYTES,
 ) -> G:
     if not isinstance(text, (str, bytes)):
         raise SpecError(f"expected JSON text, got {type(text).__name__}")
@@ -551,12 +587,21 @@ def from_json(
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         raise SpecError(f"not valid JSON: {str(exc)[:200]}") from None
     try:
-        return graph_from_doc(raw, None if directory is None else Path(directory), into=into)
+        return graph_from_doc(
+            raw,
+            None if directory is None else Path(directory),
+            into=into,
+            max_tensor_bytes=max_tensor_bytes,
+        )
     except RecursionError:
         raise SpecError("graph JSON is nested too deeply") from None
 
 
-def load(path: str | os.PathLike[str], *, into: type[G]) -> G:
+def load(
+    path: str | os.PathLike[str], *, into: type[G], max_tensor_bytes: int = MAX_TENSOR_BYTES
+) -> G:
+    """Read a graph file and its sidecar; the sidecar's header is checked against the
+    graph (names, dtypes, shapes, a total under ``max_tensor_bytes``) before its data."""
     target = Path(path)
     try:
         if not target.is_file():
@@ -569,4 +614,4 @@ def load(path: str | os.PathLike[str], *, into: type[G]) -> G:
         text = target.read_bytes()
     except OSError as exc:
         raise SpecError(f"graph file {str(target)!r} cannot be read: {exc.strerror}") from None
-    return from_json(text, directory=target.parent, into=into)
+    return from_json(text, directory=target.parent, into=into, max_tensor_bytes=max_tensor_bytes)

@@ -27,7 +27,14 @@ from typing import Any, Literal, TypeAlias
 
 import torch
 
-from interventions.errors import SpecError, UnknownSite, choices_text, suggest
+from interventions.errors import (
+    SpecError,
+    UnknownSite,
+    check_name,
+    choices_text,
+    excerpt,
+    suggest,
+)
 
 Axis = Literal["batch", "pos", "head", "key_pos", "hidden"]
 
@@ -325,7 +332,8 @@ class Site:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise SpecError(f"site name must be a non-empty string, got {self.name!r}")
+            raise SpecError(f"site name must be a non-empty string, got {excerpt(self.name)}")
+        check_name(self.name, "site name")
         if self.layer is not None and (
             not isinstance(self.layer, int) or isinstance(self.layer, bool)
         ):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from interventions.errors import SpecError, choices_text, suggest
+from interventions.errors import SpecError, check_name, choices_text, excerpt, suggest
 from interventions.ops import (
     Ablate,
     Add,
@@ -40,6 +40,7 @@ from interventions.ops import (
     SAESpec,
     SAESplice,
     Scale,
+    check_op_names,
     depends_on,
     op_kind,
     produces,
@@ -47,6 +48,7 @@ from interventions.ops import (
 )
 from interventions.sites import IndexLike, Select, Site
 from interventions.tensor_bytes import bitwise_equal
+from interventions.tensorfile import check_finite
 
 if TYPE_CHECKING:
     from interventions.sae.base import SAE
@@ -71,8 +73,12 @@ class Run:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or not _is_name(self.name):
             raise SpecError(
-                f"run name {self.name!r}: use letters, digits, '_', '-' and '.' (not empty)"
+                f"run name {excerpt(self.name)}: use letters, digits, '_', '-' and '.' "
+                "(not empty, at most 200)"
             )
+        check_name(self.tokens, f"run {self.name!r} tokens key")
+        check_name(self.inputs, f"run {self.name!r} inputs key")
+        check_name(self.lengths, f"run {self.name!r} lengths key")
         given = [k for k in ("tokens", "text", "inputs") if getattr(self, k) is not None]
         if len(given) != 1:
             raise SpecError(
@@ -212,12 +218,18 @@ def _is_name(name: str) -> bool:
 
 @dataclass
 class GraphSpec:
-    """An experiment as data: runs, ops and a table of named tensors and SAEs."""
+    """An experiment as data: runs, ops and a table of named tensors and SAEs.
+
+    Tensors holding NaN or Inf are refused unless ``allow_nonfinite=True``: a policy kept
+    in the JSON (a graph that opts in loads again; one that does not is refused at load),
+    not part of equality or the fingerprint.
+    """
 
     runs: dict[str, Run] = field(default_factory=dict)
     ops: list[Op] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     saes: dict[str, SAESpec] = field(default_factory=dict)
+    allow_nonfinite: bool = False
 
     # -- building ------------------------------------------------------------------
 
@@ -293,6 +305,8 @@ class GraphSpec:
         key = f"t{len(self.tensors)}"
         while key in self.tensors:
             key = f"{key}_"
+        if not self.allow_nonfinite:
+            check_finite(tensor, f"tensor {key}")
         self.tensors[key] = tensor
         return key
 
@@ -331,6 +345,7 @@ class GraphSpec:
 
     def _check_op(self, op: Op, known: Mapping[str, Op]) -> None:
         """Check ``op`` given ``known``, the ops before it by the names they record."""
+        check_op_names(op)  # before any message quotes a name or suggests one
         if op.run not in self.runs:
             raise SpecError(
                 f"{op_kind(op)} on run {op.run!r}: no such run"

@@ -624,7 +624,7 @@ def graphs(
     run) is drawn from 1..2 unless given.
     """
     sizes = Sizes(n_layers, n_heads, d_model, seq, vocab, d_mlp or 4 * d_model)
-    st8 = _State(iv.Graph(), sizes)
+    st8 = _State(iv.Graph(allow_nonfinite=nonfinite), sizes)
     b = batch if batch is not None else draw(st.integers(1, 2))
     for _ in range(draw(st.integers(1, max_runs))):
         _add_run(draw, st8, b, run_kinds, generation, text_words, nonfinite)
