@@ -51,8 +51,8 @@ from interventions.ops import (
 from interventions.sae import SAE_KINDS, sae_from_parts
 from interventions.sites import Index, PerPrompt, Select, Site, Span
 from interventions.spec import GraphSpec, Run
-from interventions.tensor_bytes import digest
-from interventions.tensorfile import MAX_TENSOR_BYTES, check_finite, read_tensors, write_atomic
+from interventions.tensor_bytes import check_finite, digest
+from interventions.tensorfile import MAX_TENSOR_BYTES, read_tensors, write_atomic
 
 FORMAT = "interventions.graph"
 VERSION = 1

@@ -47,8 +47,7 @@ from interventions.ops import (
     tensor_keys,
 )
 from interventions.sites import IndexLike, Select, Site
-from interventions.tensor_bytes import bitwise_equal
-from interventions.tensorfile import check_finite
+from interventions.tensor_bytes import bitwise_equal, check_finite
 
 if TYPE_CHECKING:
     from interventions.sae.base import SAE

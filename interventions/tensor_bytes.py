@@ -1,4 +1,5 @@
-"""A tensor's bytes: one view for comparing tensors bit for bit and hashing them.
+"""A tensor's bytes: one view for comparing tensors bit for bit and hashing them, and
+the check that a graph's tensors hold finite numbers.
 
 >>> import torch
 >>> bitwise_equal(torch.tensor([0.0]), torch.tensor([-0.0]))
@@ -14,6 +15,8 @@ import weakref
 from typing import Any
 
 import torch
+
+from interventions.errors import SpecError
 
 
 def byte_view(tensor: torch.Tensor) -> Any:
@@ -47,3 +50,17 @@ def digest(tensor: torch.Tensor) -> bytes:
 
     _DIGESTS[key] = (weakref.ref(tensor, forget), stamp, value)
     return value
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise :class:`SpecError` if a float tensor holds NaN or Inf (the first one named)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+        return
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        index = [int(i) for i in bad.nonzero()[0]]
+        raise SpecError(
+            f"{what} holds {int(bad.sum())} NaN/Inf value(s), first at {index} "
+            f"({tensor[tuple(index)].item()}); build with iv.Graph(allow_nonfinite=True) to "
+            "keep them on purpose"
+        )

@@ -198,20 +198,6 @@ def _listing(names: Sequence[str]) -> str:
     return (", ".join(shown) + more) if names else "nothing"
 
 
-def check_finite(tensor: torch.Tensor, what: str) -> None:
-    """Raise :class:`SpecError` if a float tensor holds NaN or Inf (the first one named)."""
-    if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
-        return
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        index = [int(i) for i in bad.nonzero()[0]]
-        raise SpecError(
-            f"{what} holds {int(bad.sum())} NaN/Inf value(s), first at {index} "
-            f"({tensor[tuple(index)].item()}); build with iv.Graph(allow_nonfinite=True) to "
-            "keep them on purpose"
-        )
-
-
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path``, then rename it over ``path``.
 
