@@ -25,7 +25,7 @@ from interventions.apply import RunState, apply_op
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.backends import Capabilities
 from interventions.errors import ExecutionError, InterventionError
-from interventions.hf import accepts, eager_attention, greedy_config, logits_kwargs
+from interventions.hf import accepts, eager_attention, generation_config, logits_kwargs, seeded
 from interventions.ops import OP_KINDS, Op, Read
 from interventions.plan import Plan, absolute_select, step_select
 from interventions.progress import progress
@@ -263,12 +263,15 @@ def _forward(
             # logits_to_keep=0: HF generate otherwise computes the prompt pass's logits at
             # the last position only, and the `logits` site would not see the prompt.
             keep = {"logits_to_keep": 0} if accepts(model, "logits_to_keep") else {}
-            out = model.generate(  # type: ignore[operator]
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                generation_config=greedy_config(graph_run.max_new_tokens),
-                **keep,
-            )
+            with seeded(graph_run.sampling):
+                out = model.generate(  # type: ignore[operator]
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    generation_config=generation_config(
+                        graph_run.max_new_tokens, graph_run.sampling
+                    ),
+                    **keep,
+                )
             return out[:, ids.shape[1] :].cpu()
         if info.is_hf:
             model(input_ids=ids, use_cache=False, **logits_kwargs(model, plan.logits_to_keep(run)))

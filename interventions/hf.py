@@ -30,6 +30,33 @@ def greedy_config(max_new_tokens: int) -> Any:
     )
 
 
+def generation_config(max_new_tokens: int, sampling: Any = None) -> Any:
+    """Greedy decoding (``sampling=None``), or sampling with exactly the filters asked for
+    (no top-k of 50 or other defaults taken from the model), for ``max_new_tokens``."""
+    config = greedy_config(max_new_tokens)
+    if sampling is not None:
+        config.do_sample = True
+        config.temperature = sampling.temperature
+        config.top_k = sampling.top_k or 0  # 0: no top-k filter
+        config.top_p = 1.0 if sampling.top_p is None else sampling.top_p
+    return config
+
+
+@contextlib.contextmanager
+def seeded(sampling: Any, offset: int = 0) -> Iterator[None]:
+    """Seed torch's generators from ``sampling.seed`` for the block and restore the
+    global random state after it (a no-op for greedy runs)."""
+    if sampling is None:
+        yield
+        return
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(sampling.seed + offset)
+        yield
+
+
 def accepts(model: nn.Module, keyword: str) -> bool:
     """Whether the model's forward accepts ``keyword``."""
     try:

@@ -49,6 +49,11 @@ def format_run(graph: GraphSpec, run: Run, width: int) -> str:
         more = f", ... ({len(texts)} prompts)" if len(texts) > 3 else ""
         source = f"text=[{shown}{more}]"
     gen = f" generate max_new_tokens={run.max_new_tokens}" if run.generates else ""
+    if run.sampling is not None:
+        smp = run.sampling
+        gen += f" sample temperature={smp.temperature:g} seed={smp.seed}"
+        gen += "" if smp.top_k is None else f" top_k={smp.top_k}"
+        gen += "" if smp.top_p is None else f" top_p={smp.top_p:g}"
     if run.padding_side is not None:
         gen += f" padding_side={run.padding_side}"
     return f"  run {run.name:<{width}} {source}{gen}"

@@ -273,8 +273,14 @@ class _Builder:
             length = int(key[0])  # type: ignore[call-overload]
             part = self.fresh(f"{name}#{k}")
             tokens = ids[rows, :length].contiguous()
+            sampling = run.sampling
+            if sampling is not None:  # each part samples from its own seed: seed + part
+                sampling = replace(sampling, seed=sampling.seed + k)
             self.new.runs[part] = Run(
-                part, tokens=self.tensor(tokens), max_new_tokens=run.max_new_tokens
+                part,
+                tokens=self.tensor(tokens),
+                max_new_tokens=run.max_new_tokens,
+                sampling=sampling,
             )
             parts.append(Part(part, tuple(rows), length))
         self.parts[name] = tuple(parts)
@@ -603,7 +609,10 @@ def split_graph(
                 b.new.runs[name] = Run(name, inputs=b.tensor(inputs[name]))
             else:
                 b.new.runs[name] = Run(
-                    name, tokens=b.tensor(inputs[name]), max_new_tokens=run.max_new_tokens
+                    name,
+                    tokens=b.tensor(inputs[name]),
+                    max_new_tokens=run.max_new_tokens,
+                    sampling=run.sampling,
                 )
     # patches and ablations routed between runs, worked out before emission so that the
     # derived reads they need can be placed right after their source reads

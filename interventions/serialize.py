@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import math
@@ -50,7 +51,7 @@ from interventions.ops import (
 )
 from interventions.sae import SAE_KINDS, sae_from_parts
 from interventions.sites import Index, PerPrompt, Select, Site, Span
-from interventions.spec import GraphSpec, Run
+from interventions.spec import GraphSpec, Run, Sampling
 from interventions.tensor_bytes import check_finite, digest
 from interventions.tensorfile import MAX_TENSOR_BYTES, read_tensors, write_atomic
 
@@ -129,6 +130,8 @@ def _run_doc(run: Run) -> dict[str, Any]:
     for key in ("lengths", "padding_side"):
         if getattr(run, key) is not None:
             doc[key] = getattr(run, key)
+    if run.sampling is not None:
+        doc["sampling"] = dataclasses.asdict(run.sampling)
     return doc
 
 
@@ -386,11 +389,32 @@ def _op_from_dict(value: Any, where: str) -> Op:
     )
 
 
+def _decode_sampling(value: Any, where: str) -> Sampling | None:
+    if value is None:
+        return None
+    d = _Doc(value, where, {"temperature", "top_k", "top_p", "seed"})
+    return Sampling(
+        d.number("temperature"),
+        d.integer("top_k", optional=True),
+        d.number("top_p", optional=True),
+        d.integer("seed"),
+    )
+
+
 def _decode_run(value: Any, where: str) -> Run:
     d = _Doc(
         value,
         where,
-        {"name", "tokens", "text", "inputs", "max_new_tokens", "lengths", "padding_side"},
+        {
+            "name",
+            "tokens",
+            "text",
+            "inputs",
+            "max_new_tokens",
+            "lengths",
+            "padding_side",
+            "sampling",
+        },
     )
     text = d.get("text")
     if text is not None and (
@@ -406,6 +430,7 @@ def _decode_run(value: Any, where: str) -> Run:
             d.integer("max_new_tokens", optional=True),
             d.text("lengths", optional=True),
             d.text("padding_side", optional=True),
+            _decode_sampling(d.get("sampling"), f"{where}.sampling"),
         )
     except SpecError as exc:
         raise _at(exc, where) from None

@@ -54,6 +54,39 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Sampled (not greedy) generation: ``temperature``, optional ``top_k`` / ``top_p``
+    filters, and the ``seed`` that makes it repeatable (the same tokens on every local
+    backend for the same seed; the global random state is left as it was).
+
+    >>> Sampling(temperature=0.7, top_p=0.9, seed=1)
+    Sampling(temperature=0.7, top_k=None, top_p=0.9, seed=1)
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t <= 100:
+            raise SpecError(f"sampling temperature must be a number in (0, 100], got {t!r:.40}")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise SpecError(f"sampling top_k must be a positive int, got {k!r:.40}")
+        if p is not None and (
+            not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1
+        ):
+            raise SpecError(f"sampling top_p must be in (0, 1], got {p!r:.40}")
+        seed = self.seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise SpecError(f"sampling seed must be an int in 0..2**63-1, got {seed!r:.40}")
+        object.__setattr__(self, "temperature", float(t))
+        if p is not None:
+            object.__setattr__(self, "top_p", float(p))
+
+
+@dataclass(frozen=True)
 class Run:
     """One forward pass (or one greedy ``generate`` call) over named inputs."""
 
@@ -68,6 +101,7 @@ class Run:
     # how results over whole positions of prompts of different lengths are laid out
     # ("left": padding first; "right": padding last; None: the tokenizer's side, else right)
     padding_side: str | None = None
+    sampling: Sampling | None = None  # generation samples instead of decoding greedily
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or not _is_name(self.name):
@@ -99,6 +133,10 @@ class Run:
             )
         if self.max_new_tokens is not None and self.inputs is not None:
             raise SpecError(f"run {self.name!r}: generation needs tokens= or text=, not inputs=")
+        if self.sampling is not None and (
+            not isinstance(self.sampling, Sampling) or self.max_new_tokens is None
+        ):
+            raise SpecError(f"run {self.name!r}: sampling needs max_new_tokens= (generation)")
         if self.lengths is not None and self.tokens is None:
             raise SpecError(f"run {self.name!r}: lengths go with tokens=")
         if self.padding_side not in (None, "left", "right"):
@@ -110,6 +148,16 @@ class Run:
     @property
     def generates(self) -> bool:
         return self.max_new_tokens is not None
+
+
+def _sampling(
+    temperature: float | None, top_k: int | None, top_p: float | None, seed: int | None
+) -> Sampling | None:
+    if temperature is None and top_k is None and top_p is None and seed is None:
+        return None
+    return Sampling(
+        1.0 if temperature is None else temperature, top_k, top_p, 0 if seed is None else seed
+    )
 
 
 def _token_rows(
@@ -242,13 +290,18 @@ class GraphSpec:
         max_new_tokens: int | None = None,
         attention_mask: torch.Tensor | Sequence[Sequence[int]] | None = None,
         padding_side: str | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
     ) -> RunHandle:
         """Add a run and return a handle to put ops on it.
 
         ``tokens``: ids, ``[seq]`` or ``[batch, seq]``, or a list of prompts of different
         lengths; ``text``: one prompt or a batch (any lengths), tokenized with the model's
         tokenizer; ``inputs``: a tensor passed positionally to a plain ``nn.Module``.
-        ``max_new_tokens`` turns the run into greedy generation.
+        ``max_new_tokens`` turns the run into greedy generation; any of ``temperature``,
+        ``top_k``, ``top_p`` or ``seed`` makes it sample instead (:class:`Sampling`).
 
         Padded ids from a tokenizer come with their ``attention_mask`` (left or right
         padding): the padding is dropped here, so the pad id never matters. Prompts of
@@ -280,6 +333,7 @@ class GraphSpec:
                 max_new_tokens=max_new_tokens,
                 lengths=length_key,
                 padding_side=padding_side,
+                sampling=_sampling(temperature, top_k, top_p, seed),
             )
         )
         return RunHandle(self, name)

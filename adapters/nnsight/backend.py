@@ -24,7 +24,7 @@ from interventions.errors import (
     InterventionError,
     ModelNotDeployed,
 )
-from interventions.hf import accepts, eager_attention, greedy_config, logits_kwargs
+from interventions.hf import accepts, eager_attention, generation_config, logits_kwargs
 from interventions.ops import OP_KINDS
 from interventions.plan import Plan
 from interventions.progress import progress
@@ -289,7 +289,7 @@ class NNsightBackend:
         decoding: dict[str, Any] = {}
         if first.max_new_tokens is not None:
             # traced through model.generate: the block sees every forward of the decoding loop
-            decoding["generation_config"] = greedy_config(first.max_new_tokens)
+            decoding["generation_config"] = generation_config(first.max_new_tokens, first.sampling)
             if accepts(model, "logits_to_keep"):
                 decoding["logits_to_keep"] = 0  # the prompt pass's logits at every position
         invokes: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
@@ -319,6 +319,7 @@ class NNsightBackend:
         ]
         return {
             "generate": first.max_new_tokens is not None,
+            "seed": None if first.sampling is None else first.sampling.seed,
             "kwargs": trace_kwargs,
             "barriers": dict(stage.barriers),
             "progs": progs,

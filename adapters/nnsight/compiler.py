@@ -345,6 +345,8 @@ class _Compiler:
             kind, batch_key = "single", ()
         elif generating:
             kind, batch_key = "gen", (prompt, n_steps)
+            if graph_run.sampling is not None:  # a seeded generate of its own
+                batch_key = (*batch_key, -1 - plan.order.index(run))
         else:
             kind, batch_key = "fwd", (prompt,)
         return _RunCode(

@@ -285,10 +285,16 @@ def _run_program(
                     configs.append((config, getattr(config, "_attn_implementation", None)))
             for config, _ in configs:
                 config._attn_implementation = "eager"
+        rng = None
         try:
             for index, stage in enumerate(program["stages"]):
                 stage_at["stage"] = index
                 fn = wrapper._module.generate if stage["generate"] else None
+                rng = None
+                if stage["seed"] is not None:  # sampling: seeded, the global state kept
+                    rng = torch.random.get_rng_state()
+                    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+                    torch.manual_seed(stage["seed"])
                 with wrapper.trace(fn=fn, **stage["kwargs"]) as tracer:
                     gates = {key: tracer.barrier(n) for key, n in stage["barriers"].items()}
                     for prog in stage["progs"]:
@@ -333,9 +339,16 @@ def _run_program(
                                 )
                             if prog["generated"] is not None:
                                 store[prog["generated"]] = tracer.result[:, prog["prompt"] :]
+                if rng is not None:
+                    torch.random.set_rng_state(rng)
+                    if cuda_rng:
+                        torch.cuda.set_rng_state_all(cuda_rng)
+                    rng = None
         finally:
             for config, impl in configs:
                 config._attn_implementation = impl
+            if rng is not None:  # a failed seeded stage
+                torch.random.set_rng_state(rng)
         result = {
             "values": {k: v for k, v in store.items() if k in program["wanted"]},
             "echo": program["echo"],

@@ -12,7 +12,7 @@ from torch import nn
 from interventions.apply import RunState
 from interventions.backends import Capabilities
 from interventions.errors import BackendVersionError, ExecutionError, InterventionError
-from interventions.hf import accepts, greedy_config
+from interventions.hf import accepts, generation_config, seeded
 from interventions.ops import OP_KINDS
 from interventions.plan import Plan, absolute_select
 from interventions.progress import progress
@@ -104,13 +104,14 @@ def _execute_run(
         # logits_to_keep=0: the prompt pass computes logits at every position, so the
         # `logits` site sees the prompt (HF would keep the last position only)
         keep = {"logits_to_keep": 0} if accepts(model, "logits_to_keep") else {}
-        first, generated = intervenable.generate(
-            {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)},
-            source_representations=sources,
-            intervene_on_prompt=True,  # with no unit_locations: every step, prompt included
-            generation_config=greedy_config(graph_run.max_new_tokens),
-            **keep,
-        )
+        with seeded(graph_run.sampling):
+            first, generated = intervenable.generate(
+                {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)},
+                source_representations=sources,
+                intervene_on_prompt=True,  # with no unit_locations: every step, prompt included
+                generation_config=generation_config(graph_run.max_new_tokens, graph_run.sampling),
+                **keep,
+            )
         tokens = generated[:, inputs.shape[1] :].cpu()
     else:
         wrapper.hf_call = graph_run.inputs is None and plan.info.is_hf
