@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from interventions.sae.check import SAEFit, check_sae
     from interventions.sae.training import train_sae
     from interventions.sites import PerPrompt, Select, Site, per_prompt
+    from interventions.spec import Sampling
     from interventions.validation import validate
 
 # Everything but the errors is imported on first use, so ``import interventions`` (and the
@@ -122,6 +123,7 @@ _LAZY: dict[str, str] = {
     "check_sae": "interventions.sae.check",
     "train_sae": "interventions.sae.training",
     "PerPrompt": "interventions.sites",
+    "Sampling": "interventions.spec",
     "Select": "interventions.sites",
     "Site": "interventions.sites",
     "per_prompt": "interventions.sites",
@@ -193,6 +195,7 @@ __all__ = [
     "SAEErrorGradientWarning",
     "SAEFit",
     "SAEInfo",
+    "Sampling",
     "Select",
     "Site",
     "SkipTranscoder",

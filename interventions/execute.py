@@ -9,7 +9,7 @@ import hashlib
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -168,9 +168,18 @@ def run(
     batch: bool = True,
     budget: Budget | None = None,
     progress: bool | None = None,
+    chunk_size: int | None = None,
+    reduce: Mapping[str, str] | None = None,
+    shards: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> Results:
     """Validate ``graph`` against ``model``, execute it on ``backend``, return :class:`Results`.
+
+    ``chunk_size=n`` streams a dataset: the graph runs on ``n`` prompts at a time (sorted
+    by length, results in dataset order), and ``reduce={"read": "mean" | "sum" |
+    "token_mean" | "token_sum" | "shards"}`` keeps a running reduction of a read instead of
+    every row (``shards=`` names the folder for ``"shards"``); see
+    :mod:`interventions.stream`.
 
     ``model`` is a model object (HuggingFace or any ``nn.Module``) or a name/path that
     transformers can load. Independent runs of equal shape share batched forward passes
@@ -197,6 +206,20 @@ def run(
     >>> iv.run(g, torch.nn.Linear(4, 3))["y"].shape
     torch.Size([1, 2, 3])
     """
+    if chunk_size is not None or reduce or shards is not None:
+        return _run_streamed(
+            graph,
+            model,
+            backend,
+            tokenizer,
+            batch,
+            budget,
+            progress,
+            chunk_size,
+            reduce,
+            shards,
+            options,
+        )
     remote = options.pop("remote", False)
     if remote:
         job = _run_remote(
@@ -251,6 +274,41 @@ def run(
         provenance,
         masks={k: m for k, m in masks.items() if k in wanted},
     )
+
+
+def _run_streamed(
+    graph: Graph,
+    model: nn.Module | str,
+    backend: str,
+    tokenizer: Any,
+    batch: bool,
+    budget: Budget | None,
+    progress: bool | None,
+    chunk_size: int | None,
+    reduce: Mapping[str, str] | None,
+    shards: str | os.PathLike[str] | None,
+    options: dict[str, Any],
+) -> Results:
+    from interventions.stream import run_in_chunks
+
+    if isinstance(model, str) and not options.get("remote"):
+        model, loaded_tokenizer = load_model(model)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+
+    def run_chunk(sub: Any) -> Results:
+        return run(
+            sub,
+            model,
+            backend=backend,
+            tokenizer=tokenizer,
+            batch=batch,
+            budget=budget,
+            progress=False,
+            **dict(options),
+        )
+
+    size = chunk_size if chunk_size is not None else 2**62  # reductions alone: one chunk
+    return run_in_chunks(graph, tokenizer, size, reduce, shards, run_chunk, progress)
 
 
 def _prepare(

@@ -14,6 +14,7 @@ EXPECTED = {
     "JumpReLUTranscoder",
     "SAEFit",
     "SAEInfo",
+    "Sampling",
     "SkipTranscoder",
     "Transcoder",
     "check_sae",
