@@ -25,6 +25,12 @@ method's estimate of the metric's change. Integrated gradients uses the trapezoi
 on ``alpha = 0, 1/steps, ..., 1``; its completeness error ``|sum - (metric(x) -
 metric(baseline))|`` falls as ``1/steps**2`` and is reported per prompt.
 
+Baselines: on a model with no additive position embeddings whose first op is a
+scale-invariant norm (Llama, Mistral, Qwen2, Gemma, NeoX), the zero baseline's path is
+flat for ``alpha > ~eps`` and jumps at ``alpha = 0`` (the norm of a zero vector), so
+completeness then needs absurd ``steps``; use a token baseline (not a pad token whose
+embedding is zero) there. GPT-2's position embeddings keep the zero path smooth.
+
 >>> import torch
 >>> from transformers import GPT2Config, GPT2LMHeadModel
 >>> from interventions.recipes import Metric
@@ -77,7 +83,9 @@ class InputAttribution:
     def completeness_error(self) -> torch.Tensor:
         """``|sum of attributions - (metric(x) - metric(baseline))|`` per prompt (IG only)."""
         if self.baseline_values is None:
-            raise SpecError(f"completeness is a property of integrated_gradients, not {self.method}")
+            raise SpecError(
+                f"completeness is a property of integrated_gradients, not {self.method}"
+            )
         total = torch.stack([a.sum() for a in self.attributions])
         return (total - (self.metric_values - self.baseline_values)).abs()
 

@@ -268,8 +268,14 @@ def probe(
     )
     name = site if layer is None else f"{site}[{layer}]"
     return fit_probe(
-        acts, labels, kind=kind, site=name, test_fraction=test_fraction, control=control,
-        l2=l2, seed=seed,
+        acts,
+        labels,
+        kind=kind,
+        site=name,
+        test_fraction=test_fraction,
+        control=control,
+        l2=l2,
+        seed=seed,
     )
 
 
@@ -338,9 +344,21 @@ def probe_sweep(
     chosen = list(range(n_layers)) if layers is None else list(layers)
     results = tuple(
         probe(
-            model, site, dataset, labels, layer=layer, pos=pos, kind=kind,
-            test_fraction=test_fraction, control=control, l2=l2, seed=seed,
-            batch_size=batch_size, backend=backend, tokenizer=tokenizer, **run_options,
+            model,
+            site,
+            dataset,
+            labels,
+            layer=layer,
+            pos=pos,
+            kind=kind,
+            test_fraction=test_fraction,
+            control=control,
+            l2=l2,
+            seed=seed,
+            batch_size=batch_size,
+            backend=backend,
+            tokenizer=tokenizer,
+            **run_options,
         )
         for layer in chosen
     )

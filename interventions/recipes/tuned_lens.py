@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -78,7 +77,9 @@ class TunedLens:
         for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             tensors[f"translators.{layer}.weight"] = w.contiguous()
             tensors[f"translators.{layer}.bias"] = b.contiguous()
-        save_file(tensors, str(out), metadata={"format": FORMAT, "n_layers": str(len(self.weights))})
+        save_file(
+            tensors, str(out), metadata={"format": FORMAT, "n_layers": str(len(self.weights))}
+        )
         return out
 
     @classmethod
