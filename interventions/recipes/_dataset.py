@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from interventions.errors import SpecError
+from interventions.graph import Graph
+from interventions.spec import RunHandle
 
 Dataset = torch.Tensor | Sequence[Sequence[int]] | Sequence[str] | Sequence[int] | str
 
@@ -33,8 +35,11 @@ class Batch:
     tokens: torch.Tensor | None = None
     inputs: torch.Tensor | None = None
 
-    def run_kwargs(self) -> dict[str, torch.Tensor]:
-        return {"tokens": self.tokens} if self.tokens is not None else {"inputs": self.inputs}
+    def add_run(self, graph: Graph, name: str) -> RunHandle:
+        """Add a run of these rows to ``graph``."""
+        if self.tokens is not None:
+            return graph.run(name, tokens=self.tokens)
+        return graph.run(name, inputs=self.inputs)
 
 
 def token_rows(dataset: Dataset, tokenizer: Any) -> list[list[int]]:
@@ -44,14 +49,14 @@ def token_rows(dataset: Dataset, tokenizer: Any) -> list[list[int]]:
     if isinstance(dataset, torch.Tensor):
         ids = dataset.long()
         return (ids.unsqueeze(0) if ids.ndim == 1 else ids).tolist()
-    rows = list(dataset)
+    rows: list[Any] = list(dataset)
     if rows and all(isinstance(r, int) for r in rows):
         return [[int(r) for r in rows]]
     if rows and all(isinstance(r, str) for r in rows):
         if tokenizer is None:
             raise SpecError("text prompts need a tokenizer (tokenizer=, or a model name)")
         return [list(tokenizer(str(r))["input_ids"]) for r in rows]
-    out = [[int(t) for t in r] for r in rows]  # type: ignore[union-attr]
+    out = [[int(t) for t in r] for r in rows]
     if any(not r for r in out):
         raise SpecError("every prompt needs at least one token")
     return out

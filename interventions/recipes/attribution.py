@@ -164,9 +164,9 @@ def _gradients(
     """Per alpha: the gradient of the metric wrt the (interpolated) embeddings, [b, seq, d],
     and the metric [b]; plus the input embeddings [b, seq, d]."""
     g = Graph()
-    g.run("input", **batch.run_kwargs()).read("embed", name="input.embed")
+    batch.add_run(g, "input").read("embed", name="input.embed")
     for i, alpha in enumerate(alphas):
-        r = g.run(f"point.{i}", **batch.run_kwargs())
+        r = batch.add_run(g, f"point.{i}")
         if base is not None:
             r.scale("embed", factor=alpha)
             if base.ndim:  # a zero baseline adds nothing
@@ -177,9 +177,9 @@ def _gradients(
     # one backward for every point: batch rows (and so runs) do not interact
     embeds = [res[f"point.{i}.embed"] for i in range(len(alphas))]
     metrics = [metric(res[f"point.{i}.logits"]) for i in range(len(alphas))]
-    grads = torch.autograd.grad(torch.stack(metrics).sum(), embeds)
+    raw = torch.autograd.grad(torch.stack(metrics).sum(), embeds)
     values = [v.detach().float().cpu() for v in metrics]
-    grads = [g.detach().float().cpu() for g in grads]
+    grads = [g.detach().float().cpu() for g in raw]
     return grads, values, res["input.embed"].detach().float().cpu()
 
 

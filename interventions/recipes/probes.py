@@ -62,10 +62,10 @@ def fit_logistic(
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = nn.functional.cross_entropy(x64 @ weight.T + bias, y) + l2 * weight.pow(2).sum()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         return loss
 
-    opt.step(closure)  # type: ignore[no-untyped-call]
+    opt.step(closure)
     return weight.detach().float(), bias.detach().float()
 
 
@@ -147,7 +147,7 @@ def read_site(
     for batch in batches(dataset, batch_size=batch_size, tokenizer=tokenizer, plain=plain):
         g = Graph()
         select = {} if plain else {"pos": pos}
-        g.run("probe", **batch.run_kwargs()).read(site, layer=layer, name="x", **select)
+        batch.add_run(g, "probe").read(site, layer=layer, name="x", **select)
         x = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)["x"]
         parts.append((batch.indices, x.detach().float().reshape(len(batch.indices), -1)))
     n = sum(len(i) for i, _ in parts)

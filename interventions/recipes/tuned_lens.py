@@ -104,7 +104,7 @@ def _residuals(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every layer's residual ``[b, seq, d]`` and the final logits ``[b, seq, vocab]``."""
     g = Graph()
-    r = g.run("base", **batch.run_kwargs())
+    r = batch.add_run(g, "base")
     for layer in range(n_layers):
         r.read("resid_post", layer=layer, name=f"resid.{layer}")
     r.read("logits", name="logits")
@@ -119,7 +119,7 @@ def _decoder(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     unembed = model.get_output_embeddings()  # type: ignore[operator]
 
     def decode(h: torch.Tensor) -> torch.Tensor:
-        return unembed(norm(h)).float()  # type: ignore[no-any-return]
+        return unembed(norm(h)).float()
 
     return decode
 
@@ -194,10 +194,9 @@ def train_tuned_lens(
                 for layer in range(n_layers - 1):
                     h = data[layer][idx]
                     out = decode(h + h @ weights[layer].T + biases[layer])
-                    p = target[idx]
-                    loss = loss + (p.exp() * (p - out.log_softmax(-1))).sum(-1).mean()
+                    loss = loss + _kl(target[idx], out).mean()
                 opt.zero_grad()
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 opt.step()
     finally:
         for p in model_params:
@@ -218,7 +217,7 @@ def _decode_all(
     """Decode each residual ``[b, seq, d]`` by patching it into the last block's output."""
     g = Graph()
     for i, h in enumerate(residuals):
-        r = g.run(f"decode.{i}", **batch.run_kwargs())
+        r = batch.add_run(g, f"decode.{i}")
         r.patch("resid_post", layer=n_layers - 1, value=h)
         r.read("logits", name=f"decode.{i}")
     res = run(g, model, backend=backend, **opts)

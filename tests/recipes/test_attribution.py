@@ -70,7 +70,9 @@ def test_integrated_gradients_equal_hand_trapezoid_and_are_complete(
             x, b, grad, _ = _hand(model, prompt, row, k / steps, base)
             w = 0.5 if k in (0, steps) else 1.0
             total = grad * w if k == 0 else total + grad * w
-        torch.testing.assert_close(ig.attributions[row], (x - b) * total / steps, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            ig.attributions[row], (x - b) * total / steps, atol=1e-5, rtol=1e-4
+        )
         _, _, _, m_input = _hand(model, prompt, row, 1.0, base)
         _, _, _, m_base = _hand(model, prompt, row, 0.0, base)
         assert abs(float(ig.metric_values[row]) - m_input) < ATOL
@@ -89,7 +91,7 @@ def test_other_backends_equal_torch_or_refuse_by_name(backend: str) -> None:
     metric = Metric.logit_diff(ANSWER, WRONG)
     try:
         caps = get_backend(backend).capabilities
-    except Exception as exc:  # noqa: BLE001 - an uninstalled extra
+    except Exception as exc:
         pytest.skip(str(exc))
     if not caps.gradients:
         with pytest.raises(UnsupportedOp, match=rf"needs gradients.*'{backend}' lacks.*torch"):
@@ -104,7 +106,7 @@ def test_other_backends_equal_torch_or_refuse_by_name(backend: str) -> None:
 
 def test_bad_arguments_name_the_choices() -> None:
     model = hf_model("gpt2")
-    with pytest.raises(SpecError, match="unknown attribution method 'ig'.*integrated_gradients"):
+    with pytest.raises(SpecError, match=r"unknown attribution method 'ig'.*integrated_gradients"):
         input_attribution(model, PROMPTS, Metric.logit(1), method="ig")  # type: ignore[arg-type]
     with pytest.raises(SpecError, match="unknown baseline 'pad'"):
         input_attribution(model, PROMPTS, Metric.logit(1), baseline="pad")

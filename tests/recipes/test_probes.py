@@ -85,9 +85,9 @@ def test_probe_sweep_on_tokens_table_and_plot(tmp_path) -> None:
 
 def test_bad_arguments_name_the_choices() -> None:
     x, y = _dataset(0)
-    with pytest.raises(SpecError, match="unknown probe kind 'svm'.*logistic, ridge"):
+    with pytest.raises(SpecError, match=r"unknown probe kind 'svm'.*logistic, ridge"):
         probe(_model(), sp.HIDDEN_SITE, x, y, kind="svm")  # type: ignore[arg-type]
-    with pytest.raises(SpecError, match="unknown control 'task'.*shuffle"):
+    with pytest.raises(SpecError, match=r"unknown control 'task'.*shuffle"):
         probe(_model(), sp.HIDDEN_SITE, x, y, control="task")
     with pytest.raises(SpecError, match="1999 labels for 2000 examples"):
         probe(_model(), sp.HIDDEN_SITE, x, y[1:])
