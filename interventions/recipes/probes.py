@@ -248,7 +248,7 @@ def probe(
     and a shuffled-label control. Runs on every backend (reads only).
 
     >>> import torch
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    >>> model = torch.nn.Sequential(torch.nn.Identity())  # the site sees x itself
     >>> x = torch.randn(400, 4, generator=torch.Generator().manual_seed(0))
     >>> p = probe(model, "0.output", x, (x[:, 0] > 0).long())
     >>> p.test_score > 0.9, abs(p.control_score - 0.5) < 0.15
