@@ -9,6 +9,9 @@
     interventions patch-sweep --model M --clean ... --corrupt ... --answer ... --out DIR
     interventions logit-lens --model M --prompt ... --out DIR
     interventions steer --model M --prompt ... --layer L --token-direction ID --scale S
+    interventions attribute --model M --prompt ... --answer TOK [--method ...] [--out DIR]
+    interventions tuned-lens --model M --train-prompts FILE --prompts FILE --out DIR
+    interventions probe --model M --prompts FILE --labels FILE [--layers ...] --out DIR
 
 Exit codes scripts can rely on: 0 success; 2 usage error (a bad argument, a missing
 file, ``--out`` naming a file); 3 malformed spec; 4 the spec does not fit the model or
@@ -340,6 +343,133 @@ def _effect(
     return text
 
 
+# --- diagnostic tools: input attribution, tuned lens, probes (issue 16) -----------------
+
+
+def _lines(path: str) -> list[str]:
+    if not Path(path).is_file():
+        raise UsageError(f"file {path!r} does not exist")
+    return [line for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from interventions.recipes import Metric, input_attribution
+
+    model, tokenizer = _model(args)
+    prompt = _tokens(args, "prompt", tokenizer)
+    answer = _one_token(args.answer, tokenizer, "answer")
+    wrong = _one_token(args.wrong, tokenizer, "wrong")
+    assert answer is not None  # --answer is required
+    metric = Metric.logit(answer) if wrong is None else Metric.logit_diff(answer, wrong)
+    result = input_attribution(
+        model,
+        prompt,
+        metric,
+        method=args.method,
+        steps=args.steps,
+        backend=args.backend,
+        tokenizer=tokenizer,
+    )
+    decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else None
+    for i in range(len(result.tokens)):
+        print(f"prompt {i} ({args.method}):")
+        print(result.text(i, decode))
+        if result.baseline_values is not None:
+            print(f"completeness error: {float(result.completeness_error[i]):.2e}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(f"wrote {result.plot(Path(args.out) / 'attribution.png', 0, decode)}")
+    return EXIT_OK
+
+
+def cmd_tuned_lens(args: argparse.Namespace) -> int:
+    from interventions.recipes import TunedLens, lens_kl, train_tuned_lens
+
+    model, tokenizer = _model(args)
+    evaluate = _lines(args.prompts)
+    if args.load:
+        lens = TunedLens.load(args.load)
+    else:
+        if not args.train_prompts:
+            raise UsageError("give --train-prompts FILE to train, or --load LENS.safetensors")
+        lens = train_tuned_lens(
+            model,
+            _lines(args.train_prompts),
+            steps=args.steps,
+            backend=args.backend,
+            tokenizer=tokenizer,
+        )
+    table = lens_kl(model, evaluate, lens, backend=args.backend, tokenizer=tokenizer)
+    print(table.table())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {lens.save(out / 'tuned_lens.safetensors')}")
+    (out / "kl.txt").write_text(table.table() + "\n")
+    return EXIT_OK
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from interventions.recipes import probe_sweep
+
+    model, tokenizer = _model(args)
+    prompts = _lines(args.prompts)
+    try:
+        labels = [float(v) if args.kind == "ridge" else int(v) for v in _lines(args.labels)]
+    except ValueError:
+        raise UsageError(f"{args.labels}: one number per line expected") from None
+    sweep = probe_sweep(
+        model,
+        prompts,
+        labels,
+        site=args.site,
+        layers=args.layers,
+        kind=args.kind,
+        backend=args.backend,
+        tokenizer=tokenizer,
+    )
+    print(sweep.table())
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(f"wrote {sweep.plot(Path(args.out) / 'probe_sweep.png')}")
+    return EXIT_OK
+
+
+def _add_diagnostics(sub: Any, common: Any) -> None:
+    p = sub.add_parser("attribute", help="input attribution of a metric to the prompt tokens")
+    common(p)
+    p.add_argument("--prompt", nargs="+")
+    p.add_argument("--prompt-ids", nargs="+")
+    p.add_argument("--answer", required=True, help="the answer token (text or id)")
+    p.add_argument("--wrong", help="a wrong token: the metric becomes a logit difference")
+    p.add_argument(
+        "--method",
+        default="integrated_gradients",
+        choices=["saliency", "input_x_gradient", "integrated_gradients"],
+    )
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("tuned-lens", help="train/load a tuned lens; KL table vs the logit lens")
+    common(p)
+    p.add_argument("--train-prompts", help="a text file, one prompt a line")
+    p.add_argument("--load", help="translators saved earlier (safetensors)")
+    p.add_argument("--prompts", required=True, help="held-out prompts, one a line")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_tuned_lens)
+
+    p = sub.add_parser("probe", help="a linear probe per layer, with a shuffled-label control")
+    common(p)
+    p.add_argument("--prompts", required=True, help="a text file, one prompt a line")
+    p.add_argument("--labels", required=True, help="a text file, one label a line")
+    p.add_argument("--site", default="resid_post")
+    p.add_argument("--layers", type=int, nargs="+")
+    p.add_argument("--kind", default="logistic", choices=["logistic", "ridge"])
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_probe)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from interventions._version import __version__
 
@@ -419,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrast", nargs=2, metavar=("POSITIVE", "NEGATIVE"))
     p.add_argument("--direction-file", help="a safetensors file with one direction tensor")
     p.set_defaults(func=cmd_steer)
+    _add_diagnostics(sub, common)
     return parser
 
 

@@ -12,10 +12,14 @@ head_scores                 previous-token, duplicate-token and induction heads
 contrastive_direction, steer, sae_feature_direction    steering
 feature_activations, top_activating, feature_attribution, feature_ablation    SAEs
 ablate_components           zero / mean / resample ablation over a dataset
+probe, probe_sweep          linear probes with a held-out split and a shuffled control
+input_attribution           saliency, input x gradient, integrated gradients on tokens
+train_tuned_lens, tuned_lens, lens_kl    the tuned lens against the logit lens
 ==========================  ==========================================================
 """
 
 from interventions.recipes.ablation import ablate_components
+from interventions.recipes.attribution import InputAttribution, input_attribution
 from interventions.recipes.features import (
     feature_ablation,
     feature_activations,
@@ -37,21 +41,34 @@ from interventions.recipes.patching import (
     attribution_patching,
     path_patching,
 )
+from interventions.recipes.probes import ProbeResult, ProbeSweep, probe, probe_sweep
 from interventions.recipes.steering import (
     SteeringResult,
     contrastive_direction,
     sae_feature_direction,
     steer,
 )
+from interventions.recipes.tuned_lens import (
+    LensKL,
+    TunedLens,
+    lens_kl,
+    train_tuned_lens,
+    tuned_lens,
+)
 
 __all__ = [
     "AttributionResult",
     "HeadScores",
+    "InputAttribution",
+    "LensKL",
     "LogitAttribution",
     "LogitLens",
     "Metric",
     "PatchingResult",
+    "ProbeResult",
+    "ProbeSweep",
     "SteeringResult",
+    "TunedLens",
     "ablate_components",
     "activation_patching",
     "attribution_patching",
@@ -61,11 +78,17 @@ __all__ = [
     "feature_activations",
     "feature_attribution",
     "head_scores",
+    "input_attribution",
+    "lens_kl",
     "logit_lens",
     "normalized",
     "path_patching",
+    "probe",
+    "probe_sweep",
     "repeated_random_tokens",
     "sae_feature_direction",
     "steer",
     "top_activating",
+    "train_tuned_lens",
+    "tuned_lens",
 ]

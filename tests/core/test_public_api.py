@@ -140,3 +140,23 @@ def test_builtin_backend_cannot_be_replaced() -> None:
 
     with pytest.raises(ValueError, match="built-in"):
         iv.register_backend("torch", "x:Y")
+
+
+RECIPES = {
+    "AttributionResult", "HeadScores", "InputAttribution", "LensKL", "LogitAttribution",
+    "LogitLens", "Metric", "PatchingResult", "ProbeResult", "ProbeSweep", "SteeringResult",
+    "TunedLens", "ablate_components", "activation_patching", "attribution_patching",
+    "contrastive_direction", "direct_logit_attribution", "feature_ablation",
+    "feature_activations", "feature_attribution", "head_scores", "input_attribution",
+    "lens_kl", "logit_lens", "normalized", "path_patching", "probe", "probe_sweep",
+    "repeated_random_tokens", "sae_feature_direction", "steer", "top_activating",
+    "train_tuned_lens", "tuned_lens",
+}  # fmt: skip
+
+
+def test_recipes_all_is_pinned() -> None:
+    import interventions.recipes as recipes
+
+    assert set(recipes.__all__) == RECIPES
+    for name in recipes.__all__:
+        assert getattr(recipes, name).__doc__, f"{name} has no docstring"
