@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from interventions.positions import token_positions
     from interventions.remote import Job
     from interventions.results import Provenance, Results
+    from interventions.runs import Sampling
     from interventions.sae import (
         SAE,
         BatchTopKSAE,
@@ -79,7 +80,6 @@ if TYPE_CHECKING:
     from interventions.sae.check import SAEFit, check_sae
     from interventions.sae.training import train_sae
     from interventions.sites import PerPrompt, Select, Site, per_prompt
-    from interventions.spec import Sampling
     from interventions.validation import validate
 
 # Everything but the errors is imported on first use, so ``import interventions`` (and the
@@ -123,7 +123,7 @@ _LAZY: dict[str, str] = {
     "check_sae": "interventions.sae.check",
     "train_sae": "interventions.sae.training",
     "PerPrompt": "interventions.sites",
-    "Sampling": "interventions.spec",
+    "Sampling": "interventions.runs",
     "Select": "interventions.sites",
     "Site": "interventions.sites",
     "per_prompt": "interventions.sites",

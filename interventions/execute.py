@@ -19,6 +19,7 @@ from torch import nn
 
 from interventions._version import __version__
 from interventions.architectures import describe
+from interventions.assembly import Split, fill_means
 from interventions.backends import get_backend
 from interventions.batching import Budget, batch_graph
 from interventions.errors import ExecutionError, InterventionError, UnsupportedOp
@@ -26,7 +27,6 @@ from interventions.graph import Graph
 from interventions.hf import empty_tokenizer
 from interventions.ops import Ablate, Read, depends_on, produces
 from interventions.plan import make_plan
-from interventions.ragged import Split, fill_means
 from interventions.remote import Job, remote_backend
 from interventions.results import Provenance, Results
 from interventions.sites import Select

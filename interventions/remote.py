@@ -106,7 +106,7 @@ def results_from(
     )
     masks: dict[str, torch.Tensor] = {}
     if echo.get("assemblies"):
-        from interventions.ragged import assemble, assemblies_from
+        from interventions.assembly import assemble, assemblies_from
 
         tensors, masks = assemble(assemblies_from(echo["assemblies"]), tensors)
     wanted = [str(name) for name in echo.get("wanted", list(tensors))]

@@ -49,9 +49,10 @@ from interventions.ops import (
     Scale,
     op_kind,
 )
+from interventions.runs import Run, Sampling
 from interventions.sae import SAE_KINDS, sae_from_parts
 from interventions.sites import Index, PerPrompt, Select, Site, Span
-from interventions.spec import GraphSpec, Run, Sampling
+from interventions.spec import GraphSpec
 from interventions.tensor_bytes import check_finite, digest
 from interventions.tensorfile import MAX_TENSOR_BYTES, read_tensors, write_atomic
 

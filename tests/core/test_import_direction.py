@@ -18,6 +18,7 @@ DATA = {
     "interventions.errors",
     "interventions.sites",
     "interventions.ops",
+    "interventions.runs",
     "interventions.spec",
     "interventions.tensor_bytes",
     # the SAE kinds a graph may splice: weights and their formulas (not loading or training)

@@ -1,0 +1,169 @@
+"""What the ragged pass produces, and how results are put back together in prompt order.
+
+The pass (:mod:`interventions.ragged`) splits runs of prompts of different lengths into
+parts; each read of the original graph becomes pieces, one per part, which
+:func:`assemble` scatters back into prompt order, zero-padding positions and giving a
+mask when the pieces differ in length. Plain data, so a remote job carries it as JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from interventions.errors import ValidationError
+from interventions.sites import Select, Site, take
+from interventions.spec import GraphSpec
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows of one original run that share a length: one run of the split graph."""
+
+    run: str
+    rows: tuple[int, ...]  # rows of the original run, ascending
+    length: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One read of the split graph, and which rows of the assembled result it fills."""
+
+    name: str
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """How one result of the original graph is put together from pieces."""
+
+    name: str
+    pieces: tuple[Piece, ...]
+    rows: int | None  # batch size of the result; None: no batch axis (a single piece)
+    side: str  # "left" or "right": where padding goes when pieces differ in positions
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pieces": [[p.name, list(p.rows)] for p in self.pieces],
+            "rows": self.rows,
+            "side": self.side,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Assembly:
+        pieces = tuple(Piece(str(n), tuple(int(r) for r in rows)) for n, rows in doc["pieces"])
+        rows = doc["rows"]
+        return cls(str(doc["name"]), pieces, None if rows is None else int(rows), str(doc["side"]))
+
+
+@dataclass(frozen=True)
+class MeanSlot:
+    """A placeholder constant to fill with a mean over a split source run's real tokens."""
+
+    tensor: str  # key in the split graph's tensor table
+    source: str  # the original source run
+    site: Site
+    per_position: bool
+    length: int  # positions of the target part (per-position means)
+    select: Select  # the ablated region within one row (pos, head, dims)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A graph without prompts of different lengths, and how to read its results back."""
+
+    graph: GraphSpec
+    parts: Mapping[str, tuple[Part, ...]]
+    assemblies: tuple[Assembly, ...]
+    internal: frozenset[str]  # names of the split graph that are not results
+    means: tuple[MeanSlot, ...] = ()
+
+    def assemble(
+        self, tensors: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return assemble(self.assemblies, tensors, self.internal)
+
+
+def assemble(
+    assemblies: Sequence[Assembly],
+    tensors: Mapping[str, torch.Tensor],
+    internal: frozenset[str] | set[str] = frozenset(),
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The original results from the split graph's (and masks of the padded ones).
+
+    >>> a = Assembly("x", (Piece("x#0", (1,)), Piece("x#1", (0,))), rows=2, side="right")
+    >>> out, masks = assemble([a], {"x#0": torch.ones(1, 2), "x#1": torch.ones(1, 3)})
+    >>> out["x"].tolist(), masks["x"].tolist()
+    ([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], [[True, True, True], [True, True, False]])
+    """
+    out: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for a in assemblies:
+        parts = [(p, tensors[p.name]) for p in a.pieces if p.name in tensors]
+        used.update(p.name for p in a.pieces)
+        if not parts:
+            continue
+        if a.rows is None:
+            out[a.name] = parts[0][1]
+            continue
+        first = parts[0][1]
+        shape = [a.rows, *(max(t.shape[d] for _, t in parts) for d in range(1, first.ndim))]
+        result = first.new_zeros(shape)
+        padded = any(list(t.shape[1:]) != shape[1:] for _, t in parts)
+        mask = torch.zeros(a.rows, shape[1] if padded and len(shape) > 1 else 0, dtype=torch.bool)
+        for piece, t in parts:
+            region: list[slice] = []
+            for d in range(1, t.ndim):
+                n, full = t.shape[d], shape[d]
+                region.append(slice(full - n, full) if a.side == "left" else slice(0, n))
+            rows = torch.tensor(piece.rows, dtype=torch.long)
+            index: tuple[Any, ...] = (rows, *region)
+            result[index] = t
+            if padded:
+                mask[rows, region[0]] = True
+        out[a.name] = result
+        if padded:
+            masks[a.name] = mask
+    for name, t in tensors.items():
+        if name not in used and name not in internal:
+            out[name] = t
+    return out, masks
+
+
+def fill_means(split: Split, sources: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Write the means of a first pass into the split graph's placeholder constants.
+
+    ``sources[run][str(site)]`` is the source run's whole site ``[batch, pos, ...]`` with
+    rows left-aligned (zero beyond each prompt's length); the means count real tokens only.
+    """
+    for slot in split.means:
+        x = sources[slot.source][str(slot.site)].float()
+        n, width = x.shape[0], x.shape[1]
+        lens = torch.full((n,), width)
+        for part in split.parts.get(slot.source, ()):
+            lens[list(part.rows)] = part.length
+        real = (torch.arange(width)[None, :] < lens[:, None]).to(x.dtype)  # [batch, pos]
+        weights = real.reshape(*real.shape, *([1] * (x.ndim - 2)))
+        if slot.per_position:
+            count = weights.sum(0)
+            if slot.length > width or bool((count[: slot.length] == 0).any()):
+                raise ValidationError(
+                    f"per-position mean from run {slot.source!r}: its prompts have at most "
+                    f"{width} tokens but a target prompt has {slot.length}"
+                )
+            full = ((x * weights).sum(0)[: slot.length] / count[: slot.length]).unsqueeze(0)
+        else:
+            mean = (x * weights).sum((0, 1)) / weights.sum((0, 1))
+            full = mean.reshape(1, 1, *mean.shape).expand(1, slot.length, *mean.shape)
+        axes = slot.site.kind.axes
+        value = take(full, slot.select, axes)
+        split.graph.tensors[slot.tensor] = value.contiguous().clone()
+
+
+def assemblies_from(doc: Sequence[Mapping[str, Any]]) -> tuple[Assembly, ...]:
+    return tuple(Assembly.from_dict(d) for d in doc)
