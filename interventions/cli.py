@@ -325,7 +325,7 @@ def _effect(
 ) -> str:
     """How large the steering was next to the residual stream it was added to."""
     import interventions as iv
-    from interventions.recipes.patching import as_tokens
+    from interventions.recipes.inputs import as_tokens
 
     probe = iv.Graph()
     probe.run("p", tokens=as_tokens(prompt, tokenizer, "prompt")).read(

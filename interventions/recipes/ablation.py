@@ -21,8 +21,8 @@ from torch import nn
 from interventions.errors import SpecError
 from interventions.execute import run
 from interventions.graph import Graph
+from interventions.recipes.inputs import Tokens, _model, as_tokens
 from interventions.recipes.metrics import Metric
-from interventions.recipes.patching import Tokens, _model, as_tokens
 
 Component = tuple[str, int] | tuple[str, int, int]  # (site, layer) or ("head", layer, head)
 

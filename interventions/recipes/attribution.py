@@ -55,8 +55,8 @@ from interventions.errors import SpecError, UnsupportedOp, choices_text
 from interventions.execute import run
 from interventions.graph import Graph
 from interventions.recipes._dataset import Batch, Dataset, batches
+from interventions.recipes.inputs import _model
 from interventions.recipes.metrics import Metric
-from interventions.recipes.patching import _model
 
 Method = Literal["saliency", "input_x_gradient", "integrated_gradients"]
 METHODS: tuple[str, ...] = ("saliency", "input_x_gradient", "integrated_gradients")

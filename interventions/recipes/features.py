@@ -26,8 +26,8 @@ from interventions.errors import SAEErrorGradientWarning
 from interventions.execute import run
 from interventions.graph import Graph
 from interventions.ops import ErrorTerm, FeatureEdit
+from interventions.recipes.inputs import Tokens, _model, as_tokens
 from interventions.recipes.metrics import Metric
-from interventions.recipes.patching import Tokens, _model, as_tokens
 from interventions.sae import SAE
 
 

@@ -51,7 +51,7 @@ from interventions.architectures import describe
 from interventions.errors import SpecError, choices_text
 from interventions.execute import run
 from interventions.graph import Graph
-from interventions.recipes.patching import Tokens, _model, as_tokens
+from interventions.recipes.inputs import Tokens, _model, as_tokens
 
 Convention = Literal["interventions", "transformer_lens"]
 CONVENTIONS: tuple[str, ...] = ("interventions", "transformer_lens")

@@ -25,8 +25,8 @@ from interventions.architectures import describe
 from interventions.errors import SpecError
 from interventions.execute import run
 from interventions.graph import Graph
+from interventions.recipes.inputs import Tokens, _model, as_tokens
 from interventions.recipes.metrics import Metric
-from interventions.recipes.patching import Tokens, _model, as_tokens
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,7 +17,7 @@ torch.Size([2, 4])
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,10 +27,19 @@ from torch import nn
 
 from interventions.architectures import describe
 from interventions.errors import SpecError, UnsupportedOp, choices_text
-from interventions.execute import load_model, load_structure, run
+from interventions.execute import run
 from interventions.graph import Graph
 from interventions.ops import Ref
-from interventions.plan import tokenize
+from interventions.recipes.inputs import (
+    Prompts,
+    Tokens,
+    _check_pair,
+    _lengths,
+    _model,
+    as_prompts,
+    as_tokens,
+    n_prompts,
+)
 from interventions.recipes.metrics import (
     Metric,
     Normalization,
@@ -40,10 +49,10 @@ from interventions.recipes.metrics import (
     standard_error,
 )
 from interventions.results import Results
+from interventions.sites import IndexLike
 
 PATCHABLE_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_hidden", "head", "embed")
 Direction = Literal["denoise", "noise"]
-Tokens = torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | str | Sequence[str]
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,38 +131,6 @@ class PatchingResult:
         )
 
 
-def as_tokens(value: Tokens, tokenizer: Any, what: str) -> torch.Tensor:
-    """Token ids ``[batch, seq]`` from ids or text (text needs a tokenizer)."""
-    if isinstance(value, str) or (
-        isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value)
-    ):
-        from interventions.spec import Run
-
-        texts = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
-        return tokenize(Run(what, text=texts), tokenizer)
-    ids = torch.as_tensor(value, dtype=torch.long)
-    return ids.unsqueeze(0) if ids.ndim == 1 else ids
-
-
-def _model(
-    model: nn.Module | str, tokenizer: Any, run_options: dict[str, Any] | None = None
-) -> tuple[nn.Module, Any]:
-    """The model (a remote run needs only its structure: the host has the weights)."""
-    if isinstance(model, str):
-        remote = bool((run_options or {}).get("remote"))
-        loaded, loaded_tok = load_structure(model) if remote else load_model(model)
-        return loaded, tokenizer if tokenizer is not None else loaded_tok
-    return model, tokenizer
-
-
-def _check_pair(clean: torch.Tensor, corrupt: torch.Tensor) -> None:
-    if clean.shape != corrupt.shape:
-        raise SpecError(
-            f"clean and corrupted inputs must have the same shape, got {list(clean.shape)} "
-            f"and {list(corrupt.shape)}"
-        )
-
-
 def _layers(layers: Sequence[int] | None, n_layers: int | None, site: str) -> list[int]:
     if site == "embed":
         return [0]
@@ -182,7 +159,7 @@ def activation_patching(
     *,
     site: str = "resid_pre",
     layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
+    positions: Sequence[int] | Mapping[str, IndexLike] | None = None,
     per_position: bool | None = None,
     direction: Direction = "denoise",
     normalize: bool = True,
@@ -216,6 +193,12 @@ def activation_patching(
     *after* averaging: ``(mean m - mean m_corrupt) / (mean m_clean - mean m_corrupt)``,
     so one prompt whose clean and corrupted metrics nearly coincide cannot blow up the
     score, as normalising each prompt and then averaging would.
+
+    Prompts of different lengths (lists of ids, or texts; clean and corrupted paired one to
+    one, of equal or different lengths) work like any other: positions count in each
+    prompt's own tokens, so ``positions`` are then negative (``-1`` is each prompt's last
+    token; the default is every position the shortest prompt has, counted from the end)
+    or named per-prompt positions, ``{"S2": iv.token_positions(...), "END": -1}``.
     ``normalization="per_example"`` does that instead (TransformerLens's usual
     normalised metric): ``mean((m - m_corrupt) / (m_clean - m_corrupt))``.
 
@@ -230,13 +213,12 @@ def activation_patching(
     check_normalization(normalization)
     model, tokenizer = _model(model, tokenizer, run_options)
     clean_ids, corrupt_ids = (
-        as_tokens(clean, tokenizer, "clean"),
-        as_tokens(corrupt, tokenizer, "corrupt"),
+        as_prompts(clean, tokenizer, "clean"),
+        as_prompts(corrupt, tokenizer, "corrupt"),
     )
     _check_pair(clean_ids, corrupt_ids)
     info = describe(model)
     rows = _layers(layers, info.n_layers, site)
-    seq = clean_ids.shape[1]
     target_ids = corrupt_ids if direction == "denoise" else clean_ids
 
     g = Graph()
@@ -249,20 +231,23 @@ def activation_patching(
         per_position = site != "head"
     if not isinstance(per_position, bool):
         raise SpecError(f"per_position must be True, False or None, got {per_position!r}")
-    pos_list = list(range(seq)) if positions is None else [p % seq for p in positions]
+    named = _cell_positions(positions, clean_ids, corrupt_ids)
+    pos_list = [sel for _, sel in named]
+    ragged = len(set(_lengths(clean_ids) + _lengths(corrupt_ids))) > 1
     # each cell: a label and the (pos, head) selector it patches
     cell_sels: list[tuple[str, Any, int | None]]
     if site == "head":
         heads = range(info.n_heads or 0)
         if per_position:
-            cell_sels = [(f"{p}.h{h}", p, h) for p in pos_list for h in heads]
+            cell_sels = [(f"{label}.h{h}", p, h) for label, p in named for h in heads]
         else:
-            pos_sel: Any = None if positions is None else pos_list
+            pos_sel: Any = None if positions is None and not ragged else _joint(pos_list)
             cell_sels = [(f"h{h}", pos_sel, h) for h in heads]
     elif per_position:
-        cell_sels = [(str(p), p, None) for p in pos_list]
+        cell_sels = [(label, p, None) for label, p in named]
     else:
-        cell_sels = [("all", None if positions is None else pos_list, None)]
+        whole = positions is None and not ragged
+        cell_sels = [("all", None if whole else _joint(pos_list), None)]
     col_labels = [label for label, _, _ in cell_sels]
     cells: list[list[str]] = []
     for layer in rows:
@@ -307,6 +292,37 @@ def activation_patching(
     )
 
 
+def _cell_positions(
+    positions: Sequence[int] | Mapping[str, IndexLike] | None, clean: Prompts, corrupt: Prompts
+) -> list[tuple[str, Any]]:
+    """The (label, selector) of every position a sweep patches."""
+    lengths = _lengths(clean) + _lengths(corrupt)
+    ragged = len(set(lengths)) > 1
+    shortest = min(lengths)
+    if isinstance(positions, Mapping):
+        return [(str(label), sel) for label, sel in positions.items()]
+    if positions is None:
+        if ragged:  # every position the shortest prompt has, counted from each prompt's end
+            return [(str(p), p) for p in range(-shortest, 0)]
+        return [(str(p), p) for p in range(shortest)]
+    if ragged:
+        bad = [p for p in positions if not -shortest <= p < 0 and not 0 <= p < shortest]
+        if bad:
+            raise SpecError(
+                f"positions {bad} do not exist in every prompt (the shortest has {shortest} "
+                "tokens); use negative positions or named per-prompt positions"
+            )
+        return [(str(p), p) for p in positions]
+    return [(str(p % shortest), p % shortest) for p in positions]
+
+
+def _joint(selectors: Sequence[Any]) -> Any:
+    """Several positions patched at once: a list of ints (per-prompt ones not joined)."""
+    if all(isinstance(p, int) for p in selectors):
+        return list(selectors)
+    raise SpecError("per_position=False takes int positions; patch named positions one by one")
+
+
 def path_patching(
     model: nn.Module | str,
     clean: Tokens,
@@ -335,8 +351,8 @@ def path_patching(
     check_normalization(normalization)
     model, tokenizer = _model(model, tokenizer, run_options)
     clean_ids, corrupt_ids = (
-        as_tokens(clean, tokenizer, "clean"),
-        as_tokens(corrupt, tokenizer, "corrupt"),
+        as_prompts(clean, tokenizer, "clean"),
+        as_prompts(corrupt, tokenizer, "corrupt"),
     )
     _check_pair(clean_ids, corrupt_ids)
     info = describe(model)
@@ -398,7 +414,7 @@ def path_patching(
     m_clean = metric(clean_logits, reference=clean_logits)
     m_corrupt = metric(res["corrupt.logits"], reference=clean_logits)
     layers = sorted({layer for layer, _ in senders})
-    values = torch.full((len(layers), n_heads, clean_ids.shape[0]), float("nan"))
+    values = torch.full((len(layers), n_heads, n_prompts(clean_ids)), float("nan"))
     for (layer, head), name in zip(senders, names, strict=True):
         values[layers.index(layer), head] = metric(res[name], reference=clean_logits)
     scores = batch_score(

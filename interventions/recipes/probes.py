@@ -35,7 +35,7 @@ from interventions.errors import SpecError, choices_text
 from interventions.execute import run
 from interventions.graph import Graph
 from interventions.recipes._dataset import Dataset, batches
-from interventions.recipes.patching import _model
+from interventions.recipes.inputs import _model
 from interventions.sites import Site
 
 ProbeKind = Literal["logistic", "ridge"]

@@ -20,7 +20,7 @@ from torch import nn
 from interventions.errors import SpecError
 from interventions.execute import run
 from interventions.graph import Graph
-from interventions.recipes.patching import Tokens, _model, as_tokens
+from interventions.recipes.inputs import Tokens, _model, as_tokens
 from interventions.sae import SAE
 from interventions.sites import IndexLike
 

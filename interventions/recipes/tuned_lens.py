@@ -43,8 +43,8 @@ from interventions.errors import SpecError
 from interventions.execute import run
 from interventions.graph import Graph
 from interventions.recipes._dataset import Batch, Dataset, batches
+from interventions.recipes.inputs import Tokens, _model, as_tokens
 from interventions.recipes.lens import LogitLens
-from interventions.recipes.patching import Tokens, _model, as_tokens
 
 FORMAT = "interventions.tuned_lens/1"
 #: The local decoder must reproduce the model's logits to this tolerance before training.

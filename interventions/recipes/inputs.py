@@ -1,0 +1,91 @@
+"""What recipes take as prompts: ids, texts, or prompts of different lengths, and the
+model (a name loads it; a remote run needs only its structure).
+
+>>> as_prompts([[1, 2, 3], [4, 5]], None, "x")
+[[1, 2, 3], [4, 5]]
+>>> as_prompts([[1, 2], [4, 5]], None, "x").shape
+torch.Size([2, 2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from interventions.errors import SpecError
+from interventions.execute import load_model, load_structure
+from interventions.plan import tokenize
+
+Tokens = torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | str | Sequence[str]
+Prompts = torch.Tensor | list[list[int]]
+
+
+def as_prompts(value: Tokens, tokenizer: Any, what: str) -> Prompts:
+    """Token ids ``[batch, seq]``, or one list of ids per prompt when their lengths differ
+    (text needs a tokenizer)."""
+    if isinstance(value, str) or (
+        isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value)
+    ):
+        from interventions.plan import tokenize_rows
+        from interventions.runs import Run
+
+        texts = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+        rows = tokenize_rows(Run(what, text=texts), tokenizer)
+    elif (
+        isinstance(value, Sequence)
+        and value
+        and all(isinstance(v, (Sequence, torch.Tensor)) for v in value)
+        and len({len(v) for v in value}) > 1  # type: ignore[arg-type]
+    ):
+        rows = [torch.as_tensor(v, dtype=torch.long).tolist() for v in value]
+    else:
+        return as_tokens(value, tokenizer, what)
+    if len({len(r) for r in rows}) == 1:
+        return torch.tensor(rows, dtype=torch.long)
+    return rows
+
+
+def n_prompts(prompts: Prompts) -> int:
+    return int(prompts.shape[0]) if isinstance(prompts, torch.Tensor) else len(prompts)
+
+
+def _lengths(prompts: Prompts) -> list[int]:
+    if isinstance(prompts, torch.Tensor):
+        return [int(prompts.shape[1])] * int(prompts.shape[0])
+    return [len(r) for r in prompts]
+
+
+def as_tokens(value: Tokens, tokenizer: Any, what: str) -> torch.Tensor:
+    """Token ids ``[batch, seq]`` from ids or text (text needs a tokenizer)."""
+    if isinstance(value, str) or (
+        isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value)
+    ):
+        from interventions.spec import Run
+
+        texts = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+        return tokenize(Run(what, text=texts), tokenizer)
+    ids = torch.as_tensor(value, dtype=torch.long)
+    return ids.unsqueeze(0) if ids.ndim == 1 else ids
+
+
+def _model(
+    model: nn.Module | str, tokenizer: Any, run_options: dict[str, Any] | None = None
+) -> tuple[nn.Module, Any]:
+    """The model (a remote run needs only its structure: the host has the weights)."""
+    if isinstance(model, str):
+        remote = bool((run_options or {}).get("remote"))
+        loaded, loaded_tok = load_structure(model) if remote else load_model(model)
+        return loaded, tokenizer if tokenizer is not None else loaded_tok
+    return model, tokenizer
+
+
+def _check_pair(clean: Prompts, corrupt: Prompts) -> None:
+    """Clean and corrupted prompts pair up one to one (their lengths may differ)."""
+    if n_prompts(clean) != n_prompts(corrupt):
+        raise SpecError(
+            f"clean and corrupted inputs must hold as many prompts, got {n_prompts(clean)} "
+            f"and {n_prompts(corrupt)}"
+        )
