@@ -22,7 +22,7 @@ that leaves a field out has no such site, and says so by name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
@@ -146,7 +146,8 @@ class HookPoint:
     module: str
     io: Literal["output", "input"]
     view: View = "plain"
-    layer: int | None = None  # set for the per-head-input views, which need their block
+    # set for the per-head-input views, which need their block (the path names it too)
+    layer: int | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,9 @@ def _check_capabilities(op: Op, point: HookPoint, caps: Capabilities) -> None:
         )
 
 
+_HEAD_SITES = ("head", "attn_pattern")
+
+
 def _check_site_rules(plan: Plan, op: Op) -> None:
     """Rules of the site and the run that hold whatever the op's kind."""
     run = plan.graph.runs[op.run]
@@ -174,9 +177,12 @@ def _check_site_rules(plan: Plan, op: Op) -> None:
     if has_heads and not plan.info.head_count(op.site):
         raise ValidationError(f"{_where(op)}: the model's config has no head count")
     if op.select.head is not None and not has_heads:
-        headed = [n for n, k in STANDARD_SITES.items() if "head" in k.axes]
+        internals = [
+            n for n, k in STANDARD_SITES.items() if "head" in k.axes and n not in _HEAD_SITES
+        ]
         raise ValidationError(
-            f"{_where(op)}: head= only applies to the sites with heads: {choices_text(headed)}"
+            f"{_where(op)}: head= only applies to the 'head' and 'attn_pattern' sites and "
+            f"the attention internals ({choices_text(internals)})"
         )
 
 
