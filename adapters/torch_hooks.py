@@ -23,8 +23,13 @@ from torch import nn
 
 from interventions.apply import RunState, apply_op
 from interventions.architectures import HookPoint, ModelInfo
-from interventions.attention import QKV_VIEWS, SPLIT_VIEWS, projection_weight, qkv_view
-from interventions.attention import split_input_delta
+from interventions.attention import (
+    QKV_VIEWS,
+    SPLIT_VIEWS,
+    projection_weight,
+    qkv_view,
+    split_input_delta,
+)
 from interventions.backends import Capabilities
 from interventions.errors import ExecutionError, InterventionError
 from interventions.hf import accepts, eager_attention, greedy_config, logits_kwargs

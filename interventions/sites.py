@@ -275,37 +275,16 @@ STANDARD_SITES: dict[str, SiteKind] = {
         RESIDUAL, True, doc="MLP hidden activation, input of the down projection"
     ),
     "resid_mid": SiteKind(
-        RESIDUAL,
-        True,
-        doc="residual stream between attention and MLP (resid_pre + attn_out); a write "
-        "changes the residual itself, so the MLP and every later layer see it",
+        RESIDUAL, True, doc="residual between attention and MLP; written in place (all see it)"
     ),
-    "q": SiteKind(
-        HEADS,
-        True,
-        doc="per-head queries, before rotary embeddings (TransformerLens hook_q)",
-    ),
-    "k": SiteKind(
-        HEADS,
-        True,
-        doc="per-key-value-head keys, before rotary embeddings; head= counts key-value heads",
-    ),
-    "v": SiteKind(HEADS, True, doc="per-key-value-head values; head= counts key-value heads"),
+    "q": SiteKind(HEADS, True, doc="per-head queries, before rotary embeddings (TL hook_q)"),
+    "k": SiteKind(HEADS, True, doc="keys by key-value head, before rotary embeddings"),
+    "v": SiteKind(HEADS, True, doc="values by key-value head"),
     "q_input": SiteKind(
-        HEADS,
-        True,
-        doc="each query head's own copy of the residual stream it reads (before the "
-        "attention norm, as TransformerLens's split-qkv input); writing one head's copy "
-        "changes only that head's query",
+        HEADS, True, doc="each query head's own copy of the block input, before the norm"
     ),
-    "k_input": SiteKind(
-        HEADS, True, doc="each key-value head's own copy of its key input (see q_input)"
-    ),
-    "v_input": SiteKind(
-        HEADS, True, doc="each key-value head's own copy of its value input (see q_input)"
-    ),
-    "final_norm": SiteKind(RESIDUAL, False, doc="output of the final normalisation"),
-    "logits": SiteKind(RESIDUAL, False, doc="the model's output logits"),
+    "k_input": SiteKind(HEADS, True, doc="each key-value head's own copy of its key input"),
+    "v_input": SiteKind(HEADS, True, doc="each key-value head's own copy of its value input"),
 }
 
 RAW_SUFFIXES = (".output", ".input")

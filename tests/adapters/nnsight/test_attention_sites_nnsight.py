@@ -45,7 +45,7 @@ def test_q_k_v_and_resid_mid_agree_with_torch(family: str) -> None:
     model = hf_model(family)
     want = iv.run(g, model, backend="torch")
     got = iv.run(g, model, backend="nnsight")
-    for name in want.keys():
+    for name in want:
         assert_close(got[name], want[name], **FP32)
     assert not torch.allclose(want["edit.logits"], iv.run(_clean(), model)["logits"])
 
@@ -61,5 +61,5 @@ def test_per_head_inputs_are_refused_by_name_where_not_built(backend: str) -> No
     pytest.importorskip(backend)
     g = iv.Graph()
     g.run("a", tokens=IDS).read("q_input", layer=0)
-    with pytest.raises(iv.UnsupportedOp, match="cannot reach site 'q_input'.*torch"):
+    with pytest.raises(iv.UnsupportedOp, match=r"cannot reach site 'q_input'.*torch"):
         iv.validate(g, hf_model("llama"), backend=backend)

@@ -163,5 +163,5 @@ def test_k_head_counts_key_value_heads_and_neox_has_no_resid_mid() -> None:
         iv.validate(g, hf_model("llama"))
     g = iv.Graph()
     g.run("a", tokens=IDS).read("resid_mid", layer=0)
-    with pytest.raises(iv.UnknownSite, match="resid_mid.*same residual"):
+    with pytest.raises(iv.UnknownSite, match=r"resid_mid.*same residual"):
         iv.validate(g, hf_model("gpt_neox"))
