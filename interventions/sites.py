@@ -285,6 +285,8 @@ STANDARD_SITES: dict[str, SiteKind] = {
     ),
     "k_input": SiteKind(HEADS, True, doc="each key-value head's own copy of its key input"),
     "v_input": SiteKind(HEADS, True, doc="each key-value head's own copy of its value input"),
+    "final_norm": SiteKind(RESIDUAL, False, doc="output of the final normalisation"),
+    "logits": SiteKind(RESIDUAL, False, doc="the model's output logits"),
 }
 
 RAW_SUFFIXES = (".output", ".input")
