@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 import interventions as iv
-from interventions.attention import QKV_VIEWS
 from interventions.architectures import describe
+from interventions.attention import QKV_VIEWS
 from interventions.ops import Read
 from interventions.sites import Site
 from tests.tiny_models import (
