@@ -23,6 +23,13 @@ from torch import nn
 
 from interventions.apply import RunState, apply_op
 from interventions.architectures import HookPoint, ModelInfo
+from interventions.attention import (
+    QKV_VIEWS,
+    SPLIT_VIEWS,
+    projection_weight,
+    qkv_view,
+    split_input_delta,
+)
 from interventions.backends import Capabilities
 from interventions.errors import ExecutionError, InterventionError
 from interventions.hf import accepts, eager_attention, generation_config, logits_kwargs, seeded
@@ -98,22 +105,32 @@ class _Hooks:
         self.recorded: dict[str, list[torch.Tensor]] = {}
         self.selected: dict[str, torch.Tensor] = {}  # reads already selected (grad mode)
         self.captures: dict[str, list[torch.Tensor]] = {}
+        self.block_inputs: dict[int, torch.Tensor] = {}  # for the per-head-input sites
         info = plan.info
+        # q/k/v and per-head-input entries by projection module, in op order
+        self.qkv_entries: dict[str, list[tuple[HookPoint, _Entry]]] = {}
         for op in plan.ops_of(run):
-            self.points.setdefault(info.hook_point(op.site), []).append(_Entry(op, op.site))
+            self._add(info.hook_point(op.site), _Entry(op, op.site))
         for site in plan.captures_of(run):
-            self.points.setdefault(info.hook_point(site), []).append(_Entry(None, site))
+            self._add(info.hook_point(site), _Entry(None, site))
         graph_run = plan.graph.runs[run]
         self.prompt = plan.prompt_length(run)
         self.fed = self.prompt + (graph_run.max_new_tokens - 1 if graph_run.max_new_tokens else 0)
         self.generating = graph_run.generates
 
-    def _process(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+    def _add(self, point: HookPoint, entry: _Entry) -> None:
+        self.points.setdefault(point, []).append(entry)
+        if point.view in QKV_VIEWS or point.view in SPLIT_VIEWS:
+            self.qkv_entries.setdefault(point.module, []).append((point, entry))
+
+    def _process(
+        self, point: HookPoint, x: torch.Tensor, entries: list[_Entry] | None = None
+    ) -> torch.Tensor:
         # Writes go into one private copy of the module's tensor, made at the first write
         # (a copy per op would cost a full tensor copy per patch of a batched sweep), and
         # made again after anything kept a reference to the current tensor.
         owned = False
-        for entry in self.points[point]:
+        for entry in self.points[point] if entries is None else entries:
             axes = site_axes(entry.site.kind, x.ndim)
             if entry.op is None:
                 self.captures.setdefault(str(entry.site), []).append(x if self.grad else x.detach())
@@ -159,6 +176,77 @@ class _Hooks:
             return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
         return x
 
+    def _qkv(self, x: torch.Tensor, view: str) -> torch.Tensor:
+        info = self.plan.info
+        assert info.n_heads and info.n_kv_heads and info.d_head
+        return qkv_view(
+            x, view, n_heads=info.n_heads, n_kv_heads=info.n_kv_heads, d_head=info.d_head
+        )
+
+    def _qkv_hook(self, module_name: str) -> Callable[..., Any]:
+        """One hook for every q/k/v and per-head-input op at a projection, in op order
+        (q and q_input of GPT-2 share ``c_attn``): each run of ops at one view at a time."""
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            x = _get_plain(output)
+            new = x
+            groups: list[tuple[HookPoint, list[_Entry]]] = []
+            for point, entry in self.qkv_entries[module_name]:
+                if groups and groups[-1][0] == point:
+                    groups[-1][1].append(entry)
+                else:
+                    groups.append((point, [entry]))
+            for point, entries in groups:
+                new = self._qkv_output(point, module, new, entries)
+            return output if new is x else _set_plain(output, new)
+
+        return hook
+
+    def _qkv_output(
+        self, point: HookPoint, module: nn.Module, x: torch.Tensor, entries: list[_Entry]
+    ) -> torch.Tensor:
+        """The projection output with the ops at a q/k/v site or a per-head input applied."""
+        if point.view in QKV_VIEWS:
+            part = self._qkv(x, point.view)
+            new = self._process(point, part, entries)
+            if new is part:
+                return x
+            out = x.clone()
+            self._qkv(out, point.view).copy_(new)
+            return out
+        view = point.view.removeprefix("split_")
+        assert point.layer is not None
+        block_input = self.block_inputs[point.layer]
+        heads = self._qkv(x, view).shape[-2]
+        copies = block_input.unsqueeze(-2).expand(*block_input.shape[:-1], heads, -1)
+        new = self._process(point, copies, entries)
+        if new is copies:
+            return x
+        info = self.plan.info
+        assert info.arch is not None and info.arch.attn_norm is not None
+        norm = self.model.get_submodule(f"{info.arch.layers}.{point.layer}.{info.arch.attn_norm}")
+        assert info.n_heads and info.n_kv_heads and info.d_head
+        delta = split_input_delta(
+            norm,
+            projection_weight(module),
+            block_input,
+            new,
+            view,
+            n_heads=info.n_heads,
+            n_kv_heads=info.n_kv_heads,
+            d_head=info.d_head,
+        )
+        out = x.clone()
+        self._qkv(out, view).add_(delta.to(out.dtype))
+        return out
+
+    def _block_input_hook(self, layer: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
+            self.block_inputs[layer] = x
+
+        return hook
+
     def _output_hook(self, point: HookPoint) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if point.view == "attn_weights":
@@ -179,11 +267,18 @@ class _Hooks:
             if args and isinstance(args[0], torch.Tensor):
                 x = args[0]
                 new = self._view_out(point, self._process(point, self._view_in(point, x)))
+                if point.view == "resid" and new is not x:
+                    # the residual connection holds this very tensor: write into it
+                    x.copy_(new)
+                    return None
                 return None if new is x else ((new, *args[1:]), kwargs)
             for key in ("hidden_states", "input", "x", "input_ids", "inputs_embeds"):
                 if isinstance(kwargs.get(key), torch.Tensor):
                     x = kwargs[key]
                     new = self._view_out(point, self._process(point, self._view_in(point, x)))
+                    if point.view == "resid" and new is not x:
+                        x.copy_(new)
+                        return None
                     return None if new is x else (args, {**kwargs, key: new})
             raise ExecutionError(f"{point.module or 'the model'} was called with no tensor input")
 
@@ -201,7 +296,19 @@ class _Hooks:
             self.handles.append(
                 self.model.register_forward_pre_hook(self._clock_hook, with_kwargs=True)
             )
+            arch = self.plan.info.arch
+            for layer in sorted({p.layer for p in self.points if p.layer is not None}):
+                assert arch is not None
+                block = self.model.get_submodule(f"{arch.layers}.{layer}")
+                self.handles.append(
+                    block.register_forward_pre_hook(self._block_input_hook(layer), with_kwargs=True)
+                )
+            for name in self.qkv_entries:
+                module = self.model.get_submodule(name)
+                self.handles.append(module.register_forward_hook(self._qkv_hook(name)))
             for point in self.points:
+                if point.module in self.qkv_entries:
+                    continue
                 module = self.model.get_submodule(point.module) if point.module else self.model
                 if point.io == "output":
                     self.handles.append(module.register_forward_hook(self._output_hook(point)))
@@ -286,7 +393,9 @@ class TorchHooksBackend:
     name = "torch"
     capabilities = Capabilities(
         ops=frozenset(OP_KINDS),
-        views=frozenset({"plain", "heads", "attn_weights", "logits"}),
+        views=frozenset(
+            {"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS, *SPLIT_VIEWS}
+        ),
         generation=True,
         gradients=True,
         remote=False,

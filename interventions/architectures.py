@@ -12,11 +12,17 @@ under the ``config.model_type`` values it covers::
 
 Everything below the layer list is relative to one layer. Sizes (layers, heads, widths)
 are read from the model's config and modules, so a map needs no numbers.
+
+The attention-internal sites (``q``, ``k``, ``v``, their per-head inputs, ``resid_mid``)
+come from optional fields: the norms before attention and MLP, and either separate
+``q_proj``/``k_proj``/``v_proj`` or one fused ``qkv_proj`` (``qkv_layout="stacked"``:
+``[q | k | v]`` as GPT-2; ``"per_head"``: ``[q_h k_h v_h]`` per head as GPT-NeoX). A map
+that leaves a field out has no such site, and says so by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from torch import nn
@@ -30,9 +36,13 @@ from interventions.errors import (
     excerpt,
     suggest,
 )
-from interventions.sites import STANDARD_SITES, Site
+from interventions.sites import KV_HEAD_SITES, STANDARD_SITES, Site
 
-View = Literal["plain", "heads", "attn_weights", "logits"]
+# How a tensor at a hook point is seen: "plain", "heads" (split into query heads),
+# "attn_weights", "logits", "resid" (plain, but writes go into the tensor itself so the
+# residual connection sees them too), a q/k/v view of a projection's output
+# (interventions.attention.QKV_VIEWS) or a per-head-input view of one ("split_" + it).
+View = str
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,13 @@ class ArchitectureMap:
     attn_out_proj: str
     mlp: str
     mlp_down_proj: str
+    attn_norm: str | None = None
+    mlp_norm: str | None = None
+    q_proj: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+    qkv_proj: str | None = None
+    qkv_layout: Literal["stacked", "per_head"] = "stacked"
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -65,6 +82,9 @@ _BUILTIN: tuple[ArchitectureMap, ...] = (
         attn_out_proj="attn.c_proj",
         mlp="mlp",
         mlp_down_proj="mlp.c_proj",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        qkv_proj="attn.c_attn",
     ),
     ArchitectureMap(
         name="gpt_neox",
@@ -76,6 +96,10 @@ _BUILTIN: tuple[ArchitectureMap, ...] = (
         attn_out_proj="attention.dense",
         mlp="mlp",
         mlp_down_proj="mlp.dense_4h_to_h",
+        attn_norm="input_layernorm",
+        # no mlp_norm: with the parallel residual, attention and MLP read the same stream
+        qkv_proj="attention.query_key_value",
+        qkv_layout="per_head",
     ),
     ArchitectureMap(
         name="llama-like",
@@ -87,6 +111,11 @@ _BUILTIN: tuple[ArchitectureMap, ...] = (
         attn_out_proj="self_attn.o_proj",
         mlp="mlp",
         mlp_down_proj="mlp.down_proj",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
+        q_proj="self_attn.q_proj",
+        k_proj="self_attn.k_proj",
+        v_proj="self_attn.v_proj",
     ),
 )
 
@@ -118,6 +147,8 @@ class HookPoint:
     module: str
     io: Literal["output", "input"]
     view: View = "plain"
+    # set for the per-head-input views, which need their block (the path names it too)
+    layer: int | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -135,6 +166,11 @@ class ModelInfo:
     vocab: int | None
     module_names: frozenset[str]
     is_hf: bool
+    n_kv_heads: int | None = None
+
+    def head_count(self, site: Site) -> int | None:
+        """Size of the head axis of a site (key-value heads for k, v and their inputs)."""
+        return self.n_kv_heads if site.name in KV_HEAD_SITES else self.n_heads
 
     def width(self, site: Site) -> int | None:
         """Size of the last axis of a standard site."""
@@ -143,6 +179,9 @@ class ModelInfo:
         return {
             "mlp_hidden": self.d_mlp,
             "head": self.d_head,
+            "q": self.d_head,
+            "k": self.d_head,
+            "v": self.d_head,
             "logits": self.vocab,
             "attn_pattern": None,
         }.get(site.name, self.d_model)
@@ -174,7 +213,14 @@ class ModelInfo:
                     f"layers 0..{self.n_layers - 1}"
                 )
         a = self.arch
-        point = standard_hook_points(a, site.layer)[site.name]
+        points = standard_hook_points(a, site.layer)
+        if site.name not in points:
+            raise UnknownSite(
+                f"site {site}: the {a.name} map has no {site.name!r} "
+                f"({_MISSING_WHY.get(site.name, 'its map leaves the field out')}); sites of "
+                f"{a.name}: {choices_text(points)}"
+            )
+        point = points[site.name]
         if point.module not in self.module_names:
             raise UnknownSite(
                 f"site {site}: the {a.name} map points at {point.module!r}, which "
@@ -191,6 +237,7 @@ def standard_hook_points(a: ArchitectureMap, layer: int | str | None) -> dict[st
     HookPoint(module='transformer.h.3.attn.c_proj', io='input', view='heads')
     """
     block = f"{a.layers}.{layer}"
+    n = layer if isinstance(layer, int) else None
     points: dict[str, HookPoint] = {
         "embed": HookPoint(a.embed, "output"),
         "resid_pre": HookPoint(block, "input"),
@@ -203,8 +250,36 @@ def standard_hook_points(a: ArchitectureMap, layer: int | str | None) -> dict[st
         "final_norm": HookPoint(a.final_norm, "output"),
         "logits": HookPoint("", "output", "logits"),
     }
-    assert set(points) == set(STANDARD_SITES)
+    if a.mlp_norm is not None:
+        points["resid_mid"] = HookPoint(f"{block}.{a.mlp_norm}", "input", "resid")
+    qkv = _qkv_points(a, block)
+    for part, (module, view) in qkv.items():
+        points[part] = HookPoint(module, "output", view)
+        if a.attn_norm is not None:
+            points[f"{part}_input"] = HookPoint(module, "output", f"split_{view}", n)
+    assert set(points) <= set(STANDARD_SITES)
     return points
+
+
+_MISSING_WHY = {
+    "resid_mid": "no mlp_norm: attention and MLP read the same residual stream",
+    "q_input": "no attn_norm or no q/k/v projections in its map",
+    "k_input": "no attn_norm or no q/k/v projections in its map",
+    "v_input": "no attn_norm or no q/k/v projections in its map",
+}
+
+
+def _qkv_points(a: ArchitectureMap, block: str) -> dict[str, tuple[str, View]]:
+    """(module, view) of q, k and v for family ``a`` (empty when its map has neither form)."""
+    if a.qkv_proj is not None:
+        return {p: (f"{block}.{a.qkv_proj}", f"{a.qkv_layout}_{p}") for p in ("q", "k", "v")}
+    if a.q_proj is None or a.k_proj is None or a.v_proj is None:
+        return {}
+    return {
+        "q": (f"{block}.{a.q_proj}", "q_heads"),
+        "k": (f"{block}.{a.k_proj}", "kv_heads"),
+        "v": (f"{block}.{a.v_proj}", "kv_heads"),
+    }
 
 
 def _config_int(config: Any, *names: str) -> int | None:
@@ -238,12 +313,13 @@ def describe(model: nn.Module) -> ModelInfo:
         config, model_type = text_config, getattr(text_config, "model_type", model_type)
     arch = _REGISTRY.get(model_type) if isinstance(model_type, str) else None
     modules = {name: m for name, m in model.named_modules()}
-    n_layers = n_heads = d_model = d_head = d_mlp = vocab = None
+    n_layers = n_heads = d_model = d_head = d_mlp = vocab = n_kv_heads = None
     if config is not None:
         n_heads = _config_int(config, "num_attention_heads", "n_head")
         d_model = _config_int(config, "hidden_size", "n_embd", "d_model")
         vocab = _config_int(config, "vocab_size")
         d_head = _config_int(config, "head_dim")
+        n_kv_heads = _config_int(config, "num_key_value_heads")
     if arch is not None:
         layers = modules.get(arch.layers)
         n_layers = len(layers) if isinstance(layers, (nn.ModuleList, nn.Sequential)) else None
@@ -270,4 +346,5 @@ def describe(model: nn.Module) -> ModelInfo:
         vocab=vocab,
         module_names=frozenset(modules),
         is_hf=config is not None and hasattr(model, "generate"),
+        n_kv_heads=n_kv_heads or n_heads,
     )

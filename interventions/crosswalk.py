@@ -24,7 +24,18 @@ from interventions.architectures import (
 )
 from interventions.sites import STANDARD_SITES, TRANSFORMER_LENS_HOOKS
 
-_NOTES = {"heads": " viewed as [batch, pos, head, d_head]"}
+_NOTES = {
+    "heads": " viewed as [batch, pos, head, d_head]",
+    "q_heads": " viewed as [batch, pos, head, d_head]",
+    "kv_heads": " viewed as [batch, pos, kv_head, d_head]",
+    "stacked_q": " [..., :n_heads*d_head], by head",
+    "stacked_k": " [..., n_heads*d_head : +n_kv*d_head], by kv head",
+    "stacked_v": " [..., last n_kv*d_head], by kv head",
+    "per_head_q": " viewed as [..., head, 3*d_head][..., :d_head]",
+    "per_head_k": " viewed as [..., head, 3*d_head][..., d_head:2*d_head]",
+    "per_head_v": " viewed as [..., head, 3*d_head][..., 2*d_head:]",
+    "resid": " (written in place: the residual holds it)",
+}
 
 _NO_TL = {
     "final_norm": "— (`ln_final.hook_normalized` is before the weight and bias)",
@@ -32,7 +43,11 @@ _NO_TL = {
 }
 
 
-def _nnsight(point: HookPoint) -> str:
+def _nnsight(point: HookPoint | None) -> str:
+    if point is None:
+        return "— (not in this family's map)"
+    if point.view.startswith("split_"):
+        return "— (torch backend only: each head's copy of the block input, pre-norm)"
     if point.view == "logits":
         return "`model.output.logits`"
     path = re.sub(r"\.(\d+|L)(?=\.|$)", r"[\1]", point.module)
@@ -41,9 +56,13 @@ def _nnsight(point: HookPoint) -> str:
     return f"`model.{path}.{point.io}`" + _NOTES.get(point.view, "")
 
 
-def _pyvene(point: HookPoint) -> str:
+def _pyvene(point: HookPoint | None) -> str:
+    if point is None:
+        return "— (not in this family's map)"
     if point.view == "attn_weights":
         return "— (pyvene cannot read it)"
+    if point.view not in ("plain", "heads", "logits"):
+        return "— (not built on pyvene yet)"
     base = f"model.{point.module}.{point.io}" if point.module else f"model.{point.io}"
     return f"`{base}`" + _NOTES.get(point.view, "")
 
@@ -57,7 +76,8 @@ def crosswalk_rows(arch: ArchitectureMap) -> list[tuple[str, str, str, str]]:
         label = f"`{site}[L]`" if kind.layered else f"`{site}`"
         tl = TRANSFORMER_LENS_HOOKS.get(site)
         tl_text = f"`{tl.replace('{layer}', 'L')}`" if tl else _NO_TL.get(site, "—")
-        rows.append((label, tl_text, _nnsight(points[site]), _pyvene(points[site])))
+        point = points.get(site)
+        rows.append((label, tl_text, _nnsight(point), _pyvene(point)))
     return rows
 
 

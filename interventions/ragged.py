@@ -381,7 +381,7 @@ class _Builder:
                 f"mean ablation of {site} from a run of prompts of different lengths needs a "
                 "standard site of a known model"
             )
-        sizes = {"batch": 1, "pos": length, "key_pos": length, "head": info.n_heads or 0}
+        sizes = {"batch": 1, "pos": length, "key_pos": length, "head": info.head_count(site) or 0}
         sizes["hidden"] = int(info.width(site))  # type: ignore[arg-type]
         axes = site.kind.axes
         return selected_shape(region, axes, [sizes[a] for a in axes])

@@ -7,9 +7,13 @@ A site is spelled one of two ways:
 * a **raw module path** ending in ``.output`` or ``.input`` (``"transformer.h.3.mlp.output"``,
   or just ``"output"`` for the root module), which works on any ``torch.nn.Module``.
 
-Every site has named axes. Residual-stream sites are ``(batch, pos, d_model)``; ``head`` is
-``(batch, pos, head, d_head)``; ``attn_pattern`` is ``(batch, head, pos, key_pos)`` with
-``pos`` the query position. A :class:`Select` narrows axes by name: ``batch``, ``pos``,
+Every site has named axes. Residual-stream sites are ``(batch, pos, d_model)``; ``head``,
+``q``, ``k`` and ``v`` are ``(batch, pos, head, d_head)``; the per-head inputs ``q_input``,
+``k_input`` and ``v_input`` are ``(batch, pos, head, d_model)``; ``attn_pattern`` is
+``(batch, head, pos, key_pos)`` with ``pos`` the query position. With grouped-query
+attention ``k``, ``v``, ``k_input`` and ``v_input`` have one entry per key-value head, and
+``head=`` there counts key-value heads (query head ``h`` reads key-value head
+``h // (n_heads // n_kv_heads)``). A :class:`Select` narrows axes by name: ``batch``, ``pos``,
 ``head`` and ``dims`` (the last, hidden axis). An ``int`` selector drops its axis, the way
 numpy indexing does; lists, ranges and slices keep it. Several list selectors select
 their outer product (``pos=[1, 2], head=[0, 3]`` is four (pos, head) pairs).
@@ -247,6 +251,10 @@ class SiteKind:
 
 
 RESIDUAL: tuple[Axis, ...] = ("batch", "pos", "hidden")
+HEADS: tuple[Axis, ...] = ("batch", "pos", "head", "hidden")
+
+# Sites whose head axis counts key-value heads (grouped-query attention).
+KV_HEAD_SITES = frozenset({"k", "v", "k_input", "v_input"})
 
 STANDARD_SITES: dict[str, SiteKind] = {
     "embed": SiteKind(
@@ -260,7 +268,7 @@ STANDARD_SITES: dict[str, SiteKind] = {
     "attn_out": SiteKind(RESIDUAL, True, doc="attention block output, before the residual add"),
     "mlp_out": SiteKind(RESIDUAL, True, doc="MLP block output, before the residual add"),
     "head": SiteKind(
-        ("batch", "pos", "head", "hidden"),
+        HEADS,
         True,
         doc="per-head attention output before the output projection",
     ),
@@ -273,6 +281,17 @@ STANDARD_SITES: dict[str, SiteKind] = {
     "mlp_hidden": SiteKind(
         RESIDUAL, True, doc="MLP hidden activation, input of the down projection"
     ),
+    "resid_mid": SiteKind(
+        RESIDUAL, True, doc="residual between attention and MLP; written in place (all see it)"
+    ),
+    "q": SiteKind(HEADS, True, doc="per-head queries, before rotary embeddings (TL hook_q)"),
+    "k": SiteKind(HEADS, True, doc="keys by key-value head, before rotary embeddings"),
+    "v": SiteKind(HEADS, True, doc="values by key-value head"),
+    "q_input": SiteKind(
+        HEADS, True, doc="each query head's own copy of the block input, before the norm"
+    ),
+    "k_input": SiteKind(HEADS, True, doc="each key-value head's own copy of its key input"),
+    "v_input": SiteKind(HEADS, True, doc="each key-value head's own copy of its value input"),
     "final_norm": SiteKind(RESIDUAL, False, doc="output of the final normalisation"),
     "logits": SiteKind(RESIDUAL, False, doc="the model's output logits"),
 }
@@ -282,8 +301,8 @@ RAW_SUFFIXES = (".output", ".input")
 # TransformerLens hook names accepted as aliases of standard sites with the same meaning
 # ("{layer}" is the block index). Resolved when a Site is made, so graphs, printing and
 # JSON only ever hold the standard name. TransformerLens hooks left out have no standard
-# site of the same meaning (hook_q/k/v, hook_pos_embed, ln_final.hook_normalized, which
-# is before the final norm's weight and bias, ...).
+# site of the same meaning (hook_rot_q/k, hook_attn_scores, hook_pos_embed,
+# ln_final.hook_normalized, which is before the final norm's weight and bias, ...).
 TRANSFORMER_LENS_HOOKS: dict[str, str] = {
     "embed": "hook_embed",
     "resid_pre": "blocks.{layer}.hook_resid_pre",
@@ -293,6 +312,13 @@ TRANSFORMER_LENS_HOOKS: dict[str, str] = {
     "head": "blocks.{layer}.attn.hook_z",
     "attn_pattern": "blocks.{layer}.attn.hook_pattern",
     "mlp_hidden": "blocks.{layer}.mlp.hook_post",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "q": "blocks.{layer}.attn.hook_q",
+    "k": "blocks.{layer}.attn.hook_k",
+    "v": "blocks.{layer}.attn.hook_v",
+    "q_input": "blocks.{layer}.hook_q_input",
+    "k_input": "blocks.{layer}.hook_k_input",
+    "v_input": "blocks.{layer}.hook_v_input",
 }
 
 
@@ -301,7 +327,9 @@ def transformer_lens_alias(name: str) -> tuple[str, int | None] | None:
 
     >>> transformer_lens_alias("blocks.3.attn.hook_z")
     ('head', 3)
-    >>> transformer_lens_alias("blocks.3.attn.hook_q") is None
+    >>> transformer_lens_alias("blocks.3.attn.hook_q")
+    ('q', 3)
+    >>> transformer_lens_alias("blocks.3.attn.hook_rot_q") is None
     True
     """
     for site, template in TRANSFORMER_LENS_HOOKS.items():

@@ -31,7 +31,7 @@ from interventions.ops import (
 )
 from interventions.plan import Plan, generation_positions, make_plan
 from interventions.ragged import needs_split, split_graph
-from interventions.sites import Select, selected_shape
+from interventions.sites import STANDARD_SITES, Select, selected_shape
 from interventions.spec import GraphSpec
 
 
@@ -49,8 +49,8 @@ def _axis_sizes(plan: Plan, op: Op, point: HookPoint) -> dict[str, int] | None:
     run = plan.graph.runs[op.run]
     seq = prompt + (run.max_new_tokens - 1 if run.max_new_tokens else 0)
     sizes = {"batch": batch, "pos": seq, "key_pos": seq}
-    if op.site.name in ("head", "attn_pattern"):
-        sizes["head"] = info.n_heads or 0
+    if "head" in op.site.kind.axes:
+        sizes["head"] = info.head_count(op.site) or 0
     width = info.width(op.site)
     if width is not None:
         sizes["hidden"] = width
@@ -155,6 +155,9 @@ def _check_capabilities(op: Op, point: HookPoint, caps: Capabilities) -> None:
         )
 
 
+_HEAD_SITES = ("head", "attn_pattern")
+
+
 def _check_site_rules(plan: Plan, op: Op) -> None:
     """Rules of the site and the run that hold whatever the op's kind."""
     run = plan.graph.runs[op.run]
@@ -170,11 +173,16 @@ def _check_site_rules(plan: Plan, op: Op) -> None:
             f"be applied at prompt positions (0..{plan.prompt_length(op.run) - 1}); select "
             "them with pos="
         )
-    if op.site.name in ("head", "attn_pattern") and not plan.info.n_heads:
+    has_heads = not op.site.is_raw and "head" in op.site.kind.axes
+    if has_heads and not plan.info.head_count(op.site):
         raise ValidationError(f"{_where(op)}: the model's config has no head count")
-    if op.select.head is not None and op.site.name not in ("head", "attn_pattern"):
+    if op.select.head is not None and not has_heads:
+        internals = [
+            n for n, k in STANDARD_SITES.items() if "head" in k.axes and n not in _HEAD_SITES
+        ]
         raise ValidationError(
-            f"{_where(op)}: head= only applies to the 'head' and 'attn_pattern' sites"
+            f"{_where(op)}: head= only applies to the 'head' and 'attn_pattern' sites and "
+            f"the attention internals ({choices_text(internals)})"
         )
 
 

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from interventions.architectures import ModelInfo
+from interventions.attention import QKV_VIEWS
 from interventions.backends import Capabilities
 from interventions.errors import (
     BackendVersionError,
@@ -71,13 +73,21 @@ def check_version(installed: str) -> None:
         )
 
 
+def _head_dims(info: ModelInfo) -> tuple[int, int, int]:
+    """(query heads, key-value heads, head width) for the q/k/v views in the program."""
+    n = info.n_heads or 1
+    return n, info.n_kv_heads or n, info.d_head or 1
+
+
 class NNsightBackend:
     """Graphs compiled into nnsight traces; see the module docstring."""
 
     name = "nnsight"
     capabilities = Capabilities(
         ops=frozenset(OP_KINDS),
-        views=frozenset({"plain", "heads", "attn_weights", "logits"}),
+        # the per-head inputs (split_* views) need the attention norm re-run inside the
+        # trace; not built here yet, so they are refused by name before anything runs
+        views=frozenset({"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS}),
         generation=True,
         gradients=False,
         remote=True,
@@ -123,6 +133,7 @@ class NNsightBackend:
                         desc="stages (nnsight)",
                     ),
                     "eager": False,  # switched above, on the client's own model
+                    "dims": _head_dims(plan.info),
                     "wanted": (),
                     "echo": None,
                 }
@@ -227,6 +238,7 @@ class NNsightBackend:
         program = {
             "stages": [self._stage_program(wrapper, model, s, plan) for s in stages],
             "eager": any(op.site.name == "attn_pattern" for op in plan.graph.ops),
+            "dims": _head_dims(plan.info),
             "wanted": tuple(plan.graph.reads()),
             "echo": {**echo, "model_key": client.model_key},
         }

@@ -264,8 +264,21 @@ def _run_program(
 
         def view_of(x: Any, view: Any) -> Any:
             # (the tensor ops see, the tensor to write it back to if it is a copy)
-            if view != "heads":
+            if view in ("plain", "resid", "logits"):
                 return x, None
+            if view != "heads":  # q/k/v inside a projection's output: a view of it
+                nq, nkv, dh = program["dims"]
+                if view == "q_heads":
+                    return x.unflatten(-1, (nq, x.shape[-1] // nq)), None
+                if view == "kv_heads":
+                    return x.unflatten(-1, (nkv, x.shape[-1] // nkv)), None
+                layout, part = view.rsplit("_", 1)
+                if layout == "stacked":
+                    start = {"q": 0, "k": nq * dh, "v": (nq + nkv) * dh}[part]
+                    count = nq if part == "q" else nkv
+                    return x[..., start : start + count * dh].unflatten(-1, (count, dh)), None
+                j = "qkv".index(part)  # per_head: [q_h k_h v_h] for each head
+                return x.unflatten(-1, (nq, 3 * dh))[..., j * dh : (j + 1) * dh], None
             shape = (*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
             if x.is_contiguous():
                 return x.view(shape), None

@@ -398,8 +398,10 @@ def test_transformer_lens_hook_names_are_aliases_of_standard_sites() -> None:
 def test_transformer_lens_aliases_refuse_what_they_do_not_mean() -> None:
     with pytest.raises(SpecError, match="names layer 1 but was given layer=2"):
         iv.Site("blocks.1.hook_resid_pre", 2)
-    with pytest.raises(iv.UnknownSite, match=r"'blocks.1.attn.hook_q' is not a TransformerLens"):
-        iv.Site("blocks.1.attn.hook_q")
+    with pytest.raises(
+        iv.UnknownSite, match=r"'blocks.1.attn.hook_rot_q' is not a TransformerLens"
+    ):
+        iv.Site("blocks.1.attn.hook_rot_q")
     with pytest.raises(iv.UnknownSite, match=r"aliases: hook_embed, blocks.\{layer\}"):
         iv.Site("hook_pos_embed")
 

@@ -26,6 +26,7 @@ from torch import nn
 
 import interventions as iv
 from interventions.architectures import describe
+from interventions.attention import QKV_VIEWS
 from interventions.ops import Read
 from interventions.sites import Site
 from tests.tiny_models import (
@@ -631,7 +632,10 @@ def test_capabilities() -> None:
     caps = iv.backend_capabilities()["nnsight"]
     assert isinstance(caps, iv.Capabilities)
     assert caps.ops == frozenset(OPS)
-    assert caps.views == frozenset({"plain", "heads", "attn_weights", "logits"})
+    # the attention internals (issue 11): q/k/v views and resid_mid; per-head inputs not yet
+    assert caps.views == frozenset(
+        {"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS}
+    )
     assert caps.generation and caps.raw_modules and caps.remote and not caps.gradients
 
 
