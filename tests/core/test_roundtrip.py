@@ -161,6 +161,10 @@ def _other(value: Any, field: str) -> Any:
         return value + 1.0 if abs(value) < 1e15 else value / 2
     if isinstance(value, str):
         return value + "_x"
+    if value is None and field == "sampling":
+        return iv.Sampling(seed=7)
+    if isinstance(value, iv.Sampling):
+        return dataclasses.replace(value, seed=value.seed + 1)
     if value is None:
         return {"source": "elsewhere", "features": "feats_x"}.get(field, "x")
     if isinstance(value, Site):
