@@ -168,6 +168,11 @@ class _Hooks:
                     )
                 self._process(point, output[1])
                 return output
+            if point.view in ("router_logits", "router_choice"):
+                # an MoE gate returns (logits, weights, expert ids), one row per token
+                flat = output[0 if point.view == "router_logits" else 2]
+                self._process(point, flat.reshape(-1, self.clock.length, flat.shape[-1]))
+                return output
             x = _get_plain(output)
             new = self._view_out(point, self._process(point, self._view_in(point, x)))
             return output if new is x else _set_plain(output, new)
@@ -283,7 +288,9 @@ class TorchHooksBackend:
     name = "torch"
     capabilities = Capabilities(
         ops=frozenset(OP_KINDS),
-        views=frozenset({"plain", "heads", "attn_weights", "logits"}),
+        views=frozenset(
+            {"plain", "heads", "attn_weights", "logits", "router_logits", "router_choice"}
+        ),
         generation=True,
         gradients=True,
         remote=False,
