@@ -152,11 +152,15 @@ class _Hooks:
             n = self.plan.info.n_heads
             assert n is not None
             return x.reshape(*x.shape[:-1], n, x.shape[-1] // n)
+        if point.view == "tokens":  # one row per token -> (batch, pos, width)
+            return x.reshape(-1, self.clock.length, x.shape[-1])
         return x
 
     def _view_out(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
         if point.view == "heads":
             return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+        if point.view == "tokens":
+            return x.reshape(-1, x.shape[-1])
         return x
 
     def _output_hook(self, point: HookPoint) -> Callable[..., Any]:
@@ -289,7 +293,7 @@ class TorchHooksBackend:
     capabilities = Capabilities(
         ops=frozenset(OP_KINDS),
         views=frozenset(
-            {"plain", "heads", "attn_weights", "logits", "router_logits", "router_choice"}
+            {"plain", "heads", "attn_weights", "logits", "tokens", "router_logits", "router_choice"}
         ),
         generation=True,
         gradients=True,

@@ -31,7 +31,9 @@ from interventions.errors import (
 )
 from interventions.sites import STANDARD_SITES, Site
 
-View = Literal["plain", "heads", "attn_weights", "logits", "router_logits", "router_choice"]
+View = Literal[
+    "plain", "heads", "attn_weights", "logits", "tokens", "router_logits", "router_choice"
+]
 
 _WHY_MISSING = {
     "mlp_hidden": "its MLP has no per-token down projection, e.g. fused experts",
@@ -50,6 +52,8 @@ class ArchitectureMap:
     residual inside the block (BLOOM). ``mlp_down_proj=None`` means the family has no
     per-token down projection (fused mixture-of-experts), so no ``mlp_hidden`` site;
     ``router`` names a mixture-of-experts gate (its output: logits, weights, expert ids).
+    ``flat_mlp`` says the MLP modules see one row per token (OPT); the adapters view those
+    rows as ``(batch, pos, width)``.
 
     >>> ArchitectureMap("toy", ("toy",), "blocks", "emb", "norm", "attn", "attn.o",
     ...                 "mlp", "mlp.down").attn_out_module
@@ -68,6 +72,7 @@ class ArchitectureMap:
     attn_out: str | None = None
     mlp_out: str | None = None
     router: str | None = None
+    flat_mlp: bool = False  # the MLP sees (batch * pos, d) rows, as OPT's fc1/fc2 do
 
     def __post_init__(self) -> None:
         if not self.model_types:
@@ -153,6 +158,7 @@ _BUILTIN: tuple[ArchitectureMap, ...] = (
         attn_out_proj="self_attn.out_proj",
         mlp="fc2",
         mlp_down_proj="fc2",
+        flat_mlp=True,
     ),
     ArchitectureMap(
         # BLOOM's attention and MLP modules add the residual themselves, so attn_out and
@@ -274,15 +280,16 @@ class ModelInfo:
                 )
         a = self.arch
         layer = f"{a.layers}.{site.layer}"
+        mlp_view: View = "tokens" if a.flat_mlp else "plain"
         points: dict[str, HookPoint] = {
             "embed": HookPoint(a.embed, "output"),
             "resid_pre": HookPoint(layer, "input"),
             "resid_post": HookPoint(layer, "output"),
             "attn_out": HookPoint(f"{layer}.{a.attn_out_module}", "output"),
-            "mlp_out": HookPoint(f"{layer}.{a.mlp_out_module}", "output"),
+            "mlp_out": HookPoint(f"{layer}.{a.mlp_out_module}", "output", mlp_view),
             "head": HookPoint(f"{layer}.{a.attn_out_proj}", "input", "heads"),
             "attn_pattern": HookPoint(f"{layer}.{a.attn}", "output", "attn_weights"),
-            "mlp_hidden": HookPoint(f"{layer}.{a.mlp_down_proj}", "input"),
+            "mlp_hidden": HookPoint(f"{layer}.{a.mlp_down_proj}", "input", mlp_view),
             "router_logits": HookPoint(f"{layer}.{a.router}", "output", "router_logits"),
             "experts_chosen": HookPoint(f"{layer}.{a.router}", "output", "router_choice"),
             "final_norm": HookPoint(a.final_norm, "output"),
