@@ -23,6 +23,7 @@ from interventions.backends import (
     register_backend,
 )
 from interventions.batching import Budget
+from interventions.propose import ArchitectureCheck, check_architecture, propose_architecture
 from interventions.comparison import Comparison, compare
 from interventions.errors import (
     BackendVersionError,
@@ -55,6 +56,7 @@ from interventions.validation import validate
 
 __all__ = [
     "SAE",
+    "ArchitectureCheck",
     "ArchitectureMap",
     "Backend",
     "BackendVersionError",
@@ -92,6 +94,8 @@ __all__ = [
     "ValidationError",
     "__version__",
     "architectures",
+    "check_architecture",
+    "propose_architecture",
     "backend_capabilities",
     "compare",
     "list_backends",

@@ -9,6 +9,7 @@ import interventions as iv
 
 EXPECTED = {
     "SAE",
+    "ArchitectureCheck",
     "ArchitectureMap",
     "Backend",
     "BackendVersionError",
@@ -46,6 +47,8 @@ EXPECTED = {
     "ValidationError",
     "__version__",
     "architectures",
+    "check_architecture",
+    "propose_architecture",
     "backend_capabilities",
     "compare",
     "list_backends",
