@@ -23,7 +23,6 @@ from interventions.backends import (
     register_backend,
 )
 from interventions.batching import Budget
-from interventions.propose import ArchitectureCheck, check_architecture, propose_architecture
 from interventions.comparison import Comparison, compare
 from interventions.errors import (
     BackendVersionError,
@@ -48,6 +47,7 @@ from interventions.errors import (
 from interventions.execute import __version__, load_model, run, submit
 from interventions.graph import Graph, RunHandle
 from interventions.ops import FeatureEdit, Ref
+from interventions.propose import ArchitectureCheck, check_architecture, propose_architecture
 from interventions.remote import Job
 from interventions.results import Provenance, Results
 from interventions.sae import SAE, JumpReLUSAE, StandardSAE, TopKSAE, load_sae, save_sae
@@ -94,13 +94,13 @@ __all__ = [
     "ValidationError",
     "__version__",
     "architectures",
-    "check_architecture",
-    "propose_architecture",
     "backend_capabilities",
+    "check_architecture",
     "compare",
     "list_backends",
     "load_model",
     "load_sae",
+    "propose_architecture",
     "register_architecture",
     "register_backend",
     "run",

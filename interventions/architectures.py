@@ -376,6 +376,8 @@ def describe(model: nn.Module) -> ModelInfo:
         vocab=vocab,
         module_names=frozenset(modules),
         is_hf=config is not None and hasattr(model, "generate"),
-        n_experts=_config_int(config, "num_local_experts", "num_experts") if config is not None else None,
+        n_experts=_config_int(config, "num_local_experts", "num_experts")
+        if config is not None
+        else None,
         top_k=_config_int(config, "num_experts_per_tok") if config is not None else None,
     )

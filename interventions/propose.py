@@ -46,7 +46,7 @@ class ArchitectureCheck:
 def _is_norm(name: str, module: nn.Module) -> bool:
     cls = type(module).__name__.lower()
     leaf = name.rsplit(".", 1)[-1].lower()
-    return "norm" in cls or any(w in leaf for w in _NORM_WORDS) and not list(module.children())
+    return "norm" in cls or (any(w in leaf for w in _NORM_WORDS) and not list(module.children()))
 
 
 def _out_features(module: nn.Module) -> int | None:
@@ -55,7 +55,11 @@ def _out_features(module: nn.Module) -> int | None:
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and weight is not None:
         return int(weight.shape[1])
-    if isinstance(weight, torch.Tensor) and weight.ndim == 2 and "linear" in type(module).__name__.lower():
+    if (
+        isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and "linear" in type(module).__name__.lower()
+    ):
         return int(weight.shape[0])
     return None
 
@@ -104,7 +108,8 @@ def propose_architecture(model: nn.Module, *, name: str | None = None) -> Archit
     """
     layers_name, layers = _layer_list(model)
     modules = dict(model.named_modules())
-    embed_module = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embed_module = get_embeddings() if callable(get_embeddings) else None
     embed = next((n for n, m in modules.items() if m is embed_module), None)
     if embed is None:
         embed = next((n for n, m in modules.items() if isinstance(m, nn.Embedding)), None)
@@ -260,11 +265,15 @@ def check_architecture(
             mlp = mlp.reshape(*pre.shape[:-1], mlp.shape[-1])
         shapes = {t.shape for t in (pre, post, attn, mlp)}
         if len(shapes) != 1:
-            problems.append(f"layer {i}: residual sites differ in shape {sorted(map(tuple, shapes))}")
+            problems.append(
+                f"layer {i}: residual sites differ in shape {sorted(map(tuple, shapes))}"
+            )
             errors.append(float("inf"))
             continue
         err = float((post - (pre + attn.to(pre.device) + mlp.to(pre.device))).abs().max())
         errors.append(err)
         if err > rtol * max(1.0, float(post.abs().max())):
-            problems.append(f"layer {i}: resid_post != resid_pre + attn_out + mlp_out (by {err:.3g})")
+            problems.append(
+                f"layer {i}: resid_post != resid_pre + attn_out + mlp_out (by {err:.3g})"
+            )
     return ArchitectureCheck(arch, tuple(errors), tuple(problems))

@@ -36,7 +36,10 @@ RAW_SITES = {
     "gemma": ("model.layers.0.mlp.output", "model.layers.1.input_layernorm.output"),
     "gptj": ("transformer.h.0.mlp.output", "transformer.h.1.attn.out_proj.input"),
     "opt": ("model.decoder.layers.0.fc2.output", "model.decoder.layers.1.self_attn.out_proj.input"),
-    "bloom": ("transformer.h.0.mlp.dense_4h_to_h.output", "transformer.h.1.self_attention.dense.input"),
+    "bloom": (
+        "transformer.h.0.mlp.dense_4h_to_h.output",
+        "transformer.h.1.self_attention.dense.input",
+    ),
 }
 LLAMA_RAW = ("model.layers.0.mlp.output", "model.layers.1.self_attn.o_proj.input")
 D_MLP = {"gpt2": 128, "gpt_neox": 64, "gptj": 128, "bloom": 128}
@@ -108,9 +111,7 @@ def test_random_graphs_agree(backend: str, family: str, data: st.DataObject) -> 
 @pytest.mark.parametrize("family", [f for f in HF_FAMILIES if f not in FIRST_FAMILIES])
 @settings(max_examples=EXAMPLES // 2)
 @given(data=st.data())
-def test_random_graphs_agree_later_families(
-    backend: str, family: str, data: st.DataObject
-) -> None:
+def test_random_graphs_agree_later_families(backend: str, family: str, data: st.DataObject) -> None:
     assert_agree(draw_graph(data, family), family, backend)
 
 
