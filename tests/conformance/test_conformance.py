@@ -50,6 +50,7 @@ NO_MLP_HIDDEN = tuple(s for s in DEFAULT_SITES if s != "mlp_hidden")
 # the first six families draw 8 graphs per backend by default, the later ones 4 (each
 # family's block is the same code path for every draw; the slow profile draws 200)
 EXAMPLES = 8
+POST_NORM = ("gemma2", "gemma3", "olmo2")
 
 
 def draw_graph(data: st.DataObject, family: str) -> iv.Graph:
