@@ -152,11 +152,15 @@ class _Hooks:
             n = self.plan.info.n_heads
             assert n is not None
             return x.reshape(*x.shape[:-1], n, x.shape[-1] // n)
+        if point.view == "tokens":  # one row per token -> (batch, pos, width)
+            return x.reshape(-1, self.clock.length, x.shape[-1])
         return x
 
     def _view_out(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
         if point.view == "heads":
             return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+        if point.view == "tokens":
+            return x.reshape(-1, x.shape[-1])
         return x
 
     def _output_hook(self, point: HookPoint) -> Callable[..., Any]:
@@ -167,6 +171,11 @@ class _Hooks:
                         f"{point.module} returned no attention weights; eager attention is needed"
                     )
                 self._process(point, output[1])
+                return output
+            if point.view in ("router_logits", "router_choice"):
+                # an MoE gate returns (logits, weights, expert ids), one row per token
+                flat = output[0 if point.view == "router_logits" else 2]
+                self._process(point, flat.reshape(-1, self.clock.length, flat.shape[-1]))
                 return output
             x = _get_plain(output)
             new = self._view_out(point, self._process(point, self._view_in(point, x)))
@@ -283,7 +292,9 @@ class TorchHooksBackend:
     name = "torch"
     capabilities = Capabilities(
         ops=frozenset(OP_KINDS),
-        views=frozenset({"plain", "heads", "attn_weights", "logits"}),
+        views=frozenset(
+            {"plain", "heads", "attn_weights", "logits", "tokens", "router_logits", "router_choice"}
+        ),
         generation=True,
         gradients=True,
         remote=False,

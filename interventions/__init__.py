@@ -50,6 +50,7 @@ from interventions.errors import (
 from interventions.execute import __version__, load_model, run, submit
 from interventions.graph import Graph, RunHandle
 from interventions.ops import FeatureEdit, Ref
+from interventions.propose import ArchitectureCheck, check_architecture, propose_architecture
 from interventions.remote import Job
 from interventions.results import Provenance, Results
 from interventions.sae import (
@@ -74,6 +75,7 @@ from interventions.validation import validate
 
 __all__ = [
     "SAE",
+    "ArchitectureCheck",
     "ArchitectureMap",
     "Backend",
     "BackendVersionError",
@@ -124,12 +126,14 @@ __all__ = [
     "architectures",
     "backend_capabilities",
     "check_sae",
+    "check_architecture",
     "compare",
     "per_prompt",
     "token_positions",
     "list_backends",
     "load_model",
     "load_sae",
+    "propose_architecture",
     "register_architecture",
     "register_backend",
     "run",
