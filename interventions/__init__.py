@@ -50,6 +50,7 @@ from interventions.errors import (
 from interventions.execute import __version__, load_model, run, submit
 from interventions.graph import Graph, RunHandle
 from interventions.ops import FeatureEdit, Ref
+from interventions.positions import token_positions
 from interventions.propose import ArchitectureCheck, check_architecture, propose_architecture
 from interventions.remote import Job
 from interventions.results import Provenance, Results
@@ -69,7 +70,6 @@ from interventions.sae import (
 )
 from interventions.sae.check import SAEFit, check_sae
 from interventions.sae.training import train_sae
-from interventions.positions import token_positions
 from interventions.sites import PerPrompt, Select, Site, per_prompt
 from interventions.validation import validate
 
@@ -94,6 +94,7 @@ __all__ = [
     "JumpReLUTranscoder",
     "MalformedResponse",
     "ModelNotDeployed",
+    "PerPrompt",
     "Provenance",
     "Ref",
     "RemoteAuthError",
@@ -108,7 +109,6 @@ __all__ = [
     "SAEErrorGradientWarning",
     "SAEFit",
     "SAEInfo",
-    "PerPrompt",
     "Select",
     "Site",
     "SkipTranscoder",
@@ -125,20 +125,20 @@ __all__ = [
     "__version__",
     "architectures",
     "backend_capabilities",
-    "check_sae",
     "check_architecture",
+    "check_sae",
     "compare",
-    "per_prompt",
-    "token_positions",
     "list_backends",
     "load_model",
     "load_sae",
+    "per_prompt",
     "propose_architecture",
     "register_architecture",
     "register_backend",
     "run",
     "save_sae",
     "submit",
+    "token_positions",
     "train_sae",
     "validate",
 ]
