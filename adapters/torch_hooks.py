@@ -24,6 +24,7 @@ from torch import nn
 from interventions.apply import RunState, apply_op
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.backends import Capabilities
+from interventions.devices import input_device
 from interventions.errors import ExecutionError, InterventionError
 from interventions.hf import accepts, eager_attention, greedy_config, logits_kwargs
 from interventions.ops import OP_KINDS, Op, Read
@@ -261,7 +262,7 @@ def _forward(
 ) -> torch.Tensor | None:
     inputs = plan.inputs[run]
     graph_run = plan.graph.runs[run]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = input_device(model)
     context = contextlib.nullcontext() if grad else torch.no_grad()
     with context:
         if graph_run.inputs is not None:

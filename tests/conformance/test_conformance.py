@@ -18,7 +18,7 @@ import interventions as iv
 from tests.core.strategies import DEFAULT_SITES, graphs
 from tests.tiny_models import (
     FIRST_FAMILIES,
-    HF_FAMILIES,
+    ALL_FAMILIES,
     MOE_FAMILIES,
     WORDS,
     hf_model,
@@ -109,7 +109,7 @@ def test_random_graphs_agree(backend: str, family: str, data: st.DataObject) -> 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", [f for f in HF_FAMILIES if f not in FIRST_FAMILIES])
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f not in FIRST_FAMILIES])
 @settings(max_examples=EXAMPLES // 2)
 @given(data=st.data())
 def test_random_graphs_agree_later_families(backend: str, family: str, data: st.DataObject) -> None:
@@ -118,7 +118,7 @@ def test_random_graphs_agree_later_families(backend: str, family: str, data: st.
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 @settings(max_examples=200)
 @given(data=st.data())
 def test_random_graphs_agree_long(backend: str, family: str, data: st.DataObject) -> None:
@@ -126,7 +126,7 @@ def test_random_graphs_agree_long(backend: str, family: str, data: st.DataObject
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_steered_generation_gives_identical_tokens(backend: str, family: str) -> None:
     model = hf_model(family)
     torch.manual_seed(1)

@@ -9,7 +9,7 @@ import torch
 
 import interventions as iv
 from interventions.architectures import describe
-from tests.tiny_models import HF_FAMILIES, MOE_FAMILIES, hf_model, hook_count
+from tests.tiny_models import ALL_FAMILIES, MOE_FAMILIES, hf_model, hook_count
 
 IDS = torch.tensor([[5, 9, 14, 3, 22, 7, 8], [6, 6, 30, 31, 2, 9, 40]])
 # half precision: every backend runs the same kernels in the same order, so they agree far
@@ -27,7 +27,7 @@ def _reads(family: str) -> dict[str, torch.Tensor]:
     return dict(iv.run(g, hf_model(family)))
 
 
-@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_residual_identity_and_shapes(family: str) -> None:
     out = _reads(family)
     model = hf_model(family)
@@ -40,7 +40,7 @@ def test_residual_identity_and_shapes(family: str) -> None:
         torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_propose_architecture_finds_the_builtin_map(family: str) -> None:
     model = hf_model(family)
     want = describe(model).arch
