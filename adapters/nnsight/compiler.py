@@ -222,7 +222,12 @@ class _Compiler:
         self.info: ModelInfo = plan.info
         self.graph = plan.graph
         self.batched = batched
-        self.order = _observed_order(model, plan)
+        # registration order is execution order except for raw sites and the families
+        # whose attn_out/mlp_out are other modules (post-norms registered after the MLP)
+        arch = plan.info.arch
+        moved = arch is not None and (arch.attn_out is not None or arch.mlp_out is not None)
+        raw = any(op.site.is_raw for op in plan.graph.ops)
+        self.order = _observed_order(model, plan) if raw or moved else _event_order(model)
         self._saes: dict[str, tuple[Any, ...]] = {}
         self._bases: dict[str, torch.Tensor] = {}
         self.producers = plan.producers
