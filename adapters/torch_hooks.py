@@ -31,6 +31,7 @@ from interventions.attention import (
     split_input_delta,
 )
 from interventions.backends import Capabilities
+from interventions.devices import input_device
 from interventions.errors import ExecutionError, InterventionError
 from interventions.hf import accepts, eager_attention, generation_config, logits_kwargs, seeded
 from interventions.ops import OP_KINDS, Op, Read
@@ -169,11 +170,15 @@ class _Hooks:
             n = self.plan.info.n_heads
             assert n is not None
             return x.reshape(*x.shape[:-1], n, x.shape[-1] // n)
+        if point.view == "tokens":  # one row per token -> (batch, pos, width)
+            return x.reshape(-1, self.clock.length, x.shape[-1])
         return x
 
     def _view_out(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
         if point.view == "heads":
             return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+        if point.view == "tokens":
+            return x.reshape(-1, x.shape[-1])
         return x
 
     def _qkv(self, x: torch.Tensor, view: str) -> torch.Tensor:
@@ -255,6 +260,11 @@ class _Hooks:
                         f"{point.module} returned no attention weights; eager attention is needed"
                     )
                 self._process(point, output[1])
+                return output
+            if point.view in ("router_logits", "router_choice"):
+                # an MoE gate returns (logits, weights, expert ids), one row per token
+                flat = output[0 if point.view == "router_logits" else 2]
+                self._process(point, flat.reshape(-1, self.clock.length, flat.shape[-1]))
                 return output
             x = _get_plain(output)
             new = self._view_out(point, self._process(point, self._view_in(point, x)))
@@ -359,7 +369,7 @@ def _forward(
 ) -> torch.Tensor | None:
     inputs = plan.inputs[run]
     graph_run = plan.graph.runs[run]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = input_device(model)
     context = contextlib.nullcontext() if grad else torch.no_grad()
     with context:
         if graph_run.inputs is not None:
@@ -394,7 +404,18 @@ class TorchHooksBackend:
     capabilities = Capabilities(
         ops=frozenset(OP_KINDS),
         views=frozenset(
-            {"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS, *SPLIT_VIEWS}
+            {
+                "plain",
+                "heads",
+                "attn_weights",
+                "logits",
+                "resid",
+                "tokens",
+                "router_logits",
+                "router_choice",
+                *QKV_VIEWS,
+                *SPLIT_VIEWS,
+            }
         ),
         generation=True,
         gradients=True,

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from interventions.graph import Graph, RunHandle
     from interventions.ops import FeatureEdit, Ref
     from interventions.positions import token_positions
+    from interventions.propose import ArchitectureCheck, check_architecture, propose_architecture
     from interventions.remote import Job
     from interventions.results import Provenance, Results
     from interventions.runs import Sampling
@@ -105,6 +106,9 @@ _LAZY: dict[str, str] = {
     "Ref": "interventions.ops",
     "token_positions": "interventions.positions",
     "Job": "interventions.remote",
+    "ArchitectureCheck": "interventions.propose",
+    "check_architecture": "interventions.propose",
+    "propose_architecture": "interventions.propose",
     "Provenance": "interventions.results",
     "Results": "interventions.results",
     "BatchTopKSAE": "interventions.sae",
@@ -160,6 +164,7 @@ sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "SAE",
+    "ArchitectureCheck",
     "ArchitectureMap",
     "Backend",
     "BackendVersionError",
@@ -212,12 +217,14 @@ __all__ = [
     "__version__",
     "architectures",
     "backend_capabilities",
+    "check_architecture",
     "check_sae",
     "compare",
     "list_backends",
     "load_model",
     "load_sae",
     "per_prompt",
+    "propose_architecture",
     "register_architecture",
     "register_backend",
     "run",

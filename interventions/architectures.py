@@ -12,12 +12,6 @@ under the ``config.model_type`` values it covers::
 
 Everything below the layer list is relative to one layer. Sizes (layers, heads, widths)
 are read from the model's config and modules, so a map needs no numbers.
-
-The attention-internal sites (``q``, ``k``, ``v``, their per-head inputs, ``resid_mid``)
-come from optional fields: the norms before attention and MLP, and either separate
-``q_proj``/``k_proj``/``v_proj`` or one fused ``qkv_proj`` (``qkv_layout="stacked"``:
-``[q | k | v]`` as GPT-2; ``"per_head"``: ``[q_h k_h v_h]`` per head as GPT-NeoX). A map
-that leaves a field out has no such site, and says so by name.
 """
 
 from __future__ import annotations
@@ -39,15 +33,37 @@ from interventions.errors import (
 from interventions.sites import KV_HEAD_SITES, STANDARD_SITES, Site
 
 # How a tensor at a hook point is seen: "plain", "heads" (split into query heads),
-# "attn_weights", "logits", "resid" (plain, but writes go into the tensor itself so the
-# residual connection sees them too), a q/k/v view of a projection's output
-# (interventions.attention.QKV_VIEWS) or a per-head-input view of one ("split_" + it).
+# "attn_weights", "logits", "tokens" (an MLP fed (batch * pos, d) rows, as OPT's),
+# "router_logits" / "router_choice" (a mixture-of-experts gate), "resid" (plain, but writes
+# go into the tensor itself so the residual connection sees them too), a q/k/v view of a
+# projection's output (interventions.attention.QKV_VIEWS) or a per-head-input view of one
+# ("split_" + it).
 View = str
+
+_WHY_MISSING = {
+    "mlp_hidden": "its MLP has no per-token down projection, e.g. fused experts",
+    "router_logits": "it is not a mixture-of-experts family",
+    "experts_chosen": "it is not a mixture-of-experts family",
+}
 
 
 @dataclass(frozen=True)
 class ArchitectureMap:
-    """Where the standard sites live in one model family (paths are dotted module names)."""
+    """Where the standard sites live in one model family (paths are dotted module names).
+
+    ``attn`` and ``mlp`` are the blocks' modules; ``attn_out`` and ``mlp_out`` (default:
+    those modules) are the modules whose outputs are added to the residual stream, for
+    families that norm a block's output before the add (Gemma-2/3, OLMo-2) or add the
+    residual inside the block (BLOOM). ``mlp_down_proj=None`` means the family has no
+    per-token down projection (fused mixture-of-experts), so no ``mlp_hidden`` site;
+    ``router`` names a mixture-of-experts gate (its output: logits, weights, expert ids).
+    ``flat_mlp`` says the MLP modules see one row per token (OPT); the adapters view those
+    rows as ``(batch, pos, width)``.
+
+    >>> ArchitectureMap("toy", ("toy",), "blocks", "emb", "norm", "attn", "attn.o",
+    ...                 "mlp", "mlp.down").attn_out_module
+    'attn'
+    """
 
     name: str
     model_types: tuple[str, ...]
@@ -57,7 +73,11 @@ class ArchitectureMap:
     attn: str
     attn_out_proj: str
     mlp: str
-    mlp_down_proj: str
+    mlp_down_proj: str | None
+    attn_out: str | None = None
+    mlp_out: str | None = None
+    router: str | None = None
+    flat_mlp: bool = False  # the MLP sees (batch * pos, d) rows, as OPT's fc1/fc2 do
     attn_norm: str | None = None
     mlp_norm: str | None = None
     q_proj: str | None = None
@@ -69,6 +89,14 @@ class ArchitectureMap:
     def __post_init__(self) -> None:
         if not self.model_types:
             raise SpecError(f"architecture {self.name!r} must list at least one model_type")
+
+    @property
+    def attn_out_module(self) -> str:
+        return self.attn_out or self.attn
+
+    @property
+    def mlp_out_module(self) -> str:
+        return self.mlp_out or self.mlp
 
 
 _BUILTIN: tuple[ArchitectureMap, ...] = (
@@ -103,7 +131,8 @@ _BUILTIN: tuple[ArchitectureMap, ...] = (
     ),
     ArchitectureMap(
         name="llama-like",
-        model_types=("llama", "mistral", "qwen2", "gemma"),
+        # Qwen3 adds q/k norms inside attention; Phi-3 fuses q/k/v and gate/up projections
+        model_types=("llama", "mistral", "qwen2", "gemma", "qwen3", "phi3"),
         layers="model.layers",
         embed="model.embed_tokens",
         final_norm="model.norm",
@@ -116,6 +145,73 @@ _BUILTIN: tuple[ArchitectureMap, ...] = (
         q_proj="self_attn.q_proj",
         k_proj="self_attn.k_proj",
         v_proj="self_attn.v_proj",
+    ),
+    ArchitectureMap(
+        # each block's output is normed before the residual add: attn_out and mlp_out are
+        # those norms' outputs, so resid_post = resid_pre + attn_out + mlp_out still holds
+        name="post-norm",
+        model_types=("gemma2", "gemma3_text", "olmo2"),
+        layers="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        attn="self_attn",
+        attn_out_proj="self_attn.o_proj",
+        mlp="mlp",
+        mlp_down_proj="mlp.down_proj",
+        attn_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+    ),
+    ArchitectureMap(
+        name="gptj",  # attention and MLP read the same normed input (parallel)
+        model_types=("gptj",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        attn="attn",
+        attn_out_proj="attn.out_proj",
+        mlp="mlp",
+        mlp_down_proj="mlp.fc_out",
+    ),
+    ArchitectureMap(
+        name="opt",  # no MLP module: fc1 -> activation -> fc2 sit on the layer itself
+        model_types=("opt",),
+        layers="model.decoder.layers",
+        embed="model.decoder.embed_tokens",
+        final_norm="model.decoder.final_layer_norm",
+        attn="self_attn",
+        attn_out_proj="self_attn.out_proj",
+        mlp="fc2",
+        mlp_down_proj="fc2",
+        flat_mlp=True,
+    ),
+    ArchitectureMap(
+        # BLOOM's attention and MLP modules add the residual themselves, so attn_out and
+        # mlp_out are their output projections' outputs
+        name="bloom",
+        model_types=("bloom",),
+        layers="transformer.h",
+        embed="transformer.word_embeddings",
+        final_norm="transformer.ln_f",
+        attn="self_attention",
+        attn_out_proj="self_attention.dense",
+        mlp="mlp",
+        mlp_down_proj="mlp.dense_4h_to_h",
+        attn_out="self_attention.dense",
+        mlp_out="mlp.dense_4h_to_h",
+    ),
+    ArchitectureMap(
+        # mixture of experts: mlp_out is the whole sparse block (Qwen-MoE: shared expert
+        # included); the experts' weights are fused, so there is no mlp_hidden
+        name="moe",
+        model_types=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
+        layers="model.layers",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        attn="self_attn",
+        attn_out_proj="self_attn.o_proj",
+        mlp="mlp",
+        mlp_down_proj=None,
+        router="mlp.gate",
     ),
 )
 
@@ -166,6 +262,8 @@ class ModelInfo:
     vocab: int | None
     module_names: frozenset[str]
     is_hf: bool
+    n_experts: int | None = None  # mixture-of-experts families: experts per layer
+    top_k: int | None = None  # and experts chosen per token
     n_kv_heads: int | None = None
 
     def head_count(self, site: Site) -> int | None:
@@ -179,11 +277,13 @@ class ModelInfo:
         return {
             "mlp_hidden": self.d_mlp,
             "head": self.d_head,
+            "logits": self.vocab,
             "q": self.d_head,
             "k": self.d_head,
             "v": self.d_head,
-            "logits": self.vocab,
             "attn_pattern": None,
+            "router_logits": self.n_experts,
+            "experts_chosen": self.top_k,
         }.get(site.name, self.d_model)
 
     def hook_point(self, site: Site) -> HookPoint:
@@ -214,6 +314,14 @@ class ModelInfo:
                 )
         a = self.arch
         points = standard_hook_points(a, site.layer)
+        missing = {"mlp_hidden": a.mlp_down_proj, "router_logits": a.router}
+        missing["experts_chosen"] = a.router
+        if site.name in missing and missing[site.name] is None:
+            have = [n for n in STANDARD_SITES if n not in missing or missing[n] is not None]
+            raise UnknownSite(
+                f"site {site}: the {a.name} map has no {site.name!r} "
+                f"({_WHY_MISSING[site.name]}). Sites of {self.class_name}: {choices_text(have)}"
+            )
         if site.name not in points:
             raise UnknownSite(
                 f"site {site}: the {a.name} map has no {site.name!r} "
@@ -238,15 +346,18 @@ def standard_hook_points(a: ArchitectureMap, layer: int | str | None) -> dict[st
     """
     block = f"{a.layers}.{layer}"
     n = layer if isinstance(layer, int) else None
+    mlp_view: View = "tokens" if a.flat_mlp else "plain"
     points: dict[str, HookPoint] = {
         "embed": HookPoint(a.embed, "output"),
         "resid_pre": HookPoint(block, "input"),
         "resid_post": HookPoint(block, "output"),
-        "attn_out": HookPoint(f"{block}.{a.attn}", "output"),
-        "mlp_out": HookPoint(f"{block}.{a.mlp}", "output"),
+        "attn_out": HookPoint(f"{block}.{a.attn_out_module}", "output"),
+        "mlp_out": HookPoint(f"{block}.{a.mlp_out_module}", "output", mlp_view),
         "head": HookPoint(f"{block}.{a.attn_out_proj}", "input", "heads"),
         "attn_pattern": HookPoint(f"{block}.{a.attn}", "output", "attn_weights"),
-        "mlp_hidden": HookPoint(f"{block}.{a.mlp_down_proj}", "input"),
+        "mlp_hidden": HookPoint(f"{block}.{a.mlp_down_proj}", "input", mlp_view),
+        "router_logits": HookPoint(f"{block}.{a.router}", "output", "router_logits"),
+        "experts_chosen": HookPoint(f"{block}.{a.router}", "output", "router_choice"),
         "final_norm": HookPoint(a.final_norm, "output"),
         "logits": HookPoint("", "output", "logits"),
     }
@@ -266,6 +377,9 @@ _MISSING_WHY = {
     "q_input": "no attn_norm or no q/k/v projections in its map",
     "k_input": "no attn_norm or no q/k/v projections in its map",
     "v_input": "no attn_norm or no q/k/v projections in its map",
+    "q": "no q/k/v projections in its map",
+    "k": "no q/k/v projections in its map",
+    "v": "no q/k/v projections in its map",
 }
 
 
@@ -346,5 +460,9 @@ def describe(model: nn.Module) -> ModelInfo:
         vocab=vocab,
         module_names=frozenset(modules),
         is_hf=config is not None and hasattr(model, "generate"),
+        n_experts=_config_int(config, "num_local_experts", "num_experts")
+        if config is not None
+        else None,
+        top_k=_config_int(config, "num_experts_per_tok") if config is not None else None,
         n_kv_heads=n_kv_heads or n_heads,
     )

@@ -29,8 +29,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from interventions.architectures import ModelInfo
+from interventions.devices import free_bytes
 from interventions.ops import Ablate, Op, Patch, Read, Ref, SAESplice
 from interventions.sites import Index, Select, Span
 from interventions.spec import GraphSpec, Run
@@ -54,6 +56,22 @@ class Budget:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"Budget.{name} must be a positive int or None, got {value!r}")
+
+    @classmethod
+    def for_model(cls, model: nn.Module, fraction: float = 0.5) -> Budget:
+        """The default budget, with ``max_bytes`` set to ``fraction`` of the real free memory
+        of the model's tightest CUDA device (:func:`interventions.devices.free_bytes`) when
+        its parameters are on CUDA; the plain default otherwise.
+
+        >>> Budget.for_model(torch.nn.Linear(2, 2)) == Budget()  # a CPU model
+        True
+        """
+        if not 0 < fraction <= 1:
+            raise ValueError(f"Budget.for_model: fraction must be in (0, 1], got {fraction!r}")
+        free = free_bytes(model)
+        if free is None:
+            return cls()
+        return cls(max_bytes=max(1, int(free * fraction)))
 
     def rows(self, seq: int, info: ModelInfo | None) -> int | None:
         """How many batch items of ``seq`` positions one forward pass may hold (at least 1;

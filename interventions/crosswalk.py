@@ -18,6 +18,7 @@ import re
 
 from interventions.architectures import (
     _BUILTIN,
+    _WHY_MISSING,
     ArchitectureMap,
     HookPoint,
     standard_hook_points,
@@ -35,12 +36,16 @@ _NOTES = {
     "per_head_k": " viewed as [..., head, 3*d_head][..., d_head:2*d_head]",
     "per_head_v": " viewed as [..., head, 3*d_head][..., 2*d_head:]",
     "resid": " (written in place: the residual holds it)",
+    "tokens": " (rows, viewed as [batch, pos, d])",
 }
 
 _NO_TL = {
     "final_norm": "— (`ln_final.hook_normalized` is before the weight and bias)",
     "logits": "— (the model's return value)",
 }
+
+
+_ROUTER_ITEM = {"router_logits": 0, "router_choice": 2}  # the gate returns (logits, weights, ids)
 
 
 def _nnsight(point: HookPoint | None) -> str:
@@ -51,6 +56,8 @@ def _nnsight(point: HookPoint | None) -> str:
     if point.view == "logits":
         return "`model.output.logits`"
     path = re.sub(r"\.(\d+|L)(?=\.|$)", r"[\1]", point.module)
+    if point.view in _ROUTER_ITEM:
+        return f"`model.{path}.output[{_ROUTER_ITEM[point.view]}]` (torch backend only here)"
     if point.view == "attn_weights":
         return f"`model.{path}.output[1]` (eager attention)"
     return f"`model.{path}.{point.io}`" + _NOTES.get(point.view, "")
@@ -61,7 +68,9 @@ def _pyvene(point: HookPoint | None) -> str:
         return "— (not in this family's map)"
     if point.view == "attn_weights":
         return "— (pyvene cannot read it)"
-    if point.view not in ("plain", "heads", "logits"):
+    if point.view in _ROUTER_ITEM:
+        return "— (torch backend only)"
+    if point.view not in ("plain", "heads", "logits", "tokens"):
         return "— (not built on pyvene yet)"
     base = f"model.{point.module}.{point.io}" if point.module else f"model.{point.io}"
     return f"`{base}`" + _NOTES.get(point.view, "")
@@ -71,9 +80,15 @@ def crosswalk_rows(arch: ArchitectureMap) -> list[tuple[str, str, str, str]]:
     """(site, TransformerLens hook, nnsight, pyvene) cells, in Markdown, for each standard
     site of ``arch``."""
     points = standard_hook_points(arch, "L")
+    absent = {"mlp_hidden": arch.mlp_down_proj, "router_logits": arch.router}
+    absent["experts_chosen"] = arch.router
     rows = []
     for site, kind in STANDARD_SITES.items():
         label = f"`{site}[L]`" if kind.layered else f"`{site}`"
+        if site in absent and absent[site] is None:
+            why = f"— ({_WHY_MISSING[site]})"
+            rows.append((label, "—", why, why))
+            continue
         tl = TRANSFORMER_LENS_HOOKS.get(site)
         tl_text = f"`{tl.replace('{layer}', 'L')}`" if tl else _NO_TL.get(site, "—")
         point = points.get(site)

@@ -355,7 +355,7 @@ def _prepare(
             assert first is not None, "mean ablations over ragged sources need a first pass"
             fill_means(split, _source_means(graph, split, first))
     if batch and len(plan.graph.runs) > 1:
-        budget = budget or Budget()
+        budget = budget or Budget.for_model(model)
         batched = batch_graph(plan.graph, budget, inputs=plan.inputs, info=info)
         internal = internal | batched.internal
         plan = replace(make_plan(batched.graph, info, tokenizer, budget), assembly=split)

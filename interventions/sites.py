@@ -294,6 +294,20 @@ STANDARD_SITES: dict[str, SiteKind] = {
     "v_input": SiteKind(HEADS, True, doc="each key-value head's own copy of its value input"),
     "final_norm": SiteKind(RESIDUAL, False, doc="output of the final normalisation"),
     "logits": SiteKind(RESIDUAL, False, doc="the model's output logits"),
+    # mixture-of-experts families only; read only: the router has already used its logits
+    # by the time its output can be seen
+    "router_logits": SiteKind(
+        RESIDUAL,
+        True,
+        writable=False,
+        doc="MoE router logits, one per expert on the last axis (before softmax/top-k)",
+    ),
+    "experts_chosen": SiteKind(
+        RESIDUAL,
+        True,
+        writable=False,
+        doc="MoE experts chosen per token (int64 ids), one per top-k slot on the last axis",
+    ),
 }
 
 RAW_SUFFIXES = (".output", ".input")

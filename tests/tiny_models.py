@@ -46,10 +46,55 @@ def _cfg(name: str):
         return t.Qwen2Config(**llama_like)
     if name == "gemma":
         return t.GemmaConfig(head_dim=16, **llama_like)
+    # sliding-window layers (window 4 < the 7-token prompts) next to full-attention ones,
+    # attention-logit and final-logit soft-capping at their defaults
+    sliding = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    if name == "gemma2":
+        return t.Gemma2Config(head_dim=8, **sliding, **llama_like)
+    if name == "gemma3":
+        return t.Gemma3TextConfig(head_dim=8, **sliding, **llama_like)
+    if name == "qwen3":
+        return t.Qwen3Config(head_dim=8, **llama_like)
+    if name == "phi3":
+        return t.Phi3Config(**llama_like)
+    if name == "olmo2":
+        return t.Olmo2Config(**llama_like)
+    if name == "gptj":
+        return t.GPTJConfig(n_layer=2, n_head=4, n_embd=32, n_positions=SEQ, rotary_dim=4, **common)
+    if name == "opt":
+        return t.OPTConfig(
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_size=32,
+            ffn_dim=48,
+            word_embed_proj_dim=32,
+            max_position_embeddings=SEQ,
+            **common,
+        )
+    if name == "bloom":
+        return t.BloomConfig(n_layer=2, n_head=4, hidden_size=32, **common)
+    moe = dict(num_experts_per_tok=2, **llama_like)
+    if name == "mixtral":
+        return t.MixtralConfig(num_local_experts=4, **moe)
+    qwen_moe = dict(
+        num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=24, **moe
+    )
+    if name == "qwen2_moe":
+        return t.Qwen2MoeConfig(**qwen_moe)
+    if name == "qwen3_moe":
+        return t.Qwen3MoeConfig(head_dim=8, **qwen_moe)
+    if name == "olmoe":
+        return t.OlmoeConfig(num_experts=4, **moe)
     raise KeyError(name)
 
 
-HF_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma")
+FIRST_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma")
+NEW_FAMILIES = ("gemma2", "gemma3", "qwen3", "phi3", "olmo2", "gptj", "opt", "bloom")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+ALL_FAMILIES = FIRST_FAMILIES + NEW_FAMILIES + MOE_FAMILIES
+# the per-adapter tests (hand-written module paths per family) cover the first six; the
+# conformance suite, the family tests and DLA cover ALL_FAMILIES
+HF_FAMILIES = FIRST_FAMILIES
 
 
 BUILT: dict[str, nn.Module] = {}  # every shared model built so far, for hygiene checks
@@ -95,7 +140,7 @@ def toy_net() -> ToyNet:
 
 
 ALL_MODELS: dict[str, Callable[[], nn.Module]] = {
-    **{name: (lambda n=name: hf_model(n)) for name in HF_FAMILIES},
+    **{name: (lambda n=name: hf_model(n)) for name in ALL_FAMILIES},
 }
 
 

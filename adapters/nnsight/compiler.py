@@ -36,6 +36,7 @@ Decoding is greedy with a KV cache, so step ``k > 0`` feeds exactly position
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ from torch import nn
 
 from interventions.apply import orthonormal_basis
 from interventions.architectures import HookPoint, ModelInfo
+from interventions.devices import input_device
 from interventions.ops import (
     Ablate,
     Add,
@@ -68,9 +70,9 @@ def _event_order(model: nn.Module) -> dict[Location, int]:
     """When each module's input and output are reached, assuming children run in order.
 
     A module's input comes before anything inside it and its output after everything
-    inside it. Registration order is execution order for the standard sites of every
-    built-in family (the tests hold this); raw module paths are ordered by
-    :func:`_observed_order` instead.
+    inside it. Registration order is not always execution order (Gemma-2/3 and OLMo-2
+    register their post-norms after the MLP; a llama layer registers its norms last), so
+    this is only the fallback of :func:`_observed_order` for modules its probe misses.
     """
     order: dict[Location, int] = {}
     stack: list[tuple[str, nn.Module, bool]] = [("", model, False)]
@@ -93,18 +95,29 @@ def _event_order(model: nn.Module) -> dict[Location, int]:
     return order
 
 
+# model -> (its modules' ids, how the probe fed it, the order seen): the probe runs once
+# per model and input kind, again if a module was swapped
+_PROBED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], str, dict[Location, int]]]
+_PROBED = weakref.WeakKeyDictionary()
+
+
 def _observed_order(model: nn.Module, plan: Plan) -> dict[Location, int]:
     """Module inputs and outputs in the order one small forward pass reaches them.
 
-    Raw module paths can name modules that run out of registration order (a llama
-    layer registers its norms after its attention and MLP), so graphs with raw sites
-    are ordered by a probe: one batch item, one token, plain hooks removed at once.
+    Modules can run out of registration order (post-norm blocks, llama's norms), and a
+    trace must touch them in execution order, so every plan is ordered by a probe: one
+    batch item, one token, plain hooks removed at once; its result is kept per model.
     Modules the probe never reaches keep their registration order, after the others.
     """
     static = _event_order(model)
     if not plan.order:
         return static
     run = plan.graph.runs[plan.order[0]]
+    mode = "inputs" if run.inputs is not None else "hf" if plan.info.is_hf else "tokens"
+    modules = tuple(id(m) for m in model.modules())
+    cached = _PROBED.get(model)
+    if cached is not None and cached[0] == modules and cached[1] == mode:
+        return cached[2]
     x = plan.inputs[run.name][:1]
     seen: dict[Location, int] = {}
     handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -115,15 +128,15 @@ def _observed_order(model: nn.Module, plan: Plan) -> dict[Location, int]:
 
         return hook
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = input_device(model)
     try:
         for name, module in model.named_modules():
             handles.append(module.register_forward_pre_hook(recorder((name, "input"))))
             handles.append(module.register_forward_hook(recorder((name, "output"))))
         with torch.no_grad():
-            if run.inputs is not None:
+            if mode == "inputs":
                 model(x.to(device))
-            elif plan.info.is_hf:
+            elif mode == "hf":
                 model(input_ids=x[:, :1].to(device), use_cache=False)
             else:
                 model(x[:, :1].to(device))
@@ -133,7 +146,9 @@ def _observed_order(model: nn.Module, plan: Plan) -> dict[Location, int]:
         for handle in handles:
             handle.remove()
     tail = len(seen)
-    return {loc: seen.get(loc, tail + i) for loc, i in static.items()}
+    order = {loc: seen.get(loc, tail + i) for loc, i in static.items()}
+    _PROBED[model] = (modules, mode, order)
+    return order
 
 
 def _encode_index(index: Index) -> Any:
@@ -207,8 +222,12 @@ class _Compiler:
         self.info: ModelInfo = plan.info
         self.graph = plan.graph
         self.batched = batched
+        # registration order is execution order except for raw sites and the families
+        # whose attn_out/mlp_out are other modules (post-norms registered after the MLP)
+        arch = plan.info.arch
+        moved = arch is not None and (arch.attn_out is not None or arch.mlp_out is not None)
         raw = any(op.site.is_raw for op in plan.graph.ops)
-        self.order = _observed_order(model, plan) if raw else _event_order(model)
+        self.order = _observed_order(model, plan) if raw or moved else _event_order(model)
         self._saes: dict[str, tuple[Any, ...]] = {}
         self._bases: dict[str, torch.Tensor] = {}
         self.producers = plan.producers

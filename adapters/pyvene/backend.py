@@ -11,6 +11,7 @@ from torch import nn
 
 from interventions.apply import RunState
 from interventions.backends import Capabilities
+from interventions.devices import input_device
 from interventions.errors import BackendVersionError, ExecutionError, InterventionError
 from interventions.hf import accepts, generation_config, seeded
 from interventions.ops import OP_KINDS
@@ -55,7 +56,7 @@ def check_version(version: str | None = None) -> str:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+    return input_device(model)
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module:

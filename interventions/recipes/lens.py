@@ -142,6 +142,36 @@ def _bias(module: nn.Module, width: int) -> torch.Tensor:
     return torch.zeros(width) if bias is None else bias.detach().float()
 
 
+def _frozen_norm(
+    norm: nn.Module, x: torch.Tensor, d_model: int
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """A norm's gain, its scale frozen at its value on ``x`` [batch, d], and whether it
+    centres (LayerNorm) or not (RMSNorm)."""
+    gamma = getattr(norm, "weight", None)
+    gamma_t = torch.ones(d_model) if gamma is None else gamma.detach().float()
+    if type(norm).__name__.startswith("Gemma"):
+        gamma_t = 1.0 + gamma_t  # Gemma's RMSNorm scales by (1 + weight)
+    if isinstance(norm, nn.LayerNorm):
+        centred = x - x.mean(-1, keepdim=True)
+        return gamma_t, centred.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt(), True
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    return gamma_t, x.pow(2).mean(-1, keepdim=True).add(eps).sqrt(), False
+
+
+def _post_norm_factor(
+    model: nn.Module, module: str, layer: int, res: Any, part: str
+) -> torch.Tensor:
+    """``gamma / rms(x)`` [batch, d] of a block's post-norm (an RMSNorm) on this run."""
+    arch = describe(model).arch
+    assert arch is not None
+    norm = model.get_submodule(f"{arch.layers}.{layer}.{module}")
+    x = res[f"{part}_in.{layer}"].float()
+    gamma, scale, centre = _frozen_norm(norm, x, x.shape[-1])
+    if centre:
+        raise SpecError(f"direct logit attribution: {module} is a LayerNorm post-norm")
+    return gamma / scale
+
+
 def direct_logit_attribution(
     model: nn.Module,
     tokens: Tokens,
@@ -182,6 +212,14 @@ def direct_logit_attribution(
     r.read("resid_post", layer=info.n_layers - 1, pos=pos, name="final")
     r.read("resid_pre", layer=0, pos=pos, name="embed")
     r.read("logits", pos=pos, name="logits")
+    # post-norm families (Gemma-2/3, OLMo-2) norm each block's output before the residual
+    # add: read the norms' inputs to freeze their scales as the final norm's is frozen
+    post_norm = arch.attn_out is not None and arch.attn_out != arch.attn_out_proj
+    if post_norm:
+        for layer in range(info.n_layers):
+            for part, module in (("attn", arch.attn_out_module), ("mlp", arch.mlp_out_module)):
+                site = f"{arch.layers}.{layer}.{module}.input"
+                r.read(site, pos=pos, name=f"{part}_in.{layer}")
     res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
 
     unembed = model.get_output_embeddings()  # type: ignore[operator]
@@ -198,24 +236,8 @@ def direct_logit_attribution(
         direction = direction - w_u[metric.wrong.expand(len(rows))]
         unembed_bias = unembed_bias - b_u[metric.wrong.expand(len(rows))]
     norm = model.get_submodule(arch.final_norm)
-    gamma = getattr(norm, "weight", None)
-    gamma_t = torch.ones(d_model) if gamma is None else gamma.detach().float()
-    if type(norm).__name__.startswith("Gemma"):
-        gamma_t = 1.0 + gamma_t  # Gemma's RMSNorm scales by (1 + weight)
     final = res["final"].float()
-    if isinstance(norm, nn.LayerNorm):
-        scale = (
-            (final - final.mean(-1, keepdim=True))
-            .pow(2)
-            .mean(-1, keepdim=True)
-            .add(norm.eps)
-            .sqrt()
-        )
-        centre = True
-    else:
-        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        scale = final.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
-        centre = False
+    gamma_t, scale, centre = _frozen_norm(norm, final, d_model)
     readout = direction * gamma_t  # [batch, d]
 
     def contribution(x: torch.Tensor) -> torch.Tensor:
@@ -230,19 +252,28 @@ def direct_logit_attribution(
     mlp_bias = torch.zeros(info.n_layers)
     for layer in range(info.n_layers):
         proj = model.get_submodule(f"{arch.layers}.{layer}.{arch.attn_out_proj}")
-        down = model.get_submodule(f"{arch.layers}.{layer}.{arch.mlp_down_proj}")
+        down = (  # fused mixture-of-experts blocks have no single down projection
+            None
+            if arch.mlp_down_proj is None
+            else model.get_submodule(f"{arch.layers}.{layer}.{arch.mlp_down_proj}")
+        )
         weight = proj.get_parameter("weight").detach().float()
         # nn.Linear weight is [out, in]; GPT-2's Conv1D is [in, out]
         w_o = weight.T if type(proj).__name__ == "Conv1D" else weight
         z = res[f"head.{layer}"].float()  # [batch, heads, d_head]
+        b_o = _bias(proj, d_model)
+        b_out = torch.zeros(d_model) if down is None else _bias(down, d_model)
+        attn_factor = mlp_factor = torch.ones(d_model)
+        if post_norm:  # what the block adds is norm(x) = x * gamma / rms(x), rms frozen
+            attn_factor = _post_norm_factor(model, arch.attn_out_module, layer, res, "attn")
+            mlp_factor = _post_norm_factor(model, arch.mlp_out_module, layer, res, "mlp")
         for head in range(info.n_heads):
             d_head = z.shape[-1]
             out = z[:, head] @ w_o[:, head * d_head : (head + 1) * d_head].T
-            heads[layer, head] = contribution(out).mean()
-        b_o, b_out = _bias(proj, d_model), _bias(down, d_model)
-        attn_bias[layer] = contribution(b_o).mean()
-        mlp_bias[layer] = contribution(b_out).mean()
-        mlps[layer] = contribution(res[f"mlp.{layer}"].float() - b_out).mean()
+            heads[layer, head] = contribution(out * attn_factor).mean()
+        attn_bias[layer] = contribution(b_o * attn_factor).mean()
+        mlp_bias[layer] = contribution(b_out * mlp_factor).mean()
+        mlps[layer] = contribution(res[f"mlp.{layer}"].float() - b_out * mlp_factor).mean()
     norm_beta = getattr(norm, "bias", None)
     beta = torch.zeros(d_model) if norm_beta is None else norm_beta.detach().float()
     final_bias = ((beta * direction).sum(-1) + unembed_bias).mean()

@@ -49,6 +49,8 @@ from interventions.sites import RESIDUAL, STANDARD_SITES, Select, Site, Span, se
 
 __all__ = [
     "CONST_DTYPES",
+    "DEFAULT_SITES",
+    "MOE_SITES",
     "OP_KINDS",
     "RAW_SITES",
     "RUN_KINDS",
@@ -62,6 +64,8 @@ OP_KINDS = ("read", "patch", "ablate", "add", "project_out", "scale", "sae_splic
 RUN_KINDS = ("tokens", "text", "inputs")
 RAW_SITES = ("transformer.h.0.mlp.output", "output")
 CONST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64)
+MOE_SITES = ("router_logits", "experts_chosen")
+DEFAULT_SITES = tuple(n for n in STANDARD_SITES if n not in MOE_SITES)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NAME_CHARS = string.ascii_letters + string.digits + "_-.:/"
 
@@ -132,6 +136,7 @@ class _State:
     token_tensors: list[torch.Tensor] = field(default_factory=list)
     consts: list[torch.Tensor] = field(default_factory=list)
     saes: list[Any] = field(default_factory=list)
+    sites: tuple[str, ...] = ()
 
     def depends(self, run: str, other: str) -> bool:
         """Whether ``run`` needs ``other``, directly or through other runs."""
@@ -333,8 +338,8 @@ def _site(draw: st.DrawFn, st8: _State, raw_sites: Sequence[str], *, writable: b
     """A site spelled as ``(name, layer)`` arguments, or as a :class:`Site` object."""
     names_ = [
         n
-        for n, k in STANDARD_SITES.items()
-        if (k.writable or not writable) and n not in _ATTENTION_INTERNALS
+        for n in st8.sites
+        if (STANDARD_SITES[n].writable or not writable) and n not in _ATTENTION_INTERNALS
     ]
     choices = names_ + list(raw_sites)
     name = draw(st.sampled_from(choices))
@@ -626,14 +631,17 @@ def graphs(
     generation: bool = True,
     text_words: Sequence[str] | None = None,
     nonfinite: bool = True,
+    sites: Sequence[str] | None = None,
 ) -> iv.Graph:
     """A random valid graph for a model of the given sizes (see the module docstring).
 
     ``d_mlp`` defaults to ``4 * d_model``; ``batch`` (items per run, the same for every
-    run) is drawn from 1..2 unless given.
+    run) is drawn from 1..2 unless given. ``sites`` are the standard sites to draw from
+    (default: every one but the mixture-of-experts router sites).
     """
     sizes = Sizes(n_layers, n_heads, d_model, seq, vocab, d_mlp or 4 * d_model)
-    st8 = _State(iv.Graph(allow_nonfinite=nonfinite), sizes)
+    chosen = tuple(sites) if sites is not None else DEFAULT_SITES
+    st8 = _State(iv.Graph(allow_nonfinite=nonfinite), sizes, sites=chosen)
     b = batch if batch is not None else draw(st.integers(1, 2))
     for _ in range(draw(st.integers(1, max_runs))):
         _add_run(draw, st8, b, run_kinds, generation, text_words, nonfinite)

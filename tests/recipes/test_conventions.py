@@ -18,7 +18,7 @@ from interventions.recipes import (
     head_scores,
     logit_lens,
 )
-from tests.tiny_models import HF_FAMILIES, hf_model
+from tests.tiny_models import ALL_FAMILIES, hf_model
 
 CLEAN = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
 CORRUPT = CLEAN.clone()
@@ -249,7 +249,7 @@ def _with_random_biases(family: str) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_direct_logit_attribution_terms_sum_to_the_logit_difference(family: str) -> None:
     model = _with_random_biases(family)
     dla = direct_logit_attribution(model, CLEAN, METRIC)

@@ -1,0 +1,174 @@
+"""Every family's map, held to the model itself: the residual identity, the MoE router
+sites against hand-written hooks, proposing a map from the module tree, and half precision
+on every backend at a stated tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import interventions as iv
+from interventions.architectures import describe
+from tests.tiny_models import ALL_FAMILIES, MOE_FAMILIES, hf_model, hook_count
+
+IDS = torch.tensor([[5, 9, 14, 3, 22, 7, 8], [6, 6, 30, 31, 2, 9, 40]])
+# half precision: every backend runs the same kernels in the same order, so they agree far
+# inside one bf16/fp16 rounding step; stated per dtype
+HALF_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _reads(family: str) -> dict[str, torch.Tensor]:
+    g = iv.Graph()
+    r = g.run("a", tokens=IDS)
+    for layer in range(2):
+        for site in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
+            r.read(site, layer=layer, name=f"{site}{layer}")
+    r.read("logits", name="logits")
+    return dict(iv.run(g, hf_model(family)))
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_residual_identity_and_shapes(family: str) -> None:
+    out = _reads(family)
+    model = hf_model(family)
+    with torch.no_grad():
+        torch.testing.assert_close(out["logits"], model(IDS).logits, atol=1e-5, rtol=1e-5)
+    for layer in range(2):
+        parts = [out[f"{s}{layer}"] for s in ("resid_pre", "resid_post", "attn_out", "mlp_out")]
+        assert {p.shape for p in parts} == {(2, 7, 32)}, family
+        pre, post, attn, mlp = parts
+        torch.testing.assert_close(post, pre + attn + mlp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_propose_architecture_finds_the_builtin_map(family: str) -> None:
+    model = hf_model(family)
+    want = describe(model).arch
+    assert want is not None
+    got = iv.propose_architecture(model)
+    for field in ("layers", "embed", "final_norm", "attn", "attn_out_proj", "mlp"):
+        assert getattr(got, field) == getattr(want, field), field
+    assert (got.attn_out_module, got.mlp_out_module) == (want.attn_out_module, want.mlp_out_module)
+    assert (got.mlp_down_proj, got.router, got.flat_mlp) == (
+        want.mlp_down_proj,
+        want.router,
+        want.flat_mlp,
+    )
+
+
+def test_check_architecture_catches_a_wrong_map() -> None:
+    from dataclasses import replace
+
+    model = hf_model("bloom")
+    right = describe(model).arch
+    assert right is not None
+    assert iv.check_architecture(model, right).ok
+    # BLOOM's attention module adds the residual itself: its output is not attn_out
+    wrong = iv.check_architecture(model, replace(right, attn_out=None))
+    assert not wrong.ok and "resid_post != resid_pre + attn_out + mlp_out" in wrong.problems[0]
+    missing = iv.check_architecture(model, replace(right, mlp_out="nope"))
+    assert missing.problems == ("no such modules: transformer.h.0.nope, transformer.h.1.nope",)
+
+
+def test_a_registered_proposal_gives_standard_sites() -> None:
+    model = hf_model("gptj")
+    arch = iv.propose_architecture(model, name="gptj-proposed")
+    saved = iv.architectures()["gptj"]
+    iv.register_architecture(arch, override=True)
+    try:
+        g = iv.Graph()
+        g.run("a", tokens=IDS).read("mlp_out", layer=1, name="m")
+        got = iv.run(g, model)["m"]
+    finally:
+        iv.register_architecture(saved, override=True)
+    with torch.no_grad():
+        want = model.transformer.h[1].mlp(model.transformer.h[1].ln_1(_block_input(model, 1)))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _block_input(model: torch.nn.Module, layer: int) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    handle = model.transformer.h[layer].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0])
+    )
+    try:
+        with torch.no_grad():
+            model(IDS)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_router_sites_match_hand_written_hooks(family: str) -> None:
+    model = hf_model(family)
+    gate = model.model.layers[1].mlp.gate
+    seen: list[tuple[torch.Tensor, ...]] = []
+    handle = gate.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(IDS)
+    finally:
+        handle.remove()
+    logits, _, chosen = seen[0]
+    g = iv.Graph()
+    r = g.run("a", tokens=IDS)
+    r.read("router_logits", layer=1, name="logits")
+    r.read("experts_chosen", layer=1, pos=-1, name="chosen")
+    out = iv.run(g, model)
+    torch.testing.assert_close(out["logits"], logits.reshape(2, 7, 4), atol=0, rtol=0)
+    assert torch.equal(out["chosen"], chosen.reshape(2, 7, 2)[:, -1])
+    for backend in ("nnsight", "pyvene"):  # declared unsupported, by name, before running
+        with pytest.raises(iv.UnsupportedOp, match="router_logits"):
+            iv.validate(g, model, backend=backend)
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_sites_are_read_only_and_mlp_hidden_is_named_missing(family: str) -> None:
+    g = iv.Graph()
+    with pytest.raises(iv.SpecError, match="read only"):
+        g.run("a", tokens=IDS).scale("router_logits", layer=0, factor=2.0)
+    g = iv.Graph()
+    g.run("a", tokens=IDS).read("mlp_hidden", layer=0)
+    with pytest.raises(iv.UnknownSite, match="no 'mlp_hidden'"):
+        iv.validate(g, hf_model(family))
+
+
+def test_router_sites_are_named_missing_on_dense_families() -> None:
+    g = iv.Graph()
+    g.run("a", tokens=IDS).read("router_logits", layer=0)
+    with pytest.raises(iv.UnknownSite, match="not a mixture-of-experts family"):
+        iv.validate(g, hf_model("llama"))
+
+
+def _half(family: str, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(hf_model(family)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "mixtral"])
+@pytest.mark.parametrize("backend", ["nnsight", "pyvene"])
+def test_half_precision_agrees(family: str, dtype: torch.dtype, backend: str) -> None:
+    model = _half(family, dtype)
+    torch.manual_seed(3)
+    g = iv.Graph()
+    clean = g.run("clean", tokens=IDS)
+    h = clean.read("resid_post", layer=0, name="h")
+    b = g.run("b", tokens=IDS.flip(0))
+    b.patch("resid_post", layer=0, value=h, pos=-1)
+    # a float32 direction: it follows the model's dtype at the site
+    b.add("mlp_out", layer=1, direction=torch.randn(32), scale=2.0)
+    b.ablate("attn_out", layer=1, method="zero", pos=[1, 2])
+    b.read("logits", name="out")
+    want = iv.run(g, model)
+    got = iv.run(g, model, backend=backend)
+    tol = HALF_TOLERANCE[dtype]
+    for name in ("h", "out"):
+        assert want[name].dtype == dtype
+        torch.testing.assert_close(got[name], want[name], atol=tol, rtol=tol)
+    # and the half model is close to the fp32 one (a sanity bound, not the contract)
+    ref = iv.run(g, hf_model(family))
+    torch.testing.assert_close(want["out"].float(), ref["out"], atol=0.25, rtol=0.1)
