@@ -35,7 +35,11 @@ RAW_SITES = {
     # Gemma's heads are wider than d_model / n_heads, so no o_proj input here
     "gemma": ("model.layers.0.mlp.output", "model.layers.1.input_layernorm.output"),
     "gptj": ("transformer.h.0.mlp.output", "transformer.h.1.attn.out_proj.input"),
-    "opt": ("model.decoder.layers.0.fc2.output", "model.decoder.layers.1.self_attn.out_proj.input"),
+    # not fc1/fc2: OPT feeds them (batch * pos, d) rows, which raw sites do not describe
+    "opt": (
+        "model.decoder.layers.0.self_attn.out_proj.output",
+        "model.decoder.layers.1.self_attn.out_proj.input",
+    ),
     "bloom": (
         "transformer.h.0.mlp.dense_4h_to_h.output",
         "transformer.h.1.self_attention.dense.input",
