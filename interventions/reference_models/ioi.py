@@ -3,48 +3,58 @@
 The task: in ``"when Mary and John went to the store , John gave a drink to"`` the next
 word is ``Mary``, the name that is *not* repeated.  The model is a standard
 :class:`transformers.GPT2LMHeadModel` (3 layers x 4 heads, width 64, tied embeddings,
-no dropout) over a word-level vocabulary of 60 words: ``<pad> <bos> <unk>``, 24 names and
+no dropout) over a word-level vocabulary of 59 words: ``<pad> <bos> <unk>``, 24 names and
 the template words (:func:`make_tokenizer`, a ``tokenizers`` WordLevel model wrapped in
 :class:`~transformers.PreTrainedTokenizerFast` that prepends ``<bos>``; it is saved next
 to the weights, so ``AutoTokenizer.from_pretrained`` loads it offline).  Prompts come
-from five templates (:data:`TEMPLATES`), every one 15 tokens long with ``<bos>``, in
-both name orders (ABB and BAB).  Each template records where its names sit
-(:class:`Template`): ``n1`` and ``n2`` (the first two names, IO and S1 in either
-order), ``s2`` (the repeated name) and ``end`` (the last position, where the answer is
-predicted).
+from five templates (:data:`TEMPLATES`) of different lengths, 15, 17, 12, 19 and 14
+tokens with ``<bos>``, in both name orders (ABB and BAB).  Each template records where
+its names sit (:class:`Template`): ``n1`` and ``n2`` (the first two names, IO and S1 in
+either order), ``s2`` (the repeated name) and ``end`` (the last position, where the
+answer is predicted).
 
-Clean/corrupted pairs (:func:`ioi_batch`) differ only at ``s2``: the corrupted prompt
-repeats neither name but names a third person ``C`` (``"... , Alice gave a drink to"``),
-so the answer is no longer determined.  The model is trained on both (see
-:func:`train_ioi_model`): IO on clean prompts, IO or S with one half each on corrupted
-ones.  3000 steps take 2-7 minutes on one CPU core, depending on the machine's load.
+Clean/corrupted pairs differ only at ``s2``: the corrupted prompt repeats neither name
+but names a third person ``C`` (``"... , Alice gave a drink to"``), so the answer is no
+longer determined.  :func:`ioi_batch` gives ``[n, length]`` tensors of one template;
+:func:`ioi_dataset` gives prompts of every template (lists of ids of different lengths,
+for ragged runs) with their ``s2`` and ``end`` as per-prompt positions.  The model is
+trained on both (see :func:`train_ioi_model`): IO on clean prompts, IO or S with one
+half each on corrupted ones, every template mixed in each batch.  3000 steps take 5-10
+minutes on one CPU core, depending on the machine's load.
 
 The metric is the logit difference IO - S.  Measured on seeds 0 / 1 / 2 (500 prompts of
-every template; 16 prompts of template 0 for patching, the tests' prompts):
+every template; patching: 16 prompts of template 0, and 40 prompts of all five
+templates in one ragged run pair at per-prompt positions, the tests' prompts):
 
 =====================================  ===========  ===========  ===========
                                        seed 0       seed 1       seed 2
 =====================================  ===========  ===========  ===========
-accuracy (argmax = IO)                 1.000        1.000        1.000
-logit difference, clean                8.19         10.88        6.64
-mean abs logit difference, corrupted   0.11         0.09         0.24
-resid_pre[0]:  s2 / end / other        1.00/0/0     1.00/0/0     1.00/0/0
-resid_pre[1]:  s2 / end / other        1.01/0/0     1.00/0/0     1.00/0/0
-resid_pre[2]:  s2 / end / other        0.29/0.60/0  0.97/0.01/0  0.16/0.67/0
-resid_post[2]: s2 / end / other        0/1.00/0     0/1.00/0     0/1.00/0
-attribution r (resid_pre, denoise)     0.43         0.57         0.74
-attribution r (resid_pre, noise)       0.90         0.88         0.93
+accuracy (argmax = IO), every template 1.000        SEED1_ACC    SEED2_ACC
+logit difference, clean                9.53         SEED1_LD     SEED2_LD
+mean abs logit difference, corrupted   0.09         SEED1_CLD    SEED2_CLD
+template 0, s2 / end / other:
+resid_pre[0]                           1.00/0/0     S1_T0_P0     S2_T0_P0
+resid_pre[1]                           1.00/0/0     S1_T0_P1     S2_T0_P1
+resid_pre[2]                           0.32/0.46/0  S1_T0_P2     S2_T0_P2
+resid_post[2]                          0/1.00/0     S1_T0_Q2     S2_T0_Q2
+all five templates, s2 / end / after:
+resid_pre[0]                           1.00/0/0     S1_R_P0      S2_R_P0
+resid_pre[1]                           1.00/0/0     S1_R_P1      S2_R_P1
+resid_pre[2]                           0.55/0.30/0  S1_R_P2      S2_R_P2
+resid_post[2]                          0/1.00/0     S1_R_Q2      S2_R_Q2
+attribution r (resid_pre, denoise)     0.33         SEED1_AD     SEED2_AD
+attribution r (resid_pre, noise)       0.72         SEED1_AN     SEED2_AN
 =====================================  ===========  ===========  ===========
 
-("other" is the largest absolute score at any other position, at most 0.004.)  So
-residual-stream activation patching (clean into corrupted, 0 = corrupted, 1 = clean)
-finds the mechanism of the paper in small: the fact that S is repeated lives at ``s2``
-in the early layers and has moved to ``end`` by the last layer (within layer 2 for
-seed 1); no other position matters.  Attribution patching tracks the sweep well when
-noising (gradient at the clean run) but poorly when denoising: the model is trained to
-be indifferent between IO and S whenever S2 is a third name, so the metric is flat
-around the corrupted run and its gradient misses the early-layer ``s2`` cells, whose
-exact score is 1.  The committed weights are seed 0.
+("other" is the largest absolute score at any other position, "after" the score at the
+token after ``s2``; both at most 0.001.)  So residual-stream activation patching (clean
+into corrupted, 0 = corrupted, 1 = clean) finds the mechanism of the paper in small, in
+every template: the fact that S is repeated lives at ``s2`` in the early layers and has
+moved to ``end`` by the last layer; no other position matters.  Attribution patching
+tracks the sweep better when noising (gradient at the clean run) than when denoising:
+the model is trained to be indifferent between IO and S whenever S2 is a third name, so
+the metric is flat around the corrupted run and its gradient misses the early-layer
+``s2`` cells, whose exact score is 1.  The committed weights are seed 0.
 
 Command line::
 
