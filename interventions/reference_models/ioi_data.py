@@ -98,7 +98,7 @@ _NAME_IDS = torch.tensor([_ID[n] for n in NAMES])
 
 @dataclass(frozen=True)
 class IOIBatch:
-    """Names behind an :func:`ioi_batch` (each ``[n]`` token ids), for analysis."""
+    """Names behind :func:`ioi_batch` or :func:`ioi_dataset` prompts (each ``[n]`` token ids)."""
 
     io: torch.Tensor
     s: torch.Tensor

@@ -4,7 +4,9 @@ short determinism smoke test).
 Residual-stream activation patching (clean into corrupted, logit difference IO - S,
 0 = corrupted, 1 = clean) must find where the model keeps the fact that S is repeated:
 at the S2 position in the early layers, at the final position in the last layer, and
-nowhere else.  Every backend must find it.
+nowhere else.  Every backend must find it, on one template's prompts and on prompts of
+all five templates (different lengths) in one ragged run pair at per-prompt positions,
+whose values must equal running each template as its own equal-length graph.
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ MAX_OTHER = 0.1
 #: In the middle layers, S2 and the end together restore at least this much.
 MIN_MIDDLE_TOTAL = 0.6
 #: Attribution patching (gradient) against the exact resid_pre sweep: Pearson r.  Noising
-#: (gradient at the clean run) measured 0.72 / SEED1_AN / SEED2_AN on seeds 0 / 1 / 2; denoising
-#: (gradient at the corrupted run) only 0.33 / SEED1_AD / SEED2_AD: the model is trained to be
+#: (gradient at the clean run) measured 0.72 / 0.62 / 0.71 on seeds 0 / 1 / 2; denoising
+#: (gradient at the corrupted run) only 0.33 / 0.27 / 0.20: the model is trained to be
 #: indifferent between IO and S whenever S2 is a third name, so the metric is flat around
 #: the corrupted run and the gradient misses the S2 cells of the early layers, whose exact
 #: score is 1 (the known failure of the linear approximation for large, saturating
 #: changes such as swapping a token).
-MIN_ATTRIBUTION_R = {"noise": 0.6, "denoise": 0.3}
+MIN_ATTRIBUTION_R = {"noise": 0.5, "denoise": 0.15}
+#: ... and noising tracks the exact sweep better than denoising, by at least this much.
+MIN_NOISE_ADVANTAGE = 0.2
 
 
 @cache
@@ -299,6 +303,13 @@ def test_attribution_patching_tracks_exact_patching(backend: str, direction: str
     assert bool((exact_moved[large] * approx_moved[large] > 0).all()), (approx, res.exact.scores)
     if direction == "noise":
         assert float(approx_moved[large].abs().min()) > 0.05, approx
+
+
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+def test_attribution_patching_tracks_better_when_noising(backend: str) -> None:
+    noise, denoise = _attribution(backend, "noise"), _attribution(backend, "denoise")
+    assert noise.correlation is not None and denoise.correlation is not None
+    assert noise.correlation > denoise.correlation + MIN_NOISE_ADVANTAGE
 
 
 @pytest.mark.parametrize("backend", GRAD_BACKENDS[1:])
