@@ -3,48 +3,58 @@
 The task: in ``"when Mary and John went to the store , John gave a drink to"`` the next
 word is ``Mary``, the name that is *not* repeated.  The model is a standard
 :class:`transformers.GPT2LMHeadModel` (3 layers x 4 heads, width 64, tied embeddings,
-no dropout) over a word-level vocabulary of 60 words: ``<pad> <bos> <unk>``, 24 names and
+no dropout) over a word-level vocabulary of 59 words: ``<pad> <bos> <unk>``, 24 names and
 the template words (:func:`make_tokenizer`, a ``tokenizers`` WordLevel model wrapped in
 :class:`~transformers.PreTrainedTokenizerFast` that prepends ``<bos>``; it is saved next
 to the weights, so ``AutoTokenizer.from_pretrained`` loads it offline).  Prompts come
-from five templates (:data:`TEMPLATES`), every one 15 tokens long with ``<bos>``, in
-both name orders (ABB and BAB).  Each template records where its names sit
-(:class:`Template`): ``n1`` and ``n2`` (the first two names, IO and S1 in either
-order), ``s2`` (the repeated name) and ``end`` (the last position, where the answer is
-predicted).
+from five templates (:data:`TEMPLATES`) of different lengths, 15, 17, 12, 19 and 14
+tokens with ``<bos>``, in both name orders (ABB and BAB).  Each template records where
+its names sit (:class:`Template`): ``n1`` and ``n2`` (the first two names, IO and S1 in
+either order), ``s2`` (the repeated name) and ``end`` (the last position, where the
+answer is predicted).
 
-Clean/corrupted pairs (:func:`ioi_batch`) differ only at ``s2``: the corrupted prompt
-repeats neither name but names a third person ``C`` (``"... , Alice gave a drink to"``),
-so the answer is no longer determined.  The model is trained on both (see
-:func:`train_ioi_model`): IO on clean prompts, IO or S with one half each on corrupted
-ones.  3000 steps take 2-7 minutes on one CPU core, depending on the machine's load.
+Clean/corrupted pairs differ only at ``s2``: the corrupted prompt repeats neither name
+but names a third person ``C`` (``"... , Alice gave a drink to"``), so the answer is no
+longer determined.  :func:`ioi_batch` gives ``[n, length]`` tensors of one template;
+:func:`ioi_dataset` gives prompts of every template (lists of ids of different lengths,
+for ragged runs) with their ``s2`` and ``end`` as per-prompt positions.  The model is
+trained on both (see :func:`train_ioi_model`): IO on clean prompts, IO or S with one
+half each on corrupted ones, every template mixed in each batch.  3000 steps take about 4
+minutes of CPU time on one core (7-20 minutes of wall time on a loaded 2-core machine).
 
 The metric is the logit difference IO - S.  Measured on seeds 0 / 1 / 2 (500 prompts of
-every template; 16 prompts of template 0 for patching, the tests' prompts):
+every template; patching: 16 prompts of template 0, and 40 prompts of all five
+templates in one ragged run pair at per-prompt positions, the tests' prompts):
 
 =====================================  ===========  ===========  ===========
                                        seed 0       seed 1       seed 2
 =====================================  ===========  ===========  ===========
-accuracy (argmax = IO)                 1.000        1.000        1.000
-logit difference, clean                8.19         10.88        6.64
-mean abs logit difference, corrupted   0.11         0.09         0.24
-resid_pre[0]:  s2 / end / other        1.00/0/0     1.00/0/0     1.00/0/0
-resid_pre[1]:  s2 / end / other        1.01/0/0     1.00/0/0     1.00/0/0
-resid_pre[2]:  s2 / end / other        0.29/0.60/0  0.97/0.01/0  0.16/0.67/0
-resid_post[2]: s2 / end / other        0/1.00/0     0/1.00/0     0/1.00/0
-attribution r (resid_pre, denoise)     0.43         0.57         0.74
-attribution r (resid_pre, noise)       0.90         0.88         0.93
+accuracy (argmax = IO), every template 1.000        1.000        1.000
+logit difference, clean                9.53         10.33        12.31
+mean abs logit difference, corrupted   0.09         0.08         0.08
+template 0, s2 / end / other:
+resid_pre[0]                           1.00/0/0     1.00/0/0     1.00/0/0
+resid_pre[1]                           1.00/0/0     1.00/0/0     1.00/0/0
+resid_pre[2]                           0.32/0.46/0  0.63/0.33/0  0.57/0.37/0
+resid_post[2]                          0/1.00/0     0/1.00/0     0/1.00/0
+all five templates, s2 / end / after:
+resid_pre[0]                           1.00/0/0     1.00/0/0     1.00/0/0
+resid_pre[1]                           1.00/0/0     1.00/0/0     1.00/0/0
+resid_pre[2]                           0.55/0.30/0  0.73/0.20/0  0.64/0.26/0
+resid_post[2]                          0/1.00/0     0/1.00/0     0/1.00/0
+attribution r (resid_pre, denoise)     0.33         0.27         0.20
+attribution r (resid_pre, noise)       0.72         0.62         0.71
 =====================================  ===========  ===========  ===========
 
-("other" is the largest absolute score at any other position, at most 0.004.)  So
-residual-stream activation patching (clean into corrupted, 0 = corrupted, 1 = clean)
-finds the mechanism of the paper in small: the fact that S is repeated lives at ``s2``
-in the early layers and has moved to ``end`` by the last layer (within layer 2 for
-seed 1); no other position matters.  Attribution patching tracks the sweep well when
-noising (gradient at the clean run) but poorly when denoising: the model is trained to
-be indifferent between IO and S whenever S2 is a third name, so the metric is flat
-around the corrupted run and its gradient misses the early-layer ``s2`` cells, whose
-exact score is 1.  The committed weights are seed 0.
+("other" is the largest absolute score at any other position, "after" the score at the
+token after ``s2``; both at most 0.001.)  So residual-stream activation patching (clean
+into corrupted, 0 = corrupted, 1 = clean) finds the mechanism of the paper in small, in
+every template: the fact that S is repeated lives at ``s2`` in the early layers and has
+moved to ``end`` by the last layer; no other position matters.  Attribution patching
+tracks the sweep better when noising (gradient at the clean run) than when denoising:
+the model is trained to be indifferent between IO and S whenever S2 is a third name, so
+the metric is flat around the corrupted run and its gradient misses the early-layer
+``s2`` cells, whose exact score is 1.  The committed weights are seed 0.
 
 Command line::
 
@@ -58,13 +68,29 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from interventions.reference_models.ioi_data import (
+    _ID,
+    BOS,
+    NAMES,
+    PAD,
+    TEMPLATES,
+    UNK,
+    VOCAB,
+    IOIBatch,
+    IOIDataset,
+    Template,
+    ioi_batch,
+    ioi_dataset,
+    ioi_texts,
+    pad_right,
+)
 
 __all__ = [
     "BOS",
@@ -73,101 +99,27 @@ __all__ = [
     "PAD",
     "PATCHING_PROMPTS",
     "PATCHING_SEED",
-    "SEQ_LEN",
     "TEMPLATES",
     "UNK",
     "VOCAB",
     "WEIGHTS_DIR",
     "IOIBatch",
+    "IOIDataset",
     "Template",
     "evaluate_ioi_model",
     "ioi_batch",
+    "ioi_dataset",
     "ioi_texts",
     "load_ioi_model",
     "main",
     "make_ioi_config",
     "make_tokenizer",
+    "pad_right",
     "patching_report",
     "patching_summary",
     "save_ioi_model",
     "train_ioi_model",
 ]
-
-# --------------------------------------------------------------------------- vocabulary
-
-PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
-
-NAMES: tuple[str, ...] = (
-    "Mary", "John", "Alice", "Bob", "Tom", "Sarah", "James", "Emma",
-    "David", "Lucy", "Paul", "Anna", "Mark", "Kate", "Peter", "Laura",
-    "Sam", "Julia", "Ben", "Rose", "Dan", "Nina", "Max", "Eva",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Template:
-    """A prompt with three name slots; ``text`` uses ``{N1}``, ``{N2}``, ``{S2}``.
-
-    Positions count ``<bos>`` as position 0.
-    """
-
-    text: str
-
-    @property
-    def words(self) -> tuple[str, ...]:
-        return (BOS, *self.text.split())
-
-    def _pos(self, slot: str) -> int:
-        return self.words.index("{" + slot + "}")
-
-    @property
-    def n1(self) -> int:
-        """Position of the first name (IO in ABB order, S1 in BAB order)."""
-        return self._pos("N1")
-
-    @property
-    def n2(self) -> int:
-        """Position of the second name."""
-        return self._pos("N2")
-
-    @property
-    def s2(self) -> int:
-        """Position of the repeated name (the only position where clean and corrupt differ)."""
-        return self._pos("S2")
-
-    @property
-    def end(self) -> int:
-        """The last position, whose next-token prediction is the answer."""
-        return len(self.words) - 1
-
-    def fill(self, n1: str, n2: str, s2: str) -> str:
-        """The prompt text (without ``<bos>``)."""
-        return self.text.format(N1=n1, N2=n2, S2=s2)
-
-
-TEMPLATES: tuple[Template, ...] = (
-    Template("when {N1} and {N2} went to the store , {S2} gave a drink to"),
-    Template("then , {N1} and {N2} had a long argument , afterwards {S2} said to"),
-    Template("{N1} and {N2} went to the park . later {S2} handed the ball to"),
-    Template("while {N1} and {N2} were at the office , {S2} sent an email to"),
-    Template("{N1} and {N2} were talking . {S2} was tired so gave a gift to"),
-)
-#: Every prompt is this many tokens long, ``<bos>`` included.
-SEQ_LEN: int = 15
-
-
-def _vocab() -> tuple[str, ...]:
-    words: list[str] = [PAD, BOS, UNK, *NAMES]
-    for template in TEMPLATES:
-        for word in template.words[1:]:
-            if not word.startswith("{") and word not in words:
-                words.append(word)
-    return tuple(words)
-
-
-VOCAB: tuple[str, ...] = _vocab()
-_ID = {w: i for i, w in enumerate(VOCAB)}
-_NAME_IDS = torch.tensor([_ID[n] for n in NAMES])
 
 # --------------------------------------------------------------------------- model config
 
@@ -235,89 +187,37 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-# --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class IOIBatch:
-    """Names behind an :func:`ioi_batch` (each ``[n]`` token ids), for analysis."""
-
-    io: torch.Tensor
-    s: torch.Tensor
-    c: torch.Tensor
-    abb: torch.Tensor
-    """True where the order is ``IO .. S .. S`` (else ``S .. IO .. S``)."""
-    template: torch.Tensor
-    """Index into :data:`TEMPLATES` of each row."""
-
-
-def _sample(
-    n: int, generator: torch.Generator, template: int | None
-) -> tuple[torch.Tensor, torch.Tensor, IOIBatch]:
-    names = torch.stack([torch.randperm(len(NAMES), generator=generator)[:3] for _ in range(n)])
-    io, s, c = (_NAME_IDS[names[:, k]] for k in range(3))
-    abb = torch.rand(n, generator=generator) < 0.5
-    if template is None:
-        tpl = torch.randint(len(TEMPLATES), (n,), generator=generator)
-    else:
-        tpl = torch.full((n,), int(template), dtype=torch.long)
-    clean = torch.empty(n, SEQ_LEN, dtype=torch.long)
-    corrupt = torch.empty(n, SEQ_LEN, dtype=torch.long)
-    for row in range(n):
-        t = TEMPLATES[int(tpl[row])]
-        ids = torch.tensor([_ID.get(w, -1) for w in t.words])
-        first, second = (io[row], s[row]) if abb[row] else (s[row], io[row])
-        ids[t.n1], ids[t.n2], ids[t.s2] = first, second, s[row]
-        clean[row] = ids
-        ids = ids.clone()
-        ids[t.s2] = c[row]
-        corrupt[row] = ids
-    return clean, corrupt, IOIBatch(io, s, c, abb, tpl)
-
-
-def ioi_batch(
-    n: int, generator: torch.Generator, template: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(clean_ids, corrupt_ids, answer_ids, wrong_ids)`` for ``n`` random IOI prompts.
-
-    ``clean_ids`` and ``corrupt_ids`` are ``[n, SEQ_LEN]`` and differ only at the template's
-    ``s2`` position (the repeated name S in the clean prompt, a third name C in the
-    corrupted one); ``answer_ids`` is IO and ``wrong_ids`` S, each ``[n]``.  Three distinct
-    names per row, a random order (ABB or BAB) and, with ``template=None``, a random
-    template per row (all templates have the same length); else every row uses
-    ``TEMPLATES[template]``.  The output is a function of ``generator``'s state.
-    """
-    if template is not None and not 0 <= template < len(TEMPLATES):
-        raise ValueError(f"template must be in 0..{len(TEMPLATES) - 1}, got {template}")
-    clean, corrupt, info = _sample(n, generator, template)
-    return clean, corrupt, info.io, info.s
-
-
-def ioi_texts(ids: torch.Tensor) -> list[str]:
-    """The prompts of ``ids`` as text (without ``<bos>``), one string per row."""
-    return [" ".join(VOCAB[i] for i in row.tolist() if VOCAB[i] != BOS) for row in ids]
-
-
 # --------------------------------------------------------------------------- measurement
 
 
-def _final_logits(model: GPT2LMHeadModel, ids: torch.Tensor) -> torch.Tensor:
+def _last_logits(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The logits at each prompt's last token, ``[n, vocab]``, in one right-padded pass."""
+    ids, last = pad_right(prompts)
+    mask = (torch.arange(ids.shape[1]) <= last[:, None]).long()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return logits[torch.arange(len(prompts)), last].float()
+
+
+def _final_logits(model: GPT2LMHeadModel, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits[:, -1].float()
+        return _last_logits(model, prompts)
 
 
 def evaluate_ioi_model(
     model: GPT2LMHeadModel, *, n: int = 500, seed: int = 12345, template: int | None = None
 ) -> dict[str, float]:
-    """Accuracy and logit differences on a fixed batch of :func:`ioi_batch` prompts.
+    """Accuracy and logit differences on a fixed :func:`ioi_dataset` (``n`` prompts per
+    template, every template or only ``template``).
 
     ``accuracy``: argmax over the whole vocabulary is IO on clean prompts;
     ``logit_diff``: mean ``logit(IO) - logit(S)`` on clean prompts; ``corrupt_logit_diff``:
     the same on corrupted prompts (~0 when the model cannot tell the answer).
     """
-    clean, corrupt, answer, wrong = ioi_batch(n, torch.Generator().manual_seed(seed), template)
-    rows = torch.arange(n)
-    lc, lx = _final_logits(model, clean), _final_logits(model, corrupt)
+    chosen = range(len(TEMPLATES)) if template is None else [template]
+    data = ioi_dataset(n * len(chosen), torch.Generator().manual_seed(seed), chosen)
+    rows = torch.arange(len(data))
+    lc, lx = _final_logits(model, data.clean), _final_logits(model, data.corrupt)
+    answer, wrong = data.answer, data.wrong
     return {
         "accuracy": float((lc.argmax(-1) == answer).float().mean()),
         "logit_diff": float((lc[rows, answer] - lc[rows, wrong]).mean()),
@@ -365,9 +265,10 @@ def train_ioi_model(
 ) -> GPT2LMHeadModel:
     """Train the IOI reference model from scratch, deterministically.
 
-    Each AdamW step draws ``batch_size`` clean/corrupted pairs from :func:`ioi_batch`
-    (random templates, names and orders) and minimises the cross-entropy of the final
-    position: against IO on the clean prompt, plus ``corrupt_weight`` times the
+    Each AdamW step draws ``batch_size`` clean/corrupted pairs from :func:`ioi_dataset`
+    (every template, random names and orders: prompts of different lengths, padded on the
+    right in one forward pass, which leaves each prompt's logits exact) and minimises the
+    cross-entropy of each prompt's last position: against IO on the clean prompt, plus ``corrupt_weight`` times the
     cross-entropy against "IO or S, one half each" on the corrupted prompt, whose answer is
     undetermined.  That second term matters: trained on clean prompts only, the model
     learns a shortcut (such as "answer N1 unless S2 is N1") that picks IO or S on a
@@ -402,10 +303,9 @@ def train_ioi_model(
         model.train()
         start = time.perf_counter()
         for step in range(steps):
-            clean, corrupt, answer, wrong = ioi_batch(batch_size, gen)
-            logits = model(input_ids=torch.cat([clean, corrupt]), use_cache=False).logits
-            logp = logits[:, -1].log_softmax(-1)
-            rows = torch.arange(batch_size)
+            data = ioi_dataset(batch_size, gen)
+            logp = _last_logits(model, data.clean + data.corrupt).log_softmax(-1)
+            rows, answer, wrong = torch.arange(batch_size), data.answer, data.wrong
             clean_lp, corrupt_lp = logp[:batch_size], logp[batch_size:]
             # clean: IO; corrupted: IO or S with probability 1/2 each (undetermined)
             undetermined = 0.5 * (corrupt_lp[rows, answer] + corrupt_lp[rows, wrong])
@@ -527,16 +427,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"trained seed {args.seed} for {args.steps} steps in {elapsed:.1f}s -> {out} ({size} B)"
         )
     reloaded, tokenizer = load_ioi_model(out)
-    clean = ioi_batch(8, torch.Generator().manual_seed(1))[0]
+    clean = ioi_batch(8, torch.Generator().manual_seed(1), 0)[0]
     if not args.eval_only:
         with torch.no_grad():
             same = torch.equal(model(input_ids=clean).logits, reloaded(input_ids=clean).logits)
         print(f"reload gives identical logits: {same}")
     text_ids = tokenizer(ioi_texts(clean), return_tensors="pt").input_ids
     print(f"tokenizer round trip: {torch.equal(text_ids, clean)}")
-    print({k: round(v, 4) for k, v in evaluate_ioi_model(reloaded).items()})
+    for template in (None, *range(len(TEMPLATES))):
+        ev = evaluate_ioi_model(reloaded, template=template)
+        print(f"template {template}:", {k: round(v, 4) for k, v in ev.items()})
     if not args.no_patching:
-        for template in (0, 4):
+        for template in range(len(TEMPLATES)):
             print(patching_report(reloaded, template))
 
 

@@ -4,17 +4,21 @@ short determinism smoke test).
 Residual-stream activation patching (clean into corrupted, logit difference IO - S,
 0 = corrupted, 1 = clean) must find where the model keeps the fact that S is repeated:
 at the S2 position in the early layers, at the final position in the last layer, and
-nowhere else.  Every backend must find it.
+nowhere else.  Every backend must find it, on one template's prompts and on prompts of
+all five templates (different lengths) in one ragged run pair at per-prompt positions,
+whose values must equal running each template as its own equal-length graph.
 """
 
 from __future__ import annotations
 
+import doctest
 from functools import cache
 from itertools import pairwise
 
 import pytest
 import torch
 
+import interventions as iv
 from interventions.errors import UnsupportedOp
 from interventions.recipes import Metric, activation_patching, attribution_patching
 from interventions.recipes.patching import AttributionResult
@@ -24,6 +28,7 @@ BACKENDS = ("torch", "nnsight", "pyvene")
 GRAD_BACKENDS = ("torch", "pyvene")  # nnsight computes no gradients
 TEMPLATE = 0
 N_PROMPTS = 16
+N_RAGGED = 40  # 8 prompts of each of the five templates, in a random order
 
 # Thresholds (see the module docstring of ioi for the per-seed measurements).
 MIN_ACCURACY = 0.95
@@ -36,13 +41,15 @@ MAX_OTHER = 0.1
 #: In the middle layers, S2 and the end together restore at least this much.
 MIN_MIDDLE_TOTAL = 0.6
 #: Attribution patching (gradient) against the exact resid_pre sweep: Pearson r.  Noising
-#: (gradient at the clean run) measured 0.90 / 0.88 / 0.93 on seeds 0 / 1 / 2; denoising
-#: (gradient at the corrupted run) only 0.43 / 0.57 / 0.74: the model is trained to be
+#: (gradient at the clean run) measured 0.72 / 0.62 / 0.71 on seeds 0 / 1 / 2; denoising
+#: (gradient at the corrupted run) only 0.33 / 0.27 / 0.20: the model is trained to be
 #: indifferent between IO and S whenever S2 is a third name, so the metric is flat around
 #: the corrupted run and the gradient misses the S2 cells of the early layers, whose exact
 #: score is 1 (the known failure of the linear approximation for large, saturating
 #: changes such as swapping a token).
-MIN_ATTRIBUTION_R = {"noise": 0.8, "denoise": 0.3}
+MIN_ATTRIBUTION_R = {"noise": 0.5, "denoise": 0.15}
+#: ... and noising tracks the exact sweep better than denoising, by at least this much.
+MIN_NOISE_ADVANTAGE = 0.2
 
 
 @cache
@@ -55,6 +62,11 @@ def _prompts() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return ioi.ioi_batch(N_PROMPTS, torch.Generator().manual_seed(7), TEMPLATE)
 
 
+@cache
+def _ragged_data() -> ioi.IOIDataset:
+    return ioi.ioi_dataset(N_RAGGED, torch.Generator().manual_seed(11))
+
+
 def _metric() -> Metric:
     _, _, answer, wrong = _prompts()
     return Metric.logit_diff(answer, wrong)
@@ -65,45 +77,98 @@ def _metric() -> Metric:
 
 def test_templates_and_vocabulary() -> None:
     assert len(set(ioi.VOCAB)) == len(ioi.VOCAB)
+    lengths = [t.length for t in ioi.TEMPLATES]
+    assert len(set(lengths)) == len(lengths) == 5  # five different lengths
+    assert sorted(lengths) == [12, 14, 15, 17, 19]
     for t in ioi.TEMPLATES:
-        assert len(t.words) == ioi.SEQ_LEN
-        assert 0 < t.n1 < t.n2 < t.s2 < t.end == ioi.SEQ_LEN - 1
+        assert len(t.words) == t.length
+        assert 0 < t.n1 < t.n2 < t.s2 < t.end == t.length - 1
+
+
+def _template_of(ids: list[int]) -> ioi.Template:
+    return next(
+        t
+        for t in ioi.TEMPLATES
+        if len(t.words) == len(ids)
+        and all(
+            ioi.VOCAB[tok] == word
+            for tok, word in zip(ids, t.words, strict=True)
+            if not word.startswith("{")
+        )
+    )
+
+
+def _check_pair(c: list[int], x: list[int], a: int, w: int, template: ioi.Template) -> None:
+    names = {ioi.VOCAB.index(n) for n in ioi.NAMES}
+    assert c[0] == x[0] == ioi.VOCAB.index(ioi.BOS)
+    assert [i for i in range(len(c)) if c[i] != x[i]] == [template.s2]
+    assert {c[template.n1], c[template.n2]} == {a, w} and a != w
+    assert c[template.s2] == w
+    assert x[template.s2] in names - {a, w}
 
 
 def test_ioi_batch_layout() -> None:
-    gen = torch.Generator().manual_seed(0)
-    clean, corrupt, answer, wrong = ioi.ioi_batch(200, gen)
-    assert clean.shape == corrupt.shape == (200, ioi.SEQ_LEN)
-    assert answer.shape == wrong.shape == (200,)
-    bos = ioi.VOCAB.index(ioi.BOS)
-    assert (clean[:, 0] == bos).all()
-    names = {ioi.VOCAB.index(n) for n in ioi.NAMES}
-    templates_seen = set()
-    for c, x, a, w in zip(
-        clean.tolist(), corrupt.tolist(), answer.tolist(), wrong.tolist(), strict=True
-    ):
-        template = next(
-            t
-            for t in ioi.TEMPLATES
-            if all(
-                ioi.VOCAB[tok] == word
-                for tok, word in zip(c, t.words, strict=True)
-                if not word.startswith("{")
-            )
+    for index, template in enumerate(ioi.TEMPLATES):
+        gen = torch.Generator().manual_seed(index)
+        clean, corrupt, answer, wrong = ioi.ioi_batch(50, gen, index)
+        assert clean.shape == corrupt.shape == (50, template.length)
+        assert answer.shape == wrong.shape == (50,)
+        for c, x, a, w in zip(
+            clean.tolist(), corrupt.tolist(), answer.tolist(), wrong.tolist(), strict=True
+        ):
+            assert _template_of(c) == template
+            _check_pair(c, x, a, w, template)
+        again = ioi.ioi_batch(50, torch.Generator().manual_seed(index), index)
+        assert all(
+            torch.equal(u, v) for u, v in zip(again, (clean, corrupt, answer, wrong), strict=True)
         )
-        templates_seen.add(template)
-        diff = [i for i in range(ioi.SEQ_LEN) if c[i] != x[i]]
-        assert diff == [template.s2]
-        assert {c[template.n1], c[template.n2]} == {a, w} and a != w
-        assert c[template.s2] == w
-        assert x[template.s2] in names - {a, w}
-    assert len(templates_seen) == len(ioi.TEMPLATES)
-    again = ioi.ioi_batch(200, torch.Generator().manual_seed(0))
-    assert all(
-        torch.equal(u, v) for u, v in zip(again, (clean, corrupt, answer, wrong), strict=True)
-    )
-    with pytest.raises(ValueError):
-        ioi.ioi_batch(1, gen, template=len(ioi.TEMPLATES))
+    gen = torch.Generator().manual_seed(0)
+    for bad in (len(ioi.TEMPLATES), -1, None):
+        with pytest.raises(ValueError, match="template must be"):
+            ioi.ioi_batch(1, gen, bad)  # type: ignore[arg-type]
+
+
+def test_ioi_dataset_layout() -> None:
+    data = ioi.ioi_dataset(50, torch.Generator().manual_seed(0))
+    assert len(data) == len(data.clean) == len(data.corrupt) == 50
+    assert data.answer.shape == data.wrong.shape == (50,)
+    counts = [0] * len(ioi.TEMPLATES)
+    for i in range(50):
+        c, x = list(data.clean[i]), list(data.corrupt[i])
+        template = _template_of(c)
+        assert data.templates[i] == template == ioi.TEMPLATES[int(data.info.template[i])]
+        counts[ioi.TEMPLATES.index(template)] += 1
+        _check_pair(c, x, int(data.answer[i]), int(data.wrong[i]), template)
+        assert data.s2.row(i) == template.s2 and data.end.row(i) == len(c) - 1
+    assert counts == [10] * 5  # every template equally often
+    assert len(set(data.lengths[:5])) > 1  # in a random order, not sorted by template
+    again = ioi.ioi_dataset(50, torch.Generator().manual_seed(0))
+    assert again.clean == data.clean and again.corrupt == data.corrupt
+    sub = data.subset([3, 1])
+    assert sub.clean == (data.clean[3], data.clean[1])
+    assert sub.s2 == iv.per_prompt([data.s2.row(3), data.s2.row(1)])
+    assert sub.answer.tolist() == [int(data.answer[3]), int(data.answer[1])]
+    only = ioi.ioi_dataset(6, torch.Generator().manual_seed(1), templates=[2, 4])
+    assert sorted(only.lengths) == [12, 12, 12, 14, 14, 14]
+    with pytest.raises(ValueError, match="template must be"):
+        ioi.ioi_dataset(2, torch.Generator(), templates=[7])
+
+
+def test_pad_right_gives_each_prompt_its_own_logits() -> None:
+    model, _ = _committed()
+    data = _ragged_data()
+    alone = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in data.clean[:5]])
+    with torch.no_grad():
+        together = ioi._final_logits(model, data.clean[:5])  # type: ignore[arg-type]
+    torch.testing.assert_close(together, alone.detach(), atol=1e-4, rtol=0)
+
+
+def test_data_doctests() -> None:
+    from interventions.reference_models import ioi_data
+
+    for module in (ioi, ioi_data):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
 
 
 def test_tokenizer_round_trip_and_offline_loading() -> None:
@@ -112,6 +177,9 @@ def test_tokenizer_round_trip_and_offline_loading() -> None:
     texts = ioi.ioi_texts(clean)
     assert torch.equal(tokenizer(texts, return_tensors="pt").input_ids, clean)
     assert torch.equal(ioi.make_tokenizer()(texts, return_tensors="pt").input_ids, clean)
+    ragged = _ragged_data()
+    texts = ioi.ioi_texts(ragged.clean)
+    assert [tuple(ids) for ids in tokenizer(texts).input_ids] == list(ragged.clean)
     loaded, loaded_tok = load_reference("ioi")  # type: ignore[misc]
     assert loaded_tok is not None and loaded_tok.bos_token == ioi.BOS
     with torch.no_grad():
@@ -166,11 +234,11 @@ def test_residual_patching_finds_s2_then_end(backend: str) -> None:
     pre, post = _sweeps(backend)
     t = ioi.TEMPLATES[TEMPLATE]
     n_layers = ioi.make_ioi_config().n_layer
-    assert pre.shape == (n_layers, ioi.SEQ_LEN) and post.shape == (1, ioi.SEQ_LEN)
-    others = [p for p in range(ioi.SEQ_LEN) if p not in (t.s2, t.end)]
+    assert pre.shape == (n_layers, t.length) and post.shape == (1, t.length)
+    others = [p for p in range(t.length) if p not in (t.s2, t.end)]
     # layer 0: the tokens differ only at S2, so patching S2 restores everything
     assert abs(float(pre[0, t.s2]) - 1.0) < EXACT_ATOL
-    assert float(pre[0, [p for p in range(ioi.SEQ_LEN) if p != t.s2]].abs().max()) < EXACT_ATOL
+    assert float(pre[0, [p for p in range(t.length) if p != t.s2]].abs().max()) < EXACT_ATOL
     # the last layer's output: only the final position feeds the answer
     assert abs(float(post[0, t.end]) - 1.0) < EXACT_ATOL
     assert float(post[0, :-1].abs().max()) < EXACT_ATOL
@@ -221,7 +289,7 @@ def test_attribution_patching_tracks_exact_patching(backend: str, direction: str
     approx = res.approx.scores
     # the unpatched metric (0 denoising, 1 noising): exactly before S2, nearly elsewhere
     neutral = 0.0 if direction == "denoise" else 1.0
-    others = [p for p in range(ioi.SEQ_LEN) if p not in (t.s2, t.end)]
+    others = [p for p in range(t.length) if p not in (t.s2, t.end)]
     assert float((approx[:, : t.s2] - neutral).abs().max()) < EXACT_ATOL
     assert float((approx[:, others] - neutral).abs().max()) < MAX_OTHER
     # in the last layer, wherever patching has a large exact effect, the gradient
@@ -235,6 +303,13 @@ def test_attribution_patching_tracks_exact_patching(backend: str, direction: str
     assert bool((exact_moved[large] * approx_moved[large] > 0).all()), (approx, res.exact.scores)
     if direction == "noise":
         assert float(approx_moved[large].abs().min()) > 0.05, approx
+
+
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+def test_attribution_patching_tracks_better_when_noising(backend: str) -> None:
+    noise, denoise = _attribution(backend, "noise"), _attribution(backend, "denoise")
+    assert noise.correlation is not None and denoise.correlation is not None
+    assert noise.correlation > denoise.correlation + MIN_NOISE_ADVANTAGE
 
 
 @pytest.mark.parametrize("backend", GRAD_BACKENDS[1:])
@@ -260,3 +335,130 @@ def test_patching_by_name_with_text_prompts() -> None:
         "ioi", ioi.ioi_texts(clean), ioi.ioi_texts(corrupt), _metric(), layers=[0]
     )
     torch.testing.assert_close(res.scores, _sweeps("torch")[0][:1], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- ragged
+
+#: The sweep's cells: (site, layer) rows x the positions patched in each prompt.
+SLOTS = ("s2", "end", "after")  # "after": the token after S2, a position that should not matter
+
+
+def _cells() -> list[tuple[str, int]]:
+    n_layers = ioi.make_ioi_config().n_layer
+    return [*(("resid_pre", layer) for layer in range(n_layers)), ("resid_post", n_layers - 1)]
+
+
+def _sweep_values(
+    model: torch.nn.Module,
+    clean: object,
+    corrupt: object,
+    positions: dict[str, object],
+    data: ioi.IOIDataset,
+    backend: str,
+) -> dict[str, torch.Tensor]:
+    """One graph: the clean and corrupted runs, and for every cell a corrupted run with
+    the clean residual patched in at that slot's positions.  Per prompt: the logit
+    difference IO - S at its last token, keyed ``"clean"``, ``"corrupt"`` and
+    ``"{site}[{layer}].{slot}"``."""
+    g = iv.Graph()
+    clean_run = g.run("clean", tokens=clean)  # type: ignore[arg-type]
+    corrupt_run = g.run("corrupt", tokens=corrupt)  # type: ignore[arg-type]
+    clean_run.read("logits", pos=-1, name="clean")
+    corrupt_run.read("logits", pos=-1, name="corrupt")
+    for site, layer in _cells():
+        for slot in SLOTS:
+            pos = positions[slot]
+            value = clean_run.read(site, layer=layer, pos=pos)
+            name = f"{site}[{layer}].{slot}"
+            patched = g.run(name, tokens=corrupt)  # type: ignore[arg-type]
+            patched.patch(site, layer=layer, pos=pos, value=value)
+            patched.read("logits", pos=-1, name=name)
+    res = iv.run(g, model, backend=backend)
+    rows = torch.arange(len(data))
+    return {
+        name: (res[name][rows, data.answer] - res[name][rows, data.wrong]).float() for name in res
+    }
+
+
+@cache
+def _ragged_values(backend: str) -> dict[str, torch.Tensor]:
+    """The sweep over prompts of all five templates (different lengths) in one run pair,
+    at per-prompt positions."""
+    data = _ragged_data()
+    after = iv.per_prompt([t.s2 + 1 for t in data.templates])
+    positions: dict[str, object] = {"s2": data.s2, "end": data.end, "after": after}
+    return _sweep_values(_committed()[0], data.clean, data.corrupt, positions, data, backend)
+
+
+def _score(values: dict[str, torch.Tensor], name: str) -> float:
+    """Normalised after the batch mean: 0 = corrupted, 1 = clean."""
+    clean, corrupt = values["clean"].mean(), values["corrupt"].mean()
+    return float((values[name].mean() - corrupt) / (clean - corrupt))
+
+
+def _scores(values: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Per slot, the score of each cell (rows as in :func:`_cells`)."""
+    rows = [f"{site}[{layer}]" for site, layer in _cells()]
+    return {slot: [_score(values, f"{row}.{slot}") for row in rows] for slot in SLOTS}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ragged_patching_finds_s2_then_end_over_all_templates(backend: str) -> None:
+    values = _ragged_values(backend)
+    data = _ragged_data()
+    assert values["clean"].shape == (N_RAGGED,)
+    assert float(values["clean"].min()) > MIN_LOGIT_DIFF / 2
+    first, last = _cells()[0], _cells()[-1]
+    pre0, post = f"{first[0]}[{first[1]}]", f"{last[0]}[{last[1]}]"
+    # exact, prompt by prompt: patching the embedding-level residual at S2 gives the clean
+    # prompt; patching the last layer's output at the end gives the clean answer
+    for exact in (f"{pre0}.s2", f"{post}.end"):
+        torch.testing.assert_close(values[exact], values["clean"], atol=EXACT_ATOL, rtol=0)
+    for none in (f"{pre0}.end", f"{pre0}.after", f"{post}.s2", f"{post}.after"):
+        torch.testing.assert_close(values[none], values["corrupt"], atol=EXACT_ATOL, rtol=0)
+    rows = [f"{site}[{layer}]" for site, layer in _cells()]
+    scores = _scores(values)
+    # S2 carries it in the early layers, the end in the last; nowhere else matters
+    assert min(scores["s2"][:2]) > 0.9, scores
+    assert scores["end"][-1] > 0.9 and scores["end"][0] < EXACT_ATOL, scores
+    assert max(abs(v) for v in scores["after"]) < MAX_OTHER, scores
+    for s2, end in zip(scores["s2"], scores["end"], strict=True):
+        assert s2 + end > MIN_MIDDLE_TOTAL, scores
+    assert all(a >= b - 0.05 for a, b in pairwise(scores["s2"])), scores
+    assert all(a <= b + 0.05 for a, b in pairwise(scores["end"])), scores
+    # and every template on its own shows the same picture
+    for index in range(len(ioi.TEMPLATES)):
+        mine = [i for i, t in enumerate(data.templates) if t == ioi.TEMPLATES[index]]
+        own = {name: v[mine] for name, v in values.items()}
+        assert _score(own, f"{pre0}.s2") > 0.99 and _score(own, f"{post}.end") > 0.99
+        for row in rows:
+            assert _score(own, f"{row}.s2") + _score(own, f"{row}.end") > MIN_MIDDLE_TOTAL
+
+
+def test_ragged_sweep_equals_each_template_on_its_own() -> None:
+    """The oracle: each template's prompts as their own equal-length graph (rectangular
+    ids, int positions) give the ragged sweep's per-prompt values."""
+    data = _ragged_data()
+    ragged = _ragged_values("torch")
+    covered = torch.zeros(N_RAGGED, dtype=torch.bool)
+    for template in ioi.TEMPLATES:
+        rows = [i for i, t in enumerate(data.templates) if t == template]
+        sub = data.subset(rows)
+        positions: dict[str, object] = {"s2": template.s2, "end": template.end}
+        positions["after"] = template.s2 + 1
+        model = _committed()[0]
+        clean, corrupt = torch.tensor(sub.clean), torch.tensor(sub.corrupt)
+        own = _sweep_values(model, clean, corrupt, positions, sub, "torch")
+        assert own.keys() == ragged.keys()
+        for name, value in own.items():
+            torch.testing.assert_close(ragged[name][rows], value, atol=1e-5, rtol=0)
+        covered[rows] = True
+    assert bool(covered.all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_ragged_sweep_agrees_across_backends(backend: str) -> None:
+    values, ref = _ragged_values(backend), _ragged_values("torch")
+    assert values.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(values[name], ref[name], atol=1e-4, rtol=0)
