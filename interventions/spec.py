@@ -43,6 +43,7 @@ from interventions.ops import (
     check_op_names,
     depends_on,
     op_kind,
+    source_run,
     produces,
     tensor_keys,
 )
@@ -217,14 +218,17 @@ class GraphSpec:
         for key in tensor_keys(op):
             if key not in self.tensors:
                 raise SpecError(f"{op_kind(op)} on {op.run}.{op.site}: no tensor {key!r}")
-        if isinstance(op, Ablate) and op.source is not None:
-            if op.source not in self.runs:
+        source = source_run(op)
+        if source is not None:
+            if source not in self.runs:
                 raise SpecError(
-                    f"ablate on {op.run}.{op.site}: source run {op.source!r} does not exist"
-                    f"{suggest(op.source, self.runs)}; runs: {choices_text(self.runs)}"
+                    f"{op_kind(op)} on {op.run}.{op.site}: source run {source!r} does not exist"
+                    f"{suggest(source, self.runs)}; runs: {choices_text(self.runs)}"
                 )
-            if op.source == op.run:
-                raise SpecError(f"ablate on {op.run}.{op.site}: source must be another run")
+            if source == op.run:
+                raise SpecError(
+                    f"{op_kind(op)} on {op.run}.{op.site}: source must be another run"
+                )
         if isinstance(op, SAESplice):
             if op.sae not in self.saes:
                 raise SpecError(f"sae_splice on {op.run}.{op.site}: no SAE {op.sae!r}")
@@ -259,8 +263,8 @@ class GraphSpec:
         for op in self.ops:
             for name in depends_on(op):
                 needs[op.run].add(reads[name])
-            if isinstance(op, Ablate) and op.source is not None:
-                needs[op.run].add(op.source)
+            if source_run(op) is not None:
+                needs[op.run].add(str(source_run(op)))
         position = {name: i for i, name in enumerate(self.runs)}
         order: list[str] = []
         state: dict[str, int] = {}  # 1: on the current path, 2: done
