@@ -155,7 +155,7 @@ def all_edges(info: ModelInfo) -> list[Edge]:
     >>> from interventions.architectures import describe
     >>> cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=8)
     >>> len(all_edges(describe(transformers.GPT2LMHeadModel(cfg))))
-    43
+    46
     """
     _check_model(info)
     assert info.n_layers is not None and info.n_heads is not None
