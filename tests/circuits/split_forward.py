@@ -9,6 +9,7 @@ inputs; nothing here uses hooks, ``interventions`` or its attention helpers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from functools import cache
@@ -47,9 +48,13 @@ def split_forward(
     model: torch.nn.Module,
     ids: torch.Tensor,
     edges: Mapping[tuple[Key, Key], torch.Tensor | None] | None = None,
+    probes: Mapping[Key, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[Key, torch.Tensor], dict[Key, torch.Tensor]]:
     """(logits, node outputs, downstream inputs). ``edges`` maps (upstream, input) to the
-    upstream's replacement output for that input alone (``None``: zero)."""
+    upstream's replacement output for that input alone (``None``: zero). ``probes`` (zero
+    tensors that require grad) are added to the inputs they name, so that the gradient of
+    the output with respect to a probe is the gradient with respect to that input alone;
+    gradients are off without them."""
     edges = dict(edges or {})
     outs: dict[Key, torch.Tensor] = {}
     inputs: dict[Key, torch.Tensor] = {}
@@ -60,10 +65,12 @@ def split_forward(
         for (up, down), value in edges.items():
             if down == key:
                 x = x + (torch.zeros_like(outs[up]) if value is None else value) - outs[up]
+        if probes is not None and key in probes:
+            x = x + probes[key]
         inputs[key] = x
         return x
 
-    with torch.no_grad():
+    with torch.no_grad() if probes is None else contextlib.nullcontext():
         pos = torch.arange(ids.shape[1]).unsqueeze(0)
         if gpt2:
             blocks = model.transformer.h
