@@ -25,7 +25,7 @@ from interventions.batching import Budget, batch_graph
 from interventions.errors import ExecutionError, InterventionError, UnsupportedOp
 from interventions.graph import Graph
 from interventions.hf import empty_tokenizer
-from interventions.ops import Ablate, Read, depends_on, produces, source_run
+from interventions.ops import Read, depends_on, produces, source_run
 from interventions.plan import make_plan
 from interventions.remote import Job, remote_backend
 from interventions.results import Provenance, Results

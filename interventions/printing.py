@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 from interventions.ops import (
     Ablate,
-    EdgePatch,
     Add,
+    EdgePatch,
     Op,
     Patch,
     ProjectOut,
@@ -91,8 +91,8 @@ def format_op(graph: GraphSpec, op: Op) -> str:
         )
     if isinstance(op, EdgePatch):
         up = f"{op.upstream}" + ("" if op.upstream_head is None else f" head={op.upstream_head}")
-        extra = {"patch": f" from {op.source}", "mean": f" mean over {op.source}", "zero": " zero"}
-        return f"  edge_patch {where} += ({up}){extra[op.method]}"
+        how = {"patch": f" from {op.source}", "mean": f" mean over {op.source}", "zero": " zero"}
+        return f"  edge_patch {where} += ({up}){how[op.method]}"
     raise AssertionError(f"unprintable op {op!r}")
 
 

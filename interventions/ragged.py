@@ -45,7 +45,7 @@ import torch
 
 from interventions.architectures import ModelInfo
 from interventions.assembly import Assembly, MeanSlot, Part, Piece, Split
-from interventions.errors import ValidationError
+from interventions.errors import SpecError, ValidationError
 from interventions.ops import (
     Ablate,
     Add,

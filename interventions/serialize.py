@@ -36,9 +36,9 @@ from interventions.errors import (
 from interventions.ops import (
     OP_KINDS,
     Ablate,
-    EdgePatch,
     Add,
     Const,
+    EdgePatch,
     FeatureEdit,
     Op,
     Patch,

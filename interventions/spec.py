@@ -43,8 +43,8 @@ from interventions.ops import (
     check_op_names,
     depends_on,
     op_kind,
-    source_run,
     produces,
+    source_run,
     tensor_keys,
 )
 from interventions.runs import Run, check_lengths, is_name, sampling_from, token_rows
@@ -218,17 +218,15 @@ class GraphSpec:
         for key in tensor_keys(op):
             if key not in self.tensors:
                 raise SpecError(f"{op_kind(op)} on {op.run}.{op.site}: no tensor {key!r}")
-        source = source_run(op)
-        if source is not None:
-            if source not in self.runs:
+        src = source_run(op)
+        if src is not None:
+            if src not in self.runs:
                 raise SpecError(
-                    f"{op_kind(op)} on {op.run}.{op.site}: source run {source!r} does not exist"
-                    f"{suggest(source, self.runs)}; runs: {choices_text(self.runs)}"
+                    f"{op_kind(op)} on {op.run}.{op.site}: source run {src!r} does not exist"
+                    f"{suggest(src, self.runs)}; runs: {choices_text(self.runs)}"
                 )
-            if source == op.run:
-                raise SpecError(
-                    f"{op_kind(op)} on {op.run}.{op.site}: source must be another run"
-                )
+            if src == op.run:
+                raise SpecError(f"{op_kind(op)} on {op.run}.{op.site}: source must be another run")
         if isinstance(op, SAESplice):
             if op.sae not in self.saes:
                 raise SpecError(f"sae_splice on {op.run}.{op.site}: no SAE {op.sae!r}")

@@ -19,9 +19,9 @@ from interventions.backends import Capabilities
 from interventions.errors import InterventionError, UnsupportedOp, ValidationError, choices_text
 from interventions.ops import (
     Ablate,
-    EdgePatch,
     Add,
     Const,
+    EdgePatch,
     Op,
     Patch,
     ProjectOut,
@@ -356,9 +356,7 @@ def _check_edge_patch(plan: Plan, op: EdgePatch) -> None:
         raise ValidationError(f"{_where(op)}: a raw edge end must be a module's '.input'")
     wanted = "head" if not op.site.is_raw else None
     given = [k for k, v in op.select.items() if v is not None]
-    if given != ([wanted] if wanted else []) or (
-        wanted and not isinstance(op.select.head, int)
-    ):
+    if given != ([wanted] if wanted else []) or (wanted and not isinstance(op.select.head, int)):
         raise ValidationError(
             f"{_where(op)}: an edge patch selects "
             + ("one head (head=<int>) and nothing else" if wanted else "nothing")

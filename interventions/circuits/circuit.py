@@ -73,7 +73,9 @@ class Circuit:
 
     def threshold(self, tau: float) -> Circuit:
         """The edges with ``|score| >= tau``."""
-        return self._keep({e for e, s in zip(self.edges, self.scores, strict=True) if abs(s) >= tau})
+        return self._keep(
+            {e for e, s in zip(self.edges, self.scores, strict=True) if abs(s) >= tau}
+        )
 
     def _keep(self, keep: set[Edge]) -> Circuit:
         pairs = [(e, s) for e, s in zip(self.edges, self.scores, strict=True) if e in keep]

@@ -54,7 +54,9 @@ def _check_backend(backend: str) -> None:
     from interventions.backends import backend_capabilities, get_backend
 
     if not get_backend(backend).capabilities.gradients:
-        able = [n for n, c in backend_capabilities().items() if not isinstance(c, str) and c.gradients]
+        able = [
+            n for n, c in backend_capabilities().items() if not isinstance(c, str) and c.gradients
+        ]
         raise UnsupportedOp(
             f"edge attribution needs gradients, which backend {backend!r} lacks; backends "
             f"with gradients: {choices_text(able)}"
@@ -130,9 +132,7 @@ def edge_attribution(
             r.read(site, name=f"{name}.{site}")
     first = run(g, model, backend=backend, **run_options)
     outs = {
-        name: _node_outputs(
-            model, info, {str(s): first[f"{name}.{s}"] for s in up_sites}, ups
-        )
+        name: _node_outputs(model, info, {str(s): first[f"{name}.{s}"] for s in up_sites}, ups)
         for name in ("clean", "corrupt")
     }
 
@@ -153,7 +153,7 @@ def edge_attribution(
             r.read(site, name=f"point{k}.{name}")
         r.read("logits", pos=pos, name=f"point{k}.logits")
     res = run(g, model, backend=backend, grad=True, **run_options)
-    total = sum(metric(res[f"point{k}.logits"]).mean() for k in range(len(alphas)))
+    total = torch.stack([metric(res[f"point{k}.logits"]).mean() for k in range(len(alphas))]).sum()
     names = [f"point{k}.{n}" for k in range(len(alphas)) for n in downs]
     raw = torch.autograd.grad(total, [res[n] for n in names])
     grads = {n: torch.zeros(()) for n in downs}

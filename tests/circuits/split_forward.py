@@ -49,12 +49,14 @@ def split_forward(
     ids: torch.Tensor,
     edges: Mapping[tuple[Key, Key], torch.Tensor | None] | None = None,
     probes: Mapping[Key, torch.Tensor] | None = None,
+    embed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[Key, torch.Tensor], dict[Key, torch.Tensor]]:
     """(logits, node outputs, downstream inputs). ``edges`` maps (upstream, input) to the
     upstream's replacement output for that input alone (``None``: zero). ``probes`` (zero
     tensors that require grad) are added to the inputs they name, so that the gradient of
     the output with respect to a probe is the gradient with respect to that input alone;
-    gradients are off without them."""
+    gradients are off without them. ``embed`` replaces the token embeddings (GPT-2:
+    before its position embeddings are added)."""
     edges = dict(edges or {})
     outs: dict[Key, torch.Tensor] = {}
     inputs: dict[Key, torch.Tensor] = {}
@@ -74,10 +76,11 @@ def split_forward(
         pos = torch.arange(ids.shape[1]).unsqueeze(0)
         if gpt2:
             blocks = model.transformer.h
-            outs[("embed",)] = model.transformer.wte(ids) + model.transformer.wpe(pos)
+            tok = model.transformer.wte(ids) if embed is None else embed
+            outs[("embed",)] = tok + model.transformer.wpe(pos)
         else:
             blocks = model.model.layers
-            outs[("embed",)] = model.model.embed_tokens(ids)
+            outs[("embed",)] = model.model.embed_tokens(ids) if embed is None else embed
             cos, sin = model.model.rotary_emb(outs[("embed",)], pos)
         resid = outs[("embed",)]
         n = model.config.num_attention_heads
@@ -86,19 +89,21 @@ def split_forward(
         dh = d // n
         for layer, block in enumerate(blocks):
             if gpt2:
-                w, b = block.attn.c_attn.weight, block.attn.c_attn.bias  # [d, 3d]
                 w_o, attn_bias = block.attn.c_proj.weight, block.attn.c_proj.bias  # [d, d]
+            else:
+                w_o, attn_bias = block.self_attn.o_proj.weight.T, torch.zeros(d)
 
-                def proj(part: int, h: int, x: torch.Tensor) -> torch.Tensor:
+            def proj(
+                part: int, h: int, x: torch.Tensor, block: torch.nn.Module = block
+            ) -> torch.Tensor:
+                """Head (or key-value head) ``h``'s q, k or v (``part`` 0, 1, 2) of input ``x``."""
+                if gpt2:
+                    w, b = block.attn.c_attn.weight, block.attn.c_attn.bias  # [d, 3d]
                     cols = slice(part * d + h * dh, part * d + (h + 1) * dh)
                     return block.ln_1(x) @ w[:, cols] + b[cols]
-            else:
                 attn = block.self_attn
                 ws = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
-                w_o, attn_bias = attn.o_proj.weight.T, torch.zeros(d)
-
-                def proj(part: int, h: int, x: torch.Tensor) -> torch.Tensor:
-                    return block.input_layernorm(x) @ ws[part][h * dh : (h + 1) * dh].T
+                return block.input_layernorm(x) @ ws[part][h * dh : (h + 1) * dh].T
 
             ks = [proj(1, g, read(("k", layer, g), resid)) for g in range(n_kv)]
             vs = [proj(2, g, read(("v", layer, g), resid)) for g in range(n_kv)]
