@@ -20,7 +20,7 @@ inputs, not the residual stream).
 >>> model = transformers.GPT2LMHeadModel(cfg).eval()
 >>> c = edge_attribution(model, [[1, 2, 3]], [[1, 4, 3]], Metric.logit(5))
 >>> len(c.edges), c.method
-(16, 'eap')
+(13, 'eap')
 """
 
 from __future__ import annotations
