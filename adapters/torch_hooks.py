@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interventions.apply import RunState, apply_op
+from interventions.apply import RunState, apply_edge_patch, apply_op
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.attention import (
     QKV_VIEWS,
@@ -34,7 +34,7 @@ from interventions.backends import Capabilities
 from interventions.devices import input_device
 from interventions.errors import ExecutionError, InterventionError
 from interventions.hf import accepts, eager_attention, generation_config, logits_kwargs, seeded
-from interventions.ops import OP_KINDS, Op, Read
+from interventions.ops import OP_KINDS, EdgePatch, Op, Read
 from interventions.plan import Plan, absolute_select, step_select
 from interventions.progress import progress
 from interventions.sites import Select, Site, put, site_axes, take
@@ -47,6 +47,7 @@ class _Entry:
     op: Op | None
     site: Site
     buffers: list[torch.Tensor] = field(default_factory=list)  # per-step full tensors to keep
+    live: bool = False  # a capture an edge patch of this same run needs, later in the pass
 
 
 @dataclass
@@ -114,6 +115,10 @@ class _Hooks:
             self._add(info.hook_point(op.site), _Entry(op, op.site))
         for site in plan.captures_of(run):
             self._add(info.hook_point(site), _Entry(None, site))
+        self.live: dict[str, torch.Tensor] = {}  # upstream node values of this run's edges
+        live = {op.upstream for op in plan.ops_of(run) if isinstance(op, EdgePatch)}
+        for site in sorted(live, key=str):
+            self._add(info.hook_point(site), _Entry(None, site, live=True))
         graph_run = plan.graph.runs[run]
         self.prompt = plan.prompt_length(run)
         self.fed = self.prompt + (graph_run.max_new_tokens - 1 if graph_run.max_new_tokens else 0)
@@ -133,11 +138,18 @@ class _Hooks:
         owned = False
         for entry in self.points[point] if entries is None else entries:
             axes = site_axes(entry.site.kind, x.ndim)
+            if entry.live:
+                self.live[str(entry.site)] = x if self.grad else x.detach()
+                owned = False
+                continue
             if entry.op is None:
                 self.captures.setdefault(str(entry.site), []).append(x if self.grad else x.detach())
                 owned = False
                 continue
             op = entry.op
+            if isinstance(op, EdgePatch):
+                x, owned = self._edge_patch(op, x, axes), False
+                continue
             if isinstance(op, Read):
                 if self.grad and not self.generating:
                     # route the forward through the recorded tensor so gradients reach it
@@ -164,6 +176,22 @@ class _Hooks:
             for name, value in extra.items():
                 self.recorded.setdefault(name, []).append(value if self.grad else value.detach())
         return x
+
+    def _edge_patch(self, op: EdgePatch, x: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
+        here = self.live.get(str(op.upstream))
+        if here is None:
+            raise ExecutionError(
+                f"edge_patch on {op.run}.{op.site}: its upstream {op.upstream} had not run when "
+                "the downstream input was reached; an edge must run forward"
+            )
+        there = None if op.source is None else self.state.captures[(op.source, str(op.upstream))]
+        w_o = None
+        if op.upstream.name == "head":
+            arch = self.plan.info.arch
+            assert arch is not None
+            o_proj = f"{arch.layers}.{op.upstream.layer}.{arch.attn_out_proj}"
+            w_o = projection_weight(self.model.get_submodule(o_proj))
+        return apply_edge_patch(op, x, axes, here, there, w_o)
 
     def _view_in(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
         if point.view == "heads":

@@ -30,7 +30,6 @@ import sys
 from typing import Any
 
 import torch
-
 from _common import (  # type: ignore[import-not-found]
     ROOT,
     Contender,
@@ -72,9 +71,9 @@ def blocks(model: Any) -> Any:
 def one_at_a_time(model: Any, clean: list[list[int]], corrupt: list[list[int]]) -> torch.Tensor:
     out = []
     block = blocks(model)[LAYER]
+    saved: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for a, b in zip(clean, corrupt, strict=True):
-            saved: dict[str, torch.Tensor] = {}
 
             def grab(_m: Any, args: Any) -> None:
                 saved["h"] = args[0][:, -1].clone()
@@ -113,12 +112,12 @@ def hand_padded(
 ) -> torch.Tensor:
     out = []
     block = blocks(model)[LAYER]
+    saved: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for start in range(0, len(clean), batch):
             ci, cm, cl = padded(clean[start : start + batch])
             ki, km, kl = padded(corrupt[start : start + batch])
             rows = torch.arange(ci.shape[0])
-            saved: dict[str, torch.Tensor] = {}
 
             def grab(_m: Any, args: Any, rows: Any = rows, last: Any = cl) -> None:
                 saved["h"] = args[0][rows, last].clone()
@@ -280,7 +279,15 @@ def main() -> None:
     print(
         table(
             srows,
-            ["N", "hand loop", "interventions", "throughput vs hand", "peak (hand)", "peak (ours)", "max |diff|"],
+            [
+                "N",
+                "hand loop",
+                "interventions",
+                "throughput vs hand",
+                "peak (hand)",
+                "peak (ours)",
+                "max |diff|",
+            ],
         )
     )
 

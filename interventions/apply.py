@@ -16,6 +16,7 @@ from interventions.ops import (
     Ablate,
     Add,
     Const,
+    EdgePatch,
     FeatureEdit,
     Op,
     Patch,
@@ -188,3 +189,55 @@ def apply_op(
     else:  # pragma: no cover - the op set is closed
         raise AssertionError(f"unknown op {op!r}")
     return write(new), recorded_out
+
+
+def node_output(x: torch.Tensor, head: int | None, w_o: torch.Tensor | None) -> torch.Tensor:
+    """An edge's upstream node output as the residual stream receives it, ``[..., d_model]``.
+
+    ``x`` is the value at the node's site; for a head (``head`` set) it is the ``head``
+    site ``[..., head, d_head]`` and the output is ``x[..., h, :] @ W_O[h]``, with ``w_o``
+    the output projection's ``(n_heads * d_head, d_model)`` weight (no bias: the bias is
+    no node's).
+
+    >>> node_output(torch.ones(1, 2, 2), 1, torch.eye(4)).tolist()
+    [[0.0, 0.0, 1.0, 1.0]]
+    """
+    if head is None:
+        return x
+    assert w_o is not None
+    d_head = x.shape[-1]
+    return x[..., head, :] @ w_o[head * d_head : (head + 1) * d_head].to(x.dtype)
+
+
+def edge_delta(
+    op: EdgePatch,
+    here: torch.Tensor,
+    there: torch.Tensor | None,
+    w_o: torch.Tensor | None,
+) -> torch.Tensor:
+    """What an edge patch adds to its downstream input: the upstream node's output in the
+    source run (or zero, or the source's mean over rows and positions) minus its output
+    ``here``, in this run."""
+    mine = node_output(here, op.upstream_head, w_o)
+    if op.method == "zero":
+        return -mine
+    assert there is not None
+    other = node_output(there.to(device=mine.device, dtype=mine.dtype), op.upstream_head, w_o)
+    if op.method == "mean":
+        other = other.mean(dim=(0, 1), keepdim=True)
+    return other - mine
+
+
+def apply_edge_patch(
+    op: EdgePatch,
+    x: torch.Tensor,
+    axes: Sequence[str],
+    here: torch.Tensor,
+    there: torch.Tensor | None,
+    w_o: torch.Tensor | None,
+) -> torch.Tensor:
+    """The downstream input ``x`` with the edge's delta added to its selected head (or all
+    of it, for an MLP's or the final norm's input). Out of place."""
+    delta = edge_delta(op, here, there, w_o)
+    region = take(x, op.select, axes)
+    return put(x, op.select, axes, region + delta.to(region.dtype))

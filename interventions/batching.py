@@ -33,7 +33,7 @@ from torch import nn
 
 from interventions.architectures import ModelInfo
 from interventions.devices import free_bytes
-from interventions.ops import Ablate, Op, Patch, Read, Ref, SAESplice
+from interventions.ops import Ablate, EdgePatch, Op, Patch, Read, Ref, SAESplice, source_run
 from interventions.sites import Index, Select, Span
 from interventions.spec import GraphSpec, Run
 
@@ -163,8 +163,9 @@ def _stages(graph: GraphSpec, ops: Iterable[Op]) -> list[list[str]]:
     for op in ops:
         if isinstance(op, Patch) and isinstance(op.value, Ref):
             needs[op.run].add(producer[op.value.read])
-        if isinstance(op, Ablate) and op.source is not None:
-            needs[op.run].add(op.source)
+        source = source_run(op)
+        if source is not None:
+            needs[op.run].add(source)
     level: dict[str, int] = {}
     for run in graph.run_order():
         level[run] = 1 + max((level[d] for d in needs[run]), default=-1)
@@ -181,6 +182,11 @@ def _solo(graph: GraphSpec, ops: list[Op]) -> set[str]:
             solo.add(op.source)
             if op.method == "resample":
                 solo.add(op.run)
+        if isinstance(op, EdgePatch):
+            # its value 'here' is the run's own, row for row: keep it a pass of its own
+            solo.add(op.run)
+            if op.source is not None:
+                solo.add(op.source)
     return solo
 
 

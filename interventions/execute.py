@@ -25,7 +25,7 @@ from interventions.batching import Budget, batch_graph
 from interventions.errors import ExecutionError, InterventionError, UnsupportedOp
 from interventions.graph import Graph
 from interventions.hf import empty_tokenizer
-from interventions.ops import Ablate, Read, depends_on, produces
+from interventions.ops import Read, depends_on, produces, source_run
 from interventions.plan import make_plan
 from interventions.remote import Job, remote_backend
 from interventions.results import Provenance, Results
@@ -372,8 +372,9 @@ def _source_means(
     producer = {n: op.run for op in graph.ops for n in produces(op)}
     for op in graph.ops:
         needs[op.run].update(producer[n] for n in depends_on(op))
-        if isinstance(op, Ablate) and op.source is not None:
-            needs[op.run].add(op.source)
+        source = source_run(op)
+        if source is not None:
+            needs[op.run].add(source)
     keep: set[str] = set()
     todo = [source for source, _ in wanted]
     while todo:

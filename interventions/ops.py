@@ -11,6 +11,8 @@ them (:class:`Const`), so a graph prints, compares and serialises as data.
 ``project_out``remove the component along a direction (or a subspace)
 ``scale``      multiply by a factor
 ``sae_splice`` encode with an SAE, edit features, decode; keep, drop or detach the error
+``edge_patch`` change one edge of the computational graph: add (an upstream node's output
+               elsewhere - its output here) into one downstream input only
 =============  =================================================================
 """
 
@@ -41,11 +43,16 @@ class Const:
 Value: TypeAlias = Ref | Const
 
 AblateMethod = Literal["zero", "mean", "resample"]
+EdgeMethod = Literal["patch", "zero", "mean"]
 ErrorTerm = Literal["keep", "drop", "detach"]
 EditMode = Literal["set", "scale", "clamp"]
 ABLATE_METHODS: tuple[str, ...] = get_args(AblateMethod)
 ERROR_TERMS: tuple[str, ...] = get_args(ErrorTerm)
 EDIT_MODES: tuple[str, ...] = get_args(EditMode)
+EDGE_METHODS: tuple[str, ...] = get_args(EdgeMethod)
+# where an edge starts: the embeddings (the residual stream entering layer 0), one head's
+# output (its ``head`` value times its slice of the output projection) or an MLP's output
+EDGE_UPSTREAM_SITES: tuple[str, ...] = ("resid_pre", "head", "mlp_out")
 
 
 def _check_choice(value: object, choices: tuple[str, ...], what: str) -> None:
@@ -231,7 +238,52 @@ class SAESplice:
         _check_choice(self.error, ERROR_TERMS, "SAE error term")
 
 
-Op: TypeAlias = Read | Patch | Ablate | Add | ProjectOut | Scale | SAESplice
+@dataclass(frozen=True)
+class EdgePatch:
+    """Patch one edge: add ``(upstream's output in source - upstream's output here)`` into
+    the downstream input ``site`` alone (``zero``: minus its output here; ``mean``: its
+    output averaged over the source run's rows and positions, minus its output here).
+
+    ``upstream`` is ``resid_pre`` at layer 0 (the embeddings), ``head`` at a layer with
+    ``upstream_head`` (that head's output ``head[..., h, :] @ W_O[h]``, no bias) or
+    ``mlp_out`` at a layer. ``site`` is where the downstream node reads the residual
+    stream: a per-head input (``q_input``/``k_input``/``v_input`` with ``head=``), or the
+    input of the MLP's or the final norm (a raw ``<norm>.input`` site, which unlike
+    ``resid_mid`` leaves the residual stream itself alone). "Here" is this very run: the
+    upstream node's output after every other edit of the run, so edges patched together
+    compose (ACDC's convention). Build them with :mod:`interventions.circuits`.
+    """
+
+    run: str
+    site: Site
+    select: Select
+    upstream: Site
+    upstream_head: int | None = None
+    method: EdgeMethod = "patch"
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.method, EDGE_METHODS, "edge patch method")
+        if self.method == "zero" and self.source is not None:
+            raise SpecError("edge_patch 'zero' takes no source run")
+        if self.method != "zero" and self.source is None:
+            raise SpecError(f"edge_patch {self.method!r} needs source=<another run>")
+        _check_choice(self.upstream.name, EDGE_UPSTREAM_SITES, "edge upstream site")
+        if self.upstream.name == "resid_pre" and self.upstream.layer != 0:
+            raise SpecError(
+                f"edge_patch: the embeddings node is resid_pre at layer 0, not {self.upstream}"
+            )
+        head = self.upstream_head
+        if (self.upstream.name == "head") != (head is not None):
+            raise SpecError(
+                f"edge_patch: upstream_head= is needed for a 'head' upstream and only there "
+                f"(upstream {self.upstream}, upstream_head={head!r})"
+            )
+        if head is not None and (not isinstance(head, int) or isinstance(head, bool) or head < 0):
+            raise SpecError(f"edge_patch: upstream_head must be a non-negative int, got {head!r}")
+
+
+Op: TypeAlias = Read | Patch | Ablate | Add | ProjectOut | Scale | SAESplice | EdgePatch
 
 OP_KINDS: dict[str, type] = {
     "read": Read,
@@ -241,6 +293,7 @@ OP_KINDS: dict[str, type] = {
     "project_out": ProjectOut,
     "scale": Scale,
     "sae_splice": SAESplice,
+    "edge_patch": EdgePatch,
 }
 KIND_OF: dict[type, str] = {cls: kind for kind, cls in OP_KINDS.items()}
 
@@ -257,6 +310,14 @@ def produces(op: Op) -> list[str]:
     if isinstance(op, SAESplice) and op.features is not None:
         return [op.features]
     return []
+
+
+def source_run(op: Op) -> str | None:
+    """The run whose whole site an op takes its value from (a mean or resample ablation,
+    an edge patch), which must therefore run first."""
+    if isinstance(op, (Ablate, EdgePatch)):
+        return op.source
+    return None
 
 
 def depends_on(op: Op) -> list[str]:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from interventions.ops import (
     Ablate,
     Add,
+    EdgePatch,
     Op,
     Patch,
     ProjectOut,
@@ -88,6 +89,10 @@ def format_op(graph: GraphSpec, op: Op) -> str:
         return f"  {prefix}sae_splice {where} sae=%{op.sae}({kind}) error={op.error}" + (
             f" edits[{edits}]" if edits else ""
         )
+    if isinstance(op, EdgePatch):
+        up = f"{op.upstream}" + ("" if op.upstream_head is None else f" head={op.upstream_head}")
+        how = {"patch": f" from {op.source}", "mean": f" mean over {op.source}", "zero": " zero"}
+        return f"  edge_patch {where} += ({up}){how[op.method]}"
     raise AssertionError(f"unprintable op {op!r}")
 
 

@@ -45,8 +45,19 @@ import torch
 
 from interventions.architectures import ModelInfo
 from interventions.assembly import Assembly, MeanSlot, Part, Piece, Split
-from interventions.errors import ValidationError
-from interventions.ops import Ablate, Add, Const, Op, Patch, Read, Ref, SAESplice, produces
+from interventions.errors import SpecError, ValidationError
+from interventions.ops import (
+    Ablate,
+    Add,
+    Const,
+    EdgePatch,
+    Op,
+    Patch,
+    Read,
+    Ref,
+    SAESplice,
+    produces,
+)
 from interventions.sites import Index, PerPrompt, Select, Site, Span, selected_shape
 from interventions.spec import GraphSpec, Run
 
@@ -482,6 +493,12 @@ def split_graph(
     """
     b = _Builder(graph, inputs, lengths, padding_side, info)
     split = b.split_runs()
+    for op in graph.ops:
+        if isinstance(op, EdgePatch) and (op.run in split or op.source in split):
+            raise SpecError(
+                f"edge_patch on {op.run}.{op.site}: edge patches need runs whose prompts all "
+                "have one length (no per-prompt positions); group the prompts by length"
+            )
     for name in graph.runs:
         if name in split:
             b.make_parts(name)

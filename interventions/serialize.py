@@ -38,6 +38,7 @@ from interventions.ops import (
     Ablate,
     Add,
     Const,
+    EdgePatch,
     FeatureEdit,
     Op,
     Patch,
@@ -115,6 +116,13 @@ def op_to_dict(op: Op) -> dict[str, Any]:
     elif isinstance(op, SAESplice):
         out.update(
             sae=op.sae, edits=[_edit(e) for e in op.edits], error=op.error, features=op.features
+        )
+    elif isinstance(op, EdgePatch):
+        out.update(
+            upstream=_site(op.upstream),
+            upstream_head=op.upstream_head,
+            method=op.method,
+            source=op.source,
         )
     return out
 
@@ -327,6 +335,7 @@ _FIELDS: dict[str, set[str]] = {
     "project_out": {"direction"},
     "scale": {"factor"},
     "sae_splice": {"sae", "edits", "error", "features"},
+    "edge_patch": {"upstream", "upstream_head", "method", "source"},
 }
 
 
@@ -376,6 +385,16 @@ def _op_from_dict(value: Any, where: str) -> Op:
         return ProjectOut(run, site, select, Const(d.text("direction")))
     if kind == "scale":
         return Scale(run, site, select, d.number("factor"))
+    if kind == "edge_patch":
+        return EdgePatch(
+            run,
+            site,
+            select,
+            _decode_site(d.get("upstream"), f"{where}.upstream"),
+            d.integer("upstream_head", optional=True),
+            d.text("method"),
+            d.text("source", optional=True),
+        )
     edits = d.get("edits", [])
     if not isinstance(edits, list):
         raise SpecError(f"{where}.edits: expected a list")

@@ -44,6 +44,7 @@ from interventions.ops import (
     depends_on,
     op_kind,
     produces,
+    source_run,
     tensor_keys,
 )
 from interventions.runs import Run, check_lengths, is_name, sampling_from, token_rows
@@ -217,14 +218,15 @@ class GraphSpec:
         for key in tensor_keys(op):
             if key not in self.tensors:
                 raise SpecError(f"{op_kind(op)} on {op.run}.{op.site}: no tensor {key!r}")
-        if isinstance(op, Ablate) and op.source is not None:
-            if op.source not in self.runs:
+        src = source_run(op)
+        if src is not None:
+            if src not in self.runs:
                 raise SpecError(
-                    f"ablate on {op.run}.{op.site}: source run {op.source!r} does not exist"
-                    f"{suggest(op.source, self.runs)}; runs: {choices_text(self.runs)}"
+                    f"{op_kind(op)} on {op.run}.{op.site}: source run {src!r} does not exist"
+                    f"{suggest(src, self.runs)}; runs: {choices_text(self.runs)}"
                 )
-            if op.source == op.run:
-                raise SpecError(f"ablate on {op.run}.{op.site}: source must be another run")
+            if src == op.run:
+                raise SpecError(f"{op_kind(op)} on {op.run}.{op.site}: source must be another run")
         if isinstance(op, SAESplice):
             if op.sae not in self.saes:
                 raise SpecError(f"sae_splice on {op.run}.{op.site}: no SAE {op.sae!r}")
@@ -259,8 +261,8 @@ class GraphSpec:
         for op in self.ops:
             for name in depends_on(op):
                 needs[op.run].add(reads[name])
-            if isinstance(op, Ablate) and op.source is not None:
-                needs[op.run].add(op.source)
+            if source_run(op) is not None:
+                needs[op.run].add(str(source_run(op)))
         position = {name: i for i, name in enumerate(self.runs)}
         order: list[str] = []
         state: dict[str, int] = {}  # 1: on the current path, 2: done

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from interventions.errors import InterventionError, SpecError, choices_text
-from interventions.ops import Ablate, Add, Const, Op, Patch
+from interventions.ops import Ablate, Add, Const, EdgePatch, Op, Patch
 from interventions.plan import run_inputs
 from interventions.results import Results
 from interventions.sites import PerPrompt
@@ -66,6 +66,11 @@ def _check(graph: GraphSpec, chunk_size: Any, reduce: Mapping[str, str]) -> int:
             raise SpecError(
                 f"{type(op).__name__.lower()} on {op.run}.{op.site}: a graph run in chunks "
                 "pairs prompts by row; batch= selectors are not allowed (use a run of its own)"
+            )
+        if isinstance(op, EdgePatch) and op.method == "mean":
+            raise SpecError(
+                f"edge_patch on {op.run}.{op.site}: a mean over a source run would be taken "
+                "per chunk; run the graph whole"
             )
         if isinstance(op, Ablate) and op.source is not None:
             raise SpecError(

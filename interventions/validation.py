@@ -21,6 +21,7 @@ from interventions.ops import (
     Ablate,
     Add,
     Const,
+    EdgePatch,
     Op,
     Patch,
     ProjectOut,
@@ -334,11 +335,66 @@ _KIND_CHECKS: dict[type, Callable[[Plan, Op, _Target], None]] = {
 }
 
 
+_EDGE_DOWNSTREAM = ("q_input", "k_input", "v_input")
+
+
+def _check_edge_patch(plan: Plan, op: EdgePatch) -> None:
+    """An edge patch's two ends: a node output that exists, before a downstream input."""
+    info, run = plan.info, plan.graph.runs[op.run]
+    plan.info.hook_point(op.upstream)
+    if op.upstream_head is not None and op.upstream_head >= (info.n_heads or 0):
+        raise ValidationError(
+            f"{_where(op)}: upstream head {op.upstream_head} is out of range; the model has "
+            f"heads 0..{(info.n_heads or 0) - 1}"
+        )
+    if not op.site.is_raw and op.site.name not in _EDGE_DOWNSTREAM:
+        raise ValidationError(
+            f"{_where(op)}: an edge ends at a per-head input ({choices_text(_EDGE_DOWNSTREAM)}) "
+            f"or at a raw '<norm>.input' site, not at {op.site.name!r}"
+        )
+    if op.site.is_raw and op.site.raw_parts[1] != "input":
+        raise ValidationError(f"{_where(op)}: a raw edge end must be a module's '.input'")
+    wanted = "head" if not op.site.is_raw else None
+    given = [k for k, v in op.select.items() if v is not None]
+    if given != ([wanted] if wanted else []) or (wanted and not isinstance(op.select.head, int)):
+        raise ValidationError(
+            f"{_where(op)}: an edge patch selects "
+            + ("one head (head=<int>) and nothing else" if wanted else "nothing")
+            + f", got {op.select.describe() or 'no head'}"
+        )
+    if not op.site.is_raw:
+        assert op.site.layer is not None and op.upstream.layer is not None
+        start = -1 if op.upstream.name == "resid_pre" else op.upstream.layer
+        if start >= op.site.layer:
+            raise ValidationError(
+                f"{_where(op)}: upstream {op.upstream} is not before {op.site}; an edge runs "
+                "from an earlier layer's node (or the embeddings)"
+            )
+    if run.generates:
+        raise ValidationError(f"{_where(op)}: edge patches need a run that does not generate")
+    if op.source is not None:
+        if plan.graph.runs[op.source].generates:
+            raise ValidationError(f"{_where(op)}: the source run {op.source!r} must not generate")
+        same = (plan.prompt_length(op.source), plan.batch_size(op.source)) == (
+            plan.prompt_length(op.run),
+            plan.batch_size(op.run),
+        )
+        if op.method == "patch" and not same:
+            raise ValidationError(
+                f"{_where(op)}: patching an edge from {op.source!r} needs runs of one shape; "
+                f"{op.source!r} has {plan.batch_size(op.source)} x "
+                f"{plan.prompt_length(op.source)} and {op.run!r} has {plan.batch_size(op.run)} x "
+                f"{plan.prompt_length(op.run)} (prompts x positions)"
+            )
+
+
 def _check_op(plan: Plan, op: Op, caps: Capabilities | None) -> None:
     point = plan.info.hook_point(op.site)
     if caps is not None:
         _check_capabilities(op, point, caps)
     _check_site_rules(plan, op)
+    if isinstance(op, EdgePatch):
+        _check_edge_patch(plan, op)
     sizes = _axis_sizes(plan, op, point)
     if sizes is None:  # a raw module site: shapes are unknown before the run
         return

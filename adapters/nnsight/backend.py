@@ -84,7 +84,7 @@ class NNsightBackend:
 
     name = "nnsight"
     capabilities = Capabilities(
-        ops=frozenset(OP_KINDS),
+        ops=frozenset(OP_KINDS) - {"edge_patch"},  # edge patches: torch only
         # the per-head inputs (split_* views) need the attention norm re-run inside the
         # trace; not built here yet, so they are refused by name before anything runs
         views=frozenset({"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS}),

@@ -160,7 +160,7 @@ class PyveneBackend:
 
     name = "pyvene"
     capabilities = Capabilities(
-        ops=frozenset(OP_KINDS),
+        ops=frozenset(OP_KINDS) - {"edge_patch"},  # edge patches: torch only
         views=frozenset({"plain", "heads", "logits"}),
         generation=True,
         gradients=True,

@@ -1,0 +1,1 @@
+"""Circuit discovery: edges as data, edge patching, edge attribution patching."""

@@ -1,0 +1,171 @@
+"""Edge attribution patching (EAP) and its integrated-gradients form (EAP-IG).
+
+EAP scores an edge ``u -> d`` by the first-order change of the metric when the edge is
+patched from the corrupt run: ``(out_u(corrupt) - out_u(clean)) . grad_d``, where
+``grad_d`` is the gradient of the metric (the batch mean) with respect to the downstream
+input ``d`` alone, on the clean run, summed over prompts and positions (Syed et al. 2023).
+EAP-IG (Hanna et al. 2024) averages ``grad_d`` over ``steps`` points on the straight
+line between the corrupt and the clean token embeddings, ``alpha = 1/steps, ..., 1``;
+with ``steps=1`` that is the clean point alone, and EAP-IG is EAP.
+
+Both are graphs of reads on a backend with gradients: the upstream outputs (``resid_pre``
+at 0, ``head``, ``mlp_out``) of both runs, and each downstream input, made a tensor of
+its own by a neutral ``scale(1.0)`` so its gradient is the input's alone (a per-head
+input is each head's own copy; the MLP's and the final norm's inputs are their norms'
+inputs, not the residual stream).
+
+>>> import torch, transformers
+>>> from interventions.recipes import Metric
+>>> cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20)
+>>> model = transformers.GPT2LMHeadModel(cfg).eval()
+>>> c = edge_attribution(model, [[1, 2, 3]], [[1, 4, 3]], Metric.logit(5))
+>>> len(c.edges), c.method
+(13, 'eap')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from interventions.apply import node_output
+from interventions.architectures import ModelInfo, describe
+from interventions.attention import projection_weight
+from interventions.circuits.circuit import Circuit
+from interventions.circuits.edges import Edge, Node, all_edges, downstream_site, upstream_site
+from interventions.errors import SpecError, UnsupportedOp, choices_text
+from interventions.execute import run
+from interventions.graph import Graph
+from interventions.recipes.metrics import Metric
+from interventions.sites import Site
+
+
+def _tokens(value: Any, what: str) -> torch.Tensor:
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if t.ndim != 2 or t.is_floating_point():
+        raise SpecError(f"{what}: expected token ids [prompts, positions], got {tuple(t.shape)}")
+    return t
+
+
+def _check_backend(backend: str) -> None:
+    from interventions.backends import backend_capabilities, get_backend
+
+    if not get_backend(backend).capabilities.gradients:
+        able = [
+            n for n, c in backend_capabilities().items() if not isinstance(c, str) and c.gradients
+        ]
+        raise UnsupportedOp(
+            f"edge attribution needs gradients, which backend {backend!r} lacks; backends "
+            f"with gradients: {choices_text(able)}"
+        )
+
+
+def _down_key(edge: Edge) -> tuple[str, int | None]:
+    """(read name, head) of an edge's downstream input."""
+    d = edge.downstream
+    if d.kind == "head":
+        return f"in.{edge.input}.{d.layer}", d.head
+    return (f"in.mlp.{d.layer}" if d.kind == "mlp" else "in.logits"), None
+
+
+def _node_outputs(
+    model: nn.Module, info: ModelInfo, values: dict[str, torch.Tensor], nodes: Sequence[Node]
+) -> dict[Node, torch.Tensor]:
+    arch = info.arch
+    assert arch is not None
+    out: dict[Node, torch.Tensor] = {}
+    for node in nodes:
+        x = values[str(upstream_site(info, node))].float()
+        w_o = None
+        if node.kind == "head":
+            o_proj = model.get_submodule(f"{arch.layers}.{node.layer}.{arch.attn_out_proj}")
+            w_o = projection_weight(o_proj).detach().float().to(x.device)
+        out[node] = node_output(x, node.head, w_o)
+    return out
+
+
+def edge_attribution(
+    model: nn.Module,
+    clean: torch.Tensor | Sequence[Sequence[int]],
+    corrupt: torch.Tensor | Sequence[Sequence[int]],
+    metric: Metric,
+    *,
+    steps: int | None = None,
+    pos: int = -1,
+    edges: Sequence[Edge] | None = None,
+    backend: str = "torch",
+    **run_options: Any,
+) -> Circuit:
+    """Score every edge (or ``edges``) by EAP, or by EAP-IG with ``steps`` points.
+
+    ``clean`` and ``corrupt``: token ids of one shape ``[prompts, positions]``, paired
+    row by row. ``metric``: of the logits at ``pos`` (``logit_diff``, ``logit``, ``prob``,
+    ``logprob``), averaged over prompts. A score is the estimated change of that mean
+    when the edge alone is patched from the corrupt run; refused up front, by name, on a
+    backend without gradients.
+    """
+    _check_backend(backend)
+    if metric.kind == "kl":
+        raise SpecError("edge attribution needs a metric of the logits alone, not 'kl'")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise SpecError(f"steps must be a positive int (or None for EAP), got {steps!r}")
+    ids, bad = _tokens(clean, "clean"), _tokens(corrupt, "corrupt")
+    if ids.shape != bad.shape:
+        raise SpecError(
+            f"clean {tuple(ids.shape)} and corrupt {tuple(bad.shape)} token ids must have one "
+            "shape: prompts are paired row by row and position by position"
+        )
+    info = describe(model)
+    edge_list = list(all_edges(info) if edges is None else edges)
+    ups = sorted({e.upstream for e in edge_list})
+    up_sites = sorted({upstream_site(info, u) for u in ups}, key=str)
+
+    # pass 1: the upstream outputs and token embeddings of both runs
+    g = Graph()
+    for name, tokens in (("clean", ids), ("corrupt", bad)):
+        r = g.run(name, tokens=tokens)
+        r.read("embed", name=f"{name}.embed")
+        for site in up_sites:
+            r.read(site, name=f"{name}.{site}")
+    first = run(g, model, backend=backend, **run_options)
+    outs = {
+        name: _node_outputs(model, info, {str(s): first[f"{name}.{s}"] for s in up_sites}, ups)
+        for name in ("clean", "corrupt")
+    }
+
+    # pass 2: gradients of the metric wrt each downstream input, at each point
+    alphas = [1.0] if steps is None else [k / steps for k in range(1, steps + 1)]
+    e_clean, e_bad = first["clean.embed"], first["corrupt.embed"]
+    downs: dict[str, Site] = {}
+    for e in edge_list:
+        site, _ = downstream_site(info, e)
+        downs[_down_key(e)[0]] = site
+    g = Graph()
+    for k, alpha in enumerate(alphas):
+        r = g.run(f"point{k}", tokens=ids)
+        if alpha != 1.0:  # the last point is the clean run itself, exactly
+            r.patch("embed", value=e_bad + alpha * (e_clean - e_bad))
+        for name, site in downs.items():
+            r.scale(site, factor=1.0)  # the input as a tensor of its own (see above)
+            r.read(site, name=f"point{k}.{name}")
+        r.read("logits", pos=pos, name=f"point{k}.logits")
+    res = run(g, model, backend=backend, grad=True, **run_options)
+    total = torch.stack([metric(res[f"point{k}.logits"]).mean() for k in range(len(alphas))]).sum()
+    names = [f"point{k}.{n}" for k in range(len(alphas)) for n in downs]
+    raw = torch.autograd.grad(total, [res[n] for n in names])
+    grads = {n: torch.zeros(()) for n in downs}
+    for name, grad in zip(names, raw, strict=True):
+        key = name.split(".", 1)[1]
+        grads[key] = grads[key] + grad.detach().float().cpu() / len(alphas)
+
+    scores = []
+    for e in edge_list:
+        key, head = _down_key(e)
+        grad = grads[key] if head is None else grads[key][..., head, :]
+        diff = outs["corrupt"][e.upstream] - outs["clean"][e.upstream]
+        scores.append(float((diff.cpu() * grad).sum()))
+    method = "eap" if steps is None else f"eap_ig(steps={steps})"
+    return Circuit(tuple(edge_list), tuple(scores), method)

@@ -1,0 +1,143 @@
+"""Edge patches against a hand-written split forward (tests/circuits/split_forward.py) on
+GPT-2 and Llama with grouped-query attention: patching one edge substitutes one term of
+one downstream input, and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import interventions as iv
+from interventions.architectures import describe
+from interventions.circuits.edges import Edge, Node, all_edges, edge_patch_op, parse_edge
+from interventions.errors import SpecError, UnsupportedOp, ValidationError
+from tests.adapters.torch.hand import FP32, IDS
+from tests.circuits.split_forward import split_forward, strong_model
+
+FAMILIES = ("gpt2", "llama")
+CORRUPT = torch.tensor([[1, 9, 4, 13, 11, 8], [2, 6, 14, 3, 10, 5]])
+
+
+def _key(node: Node, head_input: str | None = None) -> tuple:
+    if node.kind in ("embed", "logits"):
+        return (node.kind,)
+    if head_input is not None:
+        return (head_input, node.layer, node.head)
+    return (node.kind, node.layer) if node.kind == "mlp" else ("head", node.layer, node.head)
+
+
+def _run(family: str, edges: list[Edge], method: str = "patch") -> torch.Tensor:
+    model = strong_model(family)
+    info = describe(model)
+    g = iv.Graph()
+    g.run("corrupt", tokens=CORRUPT)
+    g.run("patched", tokens=IDS).read("logits", name="logits")
+    for e in edges:
+        source = None if method == "zero" else "corrupt"
+        g.add(edge_patch_op(info, e, "patched", method=method, source=source))  # type: ignore[arg-type]
+    return iv.run(g, model)["logits"]
+
+
+# one edge into each kind of downstream input, from each kind of upstream node
+EDGES = (
+    "embed -> a1.h2<q>",
+    "a0.h1 -> a1.h0<k>",
+    "a0.h3 -> a1.h1<v>",
+    "m0 -> a1.h3<q>",
+    "a1.h2 -> m1",
+    "embed -> m0",
+    "a0.h0 -> logits",
+    "m1 -> logits",
+)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_forward_is_the_model(family: str) -> None:
+    model = strong_model(family)
+    logits, _, _ = split_forward(model, IDS)
+    with torch.no_grad():
+        assert_close(logits, model(IDS).logits, **FP32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", EDGES)
+def test_one_edge_patch_substitutes_one_term(family: str, name: str) -> None:
+    model = strong_model(family)
+    edge = parse_edge(name)
+    _, corrupt_outs, _ = split_forward(model, CORRUPT)
+    up = _key(edge.upstream)
+    down = _key(edge.downstream, edge.input)
+    want, _, _ = split_forward(model, IDS, {(up, down): corrupt_outs[up]})
+    clean, _, _ = split_forward(model, IDS)
+    got = _run(family, [edge])
+    assert_close(got, want, **FP32)
+    assert (got - clean).abs().max() > 1e-4  # the edge mattered, so the check can fail
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edges_compose_with_the_upstream_value_of_this_run(family: str) -> None:
+    """a0.h1 -> logits takes a0.h1's output in the patched run, which embed -> a0.h1<v>
+    has changed: the delta is corrupt minus *that*, not minus the clean output."""
+    model = strong_model(family)
+    kv = 1 if family == "gpt2" else 0  # the key-value head query head 1 reads
+    edges = [parse_edge(f"embed -> a0.h{kv}<v>"), parse_edge("a0.h1 -> logits")]
+    _, corrupt_outs, _ = split_forward(model, CORRUPT)
+    e, h = ("embed",), ("head", 0, 1)
+    want, _, _ = split_forward(
+        model, IDS, {(e, ("v", 0, kv)): corrupt_outs[e], (h, ("logits",)): corrupt_outs[h]}
+    )
+    single, _, _ = split_forward(model, IDS, {(h, ("logits",)): corrupt_outs[h]})
+    assert (want - single).abs().max() > 1e-3  # the first edge does change a0.h1's output
+    assert_close(_run(family, edges), want, **FP32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_and_mean_edge_ablation(family: str) -> None:
+    model = strong_model(family)
+    edge = parse_edge("a0.h2 -> m1")
+    up, down = ("head", 0, 2), ("mlp", 1)
+    want_zero, _, _ = split_forward(model, IDS, {(up, down): None})
+    assert_close(_run(family, [edge], "zero"), want_zero, **FP32)
+    _, corrupt_outs, _ = split_forward(model, CORRUPT)
+    mean = corrupt_outs[up].mean(dim=(0, 1), keepdim=True).expand_as(corrupt_outs[up])
+    want_mean, _, _ = split_forward(model, IDS, {(up, down): mean})
+    assert_close(_run(family, [edge], "mean"), want_mean, **FP32)
+
+
+def test_patching_every_edge_gives_the_corrupt_run() -> None:
+    """All edges from the corrupt run: every input is the corrupt one, so is the output."""
+    model = strong_model("gpt2")
+    with torch.no_grad():
+        want = model(CORRUPT).logits
+    assert_close(_run("gpt2", all_edges(describe(model))), want, **FP32)
+
+
+def test_edge_patch_round_trips_and_prints() -> None:
+    info = describe(strong_model("llama"))
+    g = iv.Graph()
+    g.run("corrupt", tokens=CORRUPT)
+    g.run("patched", tokens=IDS)
+    g.add(edge_patch_op(info, parse_edge("a0.h1 -> a1.h1<k>"), "patched", source="corrupt"))
+    g.add(edge_patch_op(info, parse_edge("m0 -> logits"), "patched", method="zero"))
+    assert iv.Graph.from_json(g.to_json()) == g
+    text = str(g)
+    assert "edge_patch patched k_input[1] head=1 += (head[0] head=1) from corrupt" in text
+    assert "edge_patch patched model.norm.input += (mlp_out[0]) zero" in text
+
+
+def test_bad_edge_patches_are_refused_by_name() -> None:
+    model = strong_model("gpt2")
+    info = describe(model)
+    with pytest.raises(SpecError, match="upstream node does not come before"):
+        Edge(Node("head", 1, 0), Node("head", 1, 2), "q")
+    with pytest.raises(SpecError, match="needs source="):
+        edge_patch_op(info, parse_edge("m0 -> logits"), "p", method="mean")
+    g = iv.Graph()
+    g.run("corrupt", tokens=CORRUPT[:1])
+    g.run("patched", tokens=IDS)
+    g.add(edge_patch_op(info, parse_edge("m0 -> logits"), "patched", source="corrupt"))
+    with pytest.raises(ValidationError, match="needs runs of one shape"):
+        g.validate(model)
+    with pytest.raises(UnsupportedOp, match="edge_patch"):
+        g.validate(model, backend="pyvene")
