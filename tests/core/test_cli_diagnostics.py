@@ -15,7 +15,7 @@ from interventions.reference_models import ioi
 def prompts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     d = tmp_path_factory.mktemp("prompts")
     g = torch.Generator().manual_seed(0)
-    clean, _, io, _ = ioi.ioi_batch(48, g)
+    clean, _, io, _ = ioi.ioi_batch(48, g, 0)
     texts = ioi.ioi_texts(clean)
     (d / "train.txt").write_text("\n".join(texts[:32]))
     (d / "test.txt").write_text("\n".join(texts[32:]))

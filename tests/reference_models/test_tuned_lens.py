@@ -18,8 +18,8 @@ from interventions.tensor_bytes import bitwise_equal
 def _setup() -> tuple[torch.nn.Module, TunedLens, torch.Tensor]:
     model, _ = ioi.load_ioi_model()
     g = torch.Generator().manual_seed(0)
-    train = ioi.ioi_batch(128, g)[0]
-    test = ioi.ioi_batch(64, g)[0]
+    train = ioi.ioi_batch(128, g, 0)[0]
+    test = ioi.ioi_batch(64, g, 0)[0]
     lens = train_tuned_lens(model, train, steps=60, lr=1e-3, tokens_per_step=512)
     return model, lens, test
 
