@@ -163,6 +163,24 @@ def test_steered_generation_remote(ndif: Stack) -> None:
     assert not torch.equal(want["plain.generated"], want["steer.generated"])
 
 
+def test_prompts_of_different_lengths_remote_equal_local(ndif: Stack) -> None:
+    g = iv.Graph()
+    clean = g.run("clean", tokens=[[4, 5, 6, 7, 8], [9, 10], [11, 12, 13]])
+    corrupt = g.run("corrupt", tokens=[[4, 5, 16, 7, 8, 3], [9, 20, 21], [11, 22, 13]])
+    whole = clean.read("resid_pre", layer=1, name="clean_whole")
+    corrupt.patch("resid_pre", layer=1, pos=iv.per_prompt([2, 1, 1]), value=whole)
+    corrupt.ablate("mlp_out", layer=0, method="mean", source=clean, pos=-1)
+    corrupt.read("logits", pos=-1, name="end")
+    corrupt.read("resid_post", layer=1, name="corrupt_whole")
+    got, want = remote(g, ndif), local(g)
+    assert_same(got, want)
+    for name in ("clean_whole", "corrupt_whole"):
+        assert torch.equal(got.mask(name), want.mask(name))
+    # and local nnsight is the torch reference (the ragged oracle tests hold that to each
+    # prompt alone)
+    assert_same(want, iv.run(g, hf_model("llama")))
+
+
 def test_a_patch_sweep_is_one_request(ndif: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     posts: list[str] = []
     post = nns._Ndif.post
