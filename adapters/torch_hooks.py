@@ -37,7 +37,8 @@ from interventions.hf import accepts, eager_attention, generation_config, logits
 from interventions.ops import OP_KINDS, EdgePatch, Op, Read
 from interventions.plan import Plan, absolute_select, step_select
 from interventions.progress import progress
-from interventions.sites import Select, Site, put, site_axes, take
+from interventions.selection import put, site_axes, take
+from interventions.sites import Select, Site
 
 
 @dataclass

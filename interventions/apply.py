@@ -27,7 +27,8 @@ from interventions.ops import (
 )
 from interventions.plan import Plan, resample_indices
 from interventions.sae import SAE, sae_from_parts
-from interventions.sites import Select, put, put_, take
+from interventions.selection import put, put_, take
+from interventions.sites import Select
 from interventions.spec import GraphSpec
 
 

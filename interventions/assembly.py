@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from interventions.errors import ValidationError
-from interventions.sites import Select, Site, take
+from interventions.selection import take
+from interventions.sites import Select, Site
 from interventions.spec import GraphSpec
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from interventions import printing, serialize, validation
+from interventions import deserialize, printing, serialize, validation
 from interventions.spec import GraphSpec, Run, RunHandle
 from interventions.tensorfile import MAX_TENSOR_BYTES
 
@@ -64,7 +64,7 @@ class Graph(GraphSpec):
     @classmethod
     def from_json(cls, text: str | bytes, *, directory: str | None = None) -> Graph:
         """Parse :meth:`to_json` or :meth:`save` output; a sidecar is looked up in ``directory``."""
-        return serialize.from_json(text, directory=directory, into=cls)
+        return deserialize.from_json(text, directory=directory, into=cls)
 
     def save(self, path: str) -> None:
         """Write ``path`` (JSON) and the tensors to a sidecar ``<stem>.safetensors`` beside it."""
@@ -77,7 +77,9 @@ class Graph(GraphSpec):
         The sidecar's header is checked against the graph before its data is read; its
         tensors may hold at most ``max_tensor_bytes`` (default 4 GiB; raise it on purpose).
         """
-        return serialize.load(path, into=cls, max_tensor_bytes=max_tensor_bytes or MAX_TENSOR_BYTES)
+        return deserialize.load(
+            path, into=cls, max_tensor_bytes=max_tensor_bytes or MAX_TENSOR_BYTES
+        )
 
     def __str__(self) -> str:
         return printing.format_graph(self)

@@ -58,7 +58,8 @@ from interventions.ops import (
     SAESplice,
     produces,
 )
-from interventions.sites import Index, PerPrompt, Select, Site, Span, selected_shape
+from interventions.selection import selected_shape
+from interventions.sites import Index, PerPrompt, Select, Site, Span
 from interventions.spec import GraphSpec, Run
 
 # -- the pass ---------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from interventions.ops import (
 )
 from interventions.plan import Plan, generation_positions, make_plan
 from interventions.ragged import needs_split, split_graph
-from interventions.sites import STANDARD_SITES, Select, selected_shape
+from interventions.selection import selected_shape
+from interventions.sites import STANDARD_SITES, Select
 from interventions.spec import GraphSpec
 
 

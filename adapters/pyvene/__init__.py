@@ -23,7 +23,7 @@ How a graph maps onto pyvene (0.1.8's native, hook-based backend):
   ``.input`` (``"model.transformer.h.0.mlp.output"``). No ``unit_locations`` are given, so
   pyvene hands each intervention the whole site tensor (``keep_last_dim=True`` keeps its
   shape) and writes the returned tensor back; the intervention narrows it with the
-  selector through :func:`interventions.sites.take` / :func:`~interventions.sites.put`,
+  selector through :func:`interventions.selection.take` / :func:`~interventions.selection.put`,
   the same code as the reference. This is what makes negative positions, lists, slices,
   heads, batch items and hidden-dim slices all work, for every family and every raw
   module, instead of the subset pyvene's per-family ``unit``/``max_number_of_units``

@@ -17,7 +17,7 @@ from interventions.hf import accepts, generation_config, seeded
 from interventions.ops import OP_KINDS
 from interventions.plan import Plan, absolute_select
 from interventions.progress import progress
-from interventions.sites import site_axes, take
+from interventions.selection import site_axes, take
 
 from .classes import _RunContext, _view_in
 from .compiler import _compile, _Compiled

@@ -17,7 +17,8 @@ from interventions.architectures import HookPoint
 from interventions.errors import ExecutionError
 from interventions.ops import Op, Read
 from interventions.plan import step_select
-from interventions.sites import Select, put, put_, site_axes, take
+from interventions.selection import put, put_, site_axes, take
+from interventions.sites import Select
 
 
 @dataclass

@@ -13,7 +13,8 @@ from torch import nn
 
 import interventions as iv
 from interventions.plan import Plan
-from interventions.sites import Span, take
+from interventions.selection import take
+from interventions.sites import Span
 from tests.tiny_models import VOCAB, hf_model, hook_count, input_shapes
 
 BACKENDS = ("torch", "nnsight", "pyvene")

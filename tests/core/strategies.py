@@ -45,7 +45,8 @@ from hypothesis import strategies as st
 import interventions as iv
 from interventions.ops import FeatureEdit, Ref
 from interventions.plan import generation_positions
-from interventions.sites import RESIDUAL, STANDARD_SITES, Select, Site, Span, selected_shape
+from interventions.selection import selected_shape
+from interventions.sites import RESIDUAL, STANDARD_SITES, Select, Site, Span
 
 __all__ = [
     "CONST_DTYPES",

@@ -124,6 +124,8 @@ def test_nothing_but_the_package_entry_imports_the_facade_from_the_core() -> Non
         "interventions.plan",
         "interventions.batching",
         "interventions.serialize",
+        "interventions.deserialize",
+        "interventions.ragged",
         "interventions.printing",
         "interventions.apply",
         "interventions.backends",

@@ -13,7 +13,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from interventions.sites import Select, Span, put, selected_shape, take
+from interventions.selection import put, selected_shape, take
+from interventions.sites import Select, Span
 
 AXES = ("batch", "pos", "head", "hidden")
 SHAPE = (3, 5, 4, 6)
