@@ -50,6 +50,7 @@ from interventions.errors import (
 from interventions.execute import __version__, load_model, run, submit
 from interventions.graph import Graph, RunHandle
 from interventions.ops import FeatureEdit, Ref
+from interventions.positions import token_positions
 from interventions.remote import Job
 from interventions.results import Provenance, Results
 from interventions.sae import (
@@ -67,8 +68,8 @@ from interventions.sae import (
     save_sae,
 )
 from interventions.sae.check import SAEFit, check_sae
+from interventions.sae.dashboard import FeatureDashboard, harvest_features
 from interventions.sae.training import train_sae
-from interventions.positions import token_positions
 from interventions.sites import PerPrompt, Select, Site, per_prompt
 from interventions.validation import validate
 
@@ -82,6 +83,7 @@ __all__ = [
     "Capabilities",
     "Comparison",
     "ExecutionError",
+    "FeatureDashboard",
     "FeatureEdit",
     "GatedSAE",
     "Graph",
@@ -92,6 +94,7 @@ __all__ = [
     "JumpReLUTranscoder",
     "MalformedResponse",
     "ModelNotDeployed",
+    "PerPrompt",
     "Provenance",
     "Ref",
     "RemoteAuthError",
@@ -106,7 +109,6 @@ __all__ = [
     "SAEErrorGradientWarning",
     "SAEFit",
     "SAEInfo",
-    "PerPrompt",
     "Select",
     "Site",
     "SkipTranscoder",
@@ -125,16 +127,17 @@ __all__ = [
     "backend_capabilities",
     "check_sae",
     "compare",
-    "per_prompt",
-    "token_positions",
+    "harvest_features",
     "list_backends",
     "load_model",
     "load_sae",
+    "per_prompt",
     "register_architecture",
     "register_backend",
     "run",
     "save_sae",
     "submit",
+    "token_positions",
     "train_sae",
     "validate",
 ]

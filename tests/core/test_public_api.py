@@ -17,6 +17,8 @@ EXPECTED = {
     "SkipTranscoder",
     "Transcoder",
     "check_sae",
+    "FeatureDashboard",
+    "harvest_features",
     "train_sae",
     "ArchitectureMap",
     "Backend",
