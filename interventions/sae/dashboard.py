@@ -371,10 +371,10 @@ def harvest_features(
             )
         )
     config = getattr(model, "config", None)
-    name = getattr(config, "_name_or_path", None)
+    model_name = getattr(config, "_name_or_path", None)
     return FeatureDashboard(
         where,
-        name if isinstance(name, str) and name else None,
+        model_name if isinstance(model_name, str) and model_name else None,
         n_prompts,
         n_tokens,
         tuple(cards),
