@@ -116,7 +116,10 @@ class _Hooks:
         for entry in self.points[point]:
             axes = site_axes(entry.site.kind, x.ndim)
             if entry.op is None:
-                self.captures.setdefault(str(entry.site), []).append(x if self.grad else x.detach())
+                kept = x if self.grad else x.detach()
+                self.captures.setdefault(str(entry.site), []).append(kept)
+                # the latest value, for this run's own cross-site SAE splices
+                self.state.captures[(self.run, str(entry.site))] = kept
                 owned = False
                 continue
             op = entry.op
@@ -288,6 +291,7 @@ class TorchHooksBackend:
         gradients=True,
         remote=False,
         raw_modules=True,
+        sae_source=True,
     )
 
     def versions(self) -> dict[str, str]:

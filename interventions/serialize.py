@@ -106,6 +106,8 @@ def op_to_dict(op: Op) -> dict[str, Any]:
         out.update(
             sae=op.sae, edits=[_edit(e) for e in op.edits], error=op.error, features=op.features
         )
+        if op.source is not None:  # only when set, so graphs without it keep their hash
+            out["source"] = _site(op.source)
     return out
 
 
@@ -316,7 +318,7 @@ _FIELDS: dict[str, set[str]] = {
     "add": {"direction", "scale"},
     "project_out": {"direction"},
     "scale": {"factor"},
-    "sae_splice": {"sae", "edits", "error", "features"},
+    "sae_splice": {"sae", "edits", "error", "features", "source"},
 }
 
 
@@ -377,6 +379,7 @@ def _op_from_dict(value: Any, where: str) -> Op:
         tuple(_decode_edit(e, f"{where}.edits[{i}]") for i, e in enumerate(edits)),
         d.text("error"),
         d.text("features", optional=True),
+        _decode_site(d.get("source"), f"{where}.source") if "source" in d.value else None,
     )
 
 
