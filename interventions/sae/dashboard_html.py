@@ -20,8 +20,9 @@ does not compute (correlated neurons, decoder weight distributions, UMAP) are le
 ...                    (), ())
 >>> dash = FeatureDashboard("resid_pre[0]", "gpt2", 1, 2, (card,))
 >>> batch = neuronpedia_batch(dash)
->>> batch["layer"], batch["features"][0]["freq_hist_data_bar_values"]
-(0, [1.5])
+>>> feature = batch["features"][0]
+>>> batch["layer"], feature["freq_hist_data_bar_heights"], feature["freq_hist_data_bar_values"]
+(0, [0, 1], [0.5, 1.5])
 """
 
 from __future__ import annotations

@@ -145,3 +145,25 @@ def test_transcoder_info_gives_both_sites(model, tc) -> None:
     r.read("logits", name="logits")
     want, _ = _oracle(model, tc, PROMPTS, "drop")
     torch.testing.assert_close(iv.run(g, model)["logits"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_validate_checks_sae_fits_on_demand(model) -> None:
+    eye = torch.eye(16)
+    exact = iv.StandardSAE(  # relu(x) - relu(-x) = x: a perfect reconstruction
+        torch.cat([eye, -eye], 1), torch.zeros(32), torch.cat([eye, -eye], 0), torch.zeros(16)
+    )
+    g = torch.Generator().manual_seed(5)
+    noise = iv.StandardSAE(
+        torch.randn(16, 32, generator=g), torch.zeros(32),
+        torch.randn(32, 16, generator=g), torch.zeros(16),
+    )  # fmt: skip
+    probe = torch.randint(0, 40, (4, 8), generator=g)
+    for sae, ok in ((exact, True), (noise, False)):
+        graph = iv.Graph()
+        graph.run("r", tokens=PROMPTS).sae_splice("resid_pre", 1, sae=sae)
+        graph.validate(model)  # without check_saes nothing is measured
+        if ok:
+            graph.validate(model, check_saes=probe)
+            continue
+        with pytest.raises(iv.ValidationError, match=r"r\.resid_pre\[1\]: SAE 'sae0': explained"):
+            graph.validate(model, check_saes=probe)
