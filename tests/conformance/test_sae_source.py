@@ -167,3 +167,24 @@ def test_validate_checks_sae_fits_on_demand(model) -> None:
             continue
         with pytest.raises(iv.ValidationError, match=r"r\.resid_pre\[1\]: SAE 'sae0': explained"):
             graph.validate(model, check_saes=probe)
+
+
+def test_batched_runs_and_selections_agree_across_backends(model, tc) -> None:
+    g = iv.Graph()
+    g.run("a", tokens=PROMPTS).read("logits", name="a")
+    b = g.run("b", tokens=PROMPTS)  # batched with a and c in one forward
+    b.sae_splice("mlp_out", 1, sae=tc, source="resid_pre", source_layer=1, error="drop", batch=1)
+    b.read("logits", name="b")
+    c = g.run("c", tokens=PROMPTS)
+    c.sae_splice("mlp_out", 0, sae=tc, source="resid_pre", source_layer=0, error="drop", pos=[1, 3])
+    c.read("logits", name="c")
+    ref = iv.run(g, model)
+    clean = _oracle(model, tc, PROMPTS, "keep")[0]
+    torch.testing.assert_close(ref["a"], clean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref["b"][0], clean[0], atol=1e-5, rtol=1e-5)  # row 0 untouched
+    torch.testing.assert_close(ref["b"][1], _oracle(model, tc, PROMPTS, "drop")[0][1])
+    assert (ref["c"] - clean).abs().max() > 1e-2
+    torch.testing.assert_close(ref["c"][:, 0], clean[:, 0], atol=1e-5, rtol=1e-5)  # before pos 1
+    got = iv.run(g, model, backend="nnsight")
+    for name in ("a", "b", "c"):
+        torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=1e-5)
