@@ -83,11 +83,17 @@ def sae_splice(
     a skip transcoder's skip path), or ``decode(f)`` for an SAE that has no ``reconstruct``.
     With ``source`` (a cross-site splice: the same selection of the source site) the SAE
     encodes ``source`` instead of ``x``; the error term is still ``x - reconstruction``.
+    A splice with the error kept and no edits writes ``x`` itself when no gradient is
+    being recorded (what it equals), so recording features costs only the encoder.
     """
     x32 = x.float()
     src32 = x32 if source is None else source.to(device=x.device).float()
     sae32 = sae.to(device=x.device, dtype=torch.float32)  # type: ignore[attr-defined]
     f = sae32.encode(src32)
+    if op.error == "keep" and not op.edits and not torch.is_grad_enabled():
+        # recon + (x - recon) is x: without gradients only the features are needed (no
+        # decode; the value is x exactly instead of to rounding)
+        return x, f
     reconstruct = getattr(sae32, "reconstruct", None)
 
     def written(h: torch.Tensor) -> torch.Tensor:

@@ -187,7 +187,9 @@ class _TopK:
 
 
 def _batches(prompts: Any, size: int, tokenizer: Any) -> Iterator[list[list[int]]]:
-    items: Iterable[Any] = prompts.tolist() if isinstance(prompts, Tensor) else prompts
+    items: Iterable[Any] = (
+        (row.tolist() for row in prompts) if isinstance(prompts, Tensor) else prompts
+    )
     batch: list[list[int]] = []
     for item in items:
         if isinstance(item, str):
