@@ -67,7 +67,7 @@ from interventions.sae import (
     load_sae,
     save_sae,
 )
-from interventions.sae.check import SAEFit, check_sae
+from interventions.sae.check import SAEFit, check_graph_saes, check_sae
 from interventions.sae.dashboard import FeatureDashboard, harvest_features
 from interventions.sae.training import train_sae
 from interventions.sites import PerPrompt, Select, Site, per_prompt
@@ -125,6 +125,7 @@ __all__ = [
     "__version__",
     "architectures",
     "backend_capabilities",
+    "check_graph_saes",
     "check_sae",
     "compare",
     "harvest_features",

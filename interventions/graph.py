@@ -41,21 +41,14 @@ class Graph(GraphSpec):
     """An experiment as data: runs, ops and a table of named tensors and SAEs."""
 
     def validate(
-        self,
-        model: nn.Module,
-        *,
-        tokenizer: Any = None,
-        backend: str | None = None,
-        check_saes: Any = None,
+        self, model: nn.Module, *, tokenizer: Any = None, backend: str | None = None
     ) -> None:
         """Check the graph against a model before anything runs; raise a clear error.
 
-        ``check_saes=prompts`` also measures the fit of every SAE it splices. See
-        :func:`interventions.validation.validate`.
+        See :func:`interventions.validation.validate` (and ``iv.check_graph_saes`` to
+        measure the SAEs it splices).
         """
-        validation.validate(
-            self, model, tokenizer=tokenizer, backend=backend, check_saes=check_saes
-        )
+        validation.validate(self, model, tokenizer=tokenizer, backend=backend)
 
     def fingerprint(self) -> str:
         """SHA-256 of the graph's JSON and tensor bytes: equal graphs, equal fingerprints."""

@@ -411,37 +411,6 @@ def _check_op(plan: Plan, op: Op, caps: Capabilities | None) -> None:
         check(plan, op, _Target(point, sizes, region))
 
 
-def _check_sae_fits(
-    graph: GraphSpec, model: nn.Module, prompts: Any, tokenizer: Any, backend: str | None
-) -> None:
-    from interventions.sae import SAE_KINDS, sae_from_parts
-    from interventions.sae.check import check_sae
-
-    problems: list[str] = []
-    seen: set[tuple[str, Site]] = set()
-    for op in graph.ops:
-        if not isinstance(op, SAESplice) or op.source is not None or (op.sae, op.site) in seen:
-            continue
-        seen.add((op.sae, op.site))
-        spec = graph.saes[op.sae]
-        if getattr(SAE_KINDS.get(spec.kind), "transcoder", False):
-            continue
-        tensors = {param: graph.tensors[key] for param, key in spec.tensors}
-        sae = sae_from_parts(spec.kind, tensors, dict(spec.params))
-        fit = check_sae(
-            sae,
-            model,
-            op.site.name,
-            prompts,
-            layer=op.site.layer,
-            backend=backend or "torch",
-            tokenizer=tokenizer,
-        )
-        problems += [f"{_where(op)}: SAE {op.sae!r}: {p}" for p in fit.problems]
-    if problems:
-        raise ValidationError("unfit SAE(s): " + "; ".join(problems))
-
-
 def validate(
     graph: GraphSpec,
     model: nn.Module,
@@ -449,14 +418,11 @@ def validate(
     tokenizer: Any = None,
     backend: str | None = None,
     info: ModelInfo | None = None,
-    check_saes: Any = None,
 ) -> Plan:
     """Check ``graph`` against ``model`` (and ``backend``'s capabilities); return the plan.
 
-    ``check_saes=prompts`` also measures every SAE the graph splices at its site on those
-    prompts (``iv.check_sae``: explained variance, L0, CE loss recovered) and raises
-    ``ValidationError`` naming each unfit SAE, site and number. Cross-site splices and
-    transcoders are not measured (the check compares a site with its own reconstruction).
+    To also measure how well every SAE the graph splices fits (on probe prompts), see
+    :func:`interventions.sae.check.check_graph_saes`.
 
     >>> import torch, interventions as iv
     >>> g = iv.Graph()
@@ -498,8 +464,6 @@ def validate(
                 f"run {name!r}: token ids must be in 0..{info.vocab - 1}, found "
                 f"{int(ids.min())}..{int(ids.max())}"
             )
-    if check_saes is not None:
-        _check_sae_fits(graph, model, check_saes, tokenizer, backend)
     if needs_split(graph, plan.lengths):
         split = split_graph(graph, plan.inputs, plan.lengths, plan.padding_side, info)
         plan = replace(make_plan(split.graph, info), assembly=split)

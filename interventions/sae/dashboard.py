@@ -32,83 +32,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from interventions.errors import SAEError
+from interventions.sae.dashboard_html import Example, FeatureCard, FeatureDashboard
 
 __all__ = ["Example", "FeatureCard", "FeatureDashboard", "harvest_features"]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One max-activating prompt: a window of tokens around its strongest token."""
-
-    prompt: int  # index of the prompt in the dataset
-    position: int  # position of the strongest token in the prompt
-    tokens: tuple[str, ...]
-    values: tuple[float, ...]  # the feature's activation at each token of the window
-    centre: int  # index of the strongest token in ``tokens``
-
-    @property
-    def max_value(self) -> float:
-        return self.values[self.centre]
-
-
-@dataclass(frozen=True)
-class FeatureCard:
-    """What a dashboard shows of one feature."""
-
-    index: int
-    max_activation: float
-    density: float  # fraction of tokens where the feature is non-zero
-    n_nonzero: int
-    hist_edges: tuple[float, ...]  # len(hist_counts) + 1 edges of the non-zero activations
-    hist_counts: tuple[int, ...]
-    examples: tuple[Example, ...]  # strongest first
-    top_logits: tuple[tuple[str, float], ...]  # tokens the feature promotes most
-    bottom_logits: tuple[tuple[str, float], ...]  # tokens it suppresses most
-    logit_hist_edges: tuple[float, ...]
-    logit_hist_counts: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class FeatureDashboard:
-    """Harvested features of one SAE over a dataset (see :func:`harvest_features`)."""
-
-    where: str
-    model_name: str | None
-    n_prompts: int
-    n_tokens: int
-    features: tuple[FeatureCard, ...]
-    sae_id: str | None = None
-
-    def to_html(self) -> str:
-        """One self-contained HTML page (inline CSS, SVG and a few lines of JS)."""
-        from interventions.sae.dashboard_html import render_html
-
-        return render_html(self)
-
-    def to_neuronpedia(self) -> dict[str, Any]:
-        """The features as a Neuronpedia batch (see :mod:`interventions.sae.dashboard_html`)."""
-        from interventions.sae.dashboard_html import neuronpedia_batch
-
-        return neuronpedia_batch(self)
-
-    def save(self, directory: str) -> tuple[str, str]:
-        """Write ``dashboard.html`` and ``neuronpedia.json`` into ``directory``; their paths."""
-        import json
-        from pathlib import Path
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        html, js = out / "dashboard.html", out / "neuronpedia.json"
-        html.write_text(self.to_html(), encoding="utf-8")
-        js.write_text(json.dumps(self.to_neuronpedia(), indent=1), encoding="utf-8")
-        return str(html), str(js)
 
 
 # -- the reductions ----------------------------------------------------------------------

@@ -147,7 +147,7 @@ def test_transcoder_info_gives_both_sites(model, tc) -> None:
     torch.testing.assert_close(iv.run(g, model)["logits"], want, atol=1e-5, rtol=1e-5)
 
 
-def test_validate_checks_sae_fits_on_demand(model) -> None:
+def test_graph_sae_fit_check_on_demand(model) -> None:
     eye = torch.eye(16)
     exact = iv.StandardSAE(  # relu(x) - relu(-x) = x: a perfect reconstruction
         torch.cat([eye, -eye], 1), torch.zeros(32), torch.cat([eye, -eye], 0), torch.zeros(16)
@@ -161,12 +161,14 @@ def test_validate_checks_sae_fits_on_demand(model) -> None:
     for sae, ok in ((exact, True), (noise, False)):
         graph = iv.Graph()
         graph.run("r", tokens=PROMPTS).sae_splice("resid_pre", 1, sae=sae)
-        graph.validate(model)  # without check_saes nothing is measured
+        fits = iv.check_graph_saes(graph, model, probe, strict=False)
+        assert list(fits) == ["r.resid_pre[1]"] and fits["r.resid_pre[1]"].ok == ok
         if ok:
-            graph.validate(model, check_saes=probe)
+            assert fits["r.resid_pre[1]"].explained_variance == pytest.approx(1.0, abs=1e-5)
+            iv.check_graph_saes(graph, model, probe)
             continue
         with pytest.raises(iv.ValidationError, match=r"r\.resid_pre\[1\]: SAE 'sae0': explained"):
-            graph.validate(model, check_saes=probe)
+            iv.check_graph_saes(graph, model, probe)
 
 
 def test_batched_runs_and_selections_agree_across_backends(model, tc) -> None:

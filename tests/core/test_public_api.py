@@ -16,6 +16,7 @@ EXPECTED = {
     "SAEInfo",
     "SkipTranscoder",
     "Transcoder",
+    "check_graph_saes",
     "check_sae",
     "FeatureDashboard",
     "harvest_features",
