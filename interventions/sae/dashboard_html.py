@@ -135,7 +135,7 @@ def _np_feature(card: FeatureCard) -> dict[str, Any]:
 
 def neuronpedia_batch(dash: FeatureDashboard) -> dict[str, Any]:
     """The dashboard as a Neuronpedia batch ``{"model_id", "layer", "sae_set", "features"}``
-    (``bin_min`` -1 marks "top activations", as SAEDashboard writes them)."""
+    (each example has ``bin_min`` = ``bin_contains`` = -1: top activations, not a quantile bin)."""
     match = re.search(r"\[(\d+)\]", dash.where)
     return {
         "model_id": dash.model_name,
