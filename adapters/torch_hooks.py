@@ -144,7 +144,10 @@ class _Hooks:
                 owned = False
                 continue
             if entry.op is None:
-                self.captures.setdefault(str(entry.site), []).append(x if self.grad else x.detach())
+                kept = x if self.grad else x.detach()
+                self.captures.setdefault(str(entry.site), []).append(kept)
+                # the latest value, for this run's own cross-site SAE splices
+                self.state.captures[(self.run, str(entry.site))] = kept
                 owned = False
                 continue
             op = entry.op
@@ -450,6 +453,7 @@ class TorchHooksBackend:
         gradients=True,
         remote=False,
         raw_modules=True,
+        sae_source=True,
     )
 
     def versions(self) -> dict[str, str]:

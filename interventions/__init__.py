@@ -78,7 +78,8 @@ if TYPE_CHECKING:
         load_sae,
         save_sae,
     )
-    from interventions.sae.check import SAEFit, check_sae
+    from interventions.sae.check import SAEFit, check_graph_saes, check_sae
+    from interventions.sae.dashboard import FeatureDashboard, harvest_features
     from interventions.sae.training import train_sae
     from interventions.sites import PerPrompt, Select, Site, per_prompt
     from interventions.validation import validate
@@ -125,6 +126,9 @@ _LAZY: dict[str, str] = {
     "save_sae": "interventions.sae",
     "SAEFit": "interventions.sae.check",
     "check_sae": "interventions.sae.check",
+    "check_graph_saes": "interventions.sae.check",
+    "FeatureDashboard": "interventions.sae.dashboard",
+    "harvest_features": "interventions.sae.dashboard",
     "train_sae": "interventions.sae.training",
     "PerPrompt": "interventions.sites",
     "Sampling": "interventions.runs",
@@ -173,6 +177,7 @@ __all__ = [
     "Capabilities",
     "Comparison",
     "ExecutionError",
+    "FeatureDashboard",
     "FeatureEdit",
     "GatedSAE",
     "Graph",
@@ -218,8 +223,10 @@ __all__ = [
     "architectures",
     "backend_capabilities",
     "check_architecture",
+    "check_graph_saes",
     "check_sae",
     "compare",
+    "harvest_features",
     "list_backends",
     "load_model",
     "load_sae",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from interventions.errors import ExecutionError
 from interventions.ops import (
     Ablate,
     Add,
@@ -74,20 +75,31 @@ def edit_features(f: torch.Tensor, edits: Sequence[FeatureEdit]) -> torch.Tensor
     return f
 
 
-def sae_splice(x: torch.Tensor, sae: SAE, op: SAESplice) -> tuple[torch.Tensor, torch.Tensor]:
+def sae_splice(
+    x: torch.Tensor, sae: SAE, op: SAESplice, source: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstruct ``x`` through the SAE with edits; returns (new x, unedited features).
 
     The SAE runs in float32 whatever the model's dtype, and the result is cast back. What
     is written is the SAE's ``reconstruct(f, x)`` (which undoes an input rescaling and adds
     a skip transcoder's skip path), or ``decode(f)`` for an SAE that has no ``reconstruct``.
+    With ``source`` (a cross-site splice: the same selection of the source site) the SAE
+    encodes ``source`` instead of ``x``; the error term is still ``x - reconstruction``.
+    A splice with the error kept and no edits writes ``x`` itself when no gradient is
+    being recorded (what it equals), so recording features costs only the encoder.
     """
     x32 = x.float()
+    src32 = x32 if source is None else source.to(device=x.device).float()
     sae32 = sae.to(device=x.device, dtype=torch.float32)  # type: ignore[attr-defined]
-    f = sae32.encode(x32)
+    f = sae32.encode(src32)
+    if op.error == "keep" and not op.edits and not torch.is_grad_enabled():
+        # recon + (x - recon) is x: without gradients only the features are needed (no
+        # decode; the value is x exactly instead of to rounding)
+        return x, f
     reconstruct = getattr(sae32, "reconstruct", None)
 
     def written(h: torch.Tensor) -> torch.Tensor:
-        return reconstruct(h, x32) if reconstruct is not None else sae32.decode(h)
+        return reconstruct(h, src32) if reconstruct is not None else sae32.decode(h)
 
     recon = written(edit_features(f, op.edits))
     if op.error == "drop":
@@ -184,7 +196,16 @@ def apply_op(
     elif isinstance(op, Scale):
         new = region * op.factor
     elif isinstance(op, SAESplice):
-        new, feats = sae_splice(region, state.sae(op.sae), op)
+        source = None
+        if op.source is not None:
+            captured = state.captures.get((op.run, str(op.source)))
+            if captured is None:
+                raise ExecutionError(
+                    f"sae_splice on {op.run}.{op.site}: its source {op.source} was not reached "
+                    f"before {op.site} in the forward pass; the source must come first"
+                )
+            source = take(captured, select, axes)
+        new, feats = sae_splice(region, state.sae(op.sae), op, source)
         if op.features is not None:
             recorded_out[op.features] = feats
     else:  # pragma: no cover - the op set is closed

@@ -37,6 +37,7 @@ class Capabilities:
     remote: bool
     raw_modules: bool  # raw module-path sites on any nn.Module
     hf_only: bool = False  # needs a HuggingFace model (config + generate)
+    sae_source: bool = False  # sae_splice(source=...): read one site, write another
 
     def describe(self) -> dict[str, object]:
         return {
@@ -47,6 +48,7 @@ class Capabilities:
             "remote": self.remote,
             "raw_modules": self.raw_modules,
             "hf_only": self.hf_only,
+            "sae_source": self.sae_source,
         }
 
 

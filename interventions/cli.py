@@ -12,6 +12,8 @@
     interventions attribute --model M --prompt ... --answer TOK [--method ...] [--out DIR]
     interventions tuned-lens --model M --train-prompts FILE --prompts FILE --out DIR
     interventions probe --model M --prompts FILE --labels FILE [--layers ...] --out DIR
+    interventions sae-dashboard --model M --sae PATH [--sae-id ID] --features 3 17 \
+        (--prompts-file FILE | --prompt ... | --prompt-ids ...) --out DIR
 
 Exit codes scripts can rely on: 0 success; 2 usage error (a bad argument, a missing
 file, ``--out`` naming a file); 3 malformed spec; 4 the spec does not fit the model or
@@ -550,7 +552,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction-file", help="a safetensors file with one direction tensor")
     p.set_defaults(func=cmd_steer)
     _add_diagnostics(sub, common)
+    _add_sae_dashboard(sub, common)
     return parser
+
+
+# -- sae-dashboard (one block: the parser, the command) ----------------------------------
+
+
+def _add_sae_dashboard(sub: Any, common: Any) -> None:
+    p = sub.add_parser("sae-dashboard", help="feature dashboard: dashboard.html + neuronpedia.json")
+    common(p)
+    p.add_argument("--sae", required=True, help="an SAE directory or .safetensors, or a release")
+    p.add_argument("--sae-id", help="the SAE's id within the release given as --sae")
+    p.add_argument("--features", type=int, nargs="+", required=True)
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--prompt", nargs="+")
+    p.add_argument("--prompt-ids", nargs="+")
+    p.add_argument("--site", help="the site (default: the SAE's own)")
+    p.add_argument("--layer", type=int)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--context", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--exclude-bos", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sae_dashboard)
+
+
+def cmd_sae_dashboard(args: argparse.Namespace) -> int:
+    from interventions.sae.dashboard import harvest_features
+    from interventions.sae.hub import load_sae
+
+    model, tokenizer = _model(args)
+    if args.prompts_file is not None:
+        if args.prompt or args.prompt_ids:
+            raise UsageError("give one of --prompts-file, --prompt or --prompt-ids")
+        if not Path(args.prompts_file).is_file():
+            raise UsageError(f"prompts file {args.prompts_file!r} does not exist")
+        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        prompts: Any = [line for line in lines if line.strip()]
+        if tokenizer is None:
+            raise UsageError("--prompts-file needs a model with a tokenizer; use --prompt-ids")
+    else:
+        prompts = _tokens(args, "prompt", tokenizer)
+    if args.sae_id is not None:
+        sae = load_sae(release=args.sae, sae_id=args.sae_id)
+    else:
+        if not Path(args.sae).exists():
+            raise UsageError(f"SAE {args.sae!r} does not exist; for a release add --sae-id")
+        sae = load_sae(args.sae)
+    dash = harvest_features(
+        model,
+        sae,
+        prompts,
+        args.features,
+        site=args.site,
+        layer=args.layer,
+        tokenizer=tokenizer,
+        batch_size=args.batch_size,
+        top_k=args.top_k,
+        context=args.context,
+        exclude_bos=args.exclude_bos,
+        backend=args.backend,
+    )
+    html_path, json_path = dash.save(args.out)
+    print(f"wrote {html_path} and {json_path} ({dash.n_prompts} prompts, {dash.n_tokens} tokens)")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

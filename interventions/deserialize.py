@@ -193,7 +193,7 @@ _FIELDS: dict[str, set[str]] = {
     "add": {"direction", "scale"},
     "project_out": {"direction"},
     "scale": {"factor"},
-    "sae_splice": {"sae", "edits", "error", "features"},
+    "sae_splice": {"sae", "edits", "error", "features", "source"},
     "edge_patch": {"upstream", "upstream_head", "method", "source"},
 }
 
@@ -265,6 +265,7 @@ def _op_from_dict(value: Any, where: str) -> Op:
         tuple(_decode_edit(e, f"{where}.edits[{i}]") for i, e in enumerate(edits)),
         d.text("error"),
         d.text("features", optional=True),
+        _decode_site(d.get("source"), f"{where}.source") if "source" in d.value else None,
     )
 
 

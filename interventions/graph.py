@@ -46,7 +46,8 @@ class Graph(GraphSpec):
     ) -> None:
         """Check the graph against a model before anything runs; raise a clear error.
 
-        See :func:`interventions.validation.validate`.
+        See :func:`interventions.validation.validate` (and ``iv.check_graph_saes`` to
+        measure the SAEs it splices).
         """
         validation.validate(self, model, tokenizer=tokenizer, backend=backend)
 

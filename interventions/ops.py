@@ -224,7 +224,11 @@ class SAESplice:
     """Replace a selection by an SAE's reconstruction (after ``edits``), with the error
     term ``x - decode(encode(x))`` added back (``keep``), left out (``drop``) or added as a
     constant with no gradient (``detach``, SAELens's convention). ``keep`` and ``detach``
-    agree in value and differ in gradient: see :meth:`RunHandle.sae_splice`."""
+    agree in value and differ in gradient: see :meth:`RunHandle.sae_splice`.
+
+    With a ``source`` site (a cross-site transcoder) the SAE encodes that site's value, taken
+    earlier in the same forward pass at the same selection, and its reconstruction replaces
+    the selection at ``site``; the error term is then ``x_site - reconstruction``."""
 
     run: str
     site: Site
@@ -233,9 +237,14 @@ class SAESplice:
     edits: tuple[FeatureEdit, ...] = ()
     error: ErrorTerm = "keep"
     features: str | None = None  # name under which to record the (unedited) feature acts
+    source: Site | None = None  # where the SAE reads, when not at ``site`` (transcoders)
 
     def __post_init__(self) -> None:
         _check_choice(self.error, ERROR_TERMS, "SAE error term")
+        if self.source is not None and not isinstance(self.source, Site):
+            raise SpecError(f"sae_splice source must be a Site, got {self.source!r}")
+        if self.source is not None and self.source == self.site:
+            raise SpecError(f"sae_splice source {self.source} is its own site; leave source out")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from interventions.architectures import ModelInfo
 from interventions.batching import Budget
 from interventions.errors import SpecError, ValidationError
-from interventions.ops import Ablate, EdgePatch, Op, Read, produces
+from interventions.ops import Ablate, EdgePatch, Op, Read, SAESplice, produces
 from interventions.sites import Index, PerPrompt, Select, Site, Span
 from interventions.spec import GraphSpec, Run
 
@@ -55,13 +55,22 @@ class Plan:
         return [op for op in self.graph.ops if op.run == run]
 
     def captures_of(self, run: str) -> list[Site]:
-        """Sites of ``run`` whose full value another run's ablation or edge patch needs."""
+        """Sites of ``run`` whose full value another run's ablation or edge patch needs, or
+        one of its own cross-site SAE splices reads (its ``source``, later in the same
+        forward pass)."""
         sites: list[Site] = []
         for op in self.graph.ops:
             if isinstance(op, Ablate) and op.source == run and op.site not in sites:
                 sites.append(op.site)
             if isinstance(op, EdgePatch) and op.source == run and op.upstream not in sites:
                 sites.append(op.upstream)
+            if (
+                isinstance(op, SAESplice)
+                and op.run == run
+                and op.source is not None
+                and op.source not in sites
+            ):
+                sites.append(op.source)
         return sites
 
     def read_ops(self) -> dict[str, Read]:

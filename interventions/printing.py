@@ -86,7 +86,8 @@ def format_op(graph: GraphSpec, op: Op) -> str:
         kind = spec.kind if spec is not None else "?"
         edits = " ".join(_edit(e) for e in op.edits)
         prefix = f"%{op.features} = " if op.features else ""
-        return f"  {prefix}sae_splice {where} sae=%{op.sae}({kind}) error={op.error}" + (
+        source = f" source={op.source}" if op.source is not None else ""
+        return f"  {prefix}sae_splice {where} sae=%{op.sae}({kind}){source} error={op.error}" + (
             f" edits[{edits}]" if edits else ""
         )
     if isinstance(op, EdgePatch):

@@ -101,6 +101,8 @@ def op_to_dict(op: Op) -> dict[str, Any]:
         out.update(
             sae=op.sae, edits=[_edit(e) for e in op.edits], error=op.error, features=op.features
         )
+        if op.source is not None:  # only when set, so graphs without it keep their hash
+            out["source"] = _site(op.source)
     elif isinstance(op, EdgePatch):
         out.update(
             upstream=_site(op.upstream),

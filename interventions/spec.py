@@ -527,6 +527,8 @@ class RunHandle:
         edits: Sequence[FeatureEdit] = (),
         error: str = "keep",
         features: str | None = None,
+        source: str | Site | None = None,
+        source_layer: int | None = None,
         batch: IndexLike = None,
         pos: IndexLike = None,
         head: IndexLike = None,
@@ -548,7 +550,34 @@ class RunHandle:
 
         With no ``site``, the SAE's own (``sae.info``, e.g. from ``iv.load_sae``) is used.
         ``pos=slice(1, None)`` keeps position 0 (the BOS token) out of the splice.
+
+        Cross-site transcoders: with ``source`` (and ``source_layer``), the SAE reads that
+        site, earlier in the same forward pass and at the same selection (after this run's
+        other ops there), and writes its reconstruction at ``site``; the error term is
+        ``x_site - reconstruction``. A transcoder whose ``info`` names a different output
+        site (``hook_name_out``) gets both from it when ``site`` is not given.
+
+        >>> import torch, transformers, interventions as iv
+        >>> model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=4, n_head=1))
+        >>> tc = iv.Transcoder(torch.eye(4), torch.zeros(4), torch.zeros(4, 4), torch.zeros(4))
+        >>> g = iv.Graph()
+        >>> r = g.run("r", tokens=[[1, 2]])
+        >>> r.sae_splice("mlp_out", 0, sae=tc, source="resid_pre", source_layer=0, error="drop")
+        >>> _ = r.read("mlp_out", 0, name="out")
+        >>> iv.run(g, model)["out"].abs().max().item()  # the transcoder writes zeros
+        0.0
         """
+        info = getattr(sae, "info", None)
+        if (
+            site is None
+            and source is None
+            and info is not None
+            and info.site is not None
+            and info.site_out is not None
+            and (info.site_out, info.layer_out) != (info.site, info.layer)
+        ):
+            site, layer = info.site_out, info.layer_out
+            source, source_layer = info.site, info.layer
         if site is None:
             info = getattr(sae, "info", None)
             if info is None or info.site is None:
@@ -569,6 +598,7 @@ class RunHandle:
                 tuple(edits),
                 error,  # type: ignore[arg-type]
                 features,
+                None if source is None else self._site(source, source_layer),
             )
         )
         return Ref(features) if features is not None else None

@@ -33,7 +33,7 @@ from interventions.ops import (
 from interventions.plan import Plan, generation_positions, make_plan
 from interventions.ragged import needs_split, split_graph
 from interventions.selection import selected_shape
-from interventions.sites import STANDARD_SITES, Select
+from interventions.sites import STANDARD_SITES, Select, Site
 from interventions.spec import GraphSpec
 
 
@@ -149,6 +149,11 @@ def _check_capabilities(op: Op, point: HookPoint, caps: Capabilities) -> None:
         raise UnsupportedOp(
             f"{_where(op)}: the backend cannot reach site {op.site.name!r}; backends that "
             f"can: {_who_can(lambda c: point.view in c.views)}"
+        )
+    if isinstance(op, SAESplice) and op.source is not None and not caps.sae_source:
+        raise UnsupportedOp(
+            f"{_where(op)}: the backend cannot run a cross-site sae_splice (source="
+            f"{op.source}); backends that can: {_who_can(lambda c: c.sae_source)}"
         )
     if op.site.is_raw and not caps.raw_modules:
         raise UnsupportedOp(
@@ -306,13 +311,15 @@ def _check_sae_splice(plan: Plan, op: Op, target: _Target) -> None:
     if w_enc is None or w_enc.ndim != 2:
         raise ValidationError(f"{_where(op)}: SAE {op.sae!r} has no 2-D W_enc")
     d_in, d_sae = int(w_enc.shape[0]), int(w_enc.shape[1])
-    if not target.region or target.region[-1] != d_in:
+    if op.source is None and (not target.region or target.region[-1] != d_in):
         raise ValidationError(
             f"{_where(op)}: SAE {op.sae!r} reads vectors of size {d_in} but the selected "
             f"region is {list(target.region)}"
         )
     w_dec = graph.tensors.get(tensors.get("W_dec", ""))
-    if w_dec is not None and w_dec.ndim == 2 and int(w_dec.shape[1]) != d_in:
+    if op.source is not None:
+        _check_sae_source(plan, op, target, d_in, w_dec)
+    elif w_dec is not None and w_dec.ndim == 2 and int(w_dec.shape[1]) != d_in:
         raise ValidationError(
             f"{_where(op)}: transcoder {op.sae!r} ({graph.saes[op.sae].kind}) writes vectors of "
             f"size {int(w_dec.shape[1])} into the region it reads, of size {d_in}"
@@ -323,6 +330,64 @@ def _check_sae_splice(plan: Plan, op: Op, target: _Target) -> None:
             raise ValidationError(
                 f"{_where(op)}: feature(s) {bad} out of range; the SAE has features 0..{d_sae - 1}"
             )
+
+
+# Where a standard site sits within its layer, in forward order (None: outside the layers).
+_SITE_ORDER = {"resid_pre": 0, "attn_out": 1, "mlp_hidden": 2, "mlp_out": 3, "resid_post": 4}
+_PLAIN_SOURCE_SITES = ("head", "attn_pattern")
+
+
+def _forward_rank(site: Site) -> tuple[float, float] | None:
+    if site.is_raw:
+        return None
+    if site.name == "embed":
+        return (-1.0, 0.0)
+    if site.name in ("final_norm", "logits"):
+        return (float("inf"), float(site.name == "logits"))
+    if site.name in _SITE_ORDER and site.layer is not None:
+        return (float(site.layer), float(_SITE_ORDER[site.name]))
+    return None
+
+
+def _check_sae_source(
+    plan: Plan, op: SAESplice, target: _Target, d_in: int, w_dec: torch.Tensor | None
+) -> None:
+    """A cross-site splice: the source exists, comes first, and has the SAE's input width."""
+    assert op.source is not None
+    for site, what in ((op.source, "source"), (op.site, "site")):
+        if site.name in _PLAIN_SOURCE_SITES:
+            raise ValidationError(
+                f"{_where(op)}: a cross-site sae_splice reads and writes [batch, pos, d] sites; "
+                f"its {what} {site} is not one"
+            )
+    if op.select.dims is not None or op.select.head is not None:
+        raise ValidationError(
+            f"{_where(op)}: a cross-site sae_splice takes no dims= or head= selection"
+        )
+    try:
+        src_point = plan.info.hook_point(op.source)
+    except InterventionError as exc:
+        raise ValidationError(f"{_where(op)}: source: {exc}") from None
+    src_rank, dst_rank = _forward_rank(op.source), _forward_rank(op.site)
+    if src_rank is not None and dst_rank is not None and src_rank >= dst_rank:
+        raise ValidationError(
+            f"{_where(op)}: the source {op.source} does not come before {op.site} in the "
+            "forward pass; a cross-site splice reads its source first"
+        )
+    if src_point == target.point:
+        raise ValidationError(f"{_where(op)}: the source {op.source} is the same hook point")
+    width = plan.info.width(op.source)
+    if width is not None and width != d_in:
+        raise ValidationError(
+            f"{_where(op)}: SAE {op.sae!r} reads vectors of size {d_in} but its source "
+            f"{op.source} has {width}"
+        )
+    d_out = int(w_dec.shape[1]) if w_dec is not None and w_dec.ndim == 2 else d_in
+    if not target.region or target.region[-1] != d_out:
+        raise ValidationError(
+            f"{_where(op)}: SAE {op.sae!r} writes vectors of size {d_out} but the selected "
+            f"region of {op.site} is {list(target.region)}"
+        )
 
 
 # What each kind of op checks about the value it brings, once its region is known (the
@@ -420,6 +485,9 @@ def validate(
     info: ModelInfo | None = None,
 ) -> Plan:
     """Check ``graph`` against ``model`` (and ``backend``'s capabilities); return the plan.
+
+    To also measure how well every SAE the graph splices fits (on probe prompts), see
+    :func:`interventions.sae.check.check_graph_saes`.
 
     >>> import torch, interventions as iv
     >>> g = iv.Graph()

@@ -93,6 +93,7 @@ class NNsightBackend:
         remote=True,
         raw_modules=True,
         hf_only=False,
+        sae_source=True,
     )
 
     def __init__(self) -> None:

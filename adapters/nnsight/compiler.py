@@ -284,7 +284,9 @@ class _Compiler:
         if isinstance(op, Scale):
             return ("scale", view, axes, sel, float(op.factor))
         if isinstance(op, SAESplice):
-            return ("sae", view, axes, sel, self.sae_params(op.sae, op), op.features)
+            # a cross-site splice reads its source's capture, made earlier in this forward
+            source = None if op.source is None else _capture_key(op.run, op.source)
+            return ("sae", view, axes, sel, self.sae_params(op.sae, op), op.features, source)
         raise AssertionError(f"unknown op {op!r}")  # pragma: no cover - closed set
 
     # -- per-run programs -------------------------------------------------------------

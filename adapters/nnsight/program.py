@@ -140,15 +140,17 @@ def _run_program(
                 value = value.unsqueeze(dim)
             x[index] = value
 
-        def sae_splice(region: Any, params: Any) -> Any:
-            # the canonical form of interventions.sae.base._AffineSAE.kernel
+        def sae_splice(region: Any, params: Any, source: Any) -> Any:
+            # the canonical form of interventions.sae.base._AffineSAE.kernel; a cross-site
+            # splice encodes `source` (the same selection of another site) instead
             act, w_enc, b_enc, w_dec, b_dec, extra, b_in, w_skip, rescale, edits, error = params
             device = region.device
             w_enc, b_enc = w_enc.to(device), b_enc.to(device)
             w_dec, b_dec = w_dec.to(device), b_dec.to(device)
             x32 = region.float()
-            scale = x32.shape[-1] ** 0.5 / x32.norm(dim=-1, keepdim=True) if rescale else None
-            xin = x32 * scale if rescale else x32
+            s32 = x32 if source is None else source.to(device).float()
+            scale = s32.shape[-1] ** 0.5 / s32.norm(dim=-1, keepdim=True) if rescale else None
+            xin = s32 * scale if rescale else s32
             if b_in is not None:
                 xin = xin - b_in.to(device)
             pre = xin @ w_enc + b_enc
@@ -162,6 +164,8 @@ def _run_program(
             else:  # gated: pre is the gate, extra the magnitude path
                 mag = xin @ extra[0].to(device) + extra[1].to(device)
                 f = (pre > 0).to(pre.dtype) * torch.relu(mag)
+            if error == "keep" and not edits:  # recon + (x - recon) is x, as the reference
+                return region, f
             g = f.clone() if edits else f
             for mode, features, value, low, high in edits:
                 if mode == "set":
@@ -176,7 +180,7 @@ def _run_program(
                 if rescale:
                     y = y / scale
                 if w_skip is not None:
-                    y = y + x32 @ w_skip.to(device).T
+                    y = y + s32 @ w_skip.to(device).T
                 return y
 
             recon = written(g)
@@ -227,7 +231,11 @@ def _run_program(
                 elif kind == "scale":
                     new = region * ins[4]
                 else:
-                    new, features = sae_splice(region, ins[4])
+                    source = None
+                    if ins[6] is not None:
+                        full = store[ins[6]]
+                        source = take(full, index_of(full.shape, axes, sel, full.device))
+                    new, features = sae_splice(region, ins[4], source)
                     if ins[5] is not None:
                         store[ins[5]] = features
                 put(x, ix, new)

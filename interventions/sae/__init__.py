@@ -9,6 +9,8 @@ module                  what
 ``sae.hub``             ``load_sae``: paths, and SAELens releases through ``huggingface_hub``
 ``sae.check``           ``check_sae``: does an SAE fit a model and a site
 ``sae.training``        ``train_sae``: train one on activations streamed through a read graph
+``sae.dashboard``       ``harvest_features``: top examples, histograms, density, top logits
+``sae.dashboard_html``  the static HTML page and the Neuronpedia JSON of a dashboard
 ======================  ===================================================================
 
 >>> import torch

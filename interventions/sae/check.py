@@ -26,7 +26,7 @@ from torch import nn
 
 from interventions.sae.kinds import AnySAE
 
-__all__ = ["SAEFit", "check_sae"]
+__all__ = ["SAEFit", "check_graph_saes", "check_sae"]
 
 
 @dataclass(frozen=True)
@@ -206,3 +206,59 @@ def check_sae(
             (*problems, f"CE loss recovered {rec:.3f} at {where} is below {min_ce_recovered}"),
         )  # fmt: skip
     return fit
+
+
+def check_graph_saes(
+    graph: Any,
+    model: nn.Module,
+    prompts: Any,
+    *,
+    backend: str = "torch",
+    tokenizer: Any = None,
+    strict: bool = True,
+    **options: Any,
+) -> dict[str, SAEFit]:
+    """Validate ``graph``, then :func:`check_sae` every SAE it splices, at its site, on
+    ``prompts``: the fit check on demand, before a long run.
+
+    Returns the fits by splice (``"run.site"``). With ``strict`` (the default) an unfit SAE
+    raises ``ValidationError`` naming each splice, SAE and number. Cross-site splices and
+    transcoders are not measured (the check compares a site with its own reconstruction).
+
+    >>> import torch, transformers, interventions as iv
+    >>> model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=4, n_head=1))
+    >>> eye = torch.eye(4)
+    >>> exact = iv.StandardSAE(torch.cat([eye, -eye], 1), torch.zeros(8),
+    ...                        torch.cat([eye, -eye], 0), torch.zeros(4))  # relu(x) - relu(-x)
+    >>> g = iv.Graph()
+    >>> g.run("r", tokens=[[1, 2, 3]]).sae_splice("resid_pre", 0, sae=exact)
+    >>> round(iv.check_graph_saes(g, model, torch.tensor([[1, 2, 3, 4]]))["r.resid_pre[0]"]
+    ...       .explained_variance, 4)
+    1.0
+    """
+    from interventions.errors import ValidationError
+    from interventions.ops import SAESplice
+    from interventions.sae.kinds import SAE_KINDS, sae_from_parts
+    from interventions.validation import validate
+
+    validate(graph, model, tokenizer=tokenizer, backend=backend)
+    fits: dict[str, SAEFit] = {}
+    problems: list[str] = []
+    for op in graph.ops:
+        where = f"{op.run}.{op.site}"
+        if not isinstance(op, SAESplice) or op.source is not None or where in fits:
+            continue
+        spec = graph.saes[op.sae]
+        if getattr(SAE_KINDS.get(spec.kind), "transcoder", False):
+            continue
+        tensors = {param: graph.tensors[key] for param, key in spec.tensors}
+        sae = sae_from_parts(spec.kind, tensors, dict(spec.params))
+        fit = check_sae(
+            sae, model, op.site.name, prompts, layer=op.site.layer, backend=backend,
+            tokenizer=tokenizer, **options,
+        )  # fmt: skip
+        fits[where] = fit
+        problems += [f"sae_splice on {where}: SAE {op.sae!r}: {p}" for p in fit.problems]
+    if strict and problems:
+        raise ValidationError("unfit SAE(s): " + "; ".join(problems))
+    return fits

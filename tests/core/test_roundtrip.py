@@ -212,7 +212,10 @@ def test_equality_is_sensitive_to_every_op_field(g: iv.Graph) -> None:
     assert same == g and same.fingerprint() == g.fingerprint()
     for i, op in enumerate(g.ops):
         for f in dataclasses.fields(op):
-            changed = _with(op, f.name, _other(getattr(op, f.name), f.name))
+            other = _other(getattr(op, f.name), f.name)
+            if isinstance(op, SAESplice) and f.name == "source" and op.source is None:
+                other = Site("resid_pre", 0)  # an SAE splice's source is a site, not a run
+            changed = _with(op, f.name, other)
             ops = [*g.ops[:i], changed, *g.ops[i + 1 :]]
             _assert_differs(g, rebuilt(g, ops=ops), f"ops[{i}].{f.name}")
     if len(g.ops) >= 2 and g.ops[0] != g.ops[-1]:

@@ -154,6 +154,18 @@ def test_named_graphs_remote_equal_local(ndif: Stack, batch: bool) -> None:
     run.read("attn_pattern", 1, name="x.pattern")
     run.read("logits", name="x.logits")
     assert_same(remote(g, ndif, batch=batch), local(g, batch=batch))
+    # a cross-site transcoder: reads resid_pre[1], writes mlp_out[1] in the same forward
+    g = iv.Graph()
+    run = g.run("t", tokens=torch.tensor([[5, 9, 14, 3, 22, 7]]))
+    gen = torch.Generator().manual_seed(0)
+    tc = iv.Transcoder(
+        torch.randn(32, 48, generator=gen) * 0.2, torch.zeros(48),
+        torch.randn(48, 32, generator=gen) * 0.2, torch.zeros(32),
+    )  # fmt: skip
+    run.sae_splice("mlp_out", 1, sae=tc, source="resid_pre", source_layer=1, error="drop",
+                   features="t.feats")  # fmt: skip
+    run.read("logits", name="t.logits")
+    assert_same(remote(g, ndif, batch=batch), local(g, batch=batch))
 
 
 def test_steered_generation_remote(ndif: Stack) -> None:
