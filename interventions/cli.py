@@ -29,96 +29,26 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_SPEC, EXIT_INVALID, EXIT_RUN, EXIT_OUTPUT = range(7)
-# commands whose inputs are all arguments: a bad value there is a usage error (exit 2)
-ARGUMENT_COMMANDS = ("patch-sweep", "logit-lens", "steer")
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-class UsageError(Exception):
-    """A usage problem found after argument parsing (exit code 2)."""
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise UsageError(f"expected comma-separated token ids, got {text!r}") from None
-
-
-def _load_graph(path: str) -> Any:
-    from interventions.graph import Graph
-
-    if not Path(path).is_file():
-        raise UsageError(f"spec file {path!r} does not exist")
-    return Graph.load(path)
-
-
-def _model(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
-
-    from interventions.execute import load_model
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tokenizer = load_model(args.model, dtype=dtype)
-    if dtype is not None:
-        model = model.to(dtype)  # bundled models load in float32
-    if args.device:
-        try:
-            model = model.to(args.device)
-        except (RuntimeError, ValueError, AssertionError) as exc:
-            raise UsageError(f"--device {args.device!r}: {exc}") from None
-    return model, tokenizer
-
-
-def _out_dir(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {path!r} is a file; give a folder (it is created if missing)")
-    return out
-
-
-def _picture(draw: Any, *args: Any, **kwargs: Any) -> Path | None:
-    """Draw a picture; without matplotlib say so and go on (the data is saved already)."""
-    from interventions.errors import InterventionError, OutputError
-
-    try:
-        return Path(draw(*args, **kwargs))
-    except InterventionError as exc:
-        if not isinstance(exc.__cause__, ImportError):
-            raise
-        print(f"note: no picture ({exc})", file=sys.stderr)
-        return None
-    except OSError as exc:
-        raise OutputError(f"cannot write the picture: {exc.strerror or exc}") from None
-
-
-def _tokens(args: argparse.Namespace, which: str, tokenizer: Any) -> Any:
-    ids = getattr(args, f"{which}_ids", None)
-    text = getattr(args, which, None)
-    if (ids is None) == (text is None):
-        raise UsageError(f"give exactly one of --{which} TEXT or --{which}-ids IDS")
-    if ids is not None:
-        return [_ids(x) for x in ids]
-    if tokenizer is None:
-        raise UsageError(f"this model has no tokenizer; pass --{which}-ids instead of --{which}")
-    return list(text or [])
-
-
-def _one_token(value: str | None, tokenizer: Any, what: str) -> int | None:
-    if value is None:
-        return None
-    if value.lstrip("-").isdigit():
-        return int(value)
-    if tokenizer is None:
-        raise UsageError(f"--{what} {value!r}: give a token id (the model has no tokenizer)")
-    ids = tokenizer(value, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise UsageError(f"--{what} {value!r} is {len(ids)} tokens; give one token or an id")
-    return int(ids[0])
+from interventions.cli_common import (
+    ARGUMENT_COMMANDS,
+    DTYPES,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_RUN,
+    EXIT_SPEC,
+    EXIT_USAGE,
+    UsageError,
+    _load_graph,
+    _model,
+    _one_token,
+    _out_dir,
+    _picture,
+    _tokens,
+)
+from interventions.cli_tools import add_tool_parsers
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -348,130 +278,6 @@ def _effect(
 # --- diagnostic tools: input attribution, tuned lens, probes (issue 16) -----------------
 
 
-def _lines(path: str) -> list[str]:
-    if not Path(path).is_file():
-        raise UsageError(f"file {path!r} does not exist")
-    return [line for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def cmd_attribute(args: argparse.Namespace) -> int:
-    from interventions.recipes import Metric, input_attribution
-
-    model, tokenizer = _model(args)
-    prompt = _tokens(args, "prompt", tokenizer)
-    answer = _one_token(args.answer, tokenizer, "answer")
-    wrong = _one_token(args.wrong, tokenizer, "wrong")
-    assert answer is not None  # --answer is required
-    metric = Metric.logit(answer) if wrong is None else Metric.logit_diff(answer, wrong)
-    result = input_attribution(
-        model,
-        prompt,
-        metric,
-        method=args.method,
-        steps=args.steps,
-        backend=args.backend,
-        tokenizer=tokenizer,
-    )
-    decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else None
-    for i in range(len(result.tokens)):
-        print(f"prompt {i} ({args.method}):")
-        print(result.text(i, decode))
-        if result.baseline_values is not None:
-            print(f"completeness error: {float(result.completeness_error[i]):.2e}")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        print(f"wrote {result.plot(Path(args.out) / 'attribution.png', 0, decode)}")
-    return EXIT_OK
-
-
-def cmd_tuned_lens(args: argparse.Namespace) -> int:
-    from interventions.recipes import TunedLens, lens_kl, train_tuned_lens
-
-    model, tokenizer = _model(args)
-    evaluate = _lines(args.prompts)
-    if args.load:
-        lens = TunedLens.load(args.load)
-    else:
-        if not args.train_prompts:
-            raise UsageError("give --train-prompts FILE to train, or --load LENS.safetensors")
-        lens = train_tuned_lens(
-            model,
-            _lines(args.train_prompts),
-            steps=args.steps,
-            backend=args.backend,
-            tokenizer=tokenizer,
-        )
-    table = lens_kl(model, evaluate, lens, backend=args.backend, tokenizer=tokenizer)
-    print(table.table())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"wrote {lens.save(out / 'tuned_lens.safetensors')}")
-    (out / "kl.txt").write_text(table.table() + "\n")
-    return EXIT_OK
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    from interventions.recipes import probe_sweep
-
-    model, tokenizer = _model(args)
-    prompts = _lines(args.prompts)
-    try:
-        labels = [float(v) if args.kind == "ridge" else int(v) for v in _lines(args.labels)]
-    except ValueError:
-        raise UsageError(f"{args.labels}: one number per line expected") from None
-    sweep = probe_sweep(
-        model,
-        prompts,
-        labels,
-        site=args.site,
-        layers=args.layers,
-        kind=args.kind,
-        backend=args.backend,
-        tokenizer=tokenizer,
-    )
-    print(sweep.table())
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        print(f"wrote {sweep.plot(Path(args.out) / 'probe_sweep.png')}")
-    return EXIT_OK
-
-
-def _add_diagnostics(sub: Any, common: Any) -> None:
-    p = sub.add_parser("attribute", help="input attribution of a metric to the prompt tokens")
-    common(p)
-    p.add_argument("--prompt", nargs="+")
-    p.add_argument("--prompt-ids", nargs="+")
-    p.add_argument("--answer", required=True, help="the answer token (text or id)")
-    p.add_argument("--wrong", help="a wrong token: the metric becomes a logit difference")
-    p.add_argument(
-        "--method",
-        default="integrated_gradients",
-        choices=["saliency", "input_x_gradient", "integrated_gradients"],
-    )
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--out")
-    p.set_defaults(func=cmd_attribute)
-
-    p = sub.add_parser("tuned-lens", help="train/load a tuned lens; KL table vs the logit lens")
-    common(p)
-    p.add_argument("--train-prompts", help="a text file, one prompt a line")
-    p.add_argument("--load", help="translators saved earlier (safetensors)")
-    p.add_argument("--prompts", required=True, help="held-out prompts, one a line")
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_tuned_lens)
-
-    p = sub.add_parser("probe", help="a linear probe per layer, with a shuffled-label control")
-    common(p)
-    p.add_argument("--prompts", required=True, help="a text file, one prompt a line")
-    p.add_argument("--labels", required=True, help="a text file, one label a line")
-    p.add_argument("--site", default="resid_post")
-    p.add_argument("--layers", type=int, nargs="+")
-    p.add_argument("--kind", default="logistic", choices=["logistic", "ridge"])
-    p.add_argument("--out")
-    p.set_defaults(func=cmd_probe)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from interventions._version import __version__
 
@@ -551,72 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrast", nargs=2, metavar=("POSITIVE", "NEGATIVE"))
     p.add_argument("--direction-file", help="a safetensors file with one direction tensor")
     p.set_defaults(func=cmd_steer)
-    _add_diagnostics(sub, common)
-    _add_sae_dashboard(sub, common)
+    add_tool_parsers(sub, common)
     return parser
 
 
 # -- sae-dashboard (one block: the parser, the command) ----------------------------------
-
-
-def _add_sae_dashboard(sub: Any, common: Any) -> None:
-    p = sub.add_parser("sae-dashboard", help="feature dashboard: dashboard.html + neuronpedia.json")
-    common(p)
-    p.add_argument("--sae", required=True, help="an SAE directory or .safetensors, or a release")
-    p.add_argument("--sae-id", help="the SAE's id within the release given as --sae")
-    p.add_argument("--features", type=int, nargs="+", required=True)
-    p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--prompt", nargs="+")
-    p.add_argument("--prompt-ids", nargs="+")
-    p.add_argument("--site", help="the site (default: the SAE's own)")
-    p.add_argument("--layer", type=int)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--context", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--exclude-bos", action="store_true")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_sae_dashboard)
-
-
-def cmd_sae_dashboard(args: argparse.Namespace) -> int:
-    from interventions.sae.dashboard import harvest_features
-    from interventions.sae.hub import load_sae
-
-    model, tokenizer = _model(args)
-    if args.prompts_file is not None:
-        if args.prompt or args.prompt_ids:
-            raise UsageError("give one of --prompts-file, --prompt or --prompt-ids")
-        if not Path(args.prompts_file).is_file():
-            raise UsageError(f"prompts file {args.prompts_file!r} does not exist")
-        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-        prompts: Any = [line for line in lines if line.strip()]
-        if tokenizer is None:
-            raise UsageError("--prompts-file needs a model with a tokenizer; use --prompt-ids")
-    else:
-        prompts = _tokens(args, "prompt", tokenizer)
-    if args.sae_id is not None:
-        sae = load_sae(release=args.sae, sae_id=args.sae_id)
-    else:
-        if not Path(args.sae).exists():
-            raise UsageError(f"SAE {args.sae!r} does not exist; for a release add --sae-id")
-        sae = load_sae(args.sae)
-    dash = harvest_features(
-        model,
-        sae,
-        prompts,
-        args.features,
-        site=args.site,
-        layer=args.layer,
-        tokenizer=tokenizer,
-        batch_size=args.batch_size,
-        top_k=args.top_k,
-        context=args.context,
-        exclude_bos=args.exclude_bos,
-        backend=args.backend,
-    )
-    html_path, json_path = dash.save(args.out)
-    print(f"wrote {html_path} and {json_path} ({dash.n_prompts} prompts, {dash.n_tokens} tokens)")
-    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
