@@ -175,6 +175,20 @@ def test_steered_generation_remote(ndif: Stack) -> None:
     assert not torch.equal(want["plain.generated"], want["steer.generated"])
 
 
+def test_every_sae_kind_spliced_remotely_equals_local(ndif: Stack) -> None:
+    from tests.conformance.test_sae_kinds import IDS, kinds
+
+    g = iv.Graph()
+    edits = [iv.FeatureEdit.set(1, 2.0), iv.FeatureEdit.clamp([3, 4], high=0.1)]
+    for name, sae in kinds(32).items():
+        run = g.run(name, tokens=IDS)
+        run.sae_splice(
+            "resid_post", 0, sae=sae, edits=edits, features=f"{name}.f", pos=slice(1, None)
+        )
+        run.read("logits", pos=-1, name=f"{name}.logits")
+    assert_same(remote(g, ndif), local(g))
+
+
 def test_prompts_of_different_lengths_remote_equal_local(ndif: Stack) -> None:
     g = iv.Graph()
     clean = g.run("clean", tokens=[[4, 5, 6, 7, 8], [9, 10], [11, 12, 13]])
