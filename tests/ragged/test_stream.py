@@ -4,6 +4,7 @@ the same reduction taken by hand; memory stays flat as the dataset grows."""
 from __future__ import annotations
 
 import gc
+import itertools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,7 @@ def test_a_streamed_mean_over_2000_prompts_keeps_the_memory_of_one_batch(
     kept = memory_per_chunk(monkeypatch, 2000, {})
     assert len(streamed) == len(kept) == 20
     # one batch: the most that keeping one more chunk's rows adds (chunks grow with length)
-    one_batch = max(b - a for a, b in zip(kept, kept[1:], strict=False))
+    one_batch = max(b - a for a, b in itertools.pairwise(kept))
     assert one_batch > 0
     assert max(streamed) <= 1.2 * one_batch, (max(streamed), one_batch)
     # keeping rows: 19 chunks of 100 prompts x 8-12 positions x 32 floats held at the end
