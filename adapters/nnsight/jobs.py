@@ -82,7 +82,8 @@ class _NdifJob:
     def wait(self, timeout: float | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         import time
 
-        limit = self.timeout if timeout is None else _timeout_of(timeout)
+        # 0: look once and do not wait (Job.result(timeout=0)); None: the job's own limit
+        limit = self.timeout if timeout is None else _timeout_of(timeout, allow_zero=True)
         deadline = time.monotonic() + limit
         while True:
             try:

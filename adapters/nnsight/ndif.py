@@ -58,9 +58,10 @@ def _config_host_key(host: str | None, api_key: str | None) -> tuple[str, str]:
     return found_host, str(found_key)
 
 
-def _timeout_of(value: Any) -> float:
+def _timeout_of(value: Any, *, allow_zero: bool = False) -> float:
     """``timeout=`` in seconds: ``None`` is the default (600 s); anything but a positive
     number (0, negative, NaN, a string) is an error, never replaced by the default.
+    ``allow_zero``: 0 means "look once, do not wait" (``Job.result(timeout=0)``).
 
     >>> _timeout_of(None), _timeout_of(2)
     (600.0, 2.0)
@@ -75,7 +76,8 @@ def _timeout_of(value: Any) -> float:
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or math.isnan(value)
-        or value <= 0
+        or value < 0
+        or (value == 0 and not allow_zero)
     ):
         raise InterventionError(
             f"nnsight backend: timeout must be a positive number of seconds, got {value!r}; "

@@ -226,10 +226,16 @@ def test_a_result_over_the_cap_is_refused_with_the_option_named() -> None:
 
 @pytest.mark.parametrize("bad", [0, 0.0, -1, float("nan"), "10", True])
 def test_a_timeout_that_is_not_positive_is_refused_never_replaced(bad: Any) -> None:
-    with pytest.raises(iv.InterventionError, match=r"timeout must be a positive number"):
-        job_on([]).wait(bad)
+    if bad != 0:  # waiting 0 s for a result means: look once (below)
+        with pytest.raises(iv.InterventionError, match=r"timeout must be a positive number"):
+            job_on([]).wait(bad)
     with pytest.raises(iv.InterventionError, match=r"timeout must be a positive number"):
         nns.NNsightBackend().attach("abc", host="http://127.0.0.1:9", timeout=bad)
+
+
+def test_waiting_zero_seconds_looks_once_and_times_out_naming_the_job() -> None:
+    with pytest.raises(iv.RemoteTimeout, match="job1"):
+        job_on([]).wait(0)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1.5, "1"])
