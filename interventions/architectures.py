@@ -265,6 +265,9 @@ class ModelInfo:
     n_experts: int | None = None  # mixture-of-experts families: experts per layer
     top_k: int | None = None  # and experts chosen per token
     n_kv_heads: int | None = None
+    # learned absolute positions (GPT-2's ``n_positions``): a hard limit on how many
+    # positions one forward pass may feed (rotary and ALiBi models have none here)
+    max_positions: int | None = None
 
     def head_count(self, site: Site) -> int | None:
         """Size of the head axis of a site (key-value heads for k, v and their inputs)."""
@@ -465,4 +468,5 @@ def describe(model: nn.Module) -> ModelInfo:
         else None,
         top_k=_config_int(config, "num_experts_per_tok") if config is not None else None,
         n_kv_heads=n_kv_heads or n_heads,
+        max_positions=_config_int(config, "n_positions") if config is not None else None,
     )

@@ -476,6 +476,12 @@ def _check_op(plan: Plan, op: Op, caps: Capabilities | None) -> None:
         check(plan, op, _Target(point, sizes, region))
 
 
+def _fed_positions(run: Any, ids: torch.Tensor, lengths: Any) -> int:
+    """How many positions the longest prompt of a run feeds (generated ones included)."""
+    longest = max(lengths) if lengths else (int(ids.shape[1]) if ids.ndim >= 2 else 1)
+    return int(longest) + (run.max_new_tokens - 1 if run.max_new_tokens else 0)
+
+
 def validate(
     graph: GraphSpec,
     model: nn.Module,
@@ -528,6 +534,18 @@ def validate(
             raise ValidationError(
                 f"run {name!r}: token ids must be in 0..{info.vocab - 1}, found "
                 f"{int(ids.min())}..{int(ids.max())}"
+            )
+        fed = _fed_positions(run, ids, plan.lengths.get(name))
+        if run.inputs is None and info.max_positions is not None and fed > info.max_positions:
+            extra = (
+                f" ({fed - (run.max_new_tokens or 1) + 1} of prompt and {run.max_new_tokens - 1} generated)"
+                if run.max_new_tokens
+                else ""
+            )
+            raise ValidationError(
+                f"run {name!r}: {fed} positions{extra} but {info.class_name} has learned "
+                f"positions for {info.max_positions} only; shorten the prompts"
+                + (" or max_new_tokens" if run.max_new_tokens else "")
             )
     if needs_split(graph, plan.lengths):
         split = split_graph(graph, plan.inputs, plan.lengths, plan.padding_side, info)

@@ -97,3 +97,20 @@ def test_json_round_trips_ragged_runs_per_prompt_positions_and_sampling() -> Non
     assert back == g
     assert back.runs["r"].sampling == iv.Sampling(seed=4)
     assert "lengths=2..3" in str(g) and "sample temperature=1 seed=4" in str(g)
+
+
+def test_prompts_past_the_models_learned_positions_are_refused_before_running() -> None:
+    model = hf_model("gpt2")  # 32 learned positions
+    g = iv.Graph()
+    g.run("a", tokens=[[4, 5], list(range(4, 44))]).read("logits", pos=-1)
+    with pytest.raises(iv.ValidationError, match=r"run 'a': 40 positions but .* for 32 only"):
+        run(g)
+    g = iv.Graph()
+    g.run("a", tokens=[list(range(4, 34))], max_new_tokens=5).read("logits", pos=-1)
+    with pytest.raises(
+        iv.ValidationError, match=r"34 positions \(30 of prompt and 4 generated\).*max_new_tokens"
+    ):
+        run(g)
+    g = iv.Graph()  # exactly at the limit is fine
+    g.run("a", tokens=[list(range(4, 34))], max_new_tokens=3).read("logits", pos=-1)
+    assert iv.run(g, model)["a.generated"].shape == (1, 3)
