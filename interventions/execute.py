@@ -231,19 +231,11 @@ def run(
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     if not isinstance(model, nn.Module):
         raise InterventionError(f"model must be an nn.Module or a name, got {type(model).__name__}")
-    loaded = model
-
-    def run_first(sub: Graph) -> Results:
-        return run(
-            sub,
-            loaded,
-            backend=backend,
-            tokenizer=tokenizer,
-            batch=batch,
-            budget=budget,
-            progress=progress,
-            **options,
-        )
+    # a first, smaller graph (means over ragged sources) runs the same way as this one
+    run_first = functools.partial(
+        run, model=model, backend=backend, tokenizer=tokenizer, batch=batch, budget=budget,
+        progress=progress, **options,
+    )  # fmt: skip
 
     with model_lock(model), eval_mode(model):
         model, info, plan, impl, internal = _prepare(
@@ -295,17 +287,10 @@ def _run_streamed(
         model, loaded_tokenizer = load_model(model)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
 
-    def run_chunk(sub: Any) -> Results:
-        return run(
-            sub,
-            model,
-            backend=backend,
-            tokenizer=tokenizer,
-            batch=batch,
-            budget=budget,
-            progress=False,
-            **dict(options),
-        )
+    run_chunk = functools.partial(
+        run, model=model, backend=backend, tokenizer=tokenizer, batch=batch, budget=budget,
+        progress=False, **options,
+    )  # fmt: skip
 
     size = chunk_size if chunk_size is not None else 2**62  # reductions alone: one chunk
     return run_in_chunks(graph, tokenizer, size, reduce, shards, run_chunk, progress)
@@ -438,19 +423,11 @@ def _run_remote(
 ) -> Job:
     """Prepare the plan on the client and hand it to the backend as one request: a Job."""
 
-    given, first_options = model, dict(options)
-
-    def run_first(sub: Graph) -> Results:
-        return run(
-            sub,
-            given,
-            backend=backend,
-            tokenizer=tokenizer,
-            batch=batch,
-            budget=budget,
-            remote=remote,
-            **first_options,
-        )
+    # bound before ``options`` gains the host below; a first graph goes to the same host
+    run_first = functools.partial(
+        run, model=model, backend=backend, tokenizer=tokenizer, batch=batch, budget=budget,
+        remote=remote, **options,
+    )  # fmt: skip
 
     model, info, plan, impl, internal = _prepare(
         graph, model, backend, tokenizer, batch, budget, options, remote=True, first=run_first

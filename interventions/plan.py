@@ -18,6 +18,7 @@ from interventions.architectures import ModelInfo
 from interventions.batching import Budget
 from interventions.errors import SpecError, ValidationError
 from interventions.ops import Ablate, EdgePatch, Op, Read, SAESplice, produces
+from interventions.runs import padded
 from interventions.sites import Index, PerPrompt, Select, Site, Span
 from interventions.spec import GraphSpec, Run
 
@@ -167,15 +168,6 @@ def tokenize(run: Run, tokenizer: Any) -> torch.Tensor:
             f"run {run.name!r}: its prompts tokenize to different lengths {lengths}"
         )
     return torch.tensor(rows, dtype=torch.long)
-
-
-def padded(rows: list[list[int]]) -> tuple[torch.Tensor, tuple[int, ...] | None]:
-    """Rows left-aligned and zero-filled, and their lengths when they differ."""
-    lengths = tuple(len(r) for r in rows)
-    ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return ids, (lengths if len(set(lengths)) > 1 else None)
 
 
 def run_inputs(

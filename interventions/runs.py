@@ -167,14 +167,22 @@ def token_rows(
     for i, row in enumerate(rows):
         if not row:
             raise SpecError(f"run {name!r}: prompt {i} is empty; every prompt needs a token")
-    lengths = [len(r) for r in rows]
-    width = max(lengths)
-    padded = torch.zeros(len(rows), width, dtype=torch.long)
+    ids, lengths = padded(rows)
+    return ids, None if lengths is None else torch.tensor(lengths, dtype=torch.long)
+
+
+def padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """Rows left-aligned and zero-filled, and their lengths when they differ.
+
+    >>> padded([[1, 2, 3], [4]])
+    (tensor([[1, 2, 3],
+            [4, 0, 0]]), (3, 1))
+    """
+    lengths = tuple(len(r) for r in rows)
+    ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
     for i, row in enumerate(rows):
-        padded[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    if len(set(lengths)) == 1:
-        return padded, None
-    return padded, torch.tensor(lengths, dtype=torch.long)
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return ids, (lengths if len(set(lengths)) > 1 else None)
 
 
 def _unpad(name: str, ids: torch.Tensor, attention_mask: Any) -> list[list[int]]:

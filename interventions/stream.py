@@ -41,6 +41,7 @@ from interventions.errors import InterventionError, SpecError, choices_text
 from interventions.ops import Ablate, Add, Const, EdgePatch, Op, Patch
 from interventions.plan import run_inputs
 from interventions.results import Results
+from interventions.runs import padded
 from interventions.sites import PerPrompt
 from interventions.spec import GraphSpec
 
@@ -163,12 +164,13 @@ def _rows_graph(
         full = ids[name]
         if name in lengths:
             token_rows = [full[i, : lengths[name][i]].tolist() for i in keep]
-            padded, lens = _padded(token_rows)
+            ids_rows, row_lengths = padded(token_rows)
+            lens = None if row_lengths is None else torch.tensor(row_lengths)
         else:
-            padded, lens = full[keep], None
+            ids_rows, lens = full[keep], None
         sub.runs[name] = replace(
             run,
-            tokens=sub._add_tensor(padded),
+            tokens=sub._add_tensor(ids_rows),
             lengths=None if lens is None else sub._add_tensor(lens),
         )
     ops: list[Op] = []
@@ -195,14 +197,6 @@ def _rows_graph(
         ops.append(op)
     sub.ops = ops
     return sub
-
-
-def _padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    lengths = [len(r) for r in rows]
-    out = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out, (torch.tensor(lengths) if len(set(lengths)) > 1 else None)
 
 
 def run_in_chunks(
