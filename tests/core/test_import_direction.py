@@ -19,6 +19,7 @@ DATA = {
     "interventions.sites",
     "interventions.ops",
     "interventions.runs",
+    "interventions.builder",
     "interventions.spec",
     "interventions.tensor_bytes",
     # the SAE kinds a graph may splice: weights and their formulas (not loading or training)
