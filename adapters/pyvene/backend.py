@@ -186,6 +186,7 @@ class PyveneBackend:
         generated: dict[str, torch.Tensor] = {}
         guard = _ModelGuard(model)
         wrapper = _Wrapped(model)
+        wrapper.foreign_hooks = guard.own_hooks()
         device = _device(model)
         try:
             with contextlib.nullcontext() if grad else torch.no_grad():

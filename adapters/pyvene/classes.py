@@ -57,6 +57,9 @@ class _Target:
     point: HookPoint
     ctx: _RunContext
     aligned: bool = False  # patch from a whole-site read: take the same entries
+    # the source value is one element (every axis selected by an int): pyvene is handed it
+    # with one axis, since it indexes the first axis of every source when generating
+    scalar_source: bool = False
 
     def select(self) -> Select | None:
         """The op's selector for the current forward step (``None``: not this step)."""
@@ -129,6 +132,8 @@ def _classes() -> _Classes:
             x = target.view_in(base)
             axes = target.axes(x)
             value = value.to(device=x.device, dtype=x.dtype)
+            if target.scalar_source:
+                value = value.reshape(())
             if target.aligned:
                 value = take(value, select, axes)
             if target.ctx.grad:

@@ -94,8 +94,19 @@ def _compile(plan: Plan, run: str, ctx: _RunContext) -> _Compiled:
                 private(point)
             if isinstance(op, Patch) and isinstance(op.value, Ref):
                 # a whole-site read is aligned; a selected read or SAE features are not
-                target = _Target(op, point, ctx, aligned=plan.aligned(op.value.read))
-                out.sources[add(point, classes.patch(target))] = ctx.state.results[op.value.read]
+                value = ctx.state.results[op.value.read]
+                target = _Target(
+                    op,
+                    point,
+                    ctx,
+                    aligned=plan.aligned(op.value.read),
+                    scalar_source=value.ndim == 0,
+                )
+                # pyvene's generate reads ``source[0]`` of every source (its stateful-model
+                # bookkeeping), which a 0-d tensor does not have
+                out.sources[add(point, classes.patch(target))] = (
+                    value.reshape(1) if value.ndim == 0 else value
+                )
             elif isinstance(op, Patch):
                 assert isinstance(op.value, Const)
                 constant = plan.graph.tensors[op.value.tensor]

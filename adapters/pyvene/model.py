@@ -89,6 +89,9 @@ class _Wrapped(nn.Module):
         self.clock: _StepClock | None = None
         self.inputs: list[tuple[nn.Module, bool]] = []  # input sites, and whether to copy
         self.private_outputs: list[nn.Module] = []
+        # the model's own hooks (the user's, transformers'): pyvene removes every hook of
+        # the model when a call starts, so they are put back for the call, ahead of pyvene's
+        self.foreign_hooks: list[tuple[nn.Module, str, list[tuple[Any, Any]]]] = []
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         return iter(())
@@ -116,6 +119,7 @@ class _Wrapped(nn.Module):
     @contextlib.contextmanager
     def _helpers(self) -> Iterator[None]:
         handles: list[torch.utils.hooks.RemovableHandle] = []
+        restored = _restore_foreign(self.foreign_hooks)
         try:
             if self.clock is not None:
                 handles.append(
@@ -132,6 +136,30 @@ class _Wrapped(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+            for table, keys in restored:
+                for key in keys:
+                    table.pop(key, None)
+
+
+def _restore_foreign(
+    hooks: list[tuple[nn.Module, str, list[tuple[Any, Any]]]],
+) -> list[tuple[dict[Any, Any], list[Any]]]:
+    """Put the model's own hooks that pyvene removed back in front of their tables (they
+    ran before ours in the reference too); returns what was put back, to take out again."""
+    restored: list[tuple[dict[Any, Any], list[Any]]] = []
+    for module, attr, items in hooks:
+        table = module.__dict__.get(attr)
+        if table is None:
+            continue
+        missing = [(k, h) for k, h in items if k not in table]
+        if not missing:
+            continue
+        rest = list(table.items())
+        table.clear()
+        table.update(missing)
+        table.update(rest)
+        restored.append((table, [k for k, _ in missing]))
+    return restored
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,6 +186,14 @@ class _ModelGuard:
                 table = attrs.get(attr)
                 if table:
                     self.hooks[(i, attr)] = list(table.items())
+
+    def own_hooks(self) -> list[tuple[nn.Module, str, list[tuple[Any, Any]]]]:
+        """The model's forward hooks and pre-hooks as they were before the run."""
+        return [
+            (self.modules[i], attr, items)
+            for (i, attr), items in self.hooks.items()
+            if attr in ("_forward_hooks", "_forward_pre_hooks")
+        ]
 
     def restore(self) -> None:
         for module, training in zip(self.modules, self.training, strict=True):

@@ -83,21 +83,7 @@ def test_disk_offloaded_model_gives_single_device_results(
     assert hook_count(model) == 0
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "torch",
-        "nnsight",
-        pytest.param(
-            "pyvene",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="the injected pre-hook on the offloaded layer's MLP does not fire "
-                "under pyvene here (run 'b' succeeds); not investigated yet",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_offloaded_model_keeps_no_hook_after_a_failure(backend: str, tmp_path: Path) -> None:
     model = _dispatched("llama", tmp_path)
     before = model(IDS_A).logits

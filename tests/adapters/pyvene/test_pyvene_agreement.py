@@ -401,6 +401,35 @@ def test_generation_with_steering(family: str) -> None:
     assert not torch.equal(res["steer.generated"], res["plain.generated"])
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_generation_with_a_one_element_patch_from_another_run(family: str) -> None:
+    """A patch of one element (batch, pos and dims all ints) from another run while
+    generating: pyvene's generate indexes the first axis of every source value, which a
+    0-d tensor lacks (IndexError in ``_tidy_stateful_activations``); the adapter hands it
+    a one-element vector and views it back."""
+    model = hf_model(family)
+    g = iv.Graph()
+    src = g.run("src", tokens=IDS_SRC)
+    gen = g.run("gen", tokens=IDS, max_new_tokens=3)
+    one = dict(batch=1, pos=2, dims=5)
+    gen.patch("embed", value=src.read("embed", **one), **one)
+    gen.patch(
+        "resid_post",
+        0,
+        value=src.read("resid_post", 0, batch=0, pos=-1, dims=0),
+        batch=0,
+        pos=-1,
+        dims=0,
+    )
+    gen.read("embed", pos=2, name="embed")
+    gen.read("logits", pos=slice(-1, None), name="logits")
+    res = agree(g, model)
+    with torch.no_grad():
+        want = model.get_input_embeddings()(IDS_SRC)[1, 2, 5]
+    assert res["embed"][1, 5] == want  # the patched element, exactly
+    assert res["gen.generated"].shape == (2, 3)
+
+
 def test_generation_does_not_stop_at_eos() -> None:
     model = hf_model("llama")
     eos = int(getattr(model, "config").eos_token_id)  # noqa: B009 - typed as Any
@@ -637,4 +666,38 @@ def test_user_state_survives_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
         model.blocks[1].eval()
         model.embed.weight.requires_grad_(True)
         monkeypatch.undo()
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("generate", [False, True])
+def test_the_models_own_hooks_run_during_the_run(generate: bool) -> None:
+    """pyvene removes every hook of the model when a call starts; the adapter puts the
+    model's own hooks back for the call, ahead of pyvene's, so a user's edit (here: a
+    pre-hook doubling layer 1's input, a forward hook adding to layer 0's MLP output)
+    changes the numbers on pyvene exactly as on the torch reference."""
+    model = hf_model("llama")
+    layers = model.model.layers
+    pre = layers[1].register_forward_pre_hook(lambda m, args: (2 * args[0], *args[1:]))
+    post = layers[0].mlp.register_forward_hook(lambda m, args, out: out + 0.5)
+    try:
+        g = iv.Graph()
+        r = g.run("x", tokens=IDS, max_new_tokens=2 if generate else None)
+        r.add("resid_post", 0, direction=randn(32, seed=5), pos=-1)
+        r.read("resid_pre", 1, name="pre")
+        r.read("logits", pos=-1, name="out")
+        want = iv.run(g, model)
+        with torch.no_grad():
+            plain = model(IDS).logits[:, -1]
+        assert not torch.allclose(want["out"], plain, atol=1e-2)  # the hooks matter
+        got = iv.run(g, model, backend="pyvene")
+        for name in want:
+            if want[name].is_floating_point():
+                assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
+            else:
+                assert torch.equal(got[name], want[name])
+        assert list(layers[1]._forward_pre_hooks) == [pre.id]
+        assert list(layers[0].mlp._forward_hooks) == [post.id]
+    finally:
+        pre.remove()
+        post.remove()
     assert hook_count(model) == 0
