@@ -41,6 +41,13 @@ from interventions.selection import put, site_axes, take
 from interventions.sites import Select, Site
 
 
+def _snapshot(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+    """What a read keeps: a copy of the tensor as the hook sees it, since the model may
+    write into it afterwards (Falcon adds attention's output into its MLP's output in
+    place). The logits are the model's own output, which it does not touch again."""
+    return x.detach() if point.view == "logits" else x.detach().clone()
+
+
 @dataclass
 class _Entry:
     """An op (or a capture for another run's ablation) at one hook point."""
@@ -144,11 +151,11 @@ class _Hooks:
                 owned = False
                 continue
             if entry.op is None:
-                kept = x if self.grad else x.detach()
+                kept = x if self.grad else _snapshot(point, x)
                 self.captures.setdefault(str(entry.site), []).append(kept)
                 # the latest value, for this run's own cross-site SAE splices
                 self.state.captures[(self.run, str(entry.site))] = kept
-                owned = False
+                owned = owned and kept is not x
                 continue
             op = entry.op
             if isinstance(op, EdgePatch):
@@ -158,13 +165,16 @@ class _Hooks:
                 if self.grad and not self.generating:
                     # route the forward through the recorded tensor so gradients reach it
                     region = take(x, op.select, axes)
-                    if region is not x:
-                        x = put(x, op.select, axes, region)
+                    # the forward goes on from a function of the region, never the region
+                    # itself, which the model might write into (Falcon's MLP output)
+                    x = put(x, op.select, axes, region) if region is not x else region.clone()
                     self.selected[op.name] = region
+                    owned = True
                     continue
                 # reads keep every position of every step; their selector applies at the end
-                self.recorded.setdefault(op.name, []).append(x.detach())
-                owned = False
+                kept = _snapshot(point, x)
+                self.recorded.setdefault(op.name, []).append(kept)
+                owned = owned and kept is not x
                 continue
             select: Select | None = op.select
             if self.generating:

@@ -200,6 +200,22 @@ _BUILTIN: tuple[ArchitectureMap, ...] = (
         mlp_out="mlp.dense_4h_to_h",
     ),
     ArchitectureMap(
+        # Falcon: attention and MLP read the same normed input (falcon-7b, parallel_attn),
+        # each its own norm (falcon-40b, new_decoder_architecture) or go one after the other
+        # (parallel_attn=False); the block adds attention's output into the MLP's output in
+        # place, so mlp_out is read before that add. q/k/v are left out: the fused
+        # query_key_value's layout differs between the three (multi-query, grouped, per head)
+        name="falcon",
+        model_types=("falcon",),
+        layers="transformer.h",
+        embed="transformer.word_embeddings",
+        final_norm="transformer.ln_f",
+        attn="self_attention",
+        attn_out_proj="self_attention.dense",
+        mlp="mlp",
+        mlp_down_proj="mlp.dense_4h_to_h",
+    ),
+    ArchitectureMap(
         # mixture of experts: mlp_out is the whole sparse block (Qwen-MoE: shared expert
         # included); the experts' weights are fused, so there is no mlp_hidden
         name="moe",

@@ -233,7 +233,7 @@ def check_architecture(
 
     def keep(key: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            seen[key] = _tensor(output).detach()
+            seen[key] = _tensor(output).detach().clone()  # Falcon adds into it afterwards
 
         return hook
 

@@ -73,6 +73,13 @@ def _cfg(name: str):
         )
     if name == "bloom":
         return t.BloomConfig(n_layer=2, n_head=4, hidden_size=32, **common)
+    falcon = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, **common)
+    if name == "falcon":  # falcon-7b: parallel attention and MLP, one norm, multi-query
+        return t.FalconConfig(**falcon)
+    if name == "falcon_new":  # falcon-40b: parallel, two norms (ln_attn, ln_mlp), grouped kv
+        return t.FalconConfig(new_decoder_architecture=True, num_kv_heads=2, **falcon)
+    if name == "falcon_seq":  # falcon-rw style sequential block (no ALiBi here)
+        return t.FalconConfig(parallel_attn=False, multi_query=False, **falcon)
     moe = dict(num_experts_per_tok=2, **llama_like)
     if name == "mixtral":
         return t.MixtralConfig(num_local_experts=4, **moe)
@@ -90,8 +97,9 @@ def _cfg(name: str):
 
 FIRST_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma")
 NEW_FAMILIES = ("gemma2", "gemma3", "qwen3", "phi3", "olmo2", "gptj", "opt", "bloom")
+FALCON_FAMILIES = ("falcon", "falcon_new", "falcon_seq")  # one model_type, three blocks
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-ALL_FAMILIES = FIRST_FAMILIES + NEW_FAMILIES + MOE_FAMILIES
+ALL_FAMILIES = FIRST_FAMILIES + NEW_FAMILIES + FALCON_FAMILIES + MOE_FAMILIES
 # the per-adapter tests (hand-written module paths per family) cover the first six; the
 # conformance suite, the family tests and DLA cover ALL_FAMILIES
 HF_FAMILIES = FIRST_FAMILIES

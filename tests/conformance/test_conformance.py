@@ -44,9 +44,14 @@ RAW_SITES = {
         "transformer.h.0.mlp.dense_4h_to_h.output",
         "transformer.h.1.self_attention.dense.input",
     ),
+    **{
+        f: ("transformer.h.0.mlp.output", "transformer.h.1.self_attention.dense.input")
+        for f in ("falcon", "falcon_new", "falcon_seq")
+    },
 }
 LLAMA_RAW = ("model.layers.0.mlp.output", "model.layers.1.self_attn.o_proj.input")
 D_MLP = {"gpt2": 128, "gpt_neox": 64, "gptj": 128, "bloom": 128}
+D_MLP.update(falcon=128, falcon_new=128, falcon_seq=128)
 HEAD_DIM = {"gemma": 16}
 # fused experts have no mlp_hidden; the router sites are held to hand-written hooks in
 # test_families.py (nnsight and pyvene refuse them by name)

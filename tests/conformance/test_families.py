@@ -172,3 +172,34 @@ def test_half_precision_agrees(family: str, dtype: torch.dtype, backend: str) ->
     # and the half model is close to the fp32 one (a sanity bound, not the contract)
     ref = iv.run(g, hf_model(family))
     torch.testing.assert_close(want["out"].float(), ref["out"], atol=0.25, rtol=0.1)
+
+
+@pytest.mark.parametrize("family", ["falcon", "falcon_new", "falcon_seq"])
+def test_falcon_mlp_out_is_read_before_the_block_adds_attention_into_it(family: str) -> None:
+    """Falcon's block does ``mlp_output += attention_output`` in place after the MLP
+    returns: a read of ``mlp_out`` is the MLP alone, held to the MLP run by hand on the
+    input its norm gives; q/k/v are refused by name (the fused layout differs per variant)."""
+    model = hf_model(family)
+    layer = model.transformer.h[1]
+    norm = layer.ln_mlp if family == "falcon_new" else layer.input_layernorm
+    if family == "falcon_seq":
+        norm = layer.post_attention_layernorm
+    seen: list[torch.Tensor] = []
+    handle = norm.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    try:
+        g = iv.Graph()
+        g.run("a", tokens=IDS).read("mlp_out", layer=1, name="m")
+        got = iv.run(g, model)["m"]
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        want = layer.mlp(seen[-1])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for backend in ("nnsight", "pyvene"):
+        torch.testing.assert_close(
+            iv.run(g, model, backend=backend)["m"], want, atol=1e-6, rtol=1e-6
+        )
+    g = iv.Graph()
+    g.run("a", tokens=IDS).read("q", layer=0)
+    with pytest.raises(iv.UnknownSite, match="no 'q'"):
+        iv.validate(g, model)
