@@ -171,9 +171,14 @@ def run(
     chunk_size: int | None = None,
     reduce: Mapping[str, str] | None = None,
     shards: str | os.PathLike[str] | None = None,
+    read_dtype: torch.dtype | None = None,
     **options: Any,
 ) -> Results:
     """Validate ``graph`` against ``model``, execute it on ``backend``, return :class:`Results`.
+
+    ``read_dtype=torch.float32`` gives every floating-point read in that dtype (a bf16 or
+    fp16 model's reads upcast exactly, after the run: the model runs in its own dtype);
+    integer results (expert ids, generated tokens) are left as they are.
 
     ``chunk_size=n`` streams a dataset: the graph runs on ``n`` prompts at a time (sorted
     by length, results in dataset order), and ``reduce={"read": "mean" | "sum" |
@@ -206,7 +211,10 @@ def run(
     >>> iv.run(g, torch.nn.Linear(4, 3))["y"].shape
     torch.Size([1, 2, 3])
     """
+    _check_read_dtype(read_dtype)
     if chunk_size is not None or reduce or shards is not None:
+        if read_dtype is not None:  # each chunk's reads, before they are reduced
+            options = {**options, "read_dtype": read_dtype}
         return _run_streamed(
             graph,
             model,
@@ -225,7 +233,8 @@ def run(
         job = _run_remote(
             graph, model, backend, tokenizer, batch, budget, remote, options, wait=True
         )
-        return job.result(timeout=None)  # None: the timeout= option given to the backend
+        done = job.result(timeout=None)  # None: the timeout= option given to the backend
+        return done if read_dtype is None else _cast_reads(done, read_dtype)
     if isinstance(model, str):
         model, loaded_tokenizer = load_model(model)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
@@ -261,11 +270,27 @@ def run(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     wanted = graph.reads()
-    return Results(
+    results = Results(
         {k: tensors[k] for k in wanted if k in tensors and k not in internal},
         provenance,
         masks={k: m for k, m in masks.items() if k in wanted},
     )
+    return results if read_dtype is None else _cast_reads(results, read_dtype)
+
+
+def _check_read_dtype(dtype: object) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InterventionError(
+            f"read_dtype={dtype!r}: expected a floating-point torch dtype, e.g. "
+            "torch.float32, torch.float64, torch.bfloat16, torch.float16, or None"
+        )
+
+
+def _cast_reads(results: Results, dtype: torch.dtype) -> Results:
+    """``results`` with every floating-point tensor in ``dtype`` (masks, ints untouched)."""
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in results.items()}
+    masks = {k: m for k in results if (m := results.mask(k)) is not None}
+    return Results(tensors, results.provenance, masks=masks)
 
 
 def _run_streamed(

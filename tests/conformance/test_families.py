@@ -162,12 +162,20 @@ def test_half_precision_agrees(family: str, dtype: torch.dtype, backend: str) ->
     # a float32 direction: it follows the model's dtype at the site
     b.add("mlp_out", layer=1, direction=torch.randn(32), scale=2.0)
     b.ablate("attn_out", layer=1, method="zero", pos=[1, 2])
+    # a float32 SAE: it encodes and decodes in float32, and its output goes back into the
+    # model in the model's dtype (the error term kept in that dtype too)
+    w = torch.randn(32, 16) / 4
+    sae = iv.StandardSAE(w, torch.zeros(16), w.T.contiguous(), torch.zeros(32))
+    b.sae_splice("resid_pre", layer=1, sae=sae, error="drop", features="f")
+    b.read("resid_pre", layer=1, name="spliced")
     b.read("logits", name="out")
     want = iv.run(g, model)
     got = iv.run(g, model, backend=backend)
     tol = HALF_TOLERANCE[dtype]
-    for name in ("h", "out"):
-        assert want[name].dtype == dtype
+    assert want["f"].dtype == got["f"].dtype == torch.float32
+    torch.testing.assert_close(got["f"], want["f"], atol=tol, rtol=tol)
+    for name in ("h", "spliced", "out"):
+        assert want[name].dtype == got[name].dtype == dtype
         torch.testing.assert_close(got[name], want[name], atol=tol, rtol=tol)
     # and the half model is close to the fp32 one (a sanity bound, not the contract)
     ref = iv.run(g, hf_model(family))
@@ -203,3 +211,44 @@ def test_falcon_mlp_out_is_read_before_the_block_adds_attention_into_it(family: 
     g.run("a", tokens=IDS).read("q", layer=0)
     with pytest.raises(iv.UnknownSite, match="no 'q'"):
         iv.validate(g, model)
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight", "pyvene"])
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_reads_upcast_on_request_equal_the_half_reads_upcast(family: str, backend: str) -> None:
+    """``read_dtype=torch.float32``: a bf16 model's reads come back float32, bit for bit
+    the bf16 reads upcast; the model stays bf16 (it runs in its own dtype); integer
+    results (generated tokens, expert ids) stay integers."""
+    model = _half(family, torch.bfloat16)
+    g = iv.Graph()
+    a = g.run("a", tokens=IDS)
+    a.read("resid_post", layer=0, name="h")
+    a.read("head", layer=1, head=2, pos=-1, name="head")
+    b = g.run("b", tokens=IDS.flip(0))
+    b.patch("mlp_out", layer=0, value=a.read("mlp_out", layer=0), pos=[1, 2])
+    b.add(
+        "resid_pre", layer=1, direction=torch.randn(32, generator=torch.Generator().manual_seed(4))
+    )
+    b.read("logits", pos=-1, name="out")
+    gen = g.run("gen", tokens=IDS[:1, :5], max_new_tokens=2)
+    gen.read("resid_post", layer=1, name="gen.h")
+    half = iv.run(g, model, backend=backend)
+    up = iv.run(g, model, backend=backend, read_dtype=torch.float32)
+    assert set(up) == set(half)
+    for name in half:
+        if half[name].is_floating_point():
+            assert half[name].dtype == torch.bfloat16 and up[name].dtype == torch.float32, name
+            assert torch.equal(up[name], half[name].float()), name
+        else:
+            assert up[name].dtype == half[name].dtype and torch.equal(up[name], half[name])
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert hook_count(model) == 0
+
+
+def test_read_dtype_must_be_a_floating_dtype() -> None:
+    g = iv.Graph()
+    g.run("a", tokens=IDS).read("logits", name="out")
+    for bad in (torch.int64, "float32"):
+        with pytest.raises(iv.InterventionError, match=r"read_dtype=.*floating-point torch dtype"):
+            iv.run(g, hf_model("llama"), read_dtype=bad)  # type: ignore[arg-type]
+    assert hook_count(hf_model("llama")) == 0
