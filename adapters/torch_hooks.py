@@ -48,6 +48,27 @@ def _snapshot(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
     return x.detach() if point.view == "logits" else x.detach().clone()
 
 
+def expert_outputs(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Each expert's output for each row of ``x`` (tokens, d_model), as transformers'
+    fused ``*Experts`` computes it for the tokens routed to it: ``down(act(gate) * up)``
+    with ``gate, up = gate_up_proj @ x`` halves. Returns (tokens, expert, d_model).
+    """
+    act: Callable[[torch.Tensor], torch.Tensor] = getattr(experts, "act_fn")  # noqa: B009
+    gate_up = torch.einsum("nd,efd->nef", x, experts.gate_up_proj)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.einsum("nef,edf->ned", act(gate) * up, experts.down_proj)
+
+
+def _expert_args(point: HookPoint, args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if len(args) != 3 or not all(isinstance(a, torch.Tensor) for a in args):
+        raise ExecutionError(
+            f"{point.module} was called without (hidden_states, top_k_index, top_k_weights) "
+            "as positional arguments; expert_out needs transformers' fused experts module"
+        )
+    x, index, weights = args
+    return x, index, weights
+
+
 @dataclass
 class _Entry:
     """An op (or a capture for another run's ablation) at one hook point."""
@@ -308,11 +329,33 @@ class _Hooks:
                 flat = output[0 if point.view == "router_logits" else 2]
                 self._process(point, flat.reshape(-1, self.clock.length, flat.shape[-1]))
                 return output
+            if point.view == "expert_out":
+                return self._experts(point, module, args, output)
             x = _get_plain(output)
             new = self._view_out(point, self._process(point, self._view_in(point, x)))
             return output if new is x else _set_plain(output, new)
 
         return hook
+
+    def _experts(
+        self, point: HookPoint, module: nn.Module, args: Any, output: torch.Tensor
+    ) -> torch.Tensor:
+        """``expert_out``: every expert's output for every token, recomputed from the fused
+        weights; a write changes the block's output by each chosen expert's routing
+        weight times the change to its output (unchosen experts' entries change nothing)."""
+        x, index, weights = _expert_args(point, args)
+        every = expert_outputs(module, x)  # (tokens, expert, d_model)
+        view = every.reshape(-1, self.clock.length, *every.shape[1:])
+        new = self._process(point, view)
+        if new is view:
+            return output
+        n_experts = every.shape[1]
+        chosen = index.clamp(max=n_experts - 1)  # an id of n_experts: no expert (padding)
+        delta = (new.reshape(every.shape) - every).gather(
+            1, chosen[..., None].expand(*index.shape, every.shape[-1])
+        )  # (tokens, top-k slot, d_model): the chosen experts' changes
+        weight = torch.where(index < n_experts, weights, torch.zeros_like(weights))
+        return output + (delta * weight[..., None]).sum(1).to(output.dtype)
 
     def _input_hook(self, point: HookPoint) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
@@ -455,6 +498,7 @@ class TorchHooksBackend:
                 "tokens",
                 "router_logits",
                 "router_choice",
+                "expert_out",
                 *QKV_VIEWS,
                 *SPLIT_VIEWS,
             }

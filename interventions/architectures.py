@@ -44,6 +44,7 @@ _WHY_MISSING = {
     "mlp_hidden": "its MLP has no per-token down projection, e.g. fused experts",
     "router_logits": "it is not a mixture-of-experts family",
     "experts_chosen": "it is not a mixture-of-experts family",
+    "expert_out": "it is not a mixture-of-experts family with fused experts",
 }
 
 
@@ -77,6 +78,9 @@ class ArchitectureMap:
     attn_out: str | None = None
     mlp_out: str | None = None
     router: str | None = None
+    # fused MoE experts (transformers' ``*Experts``: gate_up_proj [E, 2F, d], down_proj
+    # [E, d, F], act_fn; called as experts(x, top_k_index, top_k_weights))
+    experts: str | None = None
     flat_mlp: bool = False  # the MLP sees (batch * pos, d) rows, as OPT's fc1/fc2 do
     attn_norm: str | None = None
     mlp_norm: str | None = None
@@ -228,6 +232,7 @@ _BUILTIN: tuple[ArchitectureMap, ...] = (
         mlp="mlp",
         mlp_down_proj=None,
         router="mlp.gate",
+        experts="mlp.experts",
     ),
 )
 
@@ -287,6 +292,8 @@ class ModelInfo:
 
     def head_count(self, site: Site) -> int | None:
         """Size of the head axis of a site (key-value heads for k, v and their inputs)."""
+        if site.name == "expert_out":
+            return self.n_experts
         return self.n_kv_heads if site.name in KV_HEAD_SITES else self.n_heads
 
     def width(self, site: Site) -> int | None:
@@ -335,6 +342,7 @@ class ModelInfo:
         points = standard_hook_points(a, site.layer)
         missing = {"mlp_hidden": a.mlp_down_proj, "router_logits": a.router}
         missing["experts_chosen"] = a.router
+        missing["expert_out"] = a.experts
         if site.name in missing and missing[site.name] is None:
             have = [n for n in STANDARD_SITES if n not in missing or missing[n] is not None]
             raise UnknownSite(
@@ -377,6 +385,7 @@ def standard_hook_points(a: ArchitectureMap, layer: int | str | None) -> dict[st
         "mlp_hidden": HookPoint(f"{block}.{a.mlp_down_proj}", "input", mlp_view),
         "router_logits": HookPoint(f"{block}.{a.router}", "output", "router_logits"),
         "experts_chosen": HookPoint(f"{block}.{a.router}", "output", "router_choice"),
+        "expert_out": HookPoint(f"{block}.{a.experts}", "output", "expert_out"),
         "final_norm": HookPoint(a.final_norm, "output"),
         "logits": HookPoint("", "output", "logits"),
     }

@@ -60,6 +60,8 @@ def _nnsight(point: HookPoint | None) -> str:
         return f"`model.{path}.output[{_ROUTER_ITEM[point.view]}]` (torch backend only here)"
     if point.view == "attn_weights":
         return f"`model.{path}.output[1]` (eager attention)"
+    if point.view == "expert_out":
+        return "— (torch backend only: recomputed from the fused experts' weights)"
     return f"`model.{path}.{point.io}`" + _NOTES.get(point.view, "")
 
 
@@ -68,7 +70,7 @@ def _pyvene(point: HookPoint | None) -> str:
         return "— (not in this family's map)"
     if point.view == "attn_weights":
         return "— (pyvene cannot read it)"
-    if point.view in _ROUTER_ITEM:
+    if point.view in _ROUTER_ITEM or point.view == "expert_out":
         return "— (torch backend only)"
     if point.view not in ("plain", "heads", "logits", "tokens"):
         return "— (not built on pyvene yet)"
@@ -82,6 +84,7 @@ def crosswalk_rows(arch: ArchitectureMap) -> list[tuple[str, str, str, str]]:
     points = standard_hook_points(arch, "L")
     absent = {"mlp_hidden": arch.mlp_down_proj, "router_logits": arch.router}
     absent["experts_chosen"] = arch.router
+    absent["expert_out"] = arch.experts
     rows = []
     for site, kind in STANDARD_SITES.items():
         label = f"`{site}[L]`" if kind.layered else f"`{site}`"

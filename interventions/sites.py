@@ -308,6 +308,13 @@ STANDARD_SITES: dict[str, SiteKind] = {
         writable=False,
         doc="MoE experts chosen per token (int64 ids), one per top-k slot on the last axis",
     ),
+    # the head axis counts experts here (select them with head=)
+    "expert_out": SiteKind(
+        HEADS,
+        True,
+        doc="MoE: each expert's own output for every token, before its routing weight "
+        "(batch, pos, expert, d_model); the block adds weight x output for the chosen ones",
+    ),
 }
 
 RAW_SUFFIXES = (".output", ".input")

@@ -252,3 +252,91 @@ def test_read_dtype_must_be_a_floating_dtype() -> None:
         with pytest.raises(iv.InterventionError, match=r"read_dtype=.*floating-point torch dtype"):
             iv.run(g, hf_model("llama"), read_dtype=bad)  # type: ignore[arg-type]
     assert hook_count(hf_model("llama")) == 0
+
+
+def _moe_input(model: torch.nn.Module, layer: int) -> torch.Tensor:
+    """The input of layer ``layer``'s sparse MoE block (a hand-written pre-hook)."""
+    seen: list[torch.Tensor] = []
+    block = model.model.layers[layer].mlp
+    handle = block.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    try:
+        with torch.no_grad():
+            model(IDS)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _by_hand(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Route ``x`` by hand and run every expert by hand from the fused weights: (every
+    expert's output (b, t, e, d), the chosen ids (b, t, k), their weights (b, t, k))."""
+    import torch.nn.functional as F
+
+    moe, config = model.model.layers[1].mlp, model.config
+    probs = F.softmax((x @ moe.gate.weight.T).float(), dim=-1)
+    weights, chosen = probs.topk(config.num_experts_per_tok, dim=-1)
+    if config.model_type == "mixtral" or getattr(config, "norm_topk_prob", False):
+        weights = weights / weights.sum(-1, keepdim=True)
+    outs = []
+    for e in range(moe.experts.gate_up_proj.shape[0]):
+        gate, up = (x @ moe.experts.gate_up_proj[e].T).chunk(2, dim=-1)
+        outs.append((F.silu(gate) * up) @ moe.experts.down_proj[e].T)
+    return torch.stack(outs, dim=2), chosen, weights
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2_moe"])
+def test_expert_out_against_experts_run_by_hand(family: str) -> None:
+    """``expert_out[L]`` is each expert's output for every token (before its routing
+    weight), held to the experts computed by hand from the fused weights; the routed sum
+    of the chosen ones is the block's output (Qwen-MoE: plus its shared expert); and
+    patching one expert's output at one token changes ``mlp_out`` there by exactly the
+    routing weight times the change, or not at all where that expert was not chosen."""
+    model = hf_model(family)
+    x = _moe_input(model, 1)
+    every, chosen, weights = _by_hand(model, x)
+    g = iv.Graph()
+    clean = g.run("clean", tokens=IDS)
+    clean.read("expert_out", layer=1, name="experts")
+    clean.read("mlp_out", layer=1, name="mlp")
+    clean.read("experts_chosen", layer=1, name="chosen")
+    # (batch 1, pos 3): patch the first chosen expert there, and one it did not choose
+    on = int(chosen[1, 3, 0])
+    off = next(e for e in range(4) if e not in chosen[1, 3].tolist())
+    value = torch.linspace(-2.0, 2.0, 32)
+    for name, expert in (("on", on), ("off", off)):
+        run = g.run(name, tokens=IDS)
+        run.patch("expert_out", layer=1, head=expert, batch=1, pos=3, value=value)
+        run.read("mlp_out", layer=1, name=f"{name}.mlp")
+        run.read("expert_out", layer=1, head=expert, name=f"{name}.expert")
+    out = iv.run(g, model)
+    assert out["experts"].shape == (2, 7, 4, 32)
+    torch.testing.assert_close(out["experts"], every, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out["chosen"], chosen)
+    routed = (every.gather(2, chosen[..., None].expand(2, 7, 2, 32)) * weights[..., None]).sum(2)
+    if family == "qwen2_moe":
+        moe = model.model.layers[1].mlp
+        with torch.no_grad():
+            routed = routed + torch.sigmoid(moe.shared_expert_gate(x)) * moe.shared_expert(x)
+    torch.testing.assert_close(out["mlp"], routed, atol=1e-5, rtol=1e-5)
+    # the patch: the read after it sees the value; mlp_out moves by weight x change
+    assert torch.equal(out["on.expert"][1, 3], value)
+    change = torch.zeros(2, 7, 32)
+    change[1, 3] = weights[1, 3, 0] * (value - every[1, 3, on])
+    torch.testing.assert_close(out["on.mlp"] - out["mlp"], change, atol=1e-5, rtol=1e-5)
+    # not chosen there: nothing changes (to the rounding of a batched forward pass)
+    torch.testing.assert_close(out["off.mlp"], out["mlp"], atol=1e-6, rtol=0)
+    for backend in ("nnsight", "pyvene"):  # declared unsupported, by name, before running
+        with pytest.raises(iv.UnsupportedOp, match="cannot reach site 'expert_out'"):
+            iv.validate(g, model, backend=backend)
+    assert hook_count(model) == 0
+
+
+def test_expert_out_is_named_missing_on_dense_families_and_checks_the_expert_index() -> None:
+    g = iv.Graph()
+    g.run("a", tokens=IDS).read("expert_out", layer=0)
+    with pytest.raises(iv.UnknownSite, match=r"no 'expert_out'.*not a mixture-of-experts"):
+        iv.validate(g, hf_model("llama"))
+    g = iv.Graph()
+    g.run("a", tokens=IDS).read("expert_out", layer=0, head=4)
+    with pytest.raises(iv.ValidationError, match="head"):
+        iv.validate(g, hf_model("mixtral"))
