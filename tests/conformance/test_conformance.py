@@ -117,11 +117,28 @@ def test_random_graphs_agree(backend: str, family: str, data: st.DataObject) -> 
     assert_agree(draw_graph(data, family), family, backend)
 
 
+# Falcon's two other blocks (falcon-40b's, the sequential one) share the map and most of
+# the code of falcon-7b's: two draws each by default
+FALCON_VARIANTS = ("falcon_new", "falcon_seq")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f not in FIRST_FAMILIES])
+@pytest.mark.parametrize(
+    "family", [f for f in ALL_FAMILIES if f not in FIRST_FAMILIES + FALCON_VARIANTS]
+)
 @settings(max_examples=EXAMPLES // 2)
 @given(data=st.data())
 def test_random_graphs_agree_later_families(backend: str, family: str, data: st.DataObject) -> None:
+    assert_agree(draw_graph(data, family), family, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FALCON_VARIANTS)
+@settings(max_examples=EXAMPLES // 4)
+@given(data=st.data())
+def test_random_graphs_agree_falcon_variants(
+    backend: str, family: str, data: st.DataObject
+) -> None:
     assert_agree(draw_graph(data, family), family, backend)
 
 
