@@ -38,7 +38,7 @@ def _feature_data(feature: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def probe_table() -> str:
     model = sp.load_superposition_model()
-    norms = model.down.weight.norm(dim=0)
+    norms = model.down.weight.detach().norm(dim=0)
     order = norms.argsort(descending=True).tolist()
     features = order[:3] + order[-3:]  # three represented, three dropped
     head = (
@@ -60,17 +60,22 @@ def probe_table() -> str:
 
 def completeness_table() -> str:
     model, _ = ioi.load_ioi_model()
-    data = ioi.ioi_dataset(20, torch.Generator().manual_seed(1))
+    data = ioi.ioi_dataset(10, torch.Generator().manual_seed(1))  # 12-19 tokens
     metric = Metric.logit_diff(data.answer, data.wrong)
-    lines = [f"{'steps':>5} {'max error':>10} {'mean error':>11} {'|metric change|':>16}"]
-    for steps in (4, 8, 16, 32, 64):
-        ig = input_attribution(model, list(data.clean), metric, steps=steps)
-        assert ig.baseline_values is not None
-        err = ig.completeness_error
-        change = (ig.metric_values - ig.baseline_values).abs().mean()
-        lines.append(
-            f"{steps:>5} {float(err.max()):10.2e} {float(err.mean()):11.2e} {float(change):16.3f}"
-        )
+    unk = ioi.VOCAB.index(ioi.UNK)
+    lines = [
+        f"{'baseline':>8} {'steps':>5} {'max error':>10} {'mean error':>11} {'|m(x)-m(b)|':>12}"
+    ]
+    for name, baseline in (("zero", "zero"), ("<unk>", unk)):
+        for steps in (16, 64, 256):
+            ig = input_attribution(model, list(data.clean), metric, steps=steps, baseline=baseline)
+            assert ig.baseline_values is not None
+            err = ig.completeness_error
+            change = (ig.metric_values - ig.baseline_values).abs().mean()
+            lines.append(
+                f"{name:>8} {steps:>5} {float(err.max()):10.2e} {float(err.mean()):11.2e} "
+                f"{float(change):12.3f}"
+            )
     return "\n".join(lines)
 
 
@@ -91,14 +96,23 @@ def lens_table(out: Path | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--tables", nargs="+", default=["probes", "ig", "lens"], choices=["probes", "ig", "lens"]
+    )
     args = parser.parse_args()
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-    for title, make in (
-        ("Probes on the superposition model (logistic, 25% held out)", probe_table),
-        ("Integrated gradients on the IOI model (zero baseline, 20 prompts)", completeness_table),
-        ("Tuned lens vs logit lens on the IOI model (KL nats)", lambda: lens_table(args.out)),
+    for key, title, make in (
+        ("probes", "Probes on the superposition model (logistic, 25% held out)", probe_table),
+        ("ig", "Integrated gradients on the IOI model (10 prompts)", completeness_table),
+        (
+            "lens",
+            "Tuned lens vs logit lens on the IOI model (KL nats)",
+            lambda: lens_table(args.out),
+        ),
     ):
+        if key not in args.tables:
+            continue
         start = time.perf_counter()
         text = make()
         print(f"## {title}  [{time.perf_counter() - start:.1f} s]\n{text}\n", flush=True)

@@ -17,7 +17,7 @@ torch.Size([1, 3, 12])
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +76,7 @@ class Activation:
 
 def top_activating(
     model: nn.Module | str,
-    prompts: Sequence[Tokens],
+    prompts: Iterable[Tokens],
     sae: SAE,
     feature: int,
     *,

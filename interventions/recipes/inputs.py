@@ -24,7 +24,15 @@ from interventions.errors import SpecError
 from interventions.execute import load_model, load_structure
 from interventions.plan import tokenize
 
-Tokens = torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | str | Sequence[str]
+Tokens = (
+    torch.Tensor
+    | Sequence[int]
+    | Sequence[Sequence[int]]
+    | str
+    | Sequence[str]
+    | Iterable[str]
+    | Iterable[Sequence[int]]
+)
 Prompts = torch.Tensor | list[list[int]]
 
 
