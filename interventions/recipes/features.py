@@ -67,7 +67,8 @@ def feature_activations(
 
 @dataclass(frozen=True)
 class Activation:
-    """One position where a feature fires: prompt index, position, value."""
+    """One position where a feature fires: prompt index (in order over all prompts),
+    position (in the prompt's own tokens), value."""
 
     prompt: int
     position: int
@@ -90,20 +91,17 @@ def top_activating(
     """The ``k`` positions over ``prompts`` where ``feature`` is most active (one run).
 
     ``prompts``: texts or token lists of any lengths, a ``[n, seq]`` tensor, or any
-    iterable of prompts (a ``datasets`` column); an element that is itself a batch
-    ``[b, seq]`` with ``b > 1`` numbers its rows ``i * 10_000 + row``. Only real tokens
-    count (never padding).
+    iterable of prompts (a ``datasets`` column); an element may itself be a batch
+    ``[b, seq]``. :attr:`Activation.prompt` counts every prompt in order (each row of a
+    batch element is a prompt). Only real tokens count, never padding.
     """
     model, tokenizer = _model(model, tokenizer, run_options)
     rows: list[list[int]] = []
-    owners: list[int] = []
     items = materialize(prompts, "prompts")
     if (isinstance(items, torch.Tensor) and items.ndim == 1) or isinstance(items, str):
         items = [items]
     for i, prompt in enumerate(items):
-        batch = prompt_rows(as_prompts(prompt, tokenizer, f"prompt {i}"))
-        rows.extend(batch)
-        owners.extend([i] if len(batch) == 1 else [i * 10_000 + b for b in range(len(batch))])
+        rows.extend(prompt_rows(as_prompts(prompt, tokenizer, f"prompt {i}")))
     g = Graph()
     g.run("prompts", tokens=rows, padding_side="right").sae_splice(
         site, layer=layer, sae=sae, error="keep", features="f"
@@ -111,9 +109,9 @@ def top_activating(
     res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
     acts = res["f"][..., feature].float().cpu()  # [prompts, pos], right-padded
     found: list[Activation] = []
-    for row, owner in enumerate(owners):
-        for p, v in enumerate(acts[row, : len(rows[row])].tolist()):
-            found.append(Activation(owner, p, v))
+    for row, ids in enumerate(rows):
+        for p, v in enumerate(acts[row, : len(ids)].tolist()):
+            found.append(Activation(row, p, v))
     return sorted(found, key=lambda a: -a.value)[:k]
 
 

@@ -50,10 +50,10 @@ def materialize(value: Any, what: str) -> Any:
             f"{type(value).__name__}"
         )
     rows = list(value)
-    if rows and all(isinstance(r, torch.Tensor) for r in rows):
+    if rows and all(isinstance(r, torch.Tensor) and r.ndim <= 1 for r in rows):
         if all(r.ndim == 0 for r in rows):
             return [int(r) for r in rows]
-        return [r.reshape(-1).tolist() for r in rows]
+        return [r.tolist() for r in rows]
     return rows
 
 

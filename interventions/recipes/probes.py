@@ -39,7 +39,7 @@ from interventions.errors import SpecError, choices_text
 from interventions.execute import run
 from interventions.graph import Graph
 from interventions.recipes._dataset import Dataset, batches, token_rows
-from interventions.recipes.inputs import _model
+from interventions.recipes.inputs import _model, materialize
 from interventions.sites import Site
 
 ProbeKind = Literal["logistic", "ridge"]
@@ -318,6 +318,7 @@ def probe(
     (True, True)
     """
     model, tokenizer = _model(model, tokenizer, run_options)
+    dataset = materialize(dataset, "dataset")  # a generator or a datasets column: read once
     acts = read_site(
         model,
         site,
@@ -427,6 +428,7 @@ def probe_sweep(
 ) -> ProbeSweep:
     """:func:`probe` at every layer (or ``layers``) of a standard site, same split."""
     model, tokenizer = _model(model, tokenizer, run_options)
+    dataset = materialize(dataset, "dataset")
     n_layers = describe(model).n_layers
     if n_layers is None:
         raise SpecError("a probe sweep needs a model with an architecture map (standard sites)")

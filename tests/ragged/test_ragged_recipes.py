@@ -170,6 +170,12 @@ def test_feature_recipes_ragged_equal_prompt_by_prompt() -> None:
     assert [(a.prompt, a.position) for a in top] == [(i, pos) for _, i, pos in every]
     assert [a.value for a in top] == pytest.approx([v for v, _, _ in every], abs=1e-5)
     assert top_activating(model, _column(PROMPTS), sae, feature=3, k=6, layer=0) == top
+    # an element that is a batch [2, seq] is two prompts, counted in order
+    pair = torch.tensor([PROMPTS[0], [1, 2, 3]])
+    batched = top_activating(model, [pair, PROMPTS[1]], sae, feature=3, k=30, layer=0)
+    assert sorted({a.prompt for a in batched}) == [0, 1, 2] and len(batched) == 3 + 3 + 7
+    third = sorted((a.position, a.value) for a in batched if a.prompt == 2)
+    assert [v for _, v in third] == pytest.approx(alone[1][:, 3].tolist(), abs=1e-5)
 
     metric = _metric()
     ablation = feature_ablation(model, PROMPTS, sae, [3, 5, 7], metric, layer=0)

@@ -138,6 +138,10 @@ def test_control_task_catches_memorised_token_types() -> None:
     assert task.test_score > 0.95 and abs(task.selectivity) < 0.1, task
     shuffled = probe(model, "resid_post", prompts, labels, layer=0, control="shuffle")
     assert shuffled.test_score == task.test_score and shuffled.selectivity > 0.35
+    # a generator of prompts is read once and gives the same probe and control
+    rows = (row for row in prompts.tolist())
+    again = probe(model, "resid_post", rows, labels, layer=0, control="task")
+    assert (again.test_score, again.control_score) == (task.test_score, task.control_score)
 
 
 def test_control_task_labels_one_draw_per_type_from_the_label_distribution() -> None:
