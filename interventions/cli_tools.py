@@ -7,10 +7,19 @@ the ``interventions`` parser (:mod:`interventions.cli`).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
-from interventions.cli_common import EXIT_OK, UsageError, _model, _one_token, _tokens
+from interventions.cli_common import (
+    EXIT_OK,
+    UsageError,
+    _model,
+    _one_token,
+    _out_dir,
+    _picture,
+    _tokens,
+)
 
 
 def add_tool_parsers(sub: Any, common: Any) -> None:
@@ -50,8 +59,30 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         if result.baseline_values is not None:
             print(f"completeness error: {float(result.completeness_error[i]):.2e}")
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        print(f"wrote {result.plot(Path(args.out) / 'attribution.png', 0, decode)}")
+        from interventions.tensorfile import write_atomic
+
+        out = _out_dir(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        data = {  # the data first, then the picture
+            "method": result.method,
+            "prompts": [
+                {
+                    "tokens": list(result.tokens[i]),
+                    "scores": result.scores[i].tolist(),
+                    "metric": float(result.metric_values[i]),
+                    **(
+                        {"completeness_error": float(result.completeness_error[i])}
+                        if result.baseline_values is not None
+                        else {}
+                    ),
+                }
+                for i in range(len(result.tokens))
+            ],
+        }
+        write_atomic(out / "attribution.json", json.dumps(data, indent=2).encode())
+        png = _picture(result.plot, out / "attribution.png", 0, decode)
+        wrote = [str(p) for p in (png, out / "attribution.json") if p is not None]
+        print(f"wrote {', '.join(wrote)}")
     return EXIT_OK
 
 
@@ -74,10 +105,17 @@ def cmd_tuned_lens(args: argparse.Namespace) -> int:
         )
     table = lens_kl(model, evaluate, lens, backend=args.backend, tokenizer=tokenizer)
     print(table.table())
-    out = Path(args.out)
+    from interventions.tensorfile import write_atomic
+
+    out = _out_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"wrote {lens.save(out / 'tuned_lens.safetensors')}")
-    (out / "kl.txt").write_text(table.table() + "\n")
+    saved = lens.save(out / "tuned_lens.safetensors")
+    (out / "kl.txt").write_text(table.table() + "\n")  # the data first, then the picture
+    kl = {"n_tokens": table.n_tokens, "layers": table.rows()}
+    write_atomic(out / "kl.json", json.dumps(kl, indent=2).encode())
+    png = _picture(table.plot, out / "lens_kl.png")
+    wrote = [str(p) for p in (saved, png, out / "kl.txt", out / "kl.json") if p is not None]
+    print(f"wrote {', '.join(wrote)}")
     return EXIT_OK
 
 
@@ -97,13 +135,20 @@ def cmd_probe(args: argparse.Namespace) -> int:
         site=args.site,
         layers=args.layers,
         kind=args.kind,
+        control=args.control,
         backend=args.backend,
         tokenizer=tokenizer,
     )
     print(sweep.table())
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        print(f"wrote {sweep.plot(Path(args.out) / 'probe_sweep.png')}")
+        from interventions.tensorfile import write_atomic
+
+        out = _out_dir(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "probe_sweep.json", json.dumps(sweep.rows(), indent=2).encode())
+        png = _picture(sweep.plot, out / "probe_sweep.png")
+        wrote = [str(p) for p in (png, out / "probe_sweep.json") if p is not None]
+        print(f"wrote {', '.join(wrote)}")
     return EXIT_OK
 
 
@@ -132,13 +177,19 @@ def _add_diagnostics(sub: Any, common: Any) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_tuned_lens)
 
-    p = sub.add_parser("probe", help="a linear probe per layer, with a shuffled-label control")
+    p = sub.add_parser("probe", help="a linear probe per layer, with a control")
     common(p)
     p.add_argument("--prompts", required=True, help="a text file, one prompt a line")
     p.add_argument("--labels", required=True, help="a text file, one label a line")
     p.add_argument("--site", default="resid_post")
     p.add_argument("--layers", type=int, nargs="+")
     p.add_argument("--kind", default="logistic", choices=["logistic", "ridge"])
+    p.add_argument(
+        "--control",
+        default="shuffle",
+        choices=["shuffle", "task", "none"],
+        help="shuffled labels, or a control task (a random label per token at the position)",
+    )
     p.add_argument("--out")
     p.set_defaults(func=cmd_probe)
 

@@ -12,7 +12,7 @@ head_scores                 previous-token, duplicate-token and induction heads
 contrastive_direction, steer, sae_feature_direction    steering
 feature_activations, top_activating, feature_attribution, feature_ablation    SAEs
 ablate_components           zero / mean / resample ablation over a dataset
-probe, probe_sweep          linear probes with a held-out split and a shuffled control
+probe, probe_sweep          linear probes, held-out split, shuffled or control-task control
 input_attribution           saliency, input x gradient, integrated gradients on tokens
 train_tuned_lens, tuned_lens, lens_kl    the tuned lens against the logit lens
 ==========================  ==========================================================

@@ -1,7 +1,8 @@
 """Datasets for the diagnostic recipes, in batches of equal-length prompts.
 
 A dataset is token rows (a ``[N, seq]`` tensor or lists of ids of any lengths), texts
-(tokenized one by one with the tokenizer) or, for a plain ``nn.Module``, an input tensor
+(tokenized one by one with the tokenizer), any iterable of either (a ``datasets``
+column, a generator: read once) or, for a plain ``nn.Module``, an input tensor
 ``[N, ...]``. :func:`batches` yields each batch with the dataset indices of its rows, so a
 recipe can put per-example values back in dataset order. Prompts are grouped by length so
 that every run is an ordinary run of equal-length prompts whose reads are the tensors the
@@ -14,7 +15,7 @@ streaming executor once it lands.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,15 @@ from interventions.errors import SpecError
 from interventions.graph import Graph
 from interventions.spec import RunHandle
 
-Dataset = torch.Tensor | Sequence[Sequence[int]] | Sequence[str] | Sequence[int] | str
+Dataset = (
+    torch.Tensor
+    | Sequence[Sequence[int]]
+    | Sequence[str]
+    | Sequence[int]
+    | str
+    | Iterable[str]
+    | Iterable[Sequence[int]]
+)
 
 
 @dataclass(frozen=True, eq=False)

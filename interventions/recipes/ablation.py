@@ -1,5 +1,10 @@
 """Mean, resample and zero ablation of components over a dataset.
 
+The prompts (and the reference) may have different lengths, and may be any iterable of
+prompts (a ``datasets`` column, a generator): each prompt runs unpadded (see
+:mod:`interventions.ragged`), the metric is read at each prompt's own ``metric_pos``
+(``-1``: its last token), and a mean ablation averages over the reference's real tokens.
+
 >>> import torch
 >>> from transformers import GPT2Config, GPT2LMHeadModel
 >>> from interventions.recipes import Metric
@@ -21,7 +26,7 @@ from torch import nn
 from interventions.errors import SpecError
 from interventions.execute import run
 from interventions.graph import Graph
-from interventions.recipes.inputs import Tokens, _model, as_tokens
+from interventions.recipes.inputs import Tokens, _model, as_prompts
 from interventions.recipes.metrics import Metric
 
 Component = tuple[str, int] | tuple[str, int, int]  # (site, layer) or ("head", layer, head)
@@ -52,15 +57,18 @@ def ablate_components(
     ``method``: ``zero``, ``mean`` (over the ``reference`` dataset's batch and, unless
     ``per_position``, its positions) or ``resample`` (each item takes a reference item's
     values, drawn with ``seed``).
+
+    ``tokens`` and ``reference``: ids, texts, prompts of different lengths or any
+    iterable of them; ``metric`` may hold one answer per prompt.
     """
     model, tokenizer = _model(model, tokenizer, run_options)
-    ids = as_tokens(tokens, tokenizer, "tokens")
+    ids = as_prompts(tokens, tokenizer, "tokens")
     if method != "zero" and reference is None:
         raise SpecError(f"{method!r} ablation needs reference= (a dataset of token ids)")
     g = Graph()
     g.run("base", tokens=ids).read("logits", pos=metric_pos, name="base")
     ref_run = (
-        g.run("reference", tokens=as_tokens(reference, tokenizer, "reference"))
+        g.run("reference", tokens=as_prompts(reference, tokenizer, "reference"))
         if reference is not None
         else None
     )

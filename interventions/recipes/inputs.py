@@ -1,15 +1,20 @@
 """What recipes take as prompts: ids, texts, or prompts of different lengths, and the
 model (a name loads it; a remote run needs only its structure).
 
+Any iterable of prompts works too: a ``datasets.Dataset`` column (a list-like of texts or
+of lists of ids), a generator, rows that are tensors; it is read once, in order.
+
 >>> as_prompts([[1, 2, 3], [4, 5]], None, "x")
 [[1, 2, 3], [4, 5]]
 >>> as_prompts([[1, 2], [4, 5]], None, "x").shape
 torch.Size([2, 2])
+>>> as_prompts((row for row in [[1, 2, 3], [4, 5]]), None, "x")
+[[1, 2, 3], [4, 5]]
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -19,13 +24,43 @@ from interventions.errors import SpecError
 from interventions.execute import load_model, load_structure
 from interventions.plan import tokenize
 
-Tokens = torch.Tensor | Sequence[int] | Sequence[Sequence[int]] | str | Sequence[str]
+Tokens = (
+    torch.Tensor
+    | Sequence[int]
+    | Sequence[Sequence[int]]
+    | str
+    | Sequence[str]
+    | Iterable[str]
+    | Iterable[Sequence[int]]
+)
 Prompts = torch.Tensor | list[list[int]]
+
+
+def materialize(value: Any, what: str) -> Any:
+    """``value`` as a list when it is some other iterable of prompts (a ``datasets``
+    column, a generator, a tuple); rows that are tensors become lists of ids. Tensors,
+    strings and lists of ids pass through."""
+    if isinstance(value, (torch.Tensor, str)):
+        return value
+    if isinstance(value, list) and not any(isinstance(v, torch.Tensor) for v in value):
+        return value
+    if not isinstance(value, Iterable):
+        raise SpecError(
+            f"{what}: expected token ids, texts or an iterable of prompts, got "
+            f"{type(value).__name__}"
+        )
+    rows = list(value)
+    if rows and all(isinstance(r, torch.Tensor) and r.ndim <= 1 for r in rows):
+        if all(r.ndim == 0 for r in rows):
+            return [int(r) for r in rows]
+        return [r.tolist() for r in rows]
+    return rows
 
 
 def as_prompts(value: Tokens, tokenizer: Any, what: str) -> Prompts:
     """Token ids ``[batch, seq]``, or one list of ids per prompt when their lengths differ
-    (text needs a tokenizer)."""
+    (text needs a tokenizer). ``value`` may be any iterable of prompts."""
+    value = materialize(value, what)
     if isinstance(value, str) or (
         isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value)
     ):
@@ -60,6 +95,7 @@ def _lengths(prompts: Prompts) -> list[int]:
 
 def as_tokens(value: Tokens, tokenizer: Any, what: str) -> torch.Tensor:
     """Token ids ``[batch, seq]`` from ids or text (text needs a tokenizer)."""
+    value = materialize(value, what)
     if isinstance(value, str) or (
         isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value)
     ):
@@ -89,3 +125,8 @@ def _check_pair(clean: Prompts, corrupt: Prompts) -> None:
             f"clean and corrupted inputs must hold as many prompts, got {n_prompts(clean)} "
             f"and {n_prompts(corrupt)}"
         )
+
+
+def prompt_rows(prompts: Prompts) -> list[list[int]]:
+    """Each prompt's ids as a list."""
+    return prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(r) for r in prompts]

@@ -1,10 +1,14 @@
 """Linear probes: what a site encodes, with a held-out split and a control.
 
 :func:`probe` reads one site over a dataset (in batches, any backend), fits a linear
-probe on a training split and scores it on the held-out rest; the same fit on shuffled
-labels is the control, so a probe's score is read against what a probe of this capacity
-gets with no signal at all (``selectivity = test_score - control_score``, after Hewitt
-and Liang). :func:`probe_sweep` probes a site at every layer: a table and a plot.
+probe on a training split and scores it on the held-out rest; the same fit on a control
+is what a probe of this capacity gets with no signal at all, so ``selectivity =
+test_score - control_score`` (Hewitt and Liang 2019). Two controls: ``"shuffle"`` (the
+labels permuted) and ``"task"``, Hewitt and Liang's control task: every input *type*
+(the token at the probed position, or the input itself) gets one label drawn at random
+from the labels' own distribution, so the control has the real task's structure (one
+label per type) but none of its content, and a probe that scores well on it is
+memorising types. :func:`probe_sweep` probes a site at every layer: a table and a plot.
 
 Fitting is plain torch (no new dependency, runs where the activations are, deterministic
 in float64): ``logistic`` is multinomial logistic regression with an L2 penalty, solved
@@ -22,7 +26,7 @@ True
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,13 +38,13 @@ from interventions.architectures import describe
 from interventions.errors import SpecError, choices_text
 from interventions.execute import run
 from interventions.graph import Graph
-from interventions.recipes._dataset import Dataset, batches
-from interventions.recipes.inputs import _model
+from interventions.recipes._dataset import Dataset, batches, token_rows
+from interventions.recipes.inputs import _model, materialize
 from interventions.sites import Site
 
 ProbeKind = Literal["logistic", "ridge"]
 PROBE_KINDS: tuple[str, ...] = ("logistic", "ridge")
-CONTROLS: tuple[str, ...] = ("shuffle", "none")
+CONTROLS: tuple[str, ...] = ("shuffle", "task", "none")
 
 
 def fit_logistic(
@@ -105,7 +109,7 @@ class ProbeResult:
     kind: str
     train_score: float
     test_score: float
-    control_score: float  # the same probe fitted and scored on shuffled labels
+    control_score: float  # the same probe fitted and scored on the control's labels
     chance: float  # the majority class's share of the test split (logistic); 0 (ridge)
     weight: torch.Tensor  # [classes or outputs, d], on standardised features
     bias: torch.Tensor
@@ -113,6 +117,8 @@ class ProbeResult:
     std: torch.Tensor  # [d]
     n_train: int
     n_test: int
+    control: str = "shuffle"  # which control: shuffle, task (Hewitt & Liang) or none
+    n_types: int | None = None  # control task: how many distinct input types
 
     @property
     def selectivity(self) -> float:
@@ -167,6 +173,43 @@ def _split(n: int, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch
     return order[n_test:], order[:n_test]
 
 
+def control_task(
+    labels: torch.Tensor, types: Sequence[Hashable], *, seed: int = 0
+) -> tuple[torch.Tensor, int]:
+    """Hewitt and Liang's control task: one random label per input type.
+
+    Each distinct type gets a label drawn once (with ``seed``) from the empirical
+    distribution of ``labels``; every example of that type gets it. Returns the control
+    labels ``[N]`` and the number of types.
+
+    >>> y = torch.tensor([0, 1, 0, 1, 1, 0])
+    >>> c, n = control_task(y, ["a", "b", "a", "c", "b", "a"])
+    >>> n, c[0] == c[2] == c[5], c[1] == c[4]
+    (3, tensor(True), tensor(True))
+    """
+    if len(types) != len(labels):
+        raise SpecError(f"{len(types)} control types for {len(labels)} examples")
+    ids: dict[Hashable, int] = {}
+    which = torch.tensor([ids.setdefault(t, len(ids)) for t in types], dtype=torch.long)
+    draws = torch.randint(
+        0, len(labels), (len(ids),), generator=torch.Generator().manual_seed(seed)
+    )
+    return labels[draws][which], len(ids)
+
+
+def _types(dataset: Dataset, pos: int | None, tokenizer: Any, plain: bool) -> list[Hashable]:
+    """Each example's type for the control task: the token at ``pos`` (the whole prompt
+    when ``pos`` is None); for a plain model's input tensor, the input row itself."""
+    if plain:
+        assert isinstance(dataset, torch.Tensor)
+        rows = dataset.detach().reshape(len(dataset), -1).cpu()
+        return [tuple(r.tolist()) for r in rows]
+    tokens = token_rows(dataset, tokenizer)
+    if pos is None:
+        return [tuple(r) for r in tokens]
+    return [r[pos] for r in tokens]
+
+
 def fit_probe(
     activations: torch.Tensor,
     labels: torch.Tensor | Sequence[float],
@@ -175,14 +218,21 @@ def fit_probe(
     site: str = "",
     test_fraction: float = 0.25,
     control: str = "shuffle",
+    control_types: Sequence[Hashable] | None = None,
     l2: float = 1e-3,
     seed: int = 0,
 ) -> ProbeResult:
-    """Fit and score a probe on activations already read (``[N, d]``)."""
+    """Fit and score a probe on activations already read (``[N, d]``).
+
+    ``control="task"`` needs ``control_types``: each example's type (a token id, a word,
+    any hashable), see :func:`control_task`.
+    """
     if kind not in PROBE_KINDS:
         raise SpecError(f"unknown probe kind {kind!r}; kinds: {choices_text(PROBE_KINDS)}")
     if control not in CONTROLS:
         raise SpecError(f"unknown control {control!r}; controls: {choices_text(CONTROLS)}")
+    if control == "task" and control_types is None:
+        raise SpecError("control='task' needs control_types= (one type per example)")
     y = torch.as_tensor(labels)
     y = y.long() if kind == "logistic" else y.float()
     if len(y) != len(activations):
@@ -201,11 +251,16 @@ def fit_probe(
 
     w, b = fit(y)
     control_score = float("nan")
-    if control == "shuffle":
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))
-        shuffled = y[perm]
-        cw, cb = fit(shuffled)
-        control_score = _score(kind, x[test], shuffled[test], cw, cb)
+    n_types: int | None = None
+    if control != "none":
+        if control == "shuffle":
+            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))
+            fake = y[perm]
+        else:
+            assert control_types is not None
+            fake, n_types = control_task(y, control_types, seed=seed + 2)
+        cw, cb = fit(fake)
+        control_score = _score(kind, x[test], fake[test], cw, cb)
     chance = 0.0
     if kind == "logistic":
         chance = float(torch.bincount(y[test]).max()) / len(test)
@@ -222,6 +277,8 @@ def fit_probe(
         std,
         len(train),
         len(test),
+        control,
+        n_types,
     )
 
 
@@ -236,6 +293,7 @@ def probe(
     kind: ProbeKind = "logistic",
     test_fraction: float = 0.25,
     control: str = "shuffle",
+    control_types: Sequence[Hashable] | None = None,
     l2: float = 1e-3,
     seed: int = 0,
     batch_size: int = 64,
@@ -245,7 +303,12 @@ def probe(
 ) -> ProbeResult:
     """Read ``site`` (at ``layer``, position ``pos``) over ``dataset`` and probe it for
     ``labels`` (class ids for ``logistic``, numbers for ``ridge``), with a held-out split
-    and a shuffled-label control. Runs on every backend (reads only).
+    and a control. Runs on every backend (reads only).
+
+    ``control``: ``"shuffle"`` (the labels permuted), ``"task"`` (Hewitt and Liang's
+    control task: a random label per input type; the types are ``control_types``, by
+    default the token at ``pos``, or for a plain model each distinct input row) or
+    ``"none"``.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Identity())  # the site sees x itself
@@ -255,6 +318,7 @@ def probe(
     (True, True)
     """
     model, tokenizer = _model(model, tokenizer, run_options)
+    dataset = materialize(dataset, "dataset")  # a generator or a datasets column: read once
     acts = read_site(
         model,
         site,
@@ -266,6 +330,9 @@ def probe(
         tokenizer=tokenizer,
         **run_options,
     )
+    if control == "task" and control_types is None:
+        plain = Site(site, layer).is_raw and describe(model).n_layers is None
+        control_types = _types(dataset, pos, tokenizer, plain)
     name = site if layer is None else f"{site}[{layer}]"
     return fit_probe(
         acts,
@@ -274,6 +341,7 @@ def probe(
         site=name,
         test_fraction=test_fraction,
         control=control,
+        control_types=control_types,
         l2=l2,
         seed=seed,
     )
@@ -296,6 +364,24 @@ class ProbeSweep:
             )
         return "\n".join(lines)
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The table as plain data (JSON-ready): one dict per layer."""
+        return [
+            {
+                "site": r.site,
+                "kind": r.kind,
+                "train": r.train_score,
+                "test": r.test_score,
+                "control": r.control,
+                "control_score": r.control_score,
+                "selectivity": r.selectivity,
+                "chance": r.chance,
+                "n_train": r.n_train,
+                "n_test": r.n_test,
+            }
+            for r in self.results
+        ]
+
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """Test and control scores per layer as a line plot PNG."""
         from interventions.plots import _pyplot
@@ -306,7 +392,10 @@ class ProbeSweep:
         fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(self.results) + 2), 3), dpi=110)
         xs = list(range(len(self.results)))
         ax.plot(xs, [r.test_score for r in self.results], marker="o", label="probe (test)")
-        ax.plot(xs, [r.control_score for r in self.results], marker="x", label="control")
+        control = self.results[0].control if self.results else "control"
+        ax.plot(
+            xs, [r.control_score for r in self.results], marker="x", label=f"control ({control})"
+        )
         if self.results and self.results[0].kind == "logistic":
             ax.plot(xs, [r.chance for r in self.results], ls=":", color="grey", label="chance")
         ax.set_xticks(xs, labels=[r.site for r in self.results], rotation=45, ha="right")
@@ -329,6 +418,7 @@ def probe_sweep(
     kind: ProbeKind = "logistic",
     test_fraction: float = 0.25,
     control: str = "shuffle",
+    control_types: Sequence[Hashable] | None = None,
     l2: float = 1e-3,
     seed: int = 0,
     batch_size: int = 64,
@@ -338,6 +428,7 @@ def probe_sweep(
 ) -> ProbeSweep:
     """:func:`probe` at every layer (or ``layers``) of a standard site, same split."""
     model, tokenizer = _model(model, tokenizer, run_options)
+    dataset = materialize(dataset, "dataset")
     n_layers = describe(model).n_layers
     if n_layers is None:
         raise SpecError("a probe sweep needs a model with an architecture map (standard sites)")
@@ -353,6 +444,7 @@ def probe_sweep(
             kind=kind,
             test_fraction=test_fraction,
             control=control,
+            control_types=control_types,
             l2=l2,
             seed=seed,
             batch_size=batch_size,

@@ -1,5 +1,8 @@
 """Steering: add a direction during generation, and where directions come from.
 
+Prompts may have different lengths (or be any iterable of prompts, e.g. a ``datasets``
+column): each is generated from unpadded, and positions count in its own tokens.
+
 >>> import torch
 >>> from transformers import GPT2Config, GPT2LMHeadModel
 >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=20)).eval()
@@ -20,7 +23,7 @@ from torch import nn
 from interventions.errors import SpecError
 from interventions.execute import run
 from interventions.graph import Graph
-from interventions.recipes.inputs import Tokens, _model, as_tokens
+from interventions.recipes.inputs import Tokens, _model, as_prompts
 from interventions.sae import SAE
 from interventions.sites import IndexLike
 
@@ -37,21 +40,26 @@ def contrastive_direction(
     tokenizer: Any = None,
     **run_options: Any,
 ) -> torch.Tensor:
-    """Mean activation over ``positive`` prompts minus the mean over ``negative`` ones."""
+    """Mean activation over ``positive`` prompts minus the mean over ``negative`` ones
+    (over every selected token: with whole positions of prompts of different lengths,
+    over their real tokens only)."""
     model, tokenizer = _model(model, tokenizer, run_options)
     pos_ids, neg_ids = (
-        as_tokens(positive, tokenizer, "positive"),
-        as_tokens(negative, tokenizer, "negative"),
+        as_prompts(positive, tokenizer, "positive"),
+        as_prompts(negative, tokenizer, "negative"),
     )
     g = Graph()
     g.run("positive", tokens=pos_ids).read(site, layer=layer, pos=pos, name="pos")
     g.run("negative", tokens=neg_ids).read(site, layer=layer, pos=pos, name="neg")
     res = run(g, model, backend=backend, tokenizer=tokenizer, **run_options)
 
-    def mean(x: torch.Tensor) -> torch.Tensor:
-        return x.float().reshape(-1, x.shape[-1]).mean(0)
+    def mean(name: str) -> torch.Tensor:
+        x, real = res[name].float(), res.mask(name)
+        if real is not None:  # padded to the longest prompt: keep the real tokens
+            x = x[real.to(x.device)]
+        return x.reshape(-1, x.shape[-1]).mean(0)
 
-    return mean(res["pos"]) - mean(res["neg"])
+    return mean("pos") - mean("neg")
 
 
 def sae_feature_direction(sae: SAE, feature: int) -> torch.Tensor:
@@ -95,10 +103,12 @@ def steer(
 ) -> SteeringResult:
     """Generate greedily with and without ``scale * direction`` added at ``site``.
 
-    ``pos=None`` steers every position, generated ones included.
+    ``pos=None`` steers every position, generated ones included. ``prompt``: one prompt,
+    a batch, prompts of different lengths (each generates from its own last token) or
+    any iterable of prompts.
     """
     model, tokenizer = _model(model, tokenizer, run_options)
-    ids = as_tokens(prompt, tokenizer, "prompt")
+    ids = as_prompts(prompt, tokenizer, "prompt")
     g = Graph()
     g.run("plain", tokens=ids, max_new_tokens=max_new_tokens)
     g.run("steered", tokens=ids, max_new_tokens=max_new_tokens).add(

@@ -270,6 +270,43 @@ class LensKL:
             lines.append(f"{label:<16} {a:11.4f} {b:11.4f}")
         return "\n".join(lines)
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The table as plain data (JSON-ready): one dict per layer."""
+        return [
+            {"layer": label, "logit_lens": a, "tuned_lens": b}
+            for label, a, b in zip(
+                self.labels, self.logit.tolist(), self.tuned.tolist(), strict=True
+            )
+        ]
+
+    def plot(self, path: str | os.PathLike[str], *, title: str = "") -> Path:
+        """Per-layer KL of the logit lens and the tuned lens as a line plot PNG (needs
+        matplotlib; without it an :class:`~interventions.errors.InterventionError` whose
+        cause is the ``ImportError``).
+
+        >>> import os, tempfile
+        >>> t = LensKL(("a", "b"), torch.tensor([0.5, 0.0]), torch.tensor([0.2, 0.0]), 8)
+        >>> t.plot(os.path.join(tempfile.mkdtemp(), "kl.png")).stat().st_size > 0
+        True
+        """
+        from interventions.plots import _pyplot
+
+        plt = _pyplot()
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(self.labels) + 2), 3), dpi=110)
+        xs = list(range(len(self.labels)))
+        ax.plot(xs, self.logit.tolist(), marker="o", label="logit lens")
+        ax.plot(xs, self.tuned.tolist(), marker="s", label="tuned lens")
+        ax.set_xticks(xs, labels=list(self.labels), rotation=45, ha="right")
+        ax.set_ylabel("KL(final || lens), nats")
+        ax.set_title(title or f"lens KL per layer ({self.n_tokens} tokens)", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out)
+        plt.close(fig)
+        return out
+
 
 def lens_kl(
     model: nn.Module | str,

@@ -11,7 +11,7 @@ import torch
 
 from interventions.errors import SpecError
 from interventions.recipes import probe, probe_sweep
-from interventions.recipes.probes import fit_logistic, fit_ridge
+from interventions.recipes.probes import control_task, fit_logistic, fit_probe, fit_ridge
 from interventions.reference_models import superposition as sp
 from tests.tiny_models import hf_model
 
@@ -87,7 +87,71 @@ def test_bad_arguments_name_the_choices() -> None:
     x, y = _dataset(0)
     with pytest.raises(SpecError, match=r"unknown probe kind 'svm'.*logistic, ridge"):
         probe(_model(), sp.HIDDEN_SITE, x, y, kind="svm")  # type: ignore[arg-type]
-    with pytest.raises(SpecError, match=r"unknown control 'task'.*shuffle"):
-        probe(_model(), sp.HIDDEN_SITE, x, y, control="task")
+    with pytest.raises(SpecError, match=r"unknown control 'bogus'.*shuffle, task, none"):
+        probe(_model(), sp.HIDDEN_SITE, x, y, control="bogus")
+    with pytest.raises(SpecError, match="needs control_types"):
+        fit_probe(x, y, control="task")
+    with pytest.raises(SpecError, match="3 control types for 2000 examples"):
+        probe(_model(), sp.HIDDEN_SITE, x, y, control="task", control_types=[1, 2, 3])
     with pytest.raises(SpecError, match="1999 labels for 2000 examples"):
         probe(_model(), sp.HIDDEN_SITE, x, y[1:])
+
+
+def _repeated(feature: int, distinct: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
+    """``N`` rows made of ``distinct`` inputs, each repeated: types seen in both splits."""
+    x, y = _dataset(feature)
+    rows = torch.arange(N) % distinct
+    return x[rows], y[rows]
+
+
+def test_control_task_selectivity_is_high_for_a_represented_feature_and_zero_otherwise() -> None:
+    """Hewitt and Liang's control task on the superposition model. The oracle is the
+    model's own weights: a represented feature (column norm ~1.1) gives selectivity
+    > 0.3; a dropped one (norm ~0.01) gives ~0 (measured 0.40 and -0.05)."""
+    model = _model()
+    norms = model.down.weight.norm(dim=0)
+    seen, unseen = int(norms.argmax()), int(norms.argmin())
+    x, y = _repeated(seen)
+    p = probe(model, sp.HIDDEN_SITE, x, y, control="task")
+    assert p.control == "task" and p.n_types is not None and p.n_types <= 400
+    assert p.test_score > MIN_SEEN and p.selectivity > 0.3, p
+    x, y = _repeated(unseen)
+    q = probe(model, sp.HIDDEN_SITE, x, y, control="task")
+    assert q.test_score < MAX_UNSEEN and abs(q.selectivity) < 0.12, q
+    # the default types are the input rows: passing them by hand gives the same probe
+    types = [tuple(r.tolist()) for r in x]
+    r = probe(model, sp.HIDDEN_SITE, x, y, control="task", control_types=types)
+    assert r.control_score == q.control_score
+
+
+def test_control_task_catches_memorised_token_types() -> None:
+    """The parity of the last token is a function of its type (20 types), so a probe on
+    the embedding learns it and a random label per type equally well: the control task
+    gives selectivity ~0 where the shuffled control would credit the site with +0.5."""
+    model = hf_model("gpt2")
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 60, (400, 6), generator=g)
+    prompts[:, -1] = torch.randint(3, 23, (400,), generator=g)
+    labels = (prompts[:, -1] % 2).long()
+    task = probe(model, "resid_post", prompts, labels, layer=0, control="task")
+    assert task.n_types == len(set(prompts[:, -1].tolist())) <= 20
+    assert task.test_score > 0.95 and abs(task.selectivity) < 0.1, task
+    shuffled = probe(model, "resid_post", prompts, labels, layer=0, control="shuffle")
+    assert shuffled.test_score == task.test_score and shuffled.selectivity > 0.35
+    # a generator of prompts is read once and gives the same probe and control
+    rows = (row for row in prompts.tolist())
+    again = probe(model, "resid_post", rows, labels, layer=0, control="task")
+    assert (again.test_score, again.control_score) == (task.test_score, task.control_score)
+
+
+def test_control_task_labels_one_draw_per_type_from_the_label_distribution() -> None:
+    y = torch.tensor([0] * 300 + [1] * 100)
+    types = [i % 50 for i in range(400)]
+    c, n = control_task(y, types, seed=3)
+    assert n == 50
+    for t in range(50):  # every example of a type has its type's label
+        assert len({int(c[i]) for i in range(400) if types[i] == t}) == 1
+    per_type = torch.tensor([int(c[t]) for t in range(50)])
+    assert 0.05 < float(per_type.float().mean()) < 0.5  # drawn from a 25% distribution
+    again, _ = control_task(y, types, seed=3)
+    assert torch.equal(c, again)
