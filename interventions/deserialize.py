@@ -254,7 +254,7 @@ def _op_from_dict(value: Any, where: str) -> Op:
             site,
             select,
             d.text("name"),
-            d.text("metric"),  # type: ignore[arg-type]  # checked by Grad
+            d.text("metric"),  # checked by Grad
             Const(d.text("answer")),
             None if wrong is None else Const(wrong),
             -1 if pos is None else pos,

@@ -236,20 +236,11 @@ def run(
 
         validate(graph, model, tokenizer=tokenizer)  # the grad ops' own checks, before lowering
         options.pop("grad", None)
-        return by_autograd(
-            graph,
-            functools.partial(
-                run,
-                model=model,
-                backend=backend,
-                tokenizer=tokenizer,
-                batch=batch,
-                budget=budget,
-                progress=progress,
-                grad=True,
-                **options,
-            ),  # fmt: skip
-        )
+        run_grad = functools.partial(
+            run, model=model, backend=backend, tokenizer=tokenizer, batch=batch, budget=budget,
+            progress=progress, grad=True, **options,
+        )  # fmt: skip
+        return by_autograd(graph, run_grad)
     # a first, smaller graph (means over ragged sources) runs the same way as this one
     run_first = functools.partial(
         run, model=model, backend=backend, tokenizer=tokenizer, batch=batch, budget=budget,
