@@ -26,7 +26,7 @@ import torch
 
 from interventions.apply import grad_metric
 from interventions.errors import SpecError
-from interventions.ops import Grad, Read
+from interventions.ops import Grad, Read, Scale
 from interventions.results import Results
 from interventions.serialize import fingerprint
 from interventions.sites import Select, Site
@@ -56,8 +56,12 @@ def by_autograd(graph: GraphSpec, run_grad: Callable[[GraphSpec], Results]) -> R
     lowered = type(graph)(tensors=dict(graph.tensors), saes=dict(graph.saes))
     lowered.runs.update(graph.runs)
     lowered.ops = [op for op in graph.ops if not isinstance(op, Grad)]
-    # after every other op, so each read sees the value the rest of the forward sees
-    lowered.ops += [Read(op.run, op.site, op.select, _INNER + op.name) for op in grads]
+    # after every other op, so each read sees the value the rest of the forward sees; the
+    # neutral scale makes that value a tensor of its own, which only the rest of the
+    # forward uses (a raw '<norm>.input' is the norm's input, not the residual stream)
+    for op in grads:
+        lowered.ops.append(Scale(op.run, op.site, Select(), 1.0))
+        lowered.ops.append(Read(op.run, op.site, op.select, _INNER + op.name))
     runs: dict[str, Grad] = {}
     for op in grads:
         if op.run not in runs:

@@ -336,6 +336,7 @@ class NNsightBackend:
             "kwargs": trace_kwargs,
             "barriers": dict(stage.barriers),
             "progs": progs,
+            "grad": any(code.grads for code in stage.runs),
         }
 
     @staticmethod
