@@ -258,12 +258,14 @@ def _run_program(
         def backward(total: Any, wrt: Any) -> None:
             # one backward pass to every grad op's tensor; each keeps its view and selection
             tensors: list[Any] = []
+            slot: dict[int, int] = {}
             for x, _ in wrt:
-                if all(x is not t for t in tensors):
+                if id(x) not in slot:
+                    slot[id(x)] = len(tensors)
                     tensors.append(x)
             found = torch.autograd.grad(total, tensors, allow_unused=True)
             for x, ins in wrt:
-                g = found[[i for i, t in enumerate(tensors) if t is x][0]]
+                g = found[slot[id(x)]]
                 g = torch.zeros_like(x) if g is None else g
                 gv = view_of(g, ins[1])[0]
                 store[ins[4]] = take(gv, index_of(gv.shape, ins[2], ins[3], gv.device)).detach()
