@@ -76,7 +76,9 @@ def by_autograd(graph: GraphSpec, run_grad: Callable[[GraphSpec], Results]) -> R
         wrong = None if first.wrong is None else tensors[first.wrong.tensor]
         metric = grad_metric(first.metric, res[_LOGITS + name], tensors[first.answer.tensor], wrong)
         inputs = [res[_INNER + op.name] for op in mine]
-        raw = torch.autograd.grad(metric.sum(), inputs, allow_unused=True)
+        # runs may share a batched forward (and values flow between runs): one backward
+        # per run, each of its own metric, the graph kept for the next
+        raw = torch.autograd.grad(metric.sum(), inputs, allow_unused=True, retain_graph=True)
         for op, x, grad in zip(mine, inputs, raw, strict=True):
             out[op.name] = (torch.zeros_like(x) if grad is None else grad).detach()
     provenance = replace(res.provenance, graph=fingerprint(graph))

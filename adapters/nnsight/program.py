@@ -381,6 +381,7 @@ def _run_program(
                                             base.copy_(x.reshape(base.shape))
                                     here = [ins for ins in instrs if ins[0] == "grad"]
                                     if here:  # the value the rest of the forward sees
+                                        assert main is not None
                                         if not main.requires_grad:
                                             main.requires_grad_()
                                         wrt.extend((main, ins) for ins in here)
