@@ -507,8 +507,8 @@ def attribution_patching(
             r.read(site, layer=at, name=f"{name}.{layer}")
             if name == target and not kl:
                 r.grad(site, at, metric=metric, metric_pos=metric_pos, name=f"grad.{layer}")
-    grad_reads = {"grad": True} if kl else {}
-    res = run(g, model, backend=backend, tokenizer=tokenizer, **grad_reads, **run_options)
+    opts: dict[str, Any] = {**run_options, "grad": True} if kl else run_options
+    res = run(g, model, backend=backend, tokenizer=tokenizer, **opts)
     clean_logits = res["clean.logits"].detach()
     m_clean = metric(clean_logits, reference=clean_logits)
     m_corrupt = metric(res["corrupt.logits"].detach(), reference=clean_logits)
