@@ -184,5 +184,5 @@ def test_bad_grad_graphs_are_refused_by_name() -> None:
     h.run("r", tokens=CLEAN).grad("embed", metric=Metric.logit(1))
     with pytest.raises(SpecError, match="not in chunks"):
         iv.run(h, model, chunk_size=1)
-    with pytest.raises(UnsupportedOp, match="keeps no autograd graph.*grad ops"):
+    with pytest.raises(UnsupportedOp, match=r"keeps no autograd graph.*grad ops"):
         iv.run(graph(), model, backend="nnsight", grad=True)
