@@ -655,7 +655,7 @@ def test_the_trace_block_names_only_torch() -> None:
 def test_capabilities() -> None:
     caps = iv.backend_capabilities()["nnsight"]
     assert isinstance(caps, iv.Capabilities)
-    assert caps.ops == frozenset(OPS)
+    assert caps.ops == frozenset(OPS) | {"grad"}  # gradients in the trace, not grad=True
     # the attention internals (issue 11): q/k/v views and resid_mid; per-head inputs not yet
     assert caps.views == frozenset(
         {"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS}
