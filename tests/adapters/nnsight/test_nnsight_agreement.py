@@ -712,7 +712,7 @@ def test_importing_interventions_does_not_import_nnsight() -> None:
 def test_unknown_options() -> None:
     g = iv.Graph()
     g.run("a", tokens=T1).read("logits")
-    with pytest.raises(iv.InterventionError, match="keeps no autograd graph.*grad ops"):
+    with pytest.raises(iv.InterventionError, match=r"keeps no autograd graph.*grad ops"):
         iv.run(g, hf_model("gpt2"), backend="nnsight", grad=True)
     with pytest.raises(iv.InterventionError, match="max_batch"):
         iv.run(g, hf_model("gpt2"), backend="nnsight", max_batch=0)
