@@ -8,11 +8,13 @@ EAP-IG (Hanna et al. 2024) averages ``grad_d`` over ``steps`` points on the stra
 line between the corrupt and the clean token embeddings, ``alpha = 1/steps, ..., 1``;
 with ``steps=1`` that is the clean point alone, and EAP-IG is EAP.
 
-Both are graphs of reads on a backend with gradients: the upstream outputs (``resid_pre``
-at 0, ``head``, ``mlp_out``) of both runs, and each downstream input, made a tensor of
-its own by a neutral ``scale(1.0)`` so its gradient is the input's alone (a per-head
-input is each head's own copy; the MLP's and the final norm's inputs are their norms'
-inputs, not the residual stream).
+Both are graphs on any backend with gradients, remote NDIF included: reads of the
+upstream outputs (``resid_pre`` at 0, ``head``, ``mlp_out``) of both runs, then ``grad``
+ops, whose backward pass runs where the model runs: at the MLP's and the final norm's
+inputs (their norms' inputs, not the residual stream), and at each head's q, k and v,
+from which the gradient at each head's own copy of its input follows here by the
+vector-Jacobian product of its norm and projection. The head outputs and that product
+use the model's weights, so a remote run takes the model object, not just its name.
 
 >>> import torch, transformers
 >>> from interventions.recipes import Metric

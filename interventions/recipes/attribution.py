@@ -1,9 +1,10 @@
 """Input attribution: saliency, input x gradient and integrated gradients of a metric with
 respect to the token embeddings, per token and per prompt, on every backend with gradients.
 
-Each method is a read graph run with ``grad=True``: the ``embed`` site (the token
-embedding module's output) and the metric's logits are read, and the gradient is taken
-here with ``torch.autograd.grad``. Integrated gradients interpolates inside the graph:
+Each method is a graph of ``grad`` ops: the gradient of the metric at the ``embed`` site
+(the token embedding module's output), taken where the model runs (in the nnsight trace,
+remotely too) or client-side by ``torch.autograd`` (torch, pyvene); the logits are read
+for the metric's values. Integrated gradients interpolates inside the graph:
 each of its ``steps + 1`` points is a run that scales ``embed`` by ``alpha`` and adds
 ``(1 - alpha) * baseline``, so the model sees ``baseline + alpha * (x - baseline)``.
 

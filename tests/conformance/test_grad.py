@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import interventions as iv
 from interventions.architectures import describe
@@ -19,7 +21,8 @@ from interventions.circuits.eap import edge_attribution
 from interventions.errors import SpecError, UnsupportedOp, ValidationError
 from interventions.ops import Const, Grad
 from interventions.recipes import Metric, attribution_patching, input_attribution
-from tests.tiny_models import hf_model
+from tests.core.strategies import GRAD_OP_KINDS, graphs
+from tests.tiny_models import hf_model, hook_count
 
 pytest.importorskip("nnsight")
 
@@ -107,6 +110,30 @@ def test_nnsight_grads_equal_torch_at_every_kind_of_site(family: str) -> None:
     for name in names:
         assert want[name].abs().max() > 0, name
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+RAW = {
+    "gpt2": ("transformer.h.0.mlp.output", "transformer.h.1.attn.c_proj.input"),
+    "llama": ("model.layers.0.mlp.output", "model.layers.1.self_attn.o_proj.input"),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=8, deadline=None)
+@given(data=st.data())
+def test_random_graphs_with_grad_ops_agree(family: str, data: st.DataObject) -> None:
+    """Random graphs with grad ops among every other op: nnsight equals torch."""
+    g = data.draw(
+        graphs(2, 4, 32, 7, 64, d_mlp=128 if family == "gpt2" else 48, op_kinds=GRAD_OP_KINDS,
+               run_kinds=("tokens",), raw_sites=RAW[family], generation=False, nonfinite=False)
+    )  # fmt: skip
+    model = hf_model(family)
+    want = iv.run(g, model)
+    got = iv.run(g, model, backend="nnsight")
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert hook_count(model) == 0
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> float:

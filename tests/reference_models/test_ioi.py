@@ -25,7 +25,7 @@ from interventions.recipes.patching import AttributionResult
 from interventions.reference_models import ioi, load_reference
 
 BACKENDS = ("torch", "nnsight", "pyvene")
-GRAD_BACKENDS = ("torch", "pyvene")  # nnsight computes no gradients
+GRAD_BACKENDS = ("torch", "pyvene", "nnsight")  # nnsight: grad ops, computed in the trace
 TEMPLATE = 0
 N_PROMPTS = 16
 N_RAGGED = 40  # 8 prompts of each of the five templates, in a random order
