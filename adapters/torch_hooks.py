@@ -487,7 +487,8 @@ class TorchHooksBackend:
 
     name = "torch"
     capabilities = Capabilities(
-        ops=frozenset(OP_KINDS),
+        # grad ops: lowered to grad=True reads by the core (interventions.gradients)
+        ops=frozenset(OP_KINDS) - {"grad"},
         views=frozenset(
             {
                 "plain",

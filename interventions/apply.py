@@ -19,6 +19,7 @@ from interventions.ops import (
     Const,
     EdgePatch,
     FeatureEdit,
+    Grad,
     Op,
     Patch,
     ProjectOut,
@@ -177,6 +178,8 @@ def apply_op(
 
     if isinstance(op, Read):
         return x, {op.name: take(x, select, axes)}
+    if isinstance(op, Grad):  # the forward is unchanged; see interventions.gradients
+        return x, {}
     if isinstance(op, Patch):
         if isinstance(op.value, Const):
             return write(state.const(op.value, x)), {}
@@ -211,6 +214,30 @@ def apply_op(
     else:  # pragma: no cover - the op set is closed
         raise AssertionError(f"unknown op {op!r}")
     return write(new), recorded_out
+
+
+def grad_metric(
+    metric: str, logits: torch.Tensor, answer: torch.Tensor, wrong: torch.Tensor | None
+) -> torch.Tensor:
+    """Per prompt, the metric a ``grad`` op differentiates, of logits ``[batch, vocab]``
+    (the run's logits at the op's ``metric_pos``), in float32.
+
+    >>> grad_metric("logit_diff", torch.tensor([[0.5, 2.0, 0.0]]), torch.tensor([1]),
+    ...             torch.tensor([0])).tolist()
+    [1.5]
+    """
+    z = logits.float()
+    rows = torch.arange(z.shape[0], device=z.device)
+
+    def pick(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return values[rows, ids.to(values.device).expand(z.shape[0])]
+
+    if metric == "prob":
+        return pick(z.softmax(-1), answer)
+    if metric == "logprob":
+        return pick(z.log_softmax(-1), answer)
+    value = pick(z, answer)
+    return value - pick(z, wrong) if wrong is not None else value
 
 
 def node_output(x: torch.Tensor, head: int | None, w_o: torch.Tensor | None) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 
 from interventions.architectures import ModelInfo
 from interventions.devices import free_bytes
-from interventions.ops import Ablate, EdgePatch, Op, Patch, Read, Ref, SAESplice, source_run
+from interventions.ops import Ablate, EdgePatch, Grad, Op, Patch, Read, Ref, SAESplice, source_run
 from interventions.sites import Index, Select, Span
 from interventions.spec import GraphSpec, Run
 
@@ -187,6 +187,8 @@ def _solo(graph: GraphSpec, ops: list[Op]) -> set[str]:
             solo.add(op.run)
             if op.source is not None:
                 solo.add(op.source)
+        if isinstance(op, Grad):  # its metric's token ids are the run's own, row for row
+            solo.add(op.run)
     return solo
 
 

@@ -18,6 +18,7 @@ from interventions.ops import (
     Add,
     Const,
     FeatureEdit,
+    Grad,
     Op,
     Patch,
     ProjectOut,
@@ -43,6 +44,19 @@ class GraphBuilder(Protocol):
     def _add_tensor(self, tensor: torch.Tensor) -> str: ...
 
     def _add_sae(self, sae: SAE) -> str: ...
+
+
+class MetricLike(Protocol):
+    """What :meth:`RunHandle.grad` reads of a metric (``iv.recipes.Metric`` is one)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def answer(self) -> torch.Tensor | None: ...
+
+    @property
+    def wrong(self) -> torch.Tensor | None: ...
 
 
 class RunHandle:
@@ -232,6 +246,67 @@ class RunHandle:
                 float(factor),
             )
         )
+
+    def grad(
+        self,
+        site: str | Site,
+        layer: int | None = None,
+        *,
+        metric: MetricLike,
+        metric_pos: int = -1,
+        name: str | None = None,
+        batch: IndexLike = None,
+        pos: IndexLike = None,
+        head: IndexLike = None,
+        dims: IndexLike = None,
+    ) -> str:
+        """Record the gradient at the selection of ``metric`` of this run's logits at
+        ``metric_pos``, summed over the run's prompts; returns the result's name
+        (default ``"<run>.grad.<site>.<layer>"``). ``metric``: a ``logit_diff``,
+        ``logit``, ``prob`` or ``logprob`` :class:`~interventions.recipes.Metric` (its
+        kind and token ids: one per prompt, or one for all). The backward pass runs
+        where the model runs, remotely too; see :class:`~interventions.ops.Grad`.
+
+        >>> import torch, interventions as iv
+        >>> from interventions.recipes import Metric
+        >>> g = iv.Graph()
+        >>> g.run("r", tokens=[[1, 2, 3]]).grad("resid_pre", 0, metric=Metric.logit(5))
+        'r.grad.resid_pre.0'
+        """
+        s = self._site(site, layer)
+        kind = getattr(metric, "kind", None)
+        if not isinstance(kind, str) or not isinstance(
+            getattr(metric, "answer", None), torch.Tensor
+        ):
+            raise SpecError(
+                "grad: metric= must be a Metric of the logits (logit_diff, logit, prob, logprob) "
+                f"with answer token ids, got {metric!r:.80}"
+            )
+
+        def ids(value: torch.Tensor | None) -> Const | None:
+            if value is None:
+                return None
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise SpecError(f"grad: metric token ids must be integers, got {value.dtype}")
+            t = value if value.dtype == torch.long else value.long()
+            return Const(self.graph._add_tensor(t if t.ndim == 1 else t.reshape(-1)))
+
+        answer = ids(metric.answer)
+        assert answer is not None
+        select = Select.make(batch=batch, pos=pos, head=head, dims=dims)
+        if name is None:
+            name = f"{self.name}.grad.{s.name}" + ("" if s.layer is None else f".{s.layer}")
+            if isinstance(select.head, int):
+                name += f".h{select.head}"
+            taken = {n for op in self.graph.ops for n in produces(op)}
+            base, i = name, 1
+            while name in taken:
+                i += 1
+                name = f"{base}:{i}"
+        self.graph.add(
+            Grad(self.name, s, select, name, kind, answer, ids(metric.wrong), metric_pos)  # type: ignore[arg-type]
+        )
+        return name
 
     def sae_splice(
         self,

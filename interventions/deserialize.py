@@ -39,6 +39,7 @@ from interventions.ops import (
     Const,
     EdgePatch,
     FeatureEdit,
+    Grad,
     Op,
     Patch,
     ProjectOut,
@@ -195,6 +196,7 @@ _FIELDS: dict[str, set[str]] = {
     "scale": {"factor"},
     "sae_splice": {"sae", "edits", "error", "features", "source"},
     "edge_patch": {"upstream", "upstream_head", "method", "source"},
+    "grad": {"name", "metric", "answer", "wrong", "metric_pos"},
 }
 
 
@@ -244,6 +246,19 @@ def _op_from_dict(value: Any, where: str) -> Op:
         return ProjectOut(run, site, select, Const(d.text("direction")))
     if kind == "scale":
         return Scale(run, site, select, d.number("factor"))
+    if kind == "grad":
+        wrong = d.text("wrong", optional=True)
+        pos = d.integer("metric_pos", optional=True)
+        return Grad(
+            run,
+            site,
+            select,
+            d.text("name"),
+            d.text("metric"),  # checked by Grad
+            Const(d.text("answer")),
+            None if wrong is None else Const(wrong),
+            -1 if pos is None else pos,
+        )
     if kind == "edge_patch":
         return EdgePatch(
             run,

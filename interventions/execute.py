@@ -240,6 +240,16 @@ def run(
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     if not isinstance(model, nn.Module):
         raise InterventionError(f"model must be an nn.Module or a name, got {type(model).__name__}")
+    if _grads_by_autograd(graph, backend):
+        from interventions.gradients import by_autograd
+
+        validate(graph, model, tokenizer=tokenizer)  # the grad ops' own checks, before lowering
+        options.pop("grad", None)
+        run_grad = functools.partial(
+            run, model=model, backend=backend, tokenizer=tokenizer, batch=batch, budget=budget,
+            progress=progress, grad=True, **options,
+        )  # fmt: skip
+        return by_autograd(graph, run_grad)
     # a first, smaller graph (means over ragged sources) runs the same way as this one
     run_first = functools.partial(
         run, model=model, backend=backend, tokenizer=tokenizer, batch=batch, budget=budget,
@@ -293,6 +303,16 @@ def _cast_reads(results: Results, dtype: torch.dtype) -> Results:
     return Results(tensors, results.provenance, masks=masks)
 
 
+def _grads_by_autograd(graph: Graph, backend: str) -> bool:
+    """Has ``graph`` grad ops that ``backend`` leaves to client-side autograd?"""
+    from interventions.gradients import has_grads
+
+    if not has_grads(graph):
+        return False
+    caps = get_backend(backend).capabilities
+    return "grad" not in caps.ops and caps.gradients
+
+
 def _run_streamed(
     graph: Graph,
     model: nn.Module | str,
@@ -306,7 +326,10 @@ def _run_streamed(
     shards: str | os.PathLike[str] | None,
     options: dict[str, Any],
 ) -> Results:
+    from interventions.gradients import refuse_streamed
     from interventions.stream import run_in_chunks
+
+    refuse_streamed(graph)
 
     if isinstance(model, str) and not options.get("remote"):
         model, loaded_tokenizer = load_model(model)
@@ -353,8 +376,13 @@ def _prepare(
         able = [
             n for n, c in backend_capabilities().items() if not isinstance(c, str) and c.gradients
         ]
+        ops = (
+            " (its grad ops compute gradients where the model runs)"
+            if "grad" in impl.capabilities.ops
+            else ""
+        )
         raise UnsupportedOp(
-            f"backend {backend!r} computes no gradients (grad=True); backends that do: "
+            f"backend {backend!r} keeps no autograd graph (grad=True){ops}; backends that do: "
             f"{', '.join(able)}"
         )
     internal: frozenset[str] = frozenset()

@@ -13,6 +13,8 @@ them (:class:`Const`), so a graph prints, compares and serialises as data.
 ``sae_splice`` encode with an SAE, edit features, decode; keep, drop or detach the error
 ``edge_patch`` change one edge of the computational graph: add (an upstream node's output
                elsewhere - its output here) into one downstream input only
+``grad``       record the gradient, at a site, of a metric of the run's logits (summed
+               over its prompts); the forward pass is unchanged
 =============  =================================================================
 """
 
@@ -292,7 +294,51 @@ class EdgePatch:
             raise SpecError(f"edge_patch: upstream_head must be a non-negative int, got {head!r}")
 
 
-Op: TypeAlias = Read | Patch | Ablate | Add | ProjectOut | Scale | SAESplice | EdgePatch
+GradMetric = Literal["logit_diff", "logit", "prob", "logprob"]
+GRAD_METRICS: tuple[str, ...] = get_args(GradMetric)
+
+
+@dataclass(frozen=True)
+class Grad:
+    """Record, under ``name``, the gradient at ``site`` (the selected entries) of
+    ``metric`` of this run's logits at position ``metric_pos``, summed over the run's
+    prompts (so each prompt's rows hold its own metric's gradient; divide for a mean).
+
+    The metric is data, so the backward pass can run where the model runs (on NDIF):
+    ``logit`` is ``logits[answer]``, ``logit_diff`` ``logits[answer] - logits[wrong]``,
+    ``prob`` / ``logprob`` the softmax / log-softmax at ``answer``; ``answer`` and
+    ``wrong`` are int64 ``[prompts]`` (or ``[1]``) token ids in the tensor table. The
+    gradient is taken of the site's value as the rest of the forward pass sees it (after
+    this run's other ops there), through every path to the logits. Every ``grad`` of one
+    run names the same metric: one backward pass per run.
+    """
+
+    run: str
+    site: Site
+    select: Select
+    name: str
+    metric: GradMetric
+    answer: Const
+    wrong: Const | None = None
+    metric_pos: int = -1
+
+    def __post_init__(self) -> None:
+        _check_choice(self.metric, GRAD_METRICS, "grad metric")
+        if (self.metric == "logit_diff") != (self.wrong is not None):
+            raise SpecError(
+                f"grad metric {self.metric!r}: wrong= token ids go with 'logit_diff' and only there"
+            )
+        pos = self.metric_pos
+        if not isinstance(pos, int) or isinstance(pos, bool):
+            raise SpecError(f"grad metric_pos must be an int, got {pos!r:.40}")
+
+    @property
+    def objective(self) -> tuple[str, Const, Const | None, int]:
+        """What every ``grad`` of one run must share: (metric, answer, wrong, metric_pos)."""
+        return (self.metric, self.answer, self.wrong, self.metric_pos)
+
+
+Op: TypeAlias = Read | Patch | Ablate | Add | ProjectOut | Scale | SAESplice | EdgePatch | Grad
 
 OP_KINDS: dict[str, type] = {
     "read": Read,
@@ -303,6 +349,7 @@ OP_KINDS: dict[str, type] = {
     "scale": Scale,
     "sae_splice": SAESplice,
     "edge_patch": EdgePatch,
+    "grad": Grad,
 }
 KIND_OF: dict[type, str] = {cls: kind for kind, cls in OP_KINDS.items()}
 
@@ -314,7 +361,7 @@ def op_kind(op: Op) -> str:
 
 def produces(op: Op) -> list[str]:
     """Result names an op records."""
-    if isinstance(op, Read):
+    if isinstance(op, (Read, Grad)):
         return [op.name]
     if isinstance(op, SAESplice) and op.features is not None:
         return [op.features]
@@ -342,6 +389,8 @@ def tensor_keys(op: Op) -> list[str]:
         return [op.value.tensor]
     if isinstance(op, (Add, ProjectOut)):
         return [op.direction.tensor]
+    if isinstance(op, Grad):
+        return [op.answer.tensor] + ([op.wrong.tensor] if op.wrong is not None else [])
     return []
 
 
@@ -357,7 +406,7 @@ def check_op_names(op: Op) -> None:
     check_name(getattr(site, "name", None), f"{kind} site name")
     for field in ("name", "source", "sae", "features"):
         check_name(getattr(op, field, None), f"{kind} {field}")
-    for field in ("value", "direction"):
+    for field in ("value", "direction", "answer", "wrong"):
         value = getattr(op, field, None)
         check_name(getattr(value, "read", None), f"{kind} {field} ref")
         check_name(getattr(value, "tensor", None), f"{kind} {field} tensor")

@@ -17,7 +17,7 @@ import torch
 from interventions.architectures import ModelInfo
 from interventions.batching import Budget
 from interventions.errors import SpecError, ValidationError
-from interventions.ops import Ablate, EdgePatch, Op, Read, SAESplice, produces
+from interventions.ops import Ablate, EdgePatch, Grad, Op, Read, SAESplice, produces
 from interventions.runs import padded
 from interventions.sites import Index, PerPrompt, Select, Site, Span
 from interventions.spec import GraphSpec, Run
@@ -103,6 +103,10 @@ class Plan:
         for op in self.ops_of(run):
             if op.site.is_raw:
                 return None
+            if isinstance(op, Grad):  # its metric reads the logits at metric_pos
+                if op.metric_pos >= 0:
+                    return None
+                need = max(need, -op.metric_pos)
             if op.site.name != "logits":
                 continue
             if isinstance(op, Ablate):

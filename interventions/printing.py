@@ -8,6 +8,7 @@ from interventions.ops import (
     Ablate,
     Add,
     EdgePatch,
+    Grad,
     Op,
     Patch,
     ProjectOut,
@@ -94,6 +95,10 @@ def format_op(graph: GraphSpec, op: Op) -> str:
         up = f"{op.upstream}" + ("" if op.upstream_head is None else f" head={op.upstream_head}")
         how = {"patch": f" from {op.source}", "mean": f" mean over {op.source}", "zero": " zero"}
         return f"  edge_patch {where} += ({up}){how[op.method]}"
+    if isinstance(op, Grad):
+        wrong = "" if op.wrong is None else f" - {_tensor(graph, op.wrong.tensor)}"
+        metric = f"{op.metric}({_tensor(graph, op.answer.tensor)}{wrong} @ pos {op.metric_pos})"
+        return f"  %{op.name} = grad {where} of sum {metric}"
     raise AssertionError(f"unprintable op {op!r}")
 
 

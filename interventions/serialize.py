@@ -26,6 +26,7 @@ from interventions.ops import (
     Add,
     EdgePatch,
     FeatureEdit,
+    Grad,
     Op,
     Patch,
     ProjectOut,
@@ -103,6 +104,14 @@ def op_to_dict(op: Op) -> dict[str, Any]:
         )
         if op.source is not None:  # only when set, so graphs without it keep their hash
             out["source"] = _site(op.source)
+    elif isinstance(op, Grad):
+        out.update(
+            name=op.name,
+            metric=op.metric,
+            answer=op.answer.tensor,
+            wrong=None if op.wrong is None else op.wrong.tensor,
+            metric_pos=op.metric_pos,
+        )
     elif isinstance(op, EdgePatch):
         out.update(
             upstream=_site(op.upstream),

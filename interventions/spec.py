@@ -31,6 +31,7 @@ from interventions.builder import RunHandle
 from interventions.errors import SpecError, choices_text, suggest
 from interventions.ops import (
     FeatureEdit,
+    Grad,
     Op,
     Read,
     SAESpec,
@@ -204,6 +205,11 @@ class GraphSpec:
                 raise SpecError(
                     f"{op_kind(op)} on {op.run}.{op.site}: value {name!r} is not read earlier"
                     f"{suggest(name, known)}; reads so far: {choices_text(known) or 'none'}"
+                )
+            if isinstance(source, Grad):
+                raise SpecError(
+                    f"{op_kind(op)} on {op.run}.{op.site}: {name!r} is a gradient (a result); "
+                    "only reads and SAE features flow into other runs"
                 )
             if source.run == op.run:
                 raise SpecError(

@@ -22,6 +22,7 @@ from interventions.ops import (
     Add,
     Const,
     EdgePatch,
+    Grad,
     Op,
     Patch,
     ProjectOut,
@@ -139,11 +140,16 @@ def _prompt_only(plan: Plan, op: Op) -> bool:
     return positions is not None and all(0 <= p < prompt for p in positions)
 
 
+def _runs_kind(caps: Capabilities, kind: str) -> bool:
+    # a backend with gradients (grad=True) runs grad ops by client-side autograd
+    return kind in caps.ops or (kind == "grad" and caps.gradients)
+
+
 def _check_capabilities(op: Op, point: HookPoint, caps: Capabilities) -> None:
-    if op_kind(op) not in caps.ops:
+    if not _runs_kind(caps, op_kind(op)):
         raise UnsupportedOp(
             f"{_where(op)}: the backend cannot run {op_kind(op)!r}; backends that can: "
-            f"{_who_can(lambda c: op_kind(op) in c.ops)}"
+            f"{_who_can(lambda c: _runs_kind(c, op_kind(op)))}"
         )
     if point.view not in caps.views:
         raise UnsupportedOp(
@@ -401,6 +407,46 @@ _KIND_CHECKS: dict[type, Callable[[Plan, Op, _Target], None]] = {
 }
 
 
+def _check_grad(plan: Plan, op: Grad) -> None:
+    """A grad op's metric: of a forward run of equal-length prompts, its token ids one per
+    prompt (or one for all) and in the vocabulary, its position inside the prompt, and the
+    same for every grad op of the run (one backward pass per run)."""
+    run = plan.graph.runs[op.run]
+    if run.generates:
+        raise ValidationError(f"{_where(op)}: gradients need a run that does not generate")
+    try:
+        plan.info.hook_point(Site("logits"))
+    except InterventionError as exc:
+        raise ValidationError(f"{_where(op)}: the metric needs the model's logits: {exc}") from None
+    first = next(o for o in plan.ops_of(op.run) if isinstance(o, Grad))
+    if first.objective != op.objective:
+        raise ValidationError(
+            f"{_where(op)}: every grad op of run {op.run!r} differentiates one metric (one "
+            f"backward pass), but {first.name!r} and {op.name!r} name different ones"
+        )
+    batch, prompt = plan.batch_size(op.run), plan.prompt_length(op.run)
+    for what, const in (("answer", op.answer), ("wrong", op.wrong)):
+        if const is None:
+            continue
+        ids = plan.graph.tensors[const.tensor]
+        if ids.dtype != torch.long or ids.ndim != 1 or ids.shape[0] not in (1, batch):
+            raise ValidationError(
+                f"{_where(op)}: metric {what} ids must be int64 [{batch}] (one per prompt) or "
+                f"[1]; got {ids.dtype} {list(ids.shape)}"
+            )
+        vocab = plan.info.vocab
+        if vocab is not None and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValidationError(
+                f"{_where(op)}: metric {what} ids must be in 0..{vocab - 1}, found "
+                f"{int(ids.min())}..{int(ids.max())}"
+            )
+    if not -prompt <= op.metric_pos < prompt:
+        raise ValidationError(
+            f"{_where(op)}: metric_pos {op.metric_pos} is outside the prompt "
+            f"(positions {-prompt}..{prompt - 1})"
+        )
+
+
 _EDGE_DOWNSTREAM = ("q_input", "k_input", "v_input")
 
 
@@ -461,6 +507,8 @@ def _check_op(plan: Plan, op: Op, caps: Capabilities | None) -> None:
     _check_site_rules(plan, op)
     if isinstance(op, EdgePatch):
         _check_edge_patch(plan, op)
+    if isinstance(op, Grad):
+        _check_grad(plan, op)
     sizes = _axis_sizes(plan, op, point)
     if sizes is None:  # a raw module site: shapes are unknown before the run
         return
@@ -547,6 +595,12 @@ def validate(
                 f"positions for {info.max_positions} only; shorten the prompts"
                 + (" or max_new_tokens" if run.max_new_tokens else "")
             )
+    ragged = [op for op in graph.ops if isinstance(op, Grad) and op.run in plan.lengths]
+    if ragged:
+        raise ValidationError(
+            f"{_where(ragged[0])}: gradients need a run of prompts of one length; run "
+            f"{ragged[0].run!r} has several (group prompts by length, as the recipes do)"
+        )
     if needs_split(graph, plan.lengths):
         split = split_graph(graph, plan.inputs, plan.lengths, plan.padding_side, info)
         plan = replace(make_plan(split.graph, info), assembly=split)

@@ -30,8 +30,11 @@ and no typed errors. This client decodes only tensors and JSON-like data (a resu
 :class:`~interventions.errors.RemoteError` naming host, model key and job id. It does
 no more than that: no streaming, no logging, no async API.
 
-Not supported: gradients (``grad=``), and ops on a module called more than once per
-forward pass (they bind to its first call).
+Gradients: ``grad`` ops (:class:`~interventions.ops.Grad`) run their metric and one
+``torch.autograd.grad`` inside the trace, locally and on the host, in a trace of their own
+with every edit on a copy. Not supported: ``grad=True`` reads that stay in the autograd
+graph (the values of a remote run come back as plain tensors; use ``grad`` ops), and ops
+on a module called more than once per forward pass (they bind to its first call).
 """
 
 from .backend import SUPPORTED, NNsightBackend, check_version

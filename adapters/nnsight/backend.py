@@ -114,7 +114,12 @@ class NNsightBackend:
                 "iv.submit(...), which send the whole graph to the host as one request"
             )
         if options:
-            extra = " (the nnsight backend computes no gradients)" if "grad" in options else ""
+            extra = (
+                " (reads here leave the autograd graph; grad ops (RunHandle.grad) compute "
+                "gradients in the trace)"
+                if "grad" in options
+                else ""
+            )
             raise InterventionError(
                 f"nnsight backend: unknown options {sorted(options)}{extra}; valid: max_batch, "
                 "progress, remote"
@@ -336,6 +341,7 @@ class NNsightBackend:
             "kwargs": trace_kwargs,
             "barriers": dict(stage.barriers),
             "progs": progs,
+            "grad": any(code.grads for code in stage.runs),
         }
 
     @staticmethod

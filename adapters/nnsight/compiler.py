@@ -50,6 +50,7 @@ from interventions.ops import (
     Ablate,
     Add,
     Const,
+    Grad,
     Op,
     Patch,
     ProjectOut,
@@ -191,6 +192,7 @@ class _RunCode:
     locations: dict[str, Location]  # produced name / capture key -> where it is produced
     waits: dict[Location, list[str]] = field(default_factory=dict)
     signals: dict[Location, list[str]] = field(default_factory=dict)
+    grads: bool = False  # a backward pass at the logits (a trace of its own)
 
     @property
     def empty(self) -> bool:
@@ -259,6 +261,8 @@ class _Compiler:
         tensors = self.graph.tensors
         if isinstance(op, Read):
             return ("read", view, axes, sel, op.name)
+        if isinstance(op, Grad):  # the gradient of the run's metric (see run_code)
+            return ("grad", view, axes, sel, op.name)
         if isinstance(op, Patch):
             if isinstance(op.value, Const):
                 return ("patch", view, axes, sel, tensors[op.value.tensor])
@@ -302,6 +306,20 @@ class _Compiler:
             points.setdefault(self.location(op.site)[1], []).append(_Entry(op, op.site))
         for site in plan.captures_of(run):
             points.setdefault(self.location(site)[1], []).append(_Entry(None, site))
+        grads = [op for op in plan.ops_of(run) if isinstance(op, Grad)]
+        objective: tuple[Location, tuple[Any, ...]] | None = None
+        if grads:
+            # the metric of the logits, then one backward pass to every grad op's tensor
+            first = grads[0]
+            loc, point = self.location(Site("logits"))
+            points.setdefault(point, [])
+            tensors = self.graph.tensors
+            wrong = None if first.wrong is None else tensors[first.wrong.tensor]
+            objective = (
+                loc,
+                ("objective", point.view, first.metric, tensors[first.answer.tensor], wrong,
+                 first.metric_pos),
+            )  # fmt: skip
         by_location: dict[Location, list[tuple[HookPoint, list[_Entry]]]] = {}
         for point, entries in points.items():
             by_location.setdefault((point.module, point.io), []).append((point, entries))
@@ -324,6 +342,8 @@ class _Compiler:
             for e in entries
             if e.op is not None and not isinstance(e.op, Read) and e.site.is_raw
         }
+        if grads:  # autograd keeps the out-of-place form: every edit goes to a copy
+            swapped = set(by_location)
         for step in range(n_steps):
             offset, length = (0, prompt) if step == 0 else (prompt + step - 1, 1)
             step_locations: list[tuple[Location, list[tuple[Any, ...]]]] = []
@@ -355,6 +375,8 @@ class _Compiler:
                         if select is None:
                             continue
                         instrs.append(self.instruction(op, point.view, select, run))
+                if objective is not None and loc == objective[0] and step == 0:
+                    instrs.append(objective[1])
                 if instrs:
                     step_locations.append((loc, instrs))
             steps.append(step_locations)
@@ -364,6 +386,8 @@ class _Compiler:
         batch_key: tuple[int, ...]
         if not self.batched or graph_run.inputs is not None:
             kind, batch_key = "single", ()
+        elif grads:  # its own trace: one backward pass over its own rows
+            kind, batch_key = "fwd", (prompt, -1 - plan.order.index(run))
         elif generating:
             kind, batch_key = "gen", (prompt, n_steps)
             if graph_run.sampling is not None:  # a seeded generate of its own
@@ -381,6 +405,7 @@ class _Compiler:
             swapped=swapped,
             concat=concat,
             locations=produced,
+            grads=bool(grads),
         )
 
     def dependencies(self, run: str) -> list[tuple[str, str, Location]]:

@@ -197,12 +197,12 @@ def _run_program(
                 kept.setdefault(ins[2], []).append(x.clone())
                 return
             if kind == "capture":
-                store[ins[2]] = x.clone()
+                store[ins[2]] = x.detach().clone()
                 return
             axes, sel = ins[2], ins[3]
             ix = index_of(x.shape, axes, sel, x.device)
             if kind == "read":
-                store[ins[4]] = take(x, ix).clone()
+                store[ins[4]] = take(x, ix).detach().clone()
             elif kind == "patch":
                 put(x, ix, ins[4])
             elif kind == "patchref":
@@ -237,8 +237,38 @@ def _run_program(
                         source = take(full, index_of(full.shape, axes, sel, full.device))
                     new, features = sae_splice(region, ins[4], source)
                     if ins[5] is not None:
-                        store[ins[5]] = features
+                        store[ins[5]] = features.detach()
                 put(x, ix, new)
+
+        def objective_of(logits: Any, ins: Any) -> Any:
+            # interventions.apply.grad_metric at the metric's position, summed over prompts
+            _, _, metric, answer, wrong, pos = ins
+            z = logits[:, pos].float()
+            rows = torch.arange(z.shape[0], device=z.device)
+            values = z
+            if metric == "prob":
+                values = z.softmax(-1)
+            elif metric == "logprob":
+                values = z.log_softmax(-1)
+            m = values[rows, answer.to(z.device).expand(z.shape[0])]
+            if wrong is not None:
+                m = m - z[rows, wrong.to(z.device).expand(z.shape[0])]
+            return m.sum()
+
+        def backward(total: Any, wrt: Any) -> None:
+            # one backward pass to every grad op's tensor; each keeps its view and selection
+            tensors: list[Any] = []
+            slot: dict[int, int] = {}
+            for x, _ in wrt:
+                if id(x) not in slot:
+                    slot[id(x)] = len(tensors)
+                    tensors.append(x)
+            found = torch.autograd.grad(total, tensors, allow_unused=True)
+            for x, ins in wrt:
+                g = found[slot[id(x)]]
+                g = torch.zeros_like(x) if g is None else g
+                gv = view_of(g, ins[1])[0]
+                store[ins[4]] = take(gv, index_of(gv.shape, ins[2], ins[3], gv.device)).detach()
 
         def main_of(raw: Any, io: Any) -> Any:
             # the tensor at a module's input or output, and where it sits in the value
@@ -307,6 +337,7 @@ def _run_program(
             for config, _ in configs:
                 config._attn_implementation = "eager"
         rng = None
+        grad_was = torch.is_grad_enabled()
         try:
             for index, stage in enumerate(program["stages"]):
                 stage_at["stage"] = index
@@ -316,11 +347,14 @@ def _run_program(
                     rng = torch.random.get_rng_state()
                     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
                     torch.manual_seed(stage["seed"])
+                # a stage with grad ops keeps the autograd graph (locally under no_grad)
+                torch.set_grad_enabled(stage["grad"] or grad_was)
                 with wrapper.trace(fn=fn, **stage["kwargs"]) as tracer:
                     gates = {key: tracer.barrier(n) for key, n in stage["barriers"].items()}
                     for prog in stage["progs"]:
                         with tracer.invoke(*prog["args"], **prog["kwargs"]):
                             kept: dict[str, Any] = {}
+                            wrt: list[Any] = []  # (tensor, grad instruction)
                             for step in tracer.iter[0 : len(prog["steps"])]:
                                 for envoy, io, waits, signals, instrs, swap in prog["steps"][step]:
                                     for key in waits:
@@ -328,6 +362,7 @@ def _run_program(
                                     raw = envoy.output if io == "output" else envoy.inputs
                                     main, where = None, None
                                     views: dict[str, Any] = {}
+                                    goal = None
                                     for ins in instrs:
                                         if ins[1] not in views:
                                             if ins[1] == "attn_weights":
@@ -337,14 +372,25 @@ def _run_program(
                                                     main, where = main_of(raw, io)
                                                     main = main.clone() if swap else main
                                                 views[ins[1]] = view_of(main, ins[1])
-                                        apply(views[ins[1]][0], ins, kept)
+                                        if ins[0] == "objective":
+                                            goal = ins
+                                        elif ins[0] != "grad":
+                                            apply(views[ins[1]][0], ins, kept)
                                     for x, base in views.values():
                                         if base is not None:
                                             base.copy_(x.reshape(base.shape))
+                                    here = [ins for ins in instrs if ins[0] == "grad"]
+                                    if here:  # the value the rest of the forward sees
+                                        assert main is not None
+                                        if not main.requires_grad:
+                                            main.requires_grad_()
+                                        wrt.extend((main, ins) for ins in here)
                                     if swap and io == "output":
                                         envoy.output = rebuild(raw, io, where, main)
                                     elif swap:
                                         envoy.inputs = rebuild(raw, io, where, main)
+                                    if goal is not None:
+                                        backward(objective_of(main, goal), wrt)
                                     for key in signals:
                                         gates[key]()
                             for name, axes, sel in prog["concat"]:
@@ -366,6 +412,7 @@ def _run_program(
                         torch.cuda.set_rng_state_all(cuda_rng)
                     rng = None
         finally:
+            torch.set_grad_enabled(grad_was)
             for config, impl in configs:
                 config._attn_implementation = impl
             if rng is not None:  # a failed seeded stage

@@ -160,7 +160,8 @@ class PyveneBackend:
 
     name = "pyvene"
     capabilities = Capabilities(
-        ops=frozenset(OP_KINDS) - {"edge_patch"},  # edge patches: torch only
+        # edge patches: torch only; grad ops: lowered to grad=True reads by the core
+        ops=frozenset(OP_KINDS) - {"edge_patch", "grad"},
         views=frozenset({"plain", "heads", "logits"}),
         generation=True,
         gradients=True,

@@ -8,11 +8,13 @@ EAP-IG (Hanna et al. 2024) averages ``grad_d`` over ``steps`` points on the stra
 line between the corrupt and the clean token embeddings, ``alpha = 1/steps, ..., 1``;
 with ``steps=1`` that is the clean point alone, and EAP-IG is EAP.
 
-Both are graphs of reads on a backend with gradients: the upstream outputs (``resid_pre``
-at 0, ``head``, ``mlp_out``) of both runs, and each downstream input, made a tensor of
-its own by a neutral ``scale(1.0)`` so its gradient is the input's alone (a per-head
-input is each head's own copy; the MLP's and the final norm's inputs are their norms'
-inputs, not the residual stream).
+Both are graphs on any backend with gradients, remote NDIF included: reads of the
+upstream outputs (``resid_pre`` at 0, ``head``, ``mlp_out``) of both runs, then ``grad``
+ops, whose backward pass runs where the model runs: at the MLP's and the final norm's
+inputs (their norms' inputs, not the residual stream), and at each head's q, k and v,
+from which the gradient at each head's own copy of its input follows here by the
+vector-Jacobian product of its norm and projection. The head outputs and that product
+use the model's weights, so a remote run takes the model object, not just its name.
 
 >>> import torch, transformers
 >>> from interventions.recipes import Metric
@@ -33,12 +35,13 @@ from torch import nn
 
 from interventions.apply import node_output
 from interventions.architectures import ModelInfo, describe
-from interventions.attention import projection_weight
+from interventions.attention import projection_weight, qkv_view
 from interventions.circuits.circuit import Circuit
 from interventions.circuits.edges import Edge, Node, all_edges, downstream_site, upstream_site
-from interventions.errors import SpecError, UnsupportedOp, choices_text
+from interventions.errors import SpecError
 from interventions.execute import run
 from interventions.graph import Graph
+from interventions.ops import produces
 from interventions.recipes.metrics import Metric
 from interventions.sites import Site
 
@@ -51,16 +54,32 @@ def _tokens(value: Any, what: str) -> torch.Tensor:
 
 
 def _check_backend(backend: str) -> None:
-    from interventions.backends import backend_capabilities, get_backend
+    from interventions.recipes._grads import require_gradients
 
-    if not get_backend(backend).capabilities.gradients:
-        able = [
-            n for n, c in backend_capabilities().items() if not isinstance(c, str) and c.gradients
-        ]
-        raise UnsupportedOp(
-            f"edge attribution needs gradients, which backend {backend!r} lacks; backends "
-            f"with gradients: {choices_text(able)}"
-        )
+    require_gradients(backend, "edge attribution")
+
+
+def _head_input_grad(
+    model: nn.Module, info: ModelInfo, site: Site, x: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
+    """The gradient at each head's own copy of its q/k/v input, from the gradient at that
+    head's q/k/v (``grad``, ``[b, p, head, d_head]``) and the block's input ``x``: the
+    vector-Jacobian product of ``x_h -> norm(x_h) @ W_h``, which is how a per-head input
+    reaches the metric. Returns ``[b, p, head, d_model]``."""
+    arch = info.arch
+    assert arch is not None and site.layer is not None
+    point = info.hook_point(Site(site.name.removesuffix("_input"), site.layer))
+    norm = model.get_submodule(f"{arch.layers}.{site.layer}.{arch.attn_norm}")
+    n = info.n_heads or 1
+    w = projection_weight(model.get_submodule(point.module)).detach()
+    dims = {"n_heads": n, "n_kv_heads": info.n_kv_heads or n, "d_head": info.d_head or 1}
+    w_h = qkv_view(w, point.view, **dims)  # [d_model, head, d_head]
+    with torch.enable_grad():
+        heads = x.detach().to(w.dtype).unsqueeze(-2).expand(*x.shape[:-1], w_h.shape[1], -1)
+        heads = heads.clone().requires_grad_()
+        y = torch.einsum("bphd,dhe->bphe", norm.forward(heads), w_h)
+        (out,) = torch.autograd.grad((y * grad.to(y)).sum(), heads)
+    return out
 
 
 def _down_key(edge: Edge) -> tuple[str, int | None]:
@@ -85,6 +104,51 @@ def _node_outputs(
             w_o = projection_weight(o_proj).detach().float().to(x.device)
         out[node] = node_output(x, node.head, w_o)
     return out
+
+
+def _down_grads(
+    model: nn.Module,
+    info: ModelInfo,
+    ids: torch.Tensor,
+    e_clean: torch.Tensor,
+    e_bad: torch.Tensor,
+    alphas: Sequence[float],
+    downs: dict[str, Site],
+    metric: Metric,
+    pos: int,
+    backend: str,
+    run_options: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """The gradient of the metric (the prompts' mean) at each downstream input, averaged
+    over the points ``alphas``: grad ops, so it runs where the model runs (NDIF too). A
+    per-head input's gradient comes from its head's q/k/v gradient and the block's input
+    (:func:`_head_input_grad`); the MLP's and final norm's inputs are grad ops of their own."""
+    arch = info.arch
+    assert arch is not None
+    g = Graph()
+    for k, alpha in enumerate(alphas):
+        r = g.run(f"point{k}", tokens=ids)
+        if alpha != 1.0:  # the last point is the clean run itself, exactly
+            r.patch("embed", value=e_bad + alpha * (e_clean - e_bad))
+        for name, site in downs.items():
+            if site.is_raw:
+                r.grad(site, metric=metric, metric_pos=pos, name=f"point{k}.{name}")
+                continue
+            part = Site(site.name.removesuffix("_input"), site.layer)
+            r.grad(part, metric=metric, metric_pos=pos, name=f"point{k}.{name}")
+            x = f"point{k}.x.{site.layer}"
+            if x not in {n for op in g.ops for n in produces(op)}:
+                r.read(f"{arch.layers}.{site.layer}.{arch.attn_norm}.input", name=x)
+    res = run(g, model, backend=backend, **run_options)
+    scale = 1.0 / (len(alphas) * ids.shape[0])
+    grads: dict[str, torch.Tensor] = {n: torch.zeros(()) for n in downs}
+    for k in range(len(alphas)):
+        for name, site in downs.items():
+            grad = res[f"point{k}.{name}"]
+            if not site.is_raw:
+                grad = _head_input_grad(model, info, site, res[f"point{k}.x.{site.layer}"], grad)
+            grads[name] = grads[name] + grad.detach().float().cpu() * scale
+    return grads
 
 
 def edge_attribution(
@@ -143,23 +207,8 @@ def edge_attribution(
     for e in edge_list:
         site, _ = downstream_site(info, e)
         downs[_down_key(e)[0]] = site
-    g = Graph()
-    for k, alpha in enumerate(alphas):
-        r = g.run(f"point{k}", tokens=ids)
-        if alpha != 1.0:  # the last point is the clean run itself, exactly
-            r.patch("embed", value=e_bad + alpha * (e_clean - e_bad))
-        for name, site in downs.items():
-            r.scale(site, factor=1.0)  # the input as a tensor of its own (see above)
-            r.read(site, name=f"point{k}.{name}")
-        r.read("logits", pos=pos, name=f"point{k}.logits")
-    res = run(g, model, backend=backend, grad=True, **run_options)
-    total = torch.stack([metric(res[f"point{k}.logits"]).mean() for k in range(len(alphas))]).sum()
-    names = [f"point{k}.{n}" for k in range(len(alphas)) for n in downs]
-    raw = torch.autograd.grad(total, [res[n] for n in names])
-    grads = {n: torch.zeros(()) for n in downs}
-    for name, grad in zip(names, raw, strict=True):
-        key = name.split(".", 1)[1]
-        grads[key] = grads[key] + grad.detach().float().cpu() / len(alphas)
+    grads = _down_grads(model, info, ids, e_clean, e_bad, alphas, downs, metric, pos, backend,
+                        run_options)  # fmt: skip
 
     scores = []
     for e in edge_list:

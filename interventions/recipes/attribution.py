@@ -1,9 +1,10 @@
 """Input attribution: saliency, input x gradient and integrated gradients of a metric with
 respect to the token embeddings, per token and per prompt, on every backend with gradients.
 
-Each method is a read graph run with ``grad=True``: the ``embed`` site (the token
-embedding module's output) and the metric's logits are read, and the gradient is taken
-here with ``torch.autograd.grad``. Integrated gradients interpolates inside the graph:
+Each method is a graph of ``grad`` ops: the gradient of the metric at the ``embed`` site
+(the token embedding module's output), taken where the model runs (in the nnsight trace,
+remotely too) or client-side by ``torch.autograd`` (torch, pyvene); the logits are read
+for the metric's values. Integrated gradients interpolates inside the graph:
 each of its ``steps + 1`` points is a run that scales ``embed`` by ``alpha`` and adds
 ``(1 - alpha) * baseline``, so the model sees ``baseline + alpha * (x - baseline)``.
 
@@ -51,7 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from interventions.errors import SpecError, UnsupportedOp, choices_text
+from interventions.errors import SpecError, choices_text
 from interventions.execute import run
 from interventions.graph import Graph
 from interventions.recipes._dataset import Batch, Dataset, batches
@@ -171,15 +172,11 @@ def _gradients(
             r.scale("embed", factor=alpha)
             if base.ndim:  # a zero baseline adds nothing
                 r.add("embed", direction=base, scale=1.0 - alpha)
-        r.read("embed", name=f"point.{i}.embed")
+        r.grad("embed", metric=metric, metric_pos=pos, name=f"point.{i}.grad")
         r.read("logits", pos=pos, name=f"point.{i}.logits")
-    res = run(g, model, backend=backend, grad=True, **opts)
-    # one backward for every point: batch rows (and so runs) do not interact
-    embeds = [res[f"point.{i}.embed"] for i in range(len(alphas))]
-    metrics = [metric(res[f"point.{i}.logits"]) for i in range(len(alphas))]
-    raw = torch.autograd.grad(torch.stack(metrics).sum(), embeds)
-    values = [v.detach().float().cpu() for v in metrics]
-    grads = [g.detach().float().cpu() for g in raw]
+    res = run(g, model, backend=backend, **opts)
+    values = [metric(res[f"point.{i}.logits"]).float().cpu() for i in range(len(alphas))]
+    grads = [res[f"point.{i}.grad"].float().cpu() for i in range(len(alphas))]
     return grads, values, res["input.embed"].detach().float().cpu()
 
 
@@ -209,23 +206,13 @@ def input_attribution(
     token) or a tensor ``[d]`` / ``[seq, d]``. ``points_per_pass`` bounds how many
     interpolation points share one batched forward and backward pass.
 
-    Refused up front, by name, on a backend without gradients (nnsight today).
+    Refused up front, by name, on a backend that computes no gradients.
     """
-    from interventions.backends import backend_capabilities, get_backend
+    from interventions.recipes._grads import require_gradients
 
     if method not in METHODS:
         raise SpecError(f"unknown attribution method {method!r}; methods: {choices_text(METHODS)}")
-    caps = get_backend(backend).capabilities
-    if not caps.gradients:
-        grad_backends = [
-            name
-            for name, c in backend_capabilities().items()
-            if not isinstance(c, str) and c.gradients
-        ]
-        raise UnsupportedOp(
-            f"input attribution ({method}) needs gradients, which backend {backend!r} lacks; "
-            f"backends with gradients: {choices_text(grad_backends)}"
-        )
+    require_gradients(backend, f"input attribution ({method})")
     if metric.kind == "kl":
         raise SpecError("input attribution needs a metric of the logits alone, not 'kl'")
     if steps < 1:

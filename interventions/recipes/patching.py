@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from interventions.architectures import describe
-from interventions.errors import SpecError, UnsupportedOp, choices_text
+from interventions.errors import SpecError, choices_text
 from interventions.execute import run
 from interventions.graph import Graph
 from interventions.ops import Ref
@@ -476,12 +476,10 @@ def attribution_patching(
     SAE; the gradient recipe that does (``feature_attribution``) defaults to
     ``error="detach"`` and warns when given ``"keep"``.
     """
-    from interventions.backends import get_backend
+    from interventions.recipes._grads import require_gradients
 
-    if not get_backend(backend).capabilities.gradients:
-        raise UnsupportedOp(
-            f"attribution patching needs gradients, which backend {backend!r} lacks"
-        )
+    kl = metric.kind == "kl"  # not data: its gradient needs grad=True reads
+    require_gradients(backend, "attribution patching", grad_ops=not kl)
     if site not in PATCHABLE_SITES or site == "head":
         raise SpecError(
             f"attribution patching sweeps positions of {choices_text(PATCHABLE_SITES[:-2])}"
@@ -500,19 +498,26 @@ def attribution_patching(
         "clean": g.run("clean", tokens=clean_ids),
         "corrupt": g.run("corrupt", tokens=corrupt_ids),
     }
+    target = "corrupt" if direction == "denoise" else "clean"
+    source = "clean" if direction == "denoise" else "corrupt"
     for name, r in runs.items():
         r.read("logits", pos=metric_pos, name=f"{name}.logits")
         for layer in rows:
-            r.read(site, layer=None if site == "embed" else layer, name=f"{name}.{layer}")
-    res = run(g, model, backend=backend, tokenizer=tokenizer, grad=True, **run_options)
-    target = "corrupt" if direction == "denoise" else "clean"
-    source = "clean" if direction == "denoise" else "corrupt"
+            at = None if site == "embed" else layer
+            r.read(site, layer=at, name=f"{name}.{layer}")
+            if name == target and not kl:
+                r.grad(site, at, metric=metric, metric_pos=metric_pos, name=f"grad.{layer}")
+    opts: dict[str, Any] = {**run_options, "grad": True} if kl else run_options
+    res = run(g, model, backend=backend, tokenizer=tokenizer, **opts)
     clean_logits = res["clean.logits"].detach()
     m_clean = metric(clean_logits, reference=clean_logits)
     m_corrupt = metric(res["corrupt.logits"].detach(), reference=clean_logits)
     m_target = metric(res[f"{target}.logits"], reference=clean_logits)
-    activations = [res[f"{target}.{layer}"] for layer in rows]
-    grads = torch.autograd.grad(m_target.sum(), activations, allow_unused=True)
+    if kl:
+        activations = [res[f"{target}.{layer}"] for layer in rows]
+        grads = torch.autograd.grad(m_target.sum(), activations, allow_unused=True)
+    else:
+        grads = tuple(res[f"grad.{layer}"] for layer in rows)
     seq = clean_ids.shape[1]
     base = (m_corrupt if direction == "denoise" else m_clean).detach()
     values = base.expand(len(rows), seq, len(base)).clone()  # [rows, positions, batch]

@@ -51,6 +51,7 @@ from interventions.sites import RESIDUAL, STANDARD_SITES, Select, Site, Span
 __all__ = [
     "CONST_DTYPES",
     "DEFAULT_SITES",
+    "GRAD_OP_KINDS",
     "MOE_SITES",
     "OP_KINDS",
     "RAW_SITES",
@@ -62,6 +63,8 @@ __all__ = [
 ]
 
 OP_KINDS = ("read", "patch", "ablate", "add", "project_out", "scale", "sae_splice")
+# grad ops (a metric of the logits per run) are drawn only when asked for
+GRAD_OP_KINDS = (*OP_KINDS, "grad")
 RUN_KINDS = ("tokens", "text", "inputs")
 RAW_SITES = ("transformer.h.0.mlp.output", "output")
 CONST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64)
@@ -138,6 +141,7 @@ class _State:
     consts: list[torch.Tensor] = field(default_factory=list)
     saes: list[Any] = field(default_factory=list)
     sites: tuple[str, ...] = ()
+    metrics: dict[str, tuple[Any, int]] = field(default_factory=dict)  # grad: per run
 
     def depends(self, run: str, other: str) -> bool:
         """Whether ``run`` needs ``other``, directly or through other runs."""
@@ -541,6 +545,31 @@ def _ref_for(draw: st.DrawFn, st8: _State, run: _RunInfo, site: Site, select: Se
     return Ref(read.name)
 
 
+def _grad(draw: st.DrawFn, st8: _State, run: _RunInfo, raw_sites: Sequence[str]) -> None:
+    """A grad op on a forward token run of one prompt length, one metric per run."""
+    from interventions.recipes import Metric
+
+    spec = st8.graph.runs[run.handle.name]
+    if run.generates or spec.tokens is None or spec.lengths is not None:
+        _read(draw, st8, run, raw_sites)
+        return
+    if run.handle.name not in st8.metrics:
+        ids = st.integers(0, st8.sizes.vocab - 1)
+        answer = torch.tensor(draw(st.lists(ids, min_size=run.batch, max_size=run.batch)))
+        kind = draw(st.sampled_from(["logit_diff", "logit", "prob", "logprob"]))
+        wrong = torch.tensor([draw(ids)]) if kind == "logit_diff" else None
+        pos = draw(st.integers(-run.prompt, run.prompt - 1))
+        st8.metrics[run.handle.name] = (Metric(kind, answer, wrong), pos)
+    metric, pos = st8.metrics[run.handle.name]
+    site, spelled = _site(draw, st8, raw_sites, writable=True)
+    select = _select(draw, st8, run, site)
+    name = _fresh_name(draw, st8.taken) if draw(st.booleans()) else None
+    args, kwargs = _site_args(spelled, draw)
+    st8.taken.add(
+        run.handle.grad(*args, metric=metric, metric_pos=pos, name=name, **kwargs, **select)
+    )
+
+
 def _add_op(
     draw: st.DrawFn,
     st8: _State,
@@ -552,6 +581,9 @@ def _add_op(
     kind = draw(st.sampled_from(list(op_kinds)))
     if kind == "read":
         _read(draw, st8, run, raw_sites)
+        return
+    if kind == "grad":
+        _grad(draw, st8, run, raw_sites)
         return
     site, spelled = _site(draw, st8, raw_sites, writable=True)
     keep_hidden = kind in ("project_out", "sae_splice")

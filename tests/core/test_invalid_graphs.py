@@ -109,6 +109,20 @@ def unknown_ablation(g: iv.Graph) -> None:
     g.run("a", tokens=IDS).ablate("resid_post", layer=0, method="median")
 
 
+def grad_metric_pos_out_of_range(g: iv.Graph) -> None:
+    from interventions.recipes import Metric
+
+    g.run("a", tokens=IDS).grad("resid_post", 0, metric=Metric.logit(1), metric_pos=5)
+
+
+def grad_two_metrics(g: iv.Graph) -> None:
+    from interventions.recipes import Metric
+
+    r = g.run("a", tokens=IDS)
+    r.grad("resid_post", 0, metric=Metric.logit(1))
+    r.grad("resid_post", 1, metric=Metric.logit(2))
+
+
 def mean_without_source(g: iv.Graph) -> None:
     g.run("a", tokens=IDS).ablate("resid_post", layer=0, method="mean")
 
@@ -204,6 +218,8 @@ CASES: list[tuple[Callable[[iv.Graph], None], type[Exception], list[str]]] = [
     (duplicate_run, iv.SpecError, ["run 'a' already exists"]),
     (unknown_ablation, iv.SpecError, ["'median'", "zero, mean, resample"]),
     (mean_without_source, iv.SpecError, ["'mean' needs source"]),
+    (grad_metric_pos_out_of_range, iv.ValidationError, ["grad on a.resid_post[0]", "-5..4"]),
+    (grad_two_metrics, iv.ValidationError, ["one metric", "'a.grad.resid_post.0'"]),
     (unknown_source_run, iv.SpecError, ["'nope'", "runs: a"]),
     (unknown_error_term, iv.SpecError, ["'kept'", "keep, drop, detach"]),
     (aligned_value_across_lengths, iv.ValidationError, ["patch on long.resid_post[0]", "short"]),

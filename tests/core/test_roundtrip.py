@@ -20,6 +20,7 @@ from interventions.graph import Run
 from interventions.ops import (
     Const,
     FeatureEdit,
+    Grad,
     Op,
     Read,
     Ref,
@@ -29,9 +30,9 @@ from interventions.ops import (
     op_kind,
 )
 from interventions.sites import Select, Site, Span
-from tests.core.strategies import _ODD_NANS, graphs
+from tests.core.strategies import _ODD_NANS, GRAD_OP_KINDS, graphs
 
-GRAPHS = graphs()
+GRAPHS = graphs(op_kinds=GRAD_OP_KINDS)
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -122,6 +123,8 @@ def _op_line_prefix(op: Op) -> str:
         return f"  %{op.name} = read {op.run} {op.site}"
     if isinstance(op, SAESplice) and op.features:
         return f"  %{op.features} = sae_splice {op.run} {op.site}"
+    if isinstance(op, Grad):
+        return f"  %{op.name} = grad {op.run} {op.site}"
     return f"  {op_kind(op)} {op.run} {op.site}"
 
 
@@ -161,6 +164,8 @@ def _other(value: Any, field: str) -> Any:
         return value + 1.0 if abs(value) < 1e15 else value / 2
     if isinstance(value, str):
         return value + "_x"
+    if value is None and field == "wrong":  # a grad op's wrong-answer ids
+        return Const("t_x")
     if value is None and field == "sampling":
         return iv.Sampling(seed=7)
     if isinstance(value, iv.Sampling):

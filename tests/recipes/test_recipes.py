@@ -26,7 +26,8 @@ from interventions.recipes import (
 from tests.tiny_models import hf_model
 
 BACKENDS = ["torch", "nnsight", "pyvene"]
-GRADIENTS = ["torch", "pyvene"]  # nnsight computes no gradients
+GRADIENTS = ["torch", "nnsight", "pyvene"]  # nnsight: grad ops, computed in the trace
+GRAD_READS = ["torch", "pyvene"]  # grad=True reads that stay in the autograd graph
 CLEAN = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
 CORRUPT = CLEAN.clone()
 CORRUPT[:, 2] = 30
@@ -120,9 +121,11 @@ def test_normalisation_is_of_batch_means(backend: str) -> None:
     torch.testing.assert_close(got.scores[0, 2], torch.tensor(1.0), atol=1e-2, rtol=0)
 
 
-def test_attribution_patching_needs_gradients() -> None:
-    with pytest.raises(iv.UnsupportedOp, match=r"needs gradients, which backend 'nnsight' lacks"):
-        attribution_patching(hf_model("gpt2"), CLEAN, CORRUPT, METRIC, backend="nnsight")
+def test_attribution_patching_of_kl_needs_grad_reads() -> None:
+    with pytest.raises(
+        iv.UnsupportedOp, match=r"not data \(kl\), which backend 'nnsight' cannot.*torch, pyvene"
+    ):
+        attribution_patching(hf_model("gpt2"), CLEAN, CORRUPT, Metric.kl(), backend="nnsight")
 
 
 @pytest.mark.parametrize("backend", GRADIENTS)
@@ -277,7 +280,7 @@ def test_sae_recipes_against_hand_computation(backend: str) -> None:
     metric = Metric.logit(7)
     effects = feature_ablation(model, CLEAN, sae, [3, 5], metric, layer=0, backend=backend)
     assert effects.shape == (2,)
-    if backend not in GRADIENTS:
+    if backend not in GRAD_READS:
         with pytest.raises(iv.UnsupportedOp):
             feature_attribution(model, CLEAN, sae, metric, layer=0, backend=backend)
         return

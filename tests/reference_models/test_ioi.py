@@ -25,7 +25,7 @@ from interventions.recipes.patching import AttributionResult
 from interventions.reference_models import ioi, load_reference
 
 BACKENDS = ("torch", "nnsight", "pyvene")
-GRAD_BACKENDS = ("torch", "pyvene")  # nnsight computes no gradients
+GRAD_BACKENDS = ("torch", "pyvene", "nnsight")  # nnsight: grad ops, computed in the trace
 TEMPLATE = 0
 N_PROMPTS = 16
 N_RAGGED = 40  # 8 prompts of each of the five templates, in a random order
@@ -321,11 +321,12 @@ def test_attribution_patching_agrees_across_backends(backend: str) -> None:
         torch.testing.assert_close(res.exact.scores, ref.exact.scores, atol=1e-4, rtol=0)
 
 
-def test_attribution_patching_is_refused_on_nnsight() -> None:
+def test_attribution_patching_of_kl_is_refused_on_nnsight() -> None:
+    """nnsight takes gradients of metrics given as data (grad ops); kl is not one."""
     model, _ = _committed()
     clean, corrupt, _, _ = _prompts()
-    with pytest.raises(UnsupportedOp):
-        attribution_patching(model, clean, corrupt, _metric(), backend="nnsight")
+    with pytest.raises(UnsupportedOp, match=r"not data \(kl\)"):
+        attribution_patching(model, clean, corrupt, Metric.kl(), backend="nnsight")
 
 
 def test_patching_by_name_with_text_prompts() -> None:

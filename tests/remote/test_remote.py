@@ -228,6 +228,32 @@ def test_a_patch_sweep_is_one_request(ndif: Stack, monkeypatch: pytest.MonkeyPat
     assert got.results is not None and dict(got.results.provenance.remote)["job_id"]
 
 
+def test_gradients_remote_equal_local(ndif: Stack) -> None:
+    """EAP, EAP-IG, attribution patching and input attribution take their gradients in
+    the trace on the host (grad ops): they equal the local nnsight run."""
+    from interventions.circuits.eap import edge_attribution
+    from interventions.recipes import attribution_patching, input_attribution
+
+    model = hf_model("llama")
+    clean = torch.tensor([[5, 9, 14, 3, 22, 7], [4, 8, 13, 2, 21, 6]])
+    corrupt = torch.tensor([[5, 9, 30, 3, 22, 7], [4, 8, 31, 2, 21, 6]])
+    metric = Metric.logit_diff(torch.tensor([10, 12]), torch.tensor([11, 13]))
+    where = {"backend": "nnsight", "model_key": ndif.checkpoint}
+    for steps in (None, 2):
+        want = edge_attribution(model, clean, corrupt, metric, steps=steps, backend="nnsight")
+        got = edge_attribution(model, clean, corrupt, metric, steps=steps, remote=True, **where)
+        assert got.edges == want.edges and max(abs(s) for s in want.scores) > 1e-4
+        torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(want.scores), **TOL)
+    want_ap = attribution_patching(model, clean, corrupt, metric, backend="nnsight")
+    got_ap = attribution_patching(model, clean, corrupt, metric, remote=True, **where)
+    torch.testing.assert_close(got_ap.approx.values, want_ap.approx.values, **TOL)
+    ig = {"method": "integrated_gradients", "steps": 3}
+    want_ia = input_attribution(model, clean, Metric.logit(10), backend="nnsight", **ig)
+    got_ia = input_attribution(model, clean, Metric.logit(10), remote=True, **where, **ig)
+    for a, b in zip(got_ia.attributions, want_ia.attributions, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 # ---------------------------------------------------------------------------------------
 # jobs that survive the client
 

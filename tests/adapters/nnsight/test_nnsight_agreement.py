@@ -655,7 +655,7 @@ def test_the_trace_block_names_only_torch() -> None:
 def test_capabilities() -> None:
     caps = iv.backend_capabilities()["nnsight"]
     assert isinstance(caps, iv.Capabilities)
-    assert caps.ops == frozenset(OPS)
+    assert caps.ops == frozenset(OPS) | {"grad"}  # gradients in the trace, not grad=True
     # the attention internals (issue 11): q/k/v views and resid_mid; per-head inputs not yet
     assert caps.views == frozenset(
         {"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS}
@@ -712,7 +712,7 @@ def test_importing_interventions_does_not_import_nnsight() -> None:
 def test_unknown_options() -> None:
     g = iv.Graph()
     g.run("a", tokens=T1).read("logits")
-    with pytest.raises(iv.InterventionError, match="no gradients"):
+    with pytest.raises(iv.InterventionError, match=r"keeps no autograd graph.*grad ops"):
         iv.run(g, hf_model("gpt2"), backend="nnsight", grad=True)
     with pytest.raises(iv.InterventionError, match="max_batch"):
         iv.run(g, hf_model("gpt2"), backend="nnsight", max_batch=0)
