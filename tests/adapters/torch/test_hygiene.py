@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import interventions as iv
-from tests.tiny_models import HF_FAMILIES, hf_model, hook_count, toy_net
+from tests.tiny_models import HF_FAMILIES, ToyNet, hf_model, hook_count
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
@@ -54,18 +54,29 @@ def test_failure_midway_leaves_no_hooks_and_same_outputs(
     torch.testing.assert_close(model(IDS).logits, before, atol=0, rtol=0)
 
 
+class _FailsOnRealData(ToyNet):
+    """Fails after its first block, on real values only: validation's shape-only dry run
+    (fake tensors, no values) stops at ``tolist`` unknowing and lets the graph through."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        x = x + self.blocks[0](x)
+        x.tolist()
+        raise RuntimeError("the model failed on real data")
+
+
 def test_failure_in_a_plain_module() -> None:
-    model = toy_net()
-    before = model(IDS)
+    torch.manual_seed(0)
+    model = _FailsOnRealData().eval()
+    before = model.blocks[1](model.embed(IDS))
     g = iv.Graph()
     run = g.run("a", tokens=IDS)
     run.read("blocks.0.output", name="x")
-    # wrong width: only detected when the tensor is seen (raw sites have no static shapes)
-    run.add("blocks.1.output", direction=torch.ones(7))
-    with pytest.raises(iv.ExecutionError, match="run 'a' failed"):
+    run.add("blocks.1.output", direction=torch.ones(16))
+    with pytest.raises(iv.ExecutionError, match=r"run 'a' failed.*failed on real data"):
         iv.run(g, model)
     assert hook_count(model) == 0
-    torch.testing.assert_close(model(IDS), before, atol=0, rtol=0)
+    torch.testing.assert_close(model.blocks[1](model.embed(IDS)), before, atol=0, rtol=0)
 
 
 def test_success_leaves_no_hooks() -> None:
