@@ -4,15 +4,17 @@ first layer receives, learned before anything runs.
 A raw module site (``'<module path>.output'`` or ``.input``) has no shape that a config
 could tell, and a plain ``nn.Module`` says nothing about the inputs it takes. :func:`probe`
 calls the model's forward once for a run's input shape on *fake* tensors
-(``torch._subclasses.FakeTensorMode``): each op computes only the shape and dtype of its
-result, so no weight is read and nothing the size of an activation is allocated, whatever
-the model's size. Forward hooks on just the modules the graph touches record the shape of
+(``torch._subclasses.FakeTensorMode``), every weight and buffer swapped for a fake one for
+the call (``torch.func.functional_call``): each op computes only the shape and dtype of
+its result, so no weight is read and nothing the size of an activation is allocated,
+whatever the model's size. Forward hooks on just the modules the graph touches record the shape of
 the tensor there (the one a backend would see: a tuple's first tensor, an output's
 ``logits``), a pre-hook on the first layer with weights records what it receives, and the
 forward stops as soon as all of that is known. Results are cached per model and run shape.
 
 It leaves the model as it found it: the same parameters, buffers, submodules and tensor
-attributes (anything the forward assigned is put back), no hook, and the run lock
+attributes with the same values (no op touches a real one; anything the forward assigned
+is put back), no hook, and the run lock
 (:func:`interventions.locks.model_lock`) held while its hooks are on, so no other thread's
 run sees them. Hooks a user installed on the model see the fake call (their tensors are
 ``FakeTensor``s).
@@ -241,6 +243,7 @@ def _probe(
     if _dispatched(model):
         return Probe(shapes, None, "the model is dispatched by accelerate")
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
 
     seen: set[Point] = set()
     first: list[FirstLayer] = []
@@ -300,17 +303,24 @@ def _probe(
                             module.register_forward_pre_hook(first_hook(path), with_kwargs=True)
                         )
             if not done():
-                with (
-                    _quiet_fake_kernels(),
-                    FakeTensorMode(allow_non_fake_inputs=True),
-                    torch.no_grad(),
-                ):
+                mode = FakeTensorMode(allow_non_fake_inputs=True)
+                # every weight and buffer swapped for a fake for the call: an op on real
+                # tensors alone would otherwise run for real (and an in-place one, such as
+                # batch norm's counter in train mode, would change the model)
+                fakes = {
+                    name: mode.from_tensor(t)
+                    for named in (model.named_parameters, model.named_buffers)
+                    for name, t in named(remove_duplicate=False)
+                }
+                with _quiet_fake_kernels(), mode, torch.no_grad():
                     x = torch.empty(inputs.shape, dtype=inputs.dtype, device=_device(model))
                     fed.append(x)
-                    if call == "hf_ids":
-                        model(input_ids=x, use_cache=False)
-                    else:
-                        model(x)
+                    args, kwargs = (
+                        ((), {"input_ids": x, "use_cache": False})
+                        if call == "hf_ids"
+                        else ((x,), {})
+                    )
+                    functional_call(model, fakes, args, kwargs, tie_weights=False, strict=False)
         except _Enough:
             pass
         except Exception as exc:  # the fallback: what was not reached stays unknown

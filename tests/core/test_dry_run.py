@@ -414,3 +414,19 @@ def test_dry_run_waits_for_a_run_holding_the_model() -> None:
     worker.join(30)
     assert done.is_set()
     _no_hooks_left(model)
+
+
+def test_dry_run_changes_no_value_even_in_train_mode() -> None:
+    """Batch norm counts its batches in place in train mode; the dry run's fake weights
+    take that count, the model's own buffer does not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = iv.Graph()
+    g.run("a", inputs=torch.randn(3, 4)).read("1.output", batch=5)
+    with pytest.raises(iv.ValidationError, match=r"batch=5 is out of range.*'batch': 3"):
+        iv.validate(g, model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], atol=0, rtol=0)
+    assert int(model[1].num_batches_tracked) == 0
+    _no_hooks_left(model)
