@@ -307,7 +307,7 @@ def _probe(
                 # every weight and buffer swapped for a fake for the call: an op on real
                 # tensors alone would otherwise run for real (and an in-place one, such as
                 # batch norm's counter in train mode, would change the model)
-                fakes = {
+                fakes: dict[str, torch.Tensor] = {
                     name: mode.from_tensor(t)
                     for named in (model.named_parameters, model.named_buffers)
                     for name, t in named(remove_duplicate=False)
