@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import interventions as iv
-from tests.tiny_models import HF_FAMILIES, ToyNet, hf_model, hook_count
+from tests.tiny_models import HF_FAMILIES, fails_on_real_data, hf_model, hook_count
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
@@ -54,20 +54,8 @@ def test_failure_midway_leaves_no_hooks_and_same_outputs(
     torch.testing.assert_close(model(IDS).logits, before, atol=0, rtol=0)
 
 
-class _FailsOnRealData(ToyNet):
-    """Fails after its first block, on real values only: validation's shape-only dry run
-    (fake tensors, no values) stops at ``tolist`` unknowing and lets the graph through."""
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        x = x + self.blocks[0](x)
-        x.tolist()
-        raise RuntimeError("the model failed on real data")
-
-
 def test_failure_in_a_plain_module() -> None:
-    torch.manual_seed(0)
-    model = _FailsOnRealData().eval()
+    model = fails_on_real_data()
     before = model.blocks[1](model.embed(IDS))
     g = iv.Graph()
     run = g.run("a", tokens=IDS)
