@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 import interventions as iv
 from interventions import dry_run
 from interventions.locks import model_lock
-from tests.tiny_models import ToyNet, hf_model, hook_count, toy_net
+from tests.tiny_models import ToyNet, _ours, hf_model, hook_count, toy_net
 
 IDS = torch.tensor([[5, 6, 7, 8, 9]])
 MLP = "transformer.h.0.mlp.output"  # GPT-2's MLP output: [batch, pos, 32]
@@ -53,9 +53,11 @@ def forwards(model: nn.Module) -> Iterator[dict[str, int]]:
 
 
 def _no_hooks_left(model: nn.Module) -> None:
+    """No forward hook or pre-hook on any module (transformers' own output-capturing hooks,
+    which an earlier test asking for hidden states may have installed, aside)."""
     for name, module in model.named_modules():
-        assert not module._forward_hooks, name
-        assert not module._forward_pre_hooks, name
+        assert not [h for h in module._forward_hooks.values() if _ours(h)], name
+        assert not [h for h in module._forward_pre_hooks.values() if _ours(h)], name
 
 
 # --- the reproducers: each (graph builder, model, error, words the message must hold) ---
