@@ -7,8 +7,6 @@ import datetime
 import functools
 import hashlib
 import os
-import threading
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +23,7 @@ from interventions.batching import Budget, batch_graph
 from interventions.errors import ExecutionError, InterventionError, UnsupportedOp
 from interventions.graph import Graph
 from interventions.hf import empty_tokenizer
+from interventions.locks import model_lock
 from interventions.ops import Read, depends_on, produces, source_run
 from interventions.plan import make_plan
 from interventions.remote import Job, remote_backend
@@ -85,32 +84,6 @@ def _tokenizer(name_or_path: str) -> Any:
     except (OSError, ValueError):
         return None
     return None if empty_tokenizer(tokenizer) else tokenizer
-
-
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-@contextlib.contextmanager
-def model_lock(model: nn.Module) -> Iterator[None]:
-    """Hold ``model``'s run lock: runs on one model object are serialised, never interleaved.
-
-    Every backend installs hooks (or wraps modules) on the model object itself, so two
-    runs at once would see each other's interventions. :func:`run` holds this lock from
-    validation to the last hook removed. It is re-entrant (a recipe may call ``run``
-    while holding it) and kept in a weak map, so it does not keep the model alive.
-
-    >>> import torch
-    >>> m = torch.nn.Linear(2, 2)
-    >>> with model_lock(m), model_lock(m):  # re-entrant
-    ...     pass
-    """
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-    with lock:
-        yield
 
 
 @contextlib.contextmanager

@@ -99,10 +99,23 @@ def _basic_index(
         elif isinstance(index, Span):
             if index.step is not None and index.step <= 0:
                 return None
-            parts[dim] = slice(index.start, index.stop, index.step)
+            parts[dim] = _bounded_slice(index, size)
         elif isinstance(index, tuple):
             parts[dim] = list(_axis_indices(index, size, axes[dim])[0])
     return tuple(parts), sorted(dropped)
+
+
+def _bounded_slice(index: Span, size: int) -> slice:
+    """A forward slice with the same entries whose bounds and step fit the axis (torch
+    multiplies the step into a stride: ``step=10**20`` would overflow it).
+
+    >>> _bounded_slice(Span(0, None, 10**20), 5), _bounded_slice(Span(-3, None, 2), 5)
+    (slice(0, 1, None), slice(2, 5, 2))
+    """
+    r = range(size)[slice(index.start, index.stop, index.step)]
+    if len(r) <= 1:
+        return slice(r.start, r.start + len(r))
+    return slice(r.start, min(r.stop, size), r.step)
 
 
 def site_axes(kind: SiteKind, ndim: int) -> tuple[str, ...]:

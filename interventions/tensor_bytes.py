@@ -56,6 +56,8 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
     """Raise :class:`SpecError` if a float tensor holds NaN or Inf (the first one named)."""
     if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
         return
+    if tensor.is_floating_point() and tensor.element_size() == 1:
+        tensor = tensor.float()  # float8: torch has no isfinite for it; the cast keeps NaN/Inf
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
         index = [int(i) for i in bad.nonzero()[0]]

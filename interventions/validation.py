@@ -16,6 +16,7 @@ from torch import nn
 
 from interventions.architectures import HookPoint, ModelInfo, describe
 from interventions.backends import Capabilities
+from interventions.dry_run import Point, first_layer_problem, probe
 from interventions.errors import InterventionError, UnsupportedOp, ValidationError, choices_text
 from interventions.ops import (
     Ablate,
@@ -33,8 +34,8 @@ from interventions.ops import (
 )
 from interventions.plan import Plan, generation_positions, make_plan
 from interventions.ragged import needs_split, split_graph
-from interventions.selection import selected_shape
-from interventions.sites import STANDARD_SITES, Select, Site
+from interventions.selection import selected_shape, site_axes
+from interventions.sites import RESIDUAL, STANDARD_SITES, Select, Site
 from interventions.spec import GraphSpec
 
 
@@ -43,11 +44,36 @@ def _where(op: Op) -> str:
     return f"{op_kind(op)} on {op.run}.{op.site}{sel}"
 
 
-def _axis_sizes(plan: Plan, op: Op, point: HookPoint) -> dict[str, int] | None:
-    """Sizes of each axis of the op's site in its run (None for raw sites: unknown)."""
+# What the shape-only dry run measured at each (run, raw module site); None: not reached.
+_Shapes = dict[tuple[str, Point], tuple[int, ...] | None]
+
+
+def _raw_sizes(plan: Plan, op: Op, shapes: _Shapes) -> dict[str, int] | None:
+    """Axis sizes of a raw site's tensor in the op's run, as the dry run measured it (axes
+    named as backends name them, see :func:`site_axes`), or None when it is unknown."""
+    shape = shapes.get((op.run, op.site.raw_parts))
+    if not shape:
+        return None
+    sizes = dict(zip(site_axes(op.site.kind, len(shape)), shape, strict=True))
+    run = plan.graph.runs[op.run]
+    if run.generates and "pos" in sizes:  # the prompt pass was measured; steps follow
+        if sizes["pos"] != plan.prompt_length(op.run):
+            return None
+        sizes["pos"] += (run.max_new_tokens or 1) - 1
+    return sizes
+
+
+def _axes(site: Site, sizes: dict[str, int]) -> tuple[str, ...]:
+    """The axes of a site's tensor: a standard site's own, a raw site's as measured."""
+    return tuple(sizes) if site.is_raw else site.kind.axes
+
+
+def _axis_sizes(plan: Plan, op: Op, shapes: _Shapes) -> dict[str, int] | None:
+    """Sizes of each axis of the op's site in its run (None for a raw site the dry run did
+    not reach: unknown)."""
     info = plan.info
     if op.site.is_raw:
-        return None
+        return _raw_sizes(plan, op, shapes)
     batch, prompt = plan.batch_size(op.run), plan.prompt_length(op.run)
     run = plan.graph.runs[op.run]
     seq = prompt + (run.max_new_tokens - 1 if run.max_new_tokens else 0)
@@ -60,10 +86,15 @@ def _axis_sizes(plan: Plan, op: Op, point: HookPoint) -> dict[str, int] | None:
     return sizes
 
 
-def _region(plan: Plan, op: Op, select: Select, sizes: dict[str, int], run: str) -> tuple[int, ...]:
-    axes = op.site.kind.axes
+def _region(
+    plan: Plan, op: Op, select: Select, sizes: dict[str, int], run: str, *, own: bool = False
+) -> tuple[int, ...]:
+    """The shape ``select`` takes of the op's site; ``sizes`` of run ``run`` (``own``: they
+    are that run's already, as a raw site's measured sizes are)."""
+    axes = _axes(op.site, sizes)
     shape = [sizes[a] for a in axes]
-    if run != op.run:  # a value from another run: that run's own batch and length
+    if run != op.run and not own and not op.site.is_raw:
+        # a value from another run: that run's own batch and length
         other = plan.graph.runs[run]
         seq = plan.prompt_length(run) + (other.max_new_tokens - 1 if other.max_new_tokens else 0)
         shape = [
@@ -71,7 +102,7 @@ def _region(plan: Plan, op: Op, select: Select, sizes: dict[str, int], run: str)
             for a in axes
         ]
     gen = plan.graph.runs[run]
-    if gen.generates and select.pos is not None:
+    if gen.generates and select.pos is not None and "pos" in axes:
         # positions in generation are absolute (negative: from the end of the prompt)
         positions = generation_positions(
             select.pos, plan.prompt_length(run), shape[axes.index("pos")]
@@ -206,6 +237,7 @@ class _Target:
     point: HookPoint
     sizes: dict[str, int]
     region: tuple[int, ...]
+    shapes: _Shapes  # the dry run's measurements, for values read at raw sites
 
 
 def _const_shape(plan: Plan, const: Const) -> tuple[int, ...]:
@@ -215,19 +247,26 @@ def _const_shape(plan: Plan, const: Const) -> tuple[int, ...]:
 def _feature_shape(plan: Plan, producer: SAESplice, target: _Target) -> tuple[int, ...]:
     """Shape of the feature activations an SAE splice records."""
     graph = plan.graph
-    feature_sizes = _axis_sizes(plan, producer, target.point) or target.sizes
+    feature_sizes = _axis_sizes(plan, producer, target.shapes)
+    if feature_sizes is None:  # a raw site not measured: the target's residual axes
+        feature_sizes = {a: target.sizes[a] for a in RESIDUAL if a in target.sizes}
     w_enc = graph.tensors[dict(graph.saes[producer.sae].tensors)["W_enc"]]
     selected = _region(plan, producer, producer.select, feature_sizes, producer.run)
     return (*selected[:-1], int(w_enc.shape[1]))
 
 
-def _read_shape(plan: Plan, op: Patch, source: Read, target: _Target) -> tuple[int, ...]:
-    """Shape a read value takes when patched: aligned (whole read) or as it was selected."""
+def _read_shape(plan: Plan, op: Patch, source: Read, target: _Target) -> tuple[int, ...] | None:
+    """Shape a read value takes when patched: aligned (whole read) or as it was selected
+    (None: read at a raw site the dry run did not reach)."""
     assert isinstance(op.value, Ref)
     sizes = target.sizes
-    src_sizes = _axis_sizes(plan, source, target.point) or sizes
+    src_sizes = _axis_sizes(plan, source, target.shapes)
+    if src_sizes is None:
+        return None
     if not source.select.is_all:
         return _region(plan, source, source.select, src_sizes, source.run)
+    if source.site.is_raw or op.site.is_raw:
+        return _raw_aligned_shape(plan, op, source, src_sizes, sizes)
     if source.site.kind.axes != op.site.kind.axes or plan.info.width(
         source.site
     ) != plan.info.width(op.site):
@@ -237,6 +276,24 @@ def _read_shape(plan: Plan, op: Patch, source: Read, target: _Target) -> tuple[i
         )
     src_sizes = {**src_sizes, **{a: sizes[a] for a in ("head", "hidden") if a in sizes}}
     return _region(plan, op, op.select, src_sizes, source.run)
+
+
+def _raw_aligned_shape(
+    plan: Plan, op: Patch, source: Read, src_sizes: dict[str, int], sizes: dict[str, int]
+) -> tuple[int, ...]:
+    """An aligned patch with a raw site at either end: the read's whole tensor, taken with
+    the patch's selector on the target's axes (as backends take it)."""
+    src_axes = _axes(source.site, src_sizes)
+    whole = tuple(src_sizes[a] for a in src_axes)
+    if op.select.is_all:
+        return whole
+    if src_axes != _axes(op.site, sizes):
+        assert isinstance(op.value, Ref)
+        raise ValidationError(
+            f"{_where(op)}: value {op.value.read!r} is a whole {source.site} of shape "
+            f"{list(whole)} and cannot be aligned with {op.site}; read it with a selector"
+        )
+    return _region(plan, op, op.select, src_sizes, source.run, own=True)
 
 
 def _check_patch(plan: Plan, op: Op, target: _Target) -> None:
@@ -251,14 +308,15 @@ def _check_patch(plan: Plan, op: Op, target: _Target) -> None:
             what = f"features %{op.value.read}"
         else:
             assert isinstance(producer, Read)
-            if producer.site.is_raw:
-                return  # raw sites have no known shape before the run
             try:
-                shape = _read_shape(plan, op, producer, target)
+                read_shape = _read_shape(plan, op, producer, target)
             except IndexError as exc:
                 raise ValidationError(
                     f"{_where(op)}: value {op.value.read!r} from run {producer.run!r}: {exc}"
                 ) from None
+            if read_shape is None:
+                return  # a raw site the dry run did not reach: its shape is unknown
+            shape = read_shape
             what = f"value %{op.value.read} (from run {producer.run!r})"
     if not _fits(shape, target.region):
         raise ValidationError(
@@ -500,7 +558,7 @@ def _check_edge_patch(plan: Plan, op: EdgePatch) -> None:
             )
 
 
-def _check_op(plan: Plan, op: Op, caps: Capabilities | None) -> None:
+def _check_op(plan: Plan, op: Op, caps: Capabilities | None, shapes: _Shapes) -> None:
     point = plan.info.hook_point(op.site)
     if caps is not None:
         _check_capabilities(op, point, caps)
@@ -509,19 +567,60 @@ def _check_op(plan: Plan, op: Op, caps: Capabilities | None) -> None:
         _check_edge_patch(plan, op)
     if isinstance(op, Grad):
         _check_grad(plan, op)
-    sizes = _axis_sizes(plan, op, point)
-    if sizes is None:  # a raw module site: shapes are unknown before the run
+    sizes = _axis_sizes(plan, op, shapes)
+    if sizes is None:  # a raw module site the dry run did not reach: shapes unknown
         return
+    measured = " (measured by a shape-only dry run)" if op.site.is_raw else ""
     try:
         region = _region(plan, op, op.select, sizes, op.run)
     except IndexError as exc:
-        valid = {a: sizes[a] for a in op.site.kind.axes if a in sizes}
-        raise ValidationError(f"{_where(op)}: {exc}; axis sizes here are {valid}") from None
+        valid = {a: sizes[a] for a in _axes(op.site, sizes) if a in sizes}
+        raise ValidationError(
+            f"{_where(op)}: {exc}; axis sizes here are {valid}{measured}"
+        ) from None
     except InterventionError as exc:
-        raise ValidationError(f"{_where(op)}: {exc}") from None
+        raise ValidationError(f"{_where(op)}: {exc}{measured}") from None
     check = _KIND_CHECKS.get(type(op))
     if check is not None:
-        check(plan, op, _Target(point, sizes, region))
+        check(plan, op, _Target(point, sizes, region, shapes))
+
+
+def _raw_points(plan: Plan, run: str) -> set[Point]:
+    """The raw module sites a run touches: its ops' sites (and cross-site sources), and the
+    sites other runs capture from it."""
+    sites: list[Site] = list(plan.captures_of(run))
+    for op in plan.ops_of(run):
+        sites.append(op.site)
+        if isinstance(op, SAESplice) and op.source is not None:
+            sites.append(op.source)
+        if isinstance(op, EdgePatch):
+            sites.append(op.upstream)
+    return {s.raw_parts for s in sites if s.is_raw}
+
+
+def _dry_run(plan: Plan, model: nn.Module, *, layers: bool, sites: bool) -> _Shapes:
+    """Measure the raw module sites each run touches (``sites``) and refuse inputs the
+    model's first layer cannot take (``layers``), with a shape-only dry run of each run
+    that needs one (see :mod:`interventions.dry_run`): runs with raw sites, runs with
+    ``inputs=``, and every run on a plain ``nn.Module``."""
+    shapes: _Shapes = {}
+    for name in plan.order:
+        run = plan.graph.runs[name]
+        points = _raw_points(plan, name) if sites else set()
+        first = layers and (run.inputs is not None or not plan.info.is_hf)
+        if not points and not first:
+            continue
+        inputs = plan.inputs[name]
+        hf_ids = plan.info.is_hf and run.inputs is None  # as backends call the model
+        found = probe(
+            model, inputs, call="hf_ids" if hf_ids else "positional", points=points, first=first
+        )
+        if first and found.first is not None:
+            problem = first_layer_problem(name, found.first, inputs)
+            if problem is not None:
+                raise ValidationError(problem)
+        shapes.update({(name, point): shape for point, shape in found.shapes.items()})
+    return shapes
 
 
 def _fed_positions(run: Any, ids: torch.Tensor, lengths: Any) -> int:
@@ -602,12 +701,14 @@ def validate(
             f"{ragged[0].run!r} has several (group prompts by length, as the recipes do)"
         )
     if needs_split(graph, plan.lengths):
+        _dry_run(plan, model, layers=True, sites=False)
         split = split_graph(graph, plan.inputs, plan.lengths, plan.padding_side, info)
         plan = replace(make_plan(split.graph, info), assembly=split)
+        shapes = _dry_run(plan, model, layers=False, sites=True)
         origin = {p.run: (run, p) for run, parts in split.parts.items() for p in parts}
         for op in split.graph.ops:
             try:
-                _check_op(plan, op, caps)
+                _check_op(plan, op, caps, shapes)
             except ValidationError as exc:
                 if op.run not in origin:
                     raise
@@ -617,6 +718,7 @@ def validate(
                     f"{'...' if len(part.rows) > 8 else ''} of run {whole!r}, {part.length} tokens]"
                 ) from None
         return plan
+    shapes = _dry_run(plan, model, layers=True, sites=True)
     for op in graph.ops:
-        _check_op(plan, op, caps)
+        _check_op(plan, op, caps, shapes)
     return plan

@@ -147,6 +147,27 @@ def toy_net() -> ToyNet:
     return ToyNet().eval()
 
 
+class FailsOnRealData(ToyNet):
+    """A ToyNet whose forward raises after its two blocks, on real values only.
+
+    Validation's shape-only dry run (fake tensors, no values) measures both blocks, then
+    stops at ``tolist`` unknowing, so a graph passes validation and the run fails midway,
+    inside the backend, after its hooks have acted: the case hygiene tests need.
+    """
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        x.tolist()
+        raise RuntimeError("the model failed on real data")
+
+
+def fails_on_real_data() -> FailsOnRealData:
+    torch.manual_seed(0)
+    return FailsOnRealData().eval()
+
+
 ALL_MODELS: dict[str, Callable[[], nn.Module]] = {
     **{name: (lambda n=name: hf_model(n)) for name in ALL_FAMILIES},
 }

@@ -87,7 +87,12 @@ def _run_program(
                     lengths.append(size)
                 elif isinstance(index, slice):
                     r = range(size)[index]
-                    picks.append(slice(r.start, r.stop, r.step) if r.step > 0 else list(r))
+                    if r.step < 0:
+                        picks.append(list(r))
+                    elif len(r) <= 1:  # any step: one entry (a huge step would overflow a stride)
+                        picks.append(slice(r.start, r.start + len(r)))
+                    else:
+                        picks.append(slice(r.start, r.stop, r.step))
                     lengths.append(len(r))
                 else:
                     items = [index] if isinstance(index, int) else list(index)

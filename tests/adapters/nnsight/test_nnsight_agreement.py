@@ -35,6 +35,7 @@ from tests.tiny_models import (
     MOE_FAMILIES,
     VOCAB,
     _cfg,
+    fails_on_real_data,
     hf_model,
     hook_count,
     input_shapes,
@@ -610,18 +611,18 @@ def test_failure_midway_leaves_model_unchanged(
 
 
 def test_failure_inside_the_trace() -> None:
-    model = toy_net()
+    model = fails_on_real_data()  # passes validation, fails on real values in the forward
     with torch.no_grad():
-        before = model(T1)
+        before = model.blocks[1](model.embed(T1))
     g = iv.Graph()
     run = g.run("a", tokens=T1)
     run.read("blocks.0.output", name="x")
-    run.add("blocks.1.output", direction=torch.ones(7))  # wrong width, seen only at run time
+    run.add("blocks.1.output", direction=torch.ones(16))
     with pytest.raises(iv.ExecutionError, match="run 'a' failed on the nnsight backend"):
         iv.run(g, model, backend="nnsight")
     assert_clean(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(T1), before, atol=0, rtol=0)
+        torch.testing.assert_close(model.blocks[1](model.embed(T1)), before, atol=0, rtol=0)
 
 
 def test_nothing_keeps_the_model_alive() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import interventions as iv
-from tests.tiny_models import HF_FAMILIES, hf_model, hook_count, toy_net
+from tests.tiny_models import HF_FAMILIES, fails_on_real_data, hf_model, hook_count
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
@@ -55,17 +55,16 @@ def test_failure_midway_leaves_no_hooks_and_same_outputs(
 
 
 def test_failure_in_a_plain_module() -> None:
-    model = toy_net()
-    before = model(IDS)
+    model = fails_on_real_data()
+    before = model.blocks[1](model.embed(IDS))
     g = iv.Graph()
     run = g.run("a", tokens=IDS)
     run.read("blocks.0.output", name="x")
-    # wrong width: only detected when the tensor is seen (raw sites have no static shapes)
-    run.add("blocks.1.output", direction=torch.ones(7))
-    with pytest.raises(iv.ExecutionError, match="run 'a' failed"):
+    run.add("blocks.1.output", direction=torch.ones(16))
+    with pytest.raises(iv.ExecutionError, match=r"run 'a' failed.*failed on real data"):
         iv.run(g, model)
     assert hook_count(model) == 0
-    torch.testing.assert_close(model(IDS), before, atol=0, rtol=0)
+    torch.testing.assert_close(model.blocks[1](model.embed(IDS)), before, atol=0, rtol=0)
 
 
 def test_success_leaves_no_hooks() -> None:
