@@ -5,6 +5,8 @@ runs."""
 
 from __future__ import annotations
 
+from functools import cache
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -26,10 +28,15 @@ from tests.circuits.test_edge_patch import CORRUPT, _key
 LOGIT_DIFF = Metric.logit_diff(torch.tensor([5, 9]), torch.tensor([7, 3]))
 
 
+@cache
+def _corrupt_outputs(family: str) -> dict:
+    return split_forward(strong_model(family), CORRUPT)[1]
+
+
 def _hand_logits(family: str, removed: list[Edge], ablation: str = "resample") -> torch.Tensor:
     """The model with ``removed`` edges patched from the corrupt run (or zeroed), by hand."""
     model = strong_model(family)
-    _, bad, _ = split_forward(model, CORRUPT)
+    bad = _corrupt_outputs(family)
     table = {}
     for e in removed:
         up = _key(e.upstream)
@@ -38,27 +45,38 @@ def _hand_logits(family: str, removed: list[Edge], ablation: str = "resample") -
     return logits[:, -1]
 
 
+@cache
+def _clean_logits(family: str) -> torch.Tensor:
+    return _hand_logits(family, [])
+
+
 def _hand_metric(family: str, metric: Metric, removed: list[Edge]) -> float:
     logits = _hand_logits(family, removed)
     if metric.kind == "kl":
-        return float(metric(logits, _hand_logits(family, [])).mean())
+        return float(metric(logits, _clean_logits(family)).mean())
     return float(metric(logits).mean())
 
 
-def _hand_acdc(family: str, metric: Metric, threshold: float) -> tuple[list[Edge], list[float]]:
+def _candidates(family: str, every_nth: int) -> list[Edge]:
+    return all_edges(describe(strong_model(family)))[::every_nth]
+
+
+def _hand_acdc(
+    family: str, metric: Metric, threshold: float, candidates: list[Edge]
+) -> tuple[list[Edge], list[float]]:
     """Conmy et al.'s loop, one edge at a time, reverse forward order, no shortcuts."""
     every = all_edges(describe(strong_model(family)))
     removed: list[Edge] = []
     current = _hand_metric(family, metric, [])
     changes: list[float] = []
-    for e in reversed(every):
+    for e in sorted(candidates, key=every.index, reverse=True):
         value = _hand_metric(family, metric, [*removed, e])
         change = value - current if metric.kind == "kl" else abs(value - current)
         changes.append(change)
         if change < threshold:
             removed.append(e)
             current = value
-    return [e for e in every if e not in removed], changes
+    return [e for e in every if e in candidates and e not in removed], changes
 
 
 def test_batched_edge_patch_runs_equal_unbatched_and_the_hand_forward() -> None:
@@ -91,32 +109,47 @@ def test_batched_edge_patch_runs_equal_unbatched_and_the_hand_forward() -> None:
         assert_close(together[f"r{i}"][:, -1], _hand_logits("gpt2", removed), **FP32)
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
-    ("family", "metric", "threshold"),
-    [("gpt2", Metric.kl(), 0.05), ("gpt2", LOGIT_DIFF, 0.5), ("llama", Metric.kl(), 0.02)],
+    ("family", "metric", "threshold", "every_nth"),
+    [
+        ("gpt2", Metric.kl(), 0.05, 3),
+        ("llama", LOGIT_DIFF, 0.5, 3),
+        pytest.param("gpt2", Metric.kl(), 0.05, 1, marks=SLOW),
+        pytest.param("gpt2", LOGIT_DIFF, 0.5, 1, marks=SLOW),
+        pytest.param("llama", Metric.kl(), 0.02, 1, marks=SLOW),
+    ],
 )
 def test_acdc_equals_the_hand_loop_and_batching_changes_nothing(
-    family: str, metric: Metric, threshold: float
+    family: str, metric: Metric, threshold: float, every_nth: int
 ) -> None:
-    want, changes = _hand_acdc(family, metric, threshold)
+    """Every third edge a candidate (the rest kept in place) by default; every edge, slow."""
+    model = strong_model(family)
+    candidates = _candidates(family, every_nth)
+    want, changes = _hand_acdc(family, metric, threshold, candidates)
     # the decisions are not borderline, so float rounding cannot flip one
     assert min(abs(c - threshold) for c in changes) > 1e-4
-    assert 0 < len(want) < len(all_edges(describe(strong_model(family))))
-    model = strong_model(family)
-    one = acdc(model, IDS, CORRUPT, metric, threshold=threshold, batch_size=1)
-    many = acdc(model, IDS, CORRUPT, metric, threshold=threshold, batch_size=16)
+    assert 0 < len(want) < len(candidates)
+    kw = {"threshold": threshold, "edges": candidates}
+    one = acdc(model, IDS, CORRUPT, metric, batch_size=1, **kw)  # type: ignore[arg-type]
+    many = acdc(model, IDS, CORRUPT, metric, batch_size=16, **kw)  # type: ignore[arg-type]
     assert list(one.edges) == want and many.edges == one.edges
     assert_close(torch.tensor(many.scores), torch.tensor(one.scores), atol=1e-4, rtol=1e-4)
     assert many.stat("passes") < one.stat("passes")
     assert one.stat("passes") == one.stat("tested") + 1  # the clean run, then one per edge
-    assert one.stat("tested") + one.stat("free") == len(all_edges(describe(model)))
+    assert one.stat("tested") + one.stat("free") == len(candidates)
     kept_changes = [c for c in changes if c >= threshold]
     assert_close(torch.tensor(sorted(one.scores)), torch.tensor(sorted(kept_changes)), **FP32)
 
 
 def test_zero_ablation_acdc_and_the_circuit_graph_by_hand() -> None:
     model = strong_model("gpt2")
-    c = acdc(model, IDS, CORRUPT, Metric.kl(), threshold=0.05, ablation="zero", batch_size=8)
+    c = acdc(
+        model, IDS, CORRUPT, Metric.kl(), threshold=0.05, ablation="zero",
+        edges=_candidates("gpt2", 4), batch_size=8,
+    )
     assert c.method == "acdc(threshold=0.05, kl, zero)" and c.edges
     outside = [e for e in all_edges(describe(model)) if e not in set(c.edges)]
     for ablation in ("zero", "resample"):
@@ -150,7 +183,10 @@ def test_faithfulness_and_completeness_by_hand() -> None:
 
 
 def test_circuit_stats_round_trip_print_and_draw(tmp_path) -> None:
-    c = acdc(strong_model("gpt2"), IDS, CORRUPT, Metric.kl(), threshold=0.05)
+    c = acdc(
+        strong_model("gpt2"), IDS, CORRUPT, Metric.kl(), threshold=0.05,
+        edges=_candidates("gpt2", 6),
+    )
     back = Circuit.load(c.save(tmp_path / "c.json"))
     assert back == c and back.stats == c.stats and back.stat("passes") == c.stat("passes")
     assert "passes=" in str(c).splitlines()[1]
