@@ -113,6 +113,36 @@ class Circuit:
             raise SpecError(f"top(k): k must be non-negative, got {k}")
         return self._keep({e for e, _ in self.ranked()[:k]})
 
+    def greedy(self, k: int) -> Circuit:
+        """``k`` edges that form whole paths, chosen greedily from the logits back
+        (Hanna et al. 2024): the edge of largest ``|score|`` whose downstream node is
+        already in the circuit (the logits at first), again and again; then edges out of
+        nodes that nothing in the circuit feeds are pruned (so it may hold fewer).
+
+        >>> c = Circuit(tuple(map(parse_edge, ["embed -> m0", "m0 -> logits", "m1 -> logits"])),
+        ...             (1.0, 0.5, 3.0))
+        >>> [str(e) for e in c.greedy(2).edges]  # m1 -> logits has no input: pruned
+        ['m0 -> logits']
+        """
+        if k < 0:
+            raise SpecError(f"greedy(k): k must be non-negative, got {k}")
+        chosen: set[Edge] = set()
+        reached = {Node("logits")}
+        ranked = self.ranked()
+        while len(chosen) < k:
+            pick = next((e for e, _ in ranked if e not in chosen and e.downstream in reached), None)
+            if pick is None:
+                break
+            chosen.add(pick)
+            reached.add(pick.upstream)
+        while True:  # prune edges out of nodes nothing feeds (embed needs no input)
+            fed = {Node("embed")} | {e.downstream for e in chosen}
+            unfed = {e for e in chosen if e.upstream not in fed}
+            if not unfed:
+                break
+            chosen -= unfed
+        return self._keep(chosen)
+
     def threshold(self, tau: float) -> Circuit:
         """The edges with ``|score| >= tau``."""
         return self._keep(
