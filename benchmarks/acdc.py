@@ -52,36 +52,43 @@ def main() -> None:
     print(f"load average {load_average()}; {args.threads} thread(s)")
     model = load_induction_model()
     for n in args.prompts:
-        clean, corrupt, metric = task_data("induction", n=n, seed=0)
+        bench(model, n, args)
 
-        def make(bs: int) -> Any:
-            return lambda: acdc(model, clean, corrupt, metric, threshold=args.threshold, batch_size=bs)
 
-        loop = Contender("one edge per forward (batch_size=1)", make(1))
-        contenders = [loop] + [Contender(f"batched (batch_size={b})", make(b)) for b in args.batch_sizes]
-        label(contenders)
-        want: dict[str, Circuit] = {}
+def bench(model: Any, n: int, args: argparse.Namespace) -> None:
+    clean, corrupt, metric = task_data("induction", n=n, seed=0)
 
-        def compare(c: Contender, got: Circuit) -> str:
-            want.setdefault("c", got)
-            ref = want["c"]
-            if got.edges != ref.edges:
-                raise AssertionError(f"{len(got.edges)} edges against {len(ref.edges)}")
-            diff = max((abs(a - b) for a, b in zip(got.scores, ref.scores, strict=True)), default=0)
-            if diff > 1e-4:
-                raise AssertionError(f"scores differ by {diff:.2e}")
-            found[c.name] = got
-            return f"same {len(got.edges)} edges"
+    def make(bs: int) -> Any:
+        return lambda: acdc(model, clean, corrupt, metric, threshold=args.threshold, batch_size=bs)
 
-        found: dict[str, Circuit] = {}
-        print(f"\n{n} prompts x {clean.shape[1]} positions, threshold {args.threshold}:")
-        check_round(contenders, compare)
-        timed_rounds(contenders, args.repeats, compare)
-        rows = []
-        base_passes = found[loop.name].stat("passes")
-        for c in contenders:
-            circ = found[c.name]
-            rows.append([
+    loop = Contender("one edge per forward (batch_size=1)", make(1))
+    contenders = [loop] + [
+        Contender(f"batched (batch_size={b})", make(b)) for b in args.batch_sizes
+    ]
+    label(contenders)
+    want: dict[str, Circuit] = {}
+
+    def compare(c: Contender, got: Circuit) -> str:
+        want.setdefault("c", got)
+        ref = want["c"]
+        if got.edges != ref.edges:
+            raise AssertionError(f"{len(got.edges)} edges against {len(ref.edges)}")
+        diff = max((abs(a - b) for a, b in zip(got.scores, ref.scores, strict=True)), default=0)
+        if diff > 1e-4:
+            raise AssertionError(f"scores differ by {diff:.2e}")
+        found[c.name] = got
+        return f"same {len(got.edges)} edges"
+
+    found: dict[str, Circuit] = {}
+    print(f"\n{n} prompts x {clean.shape[1]} positions, threshold {args.threshold}:")
+    check_round(contenders, compare)
+    timed_rounds(contenders, args.repeats, compare)
+    rows = []
+    base_passes = found[loop.name].stat("passes")
+    for c in contenders:
+        circ = found[c.name]
+        rows.append(
+            [
                 c.name,
                 f"{circ.stat('passes'):.0f}",
                 fmt_x(base_passes / circ.stat("passes")),
@@ -90,14 +97,29 @@ def main() -> None:
                 fmt_x(1 / ratio(c, loop)) if c is not loop else "1.00x",
                 fmt_x(1 / ratio(c, loop, cpu=True)) if c is not loop else "1.00x",
                 c.check,
-            ])
-        print(table(rows, ["contender", "passes", "fewer passes", "runs", "wall s", "speed-up", "cpu speed-up", "check"]))
-        circ = found[loop.name]
-        s = score_circuit(model, circ, clean, corrupt, metric)
-        print(
-            f"circuit: {len(circ.edges)} of 110 edges, faithfulness {s.faithfulness:.3f}, "
-            f"completeness {s.completeness:.3f}"
+            ]
         )
+    print(
+        table(
+            rows,
+            [
+                "contender",
+                "passes",
+                "fewer passes",
+                "runs",
+                "wall s",
+                "speed-up",
+                "cpu speed-up",
+                "check",
+            ],
+        )
+    )
+    circ = found[loop.name]
+    s = score_circuit(model, circ, clean, corrupt, metric)
+    print(
+        f"circuit: {len(circ.edges)} of 110 edges, faithfulness {s.faithfulness:.3f}, "
+        f"completeness {s.completeness:.3f}"
+    )
 
 
 if __name__ == "__main__":

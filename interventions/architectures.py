@@ -17,7 +17,6 @@ are read from the model's config and modules, so a map needs no numbers.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 from typing import Any, Literal
 

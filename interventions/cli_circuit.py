@@ -8,7 +8,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from interventions.cli_common import EXIT_OK, UsageError, _ids, _model, _one_token, _out_dir, _picture
+from interventions.cli_common import (
+    EXIT_OK,
+    UsageError,
+    _ids,
+    _model,
+    _one_token,
+    _out_dir,
+    _picture,
+)
 
 METHODS = ("eap", "eap-ig", "acdc")
 
@@ -27,7 +35,9 @@ def add_circuit_parser(sub: Any, common: Any) -> None:
     p.add_argument("--kl", action="store_true", help="acdc: prune by KL to the clean run")
     p.add_argument("--threshold", type=float, default=1.0, help="acdc threshold (default 1.0)")
     p.add_argument(
-        "--ablation", default="resample", choices=["resample", "mean", "zero"],
+        "--ablation",
+        default="resample",
+        choices=["resample", "mean", "zero"],
         help="how edges outside the circuit are removed (default: resample from corrupt)",
     )
     p.add_argument("--steps", type=int, default=8, help="eap-ig integration steps")
@@ -71,8 +81,13 @@ def cmd_circuit(args: argparse.Namespace) -> int:
     clean, corrupt, metric = _inputs(args, tokenizer)
     if args.method == "acdc":
         circuit = acdc(
-            model, clean, corrupt, Metric.kl() if args.kl else metric,
-            threshold=args.threshold, ablation=args.ablation, backend=args.backend,
+            model,
+            clean,
+            corrupt,
+            Metric.kl() if args.kl else metric,
+            threshold=args.threshold,
+            ablation=args.ablation,
+            backend=args.backend,
         )
     else:
         steps = args.steps if args.method == "eap-ig" else None

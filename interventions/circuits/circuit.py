@@ -33,7 +33,7 @@ from interventions.architectures import ModelInfo, describe
 from interventions.circuits.edges import Edge, Node, all_edges, edge_patch_op, parse_edge
 from interventions.errors import SpecError, choices_text
 from interventions.graph import Graph
-from interventions.ops import EdgePatch
+from interventions.ops import EdgeMethod, EdgePatch
 
 FORMAT = "interventions.circuit/1"
 Ablation = Literal["resample", "mean", "zero"]
@@ -47,7 +47,7 @@ def ablation_op(info: ModelInfo, edge: Edge, run: str, ablation: str) -> EdgePat
         raise SpecError(f"unknown ablation {ablation!r}; ablations: {choices_text(ABLATIONS)}")
     if ablation == "zero":
         return edge_patch_op(info, edge, run, method="zero")
-    method = "patch" if ablation == "resample" else "mean"
+    method: EdgeMethod = "patch" if ablation == "resample" else "mean"
     return edge_patch_op(info, edge, run, method=method, source="corrupt")
 
 

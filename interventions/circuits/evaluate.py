@@ -108,7 +108,9 @@ def score_circuit(
                 g.add(ablation_op(info, e, name, ablation))
     res = run(g, model, backend=backend, **run_options)
     ref = res["clean"]
-    values = {n: metric_value(metric, res[n], ref) for n in ("clean", "circuit", "without", "empty")}
+    values = {
+        n: metric_value(metric, res[n], ref) for n in ("clean", "circuit", "without", "empty")
+    }
     return CircuitScores(**values)
 
 
@@ -126,7 +128,14 @@ def faithfulness(
 ) -> float:
     """``(m_circuit - m_empty) / (m_clean - m_empty)``: see the module docstring."""
     return score_circuit(
-        model, circuit, clean, corrupt, metric, ablation=ablation, pos=pos, backend=backend,
+        model,
+        circuit,
+        clean,
+        corrupt,
+        metric,
+        ablation=ablation,
+        pos=pos,
+        backend=backend,
         **run_options,
     ).faithfulness
 
@@ -145,6 +154,13 @@ def completeness(
 ) -> float:
     """``(m_clean - m_without) / (m_clean - m_empty)``: see the module docstring."""
     return score_circuit(
-        model, circuit, clean, corrupt, metric, ablation=ablation, pos=pos, backend=backend,
+        model,
+        circuit,
+        clean,
+        corrupt,
+        metric,
+        ablation=ablation,
+        pos=pos,
+        backend=backend,
         **run_options,
     ).completeness

@@ -147,8 +147,14 @@ def test_acdc_equals_the_hand_loop_and_batching_changes_nothing(
 def test_zero_ablation_acdc_and_the_circuit_graph_by_hand() -> None:
     model = strong_model("gpt2")
     c = acdc(
-        model, IDS, CORRUPT, Metric.kl(), threshold=0.05, ablation="zero",
-        edges=_candidates("gpt2", 4), batch_size=8,
+        model,
+        IDS,
+        CORRUPT,
+        Metric.kl(),
+        threshold=0.05,
+        ablation="zero",
+        edges=_candidates("gpt2", 4),
+        batch_size=8,
     )
     assert c.method == "acdc(threshold=0.05, kl, zero)" and c.edges
     outside = [e for e in all_edges(describe(model)) if e not in set(c.edges)]
@@ -170,12 +176,16 @@ def test_faithfulness_and_completeness_by_hand() -> None:
     s = score_circuit(model, c, IDS, CORRUPT, m)
     with torch.no_grad():  # the empty circuit under resample ablation is the corrupt run
         corrupt = float(m(model(CORRUPT).logits[:, -1]).mean())
-    assert_close(torch.tensor([s.clean, s.circuit, s.without, s.empty]),
-                 torch.tensor([clean, alone, without, corrupt]), atol=1e-4, rtol=1e-5)
+    assert_close(
+        torch.tensor([s.clean, s.circuit, s.without, s.empty]),
+        torch.tensor([clean, alone, without, corrupt]),
+        atol=1e-4,
+        rtol=1e-5,
+    )
     assert abs(empty - corrupt) < 1e-4
     assert abs(s.faithfulness - (alone - empty) / (clean - empty)) < 1e-4
     assert abs(s.completeness - (clean - without) / (clean - empty)) < 1e-4
-    assert 0.05 < abs(s.faithfulness) and abs(s.faithfulness - 1) > 0.05  # a real fraction
+    assert abs(s.faithfulness) > 0.05 and abs(s.faithfulness - 1) > 0.05  # a real fraction
     whole = Circuit(tuple(every), (1.0,) * len(every))
     assert abs(faithfulness(model, whole, IDS, CORRUPT, m) - 1) < 1e-5
     assert abs(completeness(model, whole, IDS, CORRUPT, m) - 1) < 1e-5
@@ -184,7 +194,11 @@ def test_faithfulness_and_completeness_by_hand() -> None:
 
 def test_circuit_stats_round_trip_print_and_draw(tmp_path) -> None:
     c = acdc(
-        strong_model("gpt2"), IDS, CORRUPT, Metric.kl(), threshold=0.05,
+        strong_model("gpt2"),
+        IDS,
+        CORRUPT,
+        Metric.kl(),
+        threshold=0.05,
         edges=_candidates("gpt2", 6),
     )
     back = Circuit.load(c.save(tmp_path / "c.json"))
