@@ -121,8 +121,8 @@ class Circuit:
 
         >>> c = Circuit(tuple(map(parse_edge, ["embed -> m0", "m0 -> logits", "m1 -> logits"])),
         ...             (1.0, 0.5, 3.0))
-        >>> [str(e) for e in c.greedy(2).edges]  # m1 -> logits has no input: pruned
-        ['m0 -> logits']
+        >>> [str(e) for e in c.greedy(3).edges]  # m1 -> logits has no input: pruned
+        ['embed -> m0', 'm0 -> logits']
         """
         if k < 0:
             raise SpecError(f"greedy(k): k must be non-negative, got {k}")
