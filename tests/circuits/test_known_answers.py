@@ -4,9 +4,12 @@ circuits they return keep the behaviour with every other edge removed (faithfuln
 :mod:`interventions.circuits.evaluate`). Prompts of three draws for the induction model;
 the IOI model's ACDC run is slow (about a minute) and marked so.
 
-Measured (resample ablation; see the report in the branch history for the table):
-induction ACDC (copying metric, threshold 1.0): faithfulness 0.95-0.99; IOI ACDC
-(logit difference, threshold 0.1): 0.87."""
+Measured (resample ablation, 16 prompts; prompt draws 0/1/2, IOI 7/8/9): induction ACDC
+(copying metric, threshold 1.0) 10 edges, faithfulness 0.968/0.960/0.970, L0H2 into the
+keys of L1H0, L1H2, L1H3; EAP-IG (8 steps) greedy 20 edges 0.995/0.994/0.995; IOI
+EAP-IG (5 steps) greedy 180 of 262 edges 0.916/0.852/0.912 (random edges made whole
+alike: 0.011/-0.006/0.052); IOI ACDC (logit difference, threshold 0.1)
+0.873/0.890 (82 edges)/0.850 (71 edges)."""
 
 from __future__ import annotations
 
@@ -82,10 +85,11 @@ def test_eap_ig_circuits_on_ioi_beat_random_edges() -> None:
     ig = edge_attribution(model, clean, corrupt, metric, steps=5)
     gen = torch.Generator().manual_seed(0)
     shuffled = Circuit(ig.edges, tuple(torch.rand(len(ig.edges), generator=gen).tolist()))
-    for k in (60, 120):
+    for k in (60, 120, 180):
         found = score_circuit(model, ig.greedy(k), clean, corrupt, metric).faithfulness
         chance = score_circuit(model, shuffled.greedy(k), clean, corrupt, metric).faithfulness
         assert found > chance + 0.1, (k, found, chance)
+    assert found >= 0.8, found  # 180 of 262 edges
 
 
 @pytest.mark.slow
