@@ -95,7 +95,7 @@ def acdc(
     ablation: Ablation = "resample",
     pos: int = -1,
     edges: Sequence[Edge] | None = None,
-    batch_size: int = 32,
+    batch_size: int = 8,
     backend: str = "torch",
     **run_options: Any,
 ) -> Circuit:
