@@ -180,7 +180,9 @@ class _Hooks:
                 continue
             op = entry.op
             if isinstance(op, EdgePatch):
-                x, owned = self._edge_patch(op, x, axes), False
+                if not self.grad and not owned:  # one private copy for all edges here
+                    x, owned = x.clone(), True
+                x = self._edge_patch(op, x, axes, inplace=not self.grad)
                 continue
             if isinstance(op, Read):
                 if self.grad and not self.generating:
@@ -212,7 +214,9 @@ class _Hooks:
                 self.recorded.setdefault(name, []).append(value if self.grad else value.detach())
         return x
 
-    def _edge_patch(self, op: EdgePatch, x: torch.Tensor, axes: tuple[str, ...]) -> torch.Tensor:
+    def _edge_patch(
+        self, op: EdgePatch, x: torch.Tensor, axes: tuple[str, ...], inplace: bool
+    ) -> torch.Tensor:
         here = self.live.get(str(op.upstream))
         if here is None:
             raise ExecutionError(
@@ -226,7 +230,7 @@ class _Hooks:
             assert arch is not None
             o_proj = f"{arch.layers}.{op.upstream.layer}.{arch.attn_out_proj}"
             w_o = projection_weight(self.model.get_submodule(o_proj))
-        return apply_edge_patch(op, x, axes, here, there, w_o)
+        return apply_edge_patch(op, x, axes, here, there, w_o, inplace=inplace)
 
     def _view_in(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
         if point.view == "heads":

@@ -55,6 +55,9 @@ if TYPE_CHECKING:
         register_backend,
     )
     from interventions.batching import Budget
+    from interventions.circuits.acdc import acdc
+    from interventions.circuits.circuit import Circuit
+    from interventions.circuits.evaluate import completeness, faithfulness
     from interventions.comparison import Comparison, compare
     from interventions.execute import load_model, run, submit
     from interventions.graph import Graph, RunHandle
@@ -87,6 +90,10 @@ if TYPE_CHECKING:
 # Everything but the errors is imported on first use, so ``import interventions`` (and the
 # command line's ``--help``) does not import torch.
 _LAZY: dict[str, str] = {
+    "acdc": "interventions.circuits.acdc",
+    "Circuit": "interventions.circuits.circuit",
+    "completeness": "interventions.circuits.evaluate",
+    "faithfulness": "interventions.circuits.evaluate",
     "ArchitectureMap": "interventions.architectures",
     "architectures": "interventions.architectures",
     "register_architecture": "interventions.architectures",
@@ -175,6 +182,7 @@ __all__ = [
     "BatchTopKSAE",
     "Budget",
     "Capabilities",
+    "Circuit",
     "Comparison",
     "ExecutionError",
     "FeatureDashboard",
@@ -220,12 +228,15 @@ __all__ = [
     "UnsupportedOp",
     "ValidationError",
     "__version__",
+    "acdc",
     "architectures",
     "backend_capabilities",
     "check_architecture",
     "check_graph_saes",
     "check_sae",
     "compare",
+    "completeness",
+    "faithfulness",
     "harvest_features",
     "list_backends",
     "load_model",

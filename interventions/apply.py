@@ -30,7 +30,7 @@ from interventions.ops import (
 from interventions.plan import Plan, resample_indices
 from interventions.sae import SAE, sae_from_parts
 from interventions.selection import put, put_, take
-from interventions.sites import Select
+from interventions.sites import Select, Span
 from interventions.spec import GraphSpec
 
 
@@ -266,7 +266,15 @@ def edge_delta(
 ) -> torch.Tensor:
     """What an edge patch adds to its downstream input: the upstream node's output in the
     source run (or zero, or the source's mean over rows and positions) minus its output
-    ``here``, in this run."""
+    ``here``, in this run.
+
+    An op of a batched run (``select.batch``: its block of rows) takes its block of
+    ``here``; a block of several runs' rows pairs each run's rows with the source's, row
+    for row (the source keeps a pass of its own, see :mod:`interventions.batching`)."""
+    rows = op.select.batch
+    if rows is not None:  # the planner gives an edge patch a Span of rows, nothing else
+        assert isinstance(rows, Span), rows
+        here = here[rows.start : rows.stop : rows.step]
     mine = node_output(here, op.upstream_head, w_o)
     if op.method == "zero":
         return -mine
@@ -274,6 +282,8 @@ def edge_delta(
     other = node_output(there.to(device=mine.device, dtype=mine.dtype), op.upstream_head, w_o)
     if op.method == "mean":
         other = other.mean(dim=(0, 1), keepdim=True)
+    elif other.shape[0] != mine.shape[0]:
+        other = other.repeat(mine.shape[0] // other.shape[0], *([1] * (other.ndim - 1)))
     return other - mine
 
 
@@ -284,9 +294,15 @@ def apply_edge_patch(
     here: torch.Tensor,
     there: torch.Tensor | None,
     w_o: torch.Tensor | None,
+    *,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """The downstream input ``x`` with the edge's delta added to its selected head (or all
-    of it, for an MLP's or the final norm's input). Out of place."""
+    of it, for an MLP's or the final norm's input). Out of place, or into ``x`` itself
+    (``inplace``: for a caller that owns ``x``)."""
     delta = edge_delta(op, here, there, w_o)
     region = take(x, op.select, axes)
+    if inplace:
+        put_(x, op.select, axes, region + delta.to(region.dtype))
+        return x
     return put(x, op.select, axes, region + delta.to(region.dtype))

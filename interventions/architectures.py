@@ -16,6 +16,7 @@ are read from the model's config and modules, so a map needs no numbers.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -366,11 +367,16 @@ class ModelInfo:
 
 def standard_hook_points(a: ArchitectureMap, layer: int | str | None) -> dict[str, HookPoint]:
     """Where each standard site of family ``a`` lives at ``layer`` (any label: the
-    crosswalk in the docs passes ``"L"``).
+    crosswalk in the docs passes ``"L"``). Cached: validation asks once per op.
 
     >>> standard_hook_points(architectures()["gpt2"], 3)["head"]
     HookPoint(module='transformer.h.3.attn.c_proj', io='input', view='heads')
     """
+    return dict(_standard_hook_points(a, layer))
+
+
+@functools.lru_cache(maxsize=4096)
+def _standard_hook_points(a: ArchitectureMap, layer: int | str | None) -> dict[str, HookPoint]:
     block = f"{a.layers}.{layer}"
     n = layer if isinstance(layer, int) else None
     mlp_view: View = "tokens" if a.flat_mlp else "plain"

@@ -182,11 +182,10 @@ def _solo(graph: GraphSpec, ops: list[Op]) -> set[str]:
             solo.add(op.source)
             if op.method == "resample":
                 solo.add(op.run)
-        if isinstance(op, EdgePatch):
-            # its value 'here' is the run's own, row for row: keep it a pass of its own
-            solo.add(op.run)
-            if op.source is not None:
-                solo.add(op.source)
+        if isinstance(op, EdgePatch) and op.source is not None:
+            # the source keeps its own rows: each batched run's block pairs with them row
+            # for row (its value 'here' is the block's own rows, see apply.edge_delta)
+            solo.add(op.source)
         if isinstance(op, Grad):  # its metric's token ids are the run's own, row for row
             solo.add(op.run)
     return solo
@@ -271,4 +270,31 @@ def batch_graph(
             continue
         select = replace(op.select, batch=_shift(op.select.batch, offset, size))
         new.ops.append(replace(op, run=target, select=select))
+    new.ops = _merge_edge_patches(new.ops)
     return Batched(new, frozenset(internal), tuple(tuple(g) for g in groups))
+
+
+def _merge_edge_patches(ops: list[Op]) -> list[Op]:
+    """One op for consecutive edge patches that differ only in their adjacent row blocks
+    (a circuit's edges shared by every candidate run of a sweep, written edge by edge):
+    an edge patch is row-local, so patching rows ``a..b`` then ``b..c`` is patching
+    ``a..c``."""
+    out: list[Op] = []
+    for op in ops:
+        last = out[-1] if out else None
+        if (
+            isinstance(op, EdgePatch)
+            and isinstance(last, EdgePatch)
+            and isinstance(op.select.batch, Span)
+            and isinstance(last.select.batch, Span)
+            and last.select.batch.stop is not None
+            and last.select.batch.stop == op.select.batch.start
+            and last.select.batch.step in (None, 1)
+            and op.select.batch.step in (None, 1)
+            and replace(last, select=op.select) == op
+        ):
+            batch = Span(last.select.batch.start, op.select.batch.stop)
+            out[-1] = replace(last, select=replace(last.select, batch=batch))
+            continue
+        out.append(op)
+    return out

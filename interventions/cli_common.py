@@ -12,7 +12,7 @@ from typing import Any
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_SPEC, EXIT_INVALID, EXIT_RUN, EXIT_OUTPUT = range(7)
 # commands whose inputs are all arguments: a bad value there is a usage error (exit 2)
-ARGUMENT_COMMANDS = ("patch-sweep", "logit-lens", "steer")
+ARGUMENT_COMMANDS = ("patch-sweep", "logit-lens", "steer", "circuit")
 DTYPES = ("float32", "float16", "bfloat16")
 
 

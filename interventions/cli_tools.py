@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from interventions.cli_circuit import add_circuit_parser
 from interventions.cli_common import (
     EXIT_OK,
     UsageError,
@@ -26,6 +27,7 @@ def add_tool_parsers(sub: Any, common: Any) -> None:
     """The subcommands of this module, on the parser's ``sub`` (with ``common`` options)."""
     _add_diagnostics(sub, common)
     _add_sae_dashboard(sub, common)
+    add_circuit_parser(sub, common)
 
 
 def _lines(path: str) -> list[str]:

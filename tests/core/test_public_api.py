@@ -8,6 +8,10 @@ import sys
 import interventions as iv
 
 EXPECTED = {
+    "acdc",
+    "Circuit",
+    "completeness",
+    "faithfulness",
     "SAE",
     "BatchTopKSAE",
     "GatedSAE",
