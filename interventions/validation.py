@@ -465,6 +465,23 @@ _KIND_CHECKS: dict[type, Callable[[Plan, Op, _Target], None]] = {
 }
 
 
+def _same_objective(tensors: dict[str, torch.Tensor], a: Grad, b: Grad) -> bool:
+    """One metric: the same kind and position, and token ids equal by value (two ops may
+    hold equal ids under different tensor keys)."""
+
+    def ids(const: Const | None) -> torch.Tensor | None:
+        return None if const is None else tensors[const.tensor]
+
+    def same(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+        return (x is None) == (y is None) and (x is None or y is None or torch.equal(x, y))
+
+    return (
+        (a.metric, a.metric_pos) == (b.metric, b.metric_pos)
+        and same(ids(a.answer), ids(b.answer))
+        and same(ids(a.wrong), ids(b.wrong))
+    )
+
+
 def _check_grad(plan: Plan, op: Grad) -> None:
     """A grad op's metric: of a forward run of equal-length prompts, its token ids one per
     prompt (or one for all) and in the vocabulary, its position inside the prompt, and the
@@ -477,7 +494,7 @@ def _check_grad(plan: Plan, op: Grad) -> None:
     except InterventionError as exc:
         raise ValidationError(f"{_where(op)}: the metric needs the model's logits: {exc}") from None
     first = next(o for o in plan.ops_of(op.run) if isinstance(o, Grad))
-    if first.objective != op.objective:
+    if not _same_objective(plan.graph.tensors, first, op):
         raise ValidationError(
             f"{_where(op)}: every grad op of run {op.run!r} differentiates one metric (one "
             f"backward pass), but {first.name!r} and {op.name!r} name different ones"

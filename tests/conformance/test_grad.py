@@ -213,3 +213,21 @@ def test_bad_grad_graphs_are_refused_by_name() -> None:
         iv.run(h, model, chunk_size=1)
     with pytest.raises(UnsupportedOp, match=r"keeps no autograd graph.*grad ops"):
         iv.run(graph(), model, backend="nnsight", grad=True)
+
+
+def test_grad_ops_with_equal_ids_in_distinct_tensors_share_one_metric() -> None:
+    """Each grad call stores its own copy of the ids (int32 in, int64 stored): equal by value
+    is one metric; different values are refused."""
+    model = hf_model("gpt2")
+    g = iv.Graph()
+    r = g.run("r", tokens=CLEAN)
+    a = r.grad("resid_pre", 1, metric=Metric("logprob", torch.tensor([2, 9], dtype=torch.int32)))
+    b = r.grad("resid_post", 1, metric=Metric("logprob", torch.tensor([2, 9], dtype=torch.int32)))
+    assert a != b and len(g.tensors) == 3  # the tokens, and the ids under two keys
+    res = iv.run(g, model, backend="torch")
+    want_in, want_out = _hand_grads(model, 1, METRICS["logprob"])
+    torch.testing.assert_close(res[a], want_in, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(res[b], want_out, atol=1e-6, rtol=1e-5)
+    r.grad("resid_pre", 0, metric=Metric("logprob", torch.tensor([2, 8])))
+    with pytest.raises(ValidationError, match="different ones"):
+        iv.run(g, model, backend="torch")
