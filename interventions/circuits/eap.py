@@ -8,11 +8,14 @@ EAP-IG (Hanna et al. 2024) averages ``grad_d`` over ``steps`` points on the stra
 line between the corrupt and the clean token embeddings, ``alpha = 1/steps, ..., 1``;
 with ``steps=1`` that is the clean point alone, and EAP-IG is EAP.
 
-Both are graphs of reads on a backend with gradients: the upstream outputs (``resid_pre``
-at 0, ``head``, ``mlp_out``) of both runs, and each downstream input, made a tensor of
-its own by a neutral ``scale(1.0)`` so its gradient is the input's alone (a per-head
-input is each head's own copy; the MLP's and the final norm's inputs are their norms'
-inputs, not the residual stream).
+Both are graphs of reads on a backend with gradients, in two passes of the model: the
+corrupt run's upstream outputs (``resid_pre`` at 0, ``head``, ``mlp_out``), then the
+gradient pass, whose last point is the clean run itself and also gives the clean
+upstream outputs. There each downstream input is made a tensor of its own by a neutral
+``scale(1.0)``, so its gradient is the input's alone (a per-head input is each head's own
+copy; the MLP's and the final norm's inputs are their norms' inputs, not the residual
+stream). An EAP-IG point's token embeddings are ``alpha * clean + (1 - alpha) * corrupt``
+(a ``scale`` and an ``add``).
 
 >>> import torch, transformers
 >>> from interventions.recipes import Metric
@@ -164,36 +167,42 @@ def edge_attribution(
     ups = sorted({e.upstream for e in edge_list})
     up_sites = sorted({upstream_site(info, u) for u in ups}, key=str)
 
-    # pass 1: the upstream outputs and token embeddings of both runs
+    # pass 1: the corrupt run's upstream outputs and token embeddings
     g = Graph()
-    for name, tokens in (("clean", ids), ("corrupt", bad)):
-        r = g.run(name, tokens=tokens)
-        r.read("embed", name=f"{name}.embed")
-        for site in up_sites:
-            r.read(site, name=f"{name}.{site}")
+    r = g.run("corrupt", tokens=bad)
+    r.read("embed", name="corrupt.embed")
+    for site in up_sites:
+        r.read(site, name=f"corrupt.{site}")
     first = run(g, model, backend=backend, **run_options)
-    outs = {
-        name: _node_outputs(model, info, {str(s): first[f"{name}.{s}"] for s in up_sites}, ups)
-        for name in ("clean", "corrupt")
-    }
+    corrupt_outs = _node_outputs(
+        model, info, {str(s): first[f"corrupt.{s}"] for s in up_sites}, ups
+    )
 
-    # pass 2: gradients of the metric wrt each downstream input, at each point
+    # pass 2: gradients of the metric wrt each downstream input, at each point; the last
+    # point is the clean run itself, exactly, and gives the clean upstream outputs too
     alphas = [1.0] if steps is None else [k / steps for k in range(1, steps + 1)]
-    e_clean, e_bad = first["clean.embed"], first["corrupt.embed"]
+    e_bad = first["corrupt.embed"]
     downs: dict[str, Site] = {}
     for e in edge_list:
         site, _ = downstream_site(info, e)
         downs[_down_key(e)[0]] = site
     g = Graph()
+    last = len(alphas) - 1
     for k, alpha in enumerate(alphas):
         r = g.run(f"point{k}", tokens=ids)
-        if alpha != 1.0:  # the last point is the clean run itself, exactly
-            r.patch("embed", value=e_bad + alpha * (e_clean - e_bad))
+        if k != last:  # alpha * clean + (1 - alpha) * corrupt token embeddings
+            r.scale("embed", factor=alpha)
+            r.add("embed", direction=e_bad, scale=1.0 - alpha)
         for name, site in downs.items():
             r.scale(site, factor=1.0)  # the input as a tensor of its own (see above)
             r.read(site, name=f"point{k}.{name}")
         r.read("logits", pos=pos, name=f"point{k}.logits")
+        if k == last:
+            for site in up_sites:
+                r.read(site, name=f"clean.{site}")
     res = run(g, model, backend=backend, grad=True, **run_options)
+    clean_values = {str(s): res[f"clean.{s}"].detach() for s in up_sites}
+    clean_outs = _node_outputs(model, info, clean_values, ups)
     total = torch.stack([metric(res[f"point{k}.logits"]).mean() for k in range(len(alphas))]).sum()
     names = [f"point{k}.{n}" for k in range(len(alphas)) for n in downs]
     raw = torch.autograd.grad(total, [res[n] for n in names])
@@ -202,6 +211,6 @@ def edge_attribution(
         key = name.split(".", 1)[1]
         grads[key] = grads[key] + grad.detach().float().cpu() / len(alphas)
 
-    scores = _scores(edge_list, outs["clean"], outs["corrupt"], grads)
+    scores = _scores(edge_list, clean_outs, corrupt_outs, grads)
     method = "eap" if steps is None else f"eap_ig(steps={steps})"
     return Circuit(tuple(edge_list), tuple(scores), method)
