@@ -106,28 +106,40 @@ def _scores(
     grads: dict[str, torch.Tensor],
 ) -> list[float]:
     """``(corrupt - clean) . grad`` summed over prompts, positions and the model width, for
-    every edge: one matrix product per downstream input (all its heads at once) with the
-    upstream nodes that feed it, which come first in forward order (a slice, no copy)."""
+    every edge, as matrix products: the upstream nodes feeding an input come first in
+    forward order (a slice, no copy), and the inputs that need the same slice (a layer's
+    q, k and v inputs, all heads) are one product."""
     ups = sorted(clean, key=_forward_key)
     index = {u: i for i, u in enumerate(ups)}
-    diffs = torch.stack([corrupt[u] - clean[u] for u in ups])  # [U, ..., d_model]
-    n_rows = diffs[0].numel() // diffs.shape[-1]  # prompts x positions
+    device = next(iter(grads.values())).device
+    diffs = torch.stack([corrupt[u].to(device) - clean[u].to(device) for u in ups])
+    width = diffs.shape[-1]
+    n_rows = diffs[0].numel() // width  # prompts x positions
     diffs = diffs.reshape(len(ups), -1)  # [U, N * d_model]
-    by_input: dict[str, list[tuple[int, int, int | None]]] = {}
+    by_input: dict[str, list[tuple[int, int, int]]] = {}
     for i, e in enumerate(edge_list):
         key, head = _down_key(e)
-        by_input.setdefault(key, []).append((i, index[e.upstream], head))
-    out = torch.empty(len(edge_list), dtype=torch.float32)
+        by_input.setdefault(key, []).append((i, index[e.upstream], head or 0))
+    by_slice: dict[int, list[str]] = {}
     for key, rows in by_input.items():
-        grad = grads[key].to(diffs.device)
-        grad = grad.reshape(n_rows, -1, grad.shape[-1]).transpose(0, 1)  # [heads or 1, N, d]
-        n_up = 1 + max(u for _, u, _ in rows)
+        by_slice.setdefault(1 + max(u for _, u, _ in rows), []).append(key)
+    out = torch.empty(len(edge_list), dtype=torch.float32)
+    for n_up, keys in by_slice.items():
+        # every head of every input here, one row each: [rows, N * d_model]
+        parts = [grads[k].reshape(n_rows, -1, width).transpose(0, 1) for k in keys]
+        offsets = [0]
+        for part in parts:
+            offsets.append(offsets[-1] + part.shape[0])
+        stacked = torch.cat(parts).reshape(offsets[-1], -1)
         # one matrix product (an einsum over two axes is many times slower on CPU)
-        table = (grad.reshape(grad.shape[0], -1) @ diffs[:n_up].T).cpu()  # [heads or 1, n_up]
-        edge_ids = torch.tensor([i for i, _, _ in rows])
-        up_ids = torch.tensor([u for _, u, _ in rows])
-        head_ids = torch.tensor([0 if h is None else h for _, _, h in rows])
-        out[edge_ids] = table[head_ids, up_ids]
+        table = (stacked @ diffs[:n_up].T).cpu()  # [rows, n_up]
+        edge_ids, row_ids, up_ids = [], [], []
+        for k, offset in zip(keys, offsets, strict=False):
+            for i, u, h in by_input[k]:
+                edge_ids.append(i)
+                row_ids.append(offset + h)
+                up_ids.append(u)
+        out[torch.tensor(edge_ids)] = table[torch.tensor(row_ids), torch.tensor(up_ids)]
     return out.tolist()
 
 
@@ -183,7 +195,7 @@ def edge_attribution(
     alphas = [1.0] if steps is None else [k / steps for k in range(1, steps + 1)]
     e_bad = first["corrupt.embed"]
     downs: dict[str, Site] = {}
-    for e in edge_list:
+    for e in {(e.downstream, e.input): e for e in edge_list}.values():  # one per input
         site, _ = downstream_site(info, e)
         downs[_down_key(e)[0]] = site
     g = Graph()
@@ -206,10 +218,14 @@ def edge_attribution(
     total = torch.stack([metric(res[f"point{k}.logits"]).mean() for k in range(len(alphas))]).sum()
     names = [f"point{k}.{n}" for k in range(len(alphas)) for n in downs]
     raw = torch.autograd.grad(total, [res[n] for n in names])
-    grads = {n: torch.zeros(()) for n in downs}
+    grads: dict[str, torch.Tensor] = {}  # the mean over points, summed in place
     for name, grad in zip(names, raw, strict=True):
         key = name.split(".", 1)[1]
-        grads[key] = grads[key] + grad.detach().float().cpu() / len(alphas)
+        grad = grad.detach().float()
+        grads[key] = grads[key].add_(grad) if key in grads else grad
+    if len(alphas) > 1:
+        for grad in grads.values():
+            grad.div_(len(alphas))
 
     scores = _scores(edge_list, clean_outs, corrupt_outs, grads)
     method = "eap" if steps is None else f"eap_ig(steps={steps})"
