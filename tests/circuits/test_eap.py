@@ -193,33 +193,34 @@ def _induction_edges(model: torch.nn.Module) -> tuple[list[Edge], Circuit]:
 
 
 def _ranks_and_margin(keys: list[Edge], c: Circuit) -> tuple[list[int], float]:
-    """1-based ranks of ``keys`` by |score|, and the weakest key edge's |score| over the
-    strongest |score| of an edge off the circuit (one touching an MLP or a layer-0 head
-    other than the previous-token head)."""
+    """1-based ranks of ``keys`` by |score| among all edges, and the margin: over the
+    induction heads, the least ratio of the key edge's |score| to the largest |score| of
+    another edge into the same key input (the embeddings, the other layer-0 heads)."""
     order = [e for e, _ in c.ranked()]
-    prev = keys[0].upstream
-
-    def off(e: Edge) -> bool:
-        nodes = (e.upstream, e.downstream)
-        return any(
-            n.kind == "mlp" or (n.kind == "head" and n.layer == 0 and n != prev) for n in nodes
-        )
-
-    weakest = min(abs(c.score(e)) for e in keys)
-    strongest_off = max(abs(s) for e, s in zip(c.edges, c.scores, strict=True) if off(e))
-    return sorted(order.index(e) + 1 for e in keys), weakest / strongest_off
+    ratios = []
+    for key in keys:
+        rivals = [
+            abs(s)
+            for e, s in zip(c.edges, c.scores, strict=True)
+            if (e.downstream, e.input) == (key.downstream, key.input) and e != key
+        ]
+        ratios.append(abs(c.score(key)) / max(rivals))
+    return sorted(order.index(e) + 1 for e in keys), min(ratios)
 
 
 def test_eap_ig_finds_the_induction_key_edges_seed0() -> None:
-    """Committed seed-0 checkpoint: previous-token head L0H2, induction heads L1H0-L1H3;
-    measured ranks 6, 8, 11, 13 of 110 edges; margin 1.44x over the best off-circuit edge."""
+    """Committed seed-0 checkpoint: previous-token head L0H2, induction heads L1H0-L1H3.
+    Measured: the four key edges rank 6, 8, 11, 13 of 110 (all 13 edges above them are
+    circuit edges: embed -> L0H2's value, embed -> the induction heads' values, the
+    induction heads -> logits); each is 23x (least) the strongest other edge into its key
+    input. (Seed 1, trained: L0H1, ranks 4, 11, 13, 14, margin 11.9x.)"""
     from interventions.reference_models import induction as ind
 
     keys, c = _induction_edges(ind.load_induction_model())
     assert len(keys) == 4 and len(c.edges) == 110
     ranks, margin = _ranks_and_margin(keys, c)
     assert max(ranks) <= 16, ranks
-    assert margin > 1.2, margin
+    assert margin > 3, margin
 
 
 @pytest.mark.slow
@@ -233,4 +234,4 @@ def test_eap_ig_finds_the_induction_key_edges_trained_seeds(seed: int) -> None:
     assert keys and len(c.edges) == 110
     ranks, margin = _ranks_and_margin(keys, c)
     assert max(ranks) <= 16, ranks
-    assert margin > 1.2, margin
+    assert margin > 3, margin
