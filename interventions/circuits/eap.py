@@ -176,6 +176,8 @@ def edge_attribution(
         )
     info = describe(model)
     edge_list = list(all_edges(info) if edges is None else edges)
+    if not edge_list:
+        raise SpecError("edges=: no edges to score (None scores every edge of the model)")
     ups = sorted({e.upstream for e in edge_list})
     up_sites = sorted({upstream_site(info, u) for u in ups}, key=str)
 

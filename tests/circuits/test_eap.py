@@ -85,6 +85,8 @@ def test_bad_inputs_are_refused_by_name() -> None:
     model = strong_model("gpt2")
     with pytest.raises(SpecError, match="must have one shape"):
         edge_attribution(model, IDS, CORRUPT[:, :4], METRIC)
+    with pytest.raises(SpecError, match="no edges to score"):
+        edge_attribution(model, IDS, CORRUPT, METRIC, edges=[])
     with pytest.raises(SpecError, match="steps must be a positive int"):
         edge_attribution(model, IDS, CORRUPT, METRIC, steps=0)
     with pytest.raises(UnsupportedOp, match="needs gradients"):
