@@ -8,13 +8,17 @@ EAP-IG (Hanna et al. 2024) averages ``grad_d`` over ``steps`` points on the stra
 line between the corrupt and the clean token embeddings, ``alpha = 1/steps, ..., 1``;
 with ``steps=1`` that is the clean point alone, and EAP-IG is EAP.
 
-Both are graphs on any backend with gradients, remote NDIF included: reads of the
-upstream outputs (``resid_pre`` at 0, ``head``, ``mlp_out``) of both runs, then ``grad``
-ops, whose backward pass runs where the model runs: at the MLP's and the final norm's
-inputs (their norms' inputs, not the residual stream), and at each head's q, k and v,
-from which the gradient at each head's own copy of its input follows here by the
-vector-Jacobian product of its norm and projection. The head outputs and that product
-use the model's weights, so a remote run takes the model object, not just its name.
+Both are graphs on any backend with gradients, remote NDIF included, in two passes of
+the model: the corrupt run's upstream outputs (``resid_pre`` at 0, ``head``,
+``mlp_out``), then the gradient pass of ``grad`` ops, whose backward pass runs where the
+model runs, and whose last point is the clean run itself and also gives the clean
+upstream outputs. Gradients are taken at the MLP's and the final norm's inputs (their
+norms' inputs, not the residual stream), and at each head's q, k and v, from which the
+gradient at each head's own copy of its input follows here by the vector-Jacobian
+product of its norm and projection. An EAP-IG point's token embeddings are
+``alpha * clean + (1 - alpha) * corrupt`` (a ``scale`` and an ``add``). The head outputs
+and that product use the model's weights, so a remote run takes the model object, not
+just its name.
 
 >>> import torch, transformers
 >>> from interventions.recipes import Metric
@@ -41,7 +45,6 @@ from interventions.circuits.edges import Edge, Node, all_edges, downstream_site,
 from interventions.errors import SpecError
 from interventions.execute import run
 from interventions.graph import Graph
-from interventions.ops import produces
 from interventions.recipes.metrics import Metric
 from interventions.sites import Site
 
@@ -106,49 +109,116 @@ def _node_outputs(
     return out
 
 
+def _forward_key(node: Node) -> tuple[int, int, int]:
+    """Where a node writes, in forward order: the embeddings, then per layer its heads and
+    its MLP."""
+    if node.kind == "embed":
+        return (-1, 0, 0)
+    assert node.layer is not None
+    return (node.layer, 0, node.head or 0) if node.kind == "head" else (node.layer, 1, 0)
+
+
+def _scores(
+    edge_list: Sequence[Edge],
+    clean: dict[Node, torch.Tensor],
+    corrupt: dict[Node, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+) -> list[float]:
+    """``(corrupt - clean) . grad`` summed over prompts, positions and the model width, for
+    every edge, as matrix products: the upstream nodes feeding an input come first in
+    forward order (a slice, no copy), and the inputs that need the same slice (a layer's
+    q, k and v inputs, all heads) are one product."""
+    ups = sorted(clean, key=_forward_key)
+    index = {u: i for i, u in enumerate(ups)}
+    device = next(iter(grads.values())).device
+    diffs = torch.stack([corrupt[u].to(device) - clean[u].to(device) for u in ups])
+    width = diffs.shape[-1]
+    n_rows = diffs[0].numel() // width  # prompts x positions
+    diffs = diffs.reshape(len(ups), -1)  # [U, N * d_model]
+    by_input: dict[str, list[tuple[int, int, int]]] = {}
+    for i, e in enumerate(edge_list):
+        key, head = _down_key(e)
+        by_input.setdefault(key, []).append((i, index[e.upstream], head or 0))
+    by_slice: dict[int, list[str]] = {}
+    for key, rows in by_input.items():
+        by_slice.setdefault(1 + max(u for _, u, _ in rows), []).append(key)
+    out = torch.empty(len(edge_list), dtype=torch.float32)
+    for n_up, keys in by_slice.items():
+        # every head of every input here, one row each: [rows, N * d_model]
+        parts = [grads[k].reshape(n_rows, -1, width).transpose(0, 1) for k in keys]
+        offsets = [0]
+        for part in parts:
+            offsets.append(offsets[-1] + part.shape[0])
+        stacked = torch.cat(parts).reshape(offsets[-1], -1)
+        # one matrix product (an einsum over two axes is many times slower on CPU)
+        table = (stacked @ diffs[:n_up].T).cpu()  # [rows, n_up]
+        edge_ids, row_ids, up_ids = [], [], []
+        for k, offset in zip(keys, offsets, strict=False):
+            for i, u, h in by_input[k]:
+                edge_ids.append(i)
+                row_ids.append(offset + h)
+                up_ids.append(u)
+        out[torch.tensor(edge_ids)] = table[torch.tensor(row_ids), torch.tensor(up_ids)]
+    return out.tolist()
+
+
 def _down_grads(
     model: nn.Module,
     info: ModelInfo,
     ids: torch.Tensor,
-    e_clean: torch.Tensor,
     e_bad: torch.Tensor,
     alphas: Sequence[float],
     downs: dict[str, Site],
+    up_sites: Sequence[Site],
     metric: Metric,
     pos: int,
     backend: str,
     run_options: dict[str, Any],
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The gradient of the metric (the prompts' mean) at each downstream input, averaged
-    over the points ``alphas``: grad ops, so it runs where the model runs (NDIF too). A
-    per-head input's gradient comes from its head's q/k/v gradient and the block's input
-    (:func:`_head_input_grad`); the MLP's and final norm's inputs are grad ops of their own."""
+    over the points ``alphas``, and the clean run's upstream values (read at the last
+    point, which is the clean run itself): grad ops, so it runs where the model runs (NDIF
+    too). A per-head input's gradient comes from its head's q/k/v gradient and the block's
+    input (:func:`_head_input_grad`); the MLP's and final norm's inputs are grad ops of
+    their own."""
     arch = info.arch
     assert arch is not None
     g = Graph()
+    last = len(alphas) - 1
     for k, alpha in enumerate(alphas):
         r = g.run(f"point{k}", tokens=ids)
-        if alpha != 1.0:  # the last point is the clean run itself, exactly
-            r.patch("embed", value=e_bad + alpha * (e_clean - e_bad))
+        if k != last:  # alpha * clean + (1 - alpha) * corrupt token embeddings
+            r.scale("embed", factor=alpha)
+            r.add("embed", direction=e_bad, scale=1.0 - alpha)
+        inputs_read: set[int] = set()
         for name, site in downs.items():
             if site.is_raw:
                 r.grad(site, metric=metric, metric_pos=pos, name=f"point{k}.{name}")
                 continue
             part = Site(site.name.removesuffix("_input"), site.layer)
             r.grad(part, metric=metric, metric_pos=pos, name=f"point{k}.{name}")
-            x = f"point{k}.x.{site.layer}"
-            if x not in {n for op in g.ops for n in produces(op)}:
-                r.read(f"{arch.layers}.{site.layer}.{arch.attn_norm}.input", name=x)
+            assert site.layer is not None
+            if site.layer not in inputs_read:
+                inputs_read.add(site.layer)
+                r.read(
+                    f"{arch.layers}.{site.layer}.{arch.attn_norm}.input",
+                    name=f"point{k}.x.{site.layer}",
+                )
+        if k == last:
+            for site in up_sites:
+                r.read(site, name=f"clean.{site}")
     res = run(g, model, backend=backend, **run_options)
     scale = 1.0 / (len(alphas) * ids.shape[0])
-    grads: dict[str, torch.Tensor] = {n: torch.zeros(()) for n in downs}
+    grads: dict[str, torch.Tensor] = {}  # the mean over points, summed in place
     for k in range(len(alphas)):
         for name, site in downs.items():
             grad = res[f"point{k}.{name}"]
             if not site.is_raw:
                 grad = _head_input_grad(model, info, site, res[f"point{k}.x.{site.layer}"], grad)
-            grads[name] = grads[name] + grad.detach().float().cpu() * scale
-    return grads
+            grad = grad.detach().float().cpu() * scale
+            grads[name] = grads[name].add_(grad) if name in grads else grad
+    clean = {str(s): res[f"clean.{s}"].detach() for s in up_sites}
+    return grads, clean
 
 
 def edge_attribution(
@@ -184,37 +254,34 @@ def edge_attribution(
         )
     info = describe(model)
     edge_list = list(all_edges(info) if edges is None else edges)
+    if not edge_list:
+        raise SpecError("edges=: no edges to score (None scores every edge of the model)")
     ups = sorted({e.upstream for e in edge_list})
     up_sites = sorted({upstream_site(info, u) for u in ups}, key=str)
 
-    # pass 1: the upstream outputs and token embeddings of both runs
+    # pass 1: the corrupt run's upstream outputs and token embeddings
     g = Graph()
-    for name, tokens in (("clean", ids), ("corrupt", bad)):
-        r = g.run(name, tokens=tokens)
-        r.read("embed", name=f"{name}.embed")
-        for site in up_sites:
-            r.read(site, name=f"{name}.{site}")
+    r = g.run("corrupt", tokens=bad)
+    r.read("embed", name="corrupt.embed")
+    for site in up_sites:
+        r.read(site, name=f"corrupt.{site}")
     first = run(g, model, backend=backend, **run_options)
-    outs = {
-        name: _node_outputs(model, info, {str(s): first[f"{name}.{s}"] for s in up_sites}, ups)
-        for name in ("clean", "corrupt")
-    }
+    corrupt_outs = _node_outputs(
+        model, info, {str(s): first[f"corrupt.{s}"] for s in up_sites}, ups
+    )
 
-    # pass 2: gradients of the metric wrt each downstream input, at each point
+    # pass 2: gradients of the metric wrt each downstream input, at each point; the last
+    # point is the clean run itself, exactly, and gives the clean upstream outputs too
     alphas = [1.0] if steps is None else [k / steps for k in range(1, steps + 1)]
-    e_clean, e_bad = first["clean.embed"], first["corrupt.embed"]
     downs: dict[str, Site] = {}
-    for e in edge_list:
+    for e in {(e.downstream, e.input): e for e in edge_list}.values():  # one per input
         site, _ = downstream_site(info, e)
         downs[_down_key(e)[0]] = site
-    grads = _down_grads(model, info, ids, e_clean, e_bad, alphas, downs, metric, pos, backend,
-                        run_options)  # fmt: skip
-
-    scores = []
-    for e in edge_list:
-        key, head = _down_key(e)
-        grad = grads[key] if head is None else grads[key][..., head, :]
-        diff = outs["corrupt"][e.upstream] - outs["clean"][e.upstream]
-        scores.append(float((diff.cpu() * grad).sum()))
+    grads, clean_values = _down_grads(
+        model, info, ids, first["corrupt.embed"], alphas, downs, up_sites, metric, pos,
+        backend, run_options,
+    )  # fmt: skip
+    clean_outs = _node_outputs(model, info, clean_values, ups)
+    scores = _scores(edge_list, clean_outs, corrupt_outs, grads)
     method = "eap" if steps is None else f"eap_ig(steps={steps})"
     return Circuit(tuple(edge_list), tuple(scores), method)
