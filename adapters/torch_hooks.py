@@ -26,6 +26,7 @@ from interventions.architectures import HookPoint, ModelInfo
 from interventions.attention import (
     QKV_VIEWS,
     SPLIT_VIEWS,
+    ScoresInterceptor,
     projection_weight,
     qkv_view,
     split_input_delta,
@@ -104,6 +105,7 @@ class _Hooks:
         self.state = state
         self.clock = _StepClock()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.cleanups: list[Callable[[], None]] = []
         self.points: dict[HookPoint, list[_Entry]] = {}
         self.recorded: dict[str, list[torch.Tensor]] = {}
         self.selected: dict[str, torch.Tensor] = {}  # reads already selected (grad mode)
@@ -277,6 +279,35 @@ class _Hooks:
         self._qkv(out, view).add_(delta.to(out.dtype))
         return out
 
+    def _scores_hooks(self, point: HookPoint, module: nn.Module) -> None:
+        """Hooks that hand the ops at ``attn_scores`` the tensor the attention module's
+        eager forward softmaxes (:class:`ScoresInterceptor`, entered for that forward)."""
+        active: list[ScoresInterceptor] = []
+
+        def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
+            mode = ScoresInterceptor(lambda x: self._process(point, x))
+            mode.__enter__()
+            active.append(mode)
+
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            if not active:
+                return
+            mode = active.pop()
+            mode.__exit__(None, None, None)
+            if mode.calls != 1:
+                raise ExecutionError(
+                    f"{point.module} called softmax {mode.calls} times in one forward; the "
+                    "attn_scores site needs eager attention, which calls it once"
+                )
+
+        def leave_all() -> None:  # a failed forward skips nothing: always_call hooks
+            while active:
+                active.pop().__exit__(None, None, None)
+
+        self.handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+        self.handles.append(module.register_forward_hook(leave, always_call=True))
+        self.cleanups.append(leave_all)
+
     def _block_input_hook(self, layer: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
@@ -352,7 +383,9 @@ class _Hooks:
                 if point.module in self.qkv_entries:
                     continue
                 module = self.model.get_submodule(point.module) if point.module else self.model
-                if point.io == "output":
+                if point.view == "attn_scores":
+                    self._scores_hooks(point, module)
+                elif point.io == "output":
                     self.handles.append(module.register_forward_hook(self._output_hook(point)))
                 else:
                     self.handles.append(
@@ -364,6 +397,9 @@ class _Hooks:
         return self
 
     def remove(self) -> None:
+        for cleanup in self.cleanups:
+            cleanup()
+        self.cleanups.clear()
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -440,6 +476,7 @@ class TorchHooksBackend:
                 "plain",
                 "heads",
                 "attn_weights",
+                "attn_scores",
                 "logits",
                 "resid",
                 "tokens",
@@ -468,7 +505,7 @@ class TorchHooksBackend:
             )
         state = RunState(plan)
         generated: dict[str, torch.Tensor] = {}
-        needs_eager = any(op.site.name == "attn_pattern" for op in plan.graph.ops)
+        needs_eager = any(op.site.name in ("attn_pattern", "attn_scores") for op in plan.graph.ops)
         with eager_attention(model, needs_eager):
             for run in progress(plan.order, show, desc="runs (torch)"):
                 hooks = _Hooks(model, plan, run, state, grad)
