@@ -89,6 +89,7 @@ class _Wrapped(nn.Module):
         self.clock: _StepClock | None = None
         self.inputs: list[tuple[nn.Module, bool]] = []  # input sites, and whether to copy
         self.private_outputs: list[nn.Module] = []
+        self.blocks: list[tuple[nn.Module, Any]] = []  # (block, pre-hook recording its input)
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         return iter(())
@@ -128,6 +129,10 @@ class _Wrapped(nn.Module):
                 )
             for module in self.private_outputs:
                 handles.append(module.register_forward_hook(_private_output, prepend=True))
+            for module, hook in self.blocks:
+                handles.append(
+                    module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+                )
             yield
         finally:
             for handle in handles:

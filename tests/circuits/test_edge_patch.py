@@ -27,7 +27,9 @@ def _key(node: Node, head_input: str | None = None) -> tuple:
     return (node.kind, node.layer) if node.kind == "mlp" else ("head", node.layer, node.head)
 
 
-def _run(family: str, edges: list[Edge], method: str = "patch") -> torch.Tensor:
+def _run(
+    family: str, edges: list[Edge], method: str = "patch", backend: str = "torch"
+) -> torch.Tensor:
     model = strong_model(family)
     info = describe(model)
     g = iv.Graph()
@@ -36,7 +38,7 @@ def _run(family: str, edges: list[Edge], method: str = "patch") -> torch.Tensor:
     for e in edges:
         source = None if method == "zero" else "corrupt"
         g.add(edge_patch_op(info, e, "patched", method=method, source=source))  # type: ignore[arg-type]
-    return iv.run(g, model)["logits"]
+    return iv.run(g, model, backend=backend)["logits"]
 
 
 # one edge into each kind of downstream input, from each kind of upstream node
@@ -140,4 +142,41 @@ def test_bad_edge_patches_are_refused_by_name() -> None:
     with pytest.raises(ValidationError, match="needs runs of one shape"):
         g.validate(model)
     with pytest.raises(UnsupportedOp, match="edge_patch"):
-        g.validate(model, backend="pyvene")
+        g.validate(model, backend="nnsight")
+
+
+OTHER_BACKENDS = ("pyvene",)
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edge_patches_on_other_backends_equal_the_split_forward(family: str, backend: str) -> None:
+    """Each edge of EDGES alone, a zero and a mean ablation, and many edges at once (the
+    two composing ones, and every edge into the second layer), on another backend."""
+    pytest.importorskip(backend)
+    model = strong_model(family)
+    _, corrupt_outs, _ = split_forward(model, CORRUPT)
+    for name in EDGES:
+        edge = parse_edge(name)
+        up, down = _key(edge.upstream), _key(edge.downstream, edge.input)
+        want, _, _ = split_forward(model, IDS, {(up, down): corrupt_outs[up]})
+        assert_close(_run(family, [edge], backend=backend), want, **FP32)
+    edge = parse_edge("a0.h2 -> m1")
+    up, down = ("head", 0, 2), ("mlp", 1)
+    want, _, _ = split_forward(model, IDS, {(up, down): None})
+    assert_close(_run(family, [edge], "zero", backend), want, **FP32)
+    mean = corrupt_outs[up].mean(dim=(0, 1), keepdim=True).expand_as(corrupt_outs[up])
+    want, _, _ = split_forward(model, IDS, {(up, down): mean})
+    assert_close(_run(family, [edge], "mean", backend), want, **FP32)
+    info = describe(model)
+    many = [e for e in all_edges(info) if e.downstream.layer == 1 or e.downstream.kind == "logits"]
+    subs = {
+        (_key(e.upstream), _key(e.downstream, e.input)): corrupt_outs[_key(e.upstream)]
+        for e in many
+    }
+    clean, _, _ = split_forward(model, IDS)
+    want, _, _ = split_forward(model, IDS, subs)
+    got = _run(family, many, backend=backend)
+    assert_close(got, want, **FP32)
+    assert_close(got, _run(family, many), **FP32)  # and the torch reference
+    assert (got - clean).abs().max() > 1e-3
