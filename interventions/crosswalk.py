@@ -52,7 +52,9 @@ def _nnsight(point: HookPoint | None) -> str:
     if point is None:
         return "— (not in this family's map)"
     if point.view.startswith("split_"):
-        return "— (torch backend only: each head's copy of the block input, pre-norm)"
+        return "— (torch and pyvene only: each head's copy of the block input, pre-norm)"
+    if point.view == "attn_scores":
+        return "— (torch backend only: the input of softmax inside eager attention)"
     if point.view == "logits":
         return "`model.output.logits`"
     path = re.sub(r"\.(\d+|L)(?=\.|$)", r"[\1]", point.module)
@@ -66,13 +68,15 @@ def _nnsight(point: HookPoint | None) -> str:
 def _pyvene(point: HookPoint | None) -> str:
     if point is None:
         return "— (not in this family's map)"
-    if point.view == "attn_weights":
+    if point.view in ("attn_weights", "attn_scores"):
         return "— (pyvene cannot read it)"
     if point.view in _ROUTER_ITEM:
         return "— (torch backend only)"
-    if point.view not in ("plain", "heads", "logits", "tokens"):
-        return "— (not built on pyvene yet)"
     base = f"model.{point.module}.{point.io}" if point.module else f"model.{point.io}"
+    if point.view.startswith("split_"):
+        return f"`{base}` + W_h (norm(x_h') - norm(x)) for a changed head's copy"
+    if point.view not in ("plain", "heads", "logits", "tokens", "resid", *_NOTES):
+        return "— (not built on pyvene yet)"
     return f"`{base}`" + _NOTES.get(point.view, "")
 
 

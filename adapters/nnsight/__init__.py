@@ -31,7 +31,11 @@ and no typed errors. This client decodes only tensors and JSON-like data (a resu
 no more than that: no streaming, no logging, no async API.
 
 Not supported: gradients (``grad=``), and ops on a module called more than once per
-forward pass (they bind to its first call).
+forward pass (they bind to its first call). Refused by name before anything runs: the
+per-head inputs (``q_input``/``k_input``/``v_input``) and so edge patches, which need the
+attention norm re-run on each head's edited copy inside the trace (for a remote run, in a
+block that may name nothing of this package), and ``attn_scores``, which lives inside the
+attention function (reachable only through nnsight's ``.source``, not built here yet).
 """
 
 from .backend import SUPPORTED, NNsightBackend, check_version

@@ -84,7 +84,8 @@ class NNsightBackend:
 
     name = "nnsight"
     capabilities = Capabilities(
-        ops=frozenset(OP_KINDS) - {"edge_patch"},  # edge patches: torch only
+        # edge patches end at per-head inputs, and those are not built here (see below)
+        ops=frozenset(OP_KINDS) - {"edge_patch"},
         # the per-head inputs (split_* views) need the attention norm re-run inside the
         # trace; not built here yet, so they are refused by name before anything runs
         views=frozenset({"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS}),
