@@ -11,6 +11,7 @@ import torch
 from torch.testing import assert_close
 
 import interventions as iv
+from tests.adapters.internals_graphs import edits_graph
 from tests.adapters.torch.hand import FP32, IDS
 from tests.adapters.torch.test_attention_sites import LAYER, _hand_qkv, _resid_pre
 from tests.tiny_models import hf_model, hook_count
@@ -42,33 +43,11 @@ def test_reads_equal_the_projections_by_hand(family: str) -> None:
     assert hook_count(model) == 0
 
 
-def _edits() -> iv.Graph:
-    g = iv.Graph()
-    clean = g.run("clean", tokens=IDS)
-    clean.read("k_input", layer=1, name="clean.k_input")
-    other = g.run("other", tokens=IDS.flip(-1))
-    src = other.read("v_input", layer=0)
-    e = g.run("edit", tokens=IDS)
-    e.ablate("q", layer=1, head=1, pos=-1)
-    e.patch("k", layer=1, head=1, value=torch.ones(8))
-    e.add("v", layer=0, head=0, direction=torch.ones(8), scale=0.5)
-    e.ablate("resid_mid", layer=0, pos=2)
-    e.patch("q_input", layer=1, head=2, pos=-1, value=torch.ones(32))
-    e.read("q", layer=1, name="edit.q")  # between two ops at the same projection
-    e.add("q_input", layer=1, head=0, direction=torch.ones(32), scale=0.1)
-    e.patch("v_input", layer=0, head=1, value=src)
-    e.ablate("k_input", layer=1, head=0, method="mean", source="clean")
-    for part in ("k", "v", "resid_mid", "q_input", "k_input"):
-        e.read(part, layer=1, name=f"edit.{part}")
-    e.read("logits", name="edit.logits")
-    return g
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patch_ablate_add_agree_with_torch(family: str) -> None:
     model = hf_model(family)
-    want = iv.run(_edits(), model, backend="torch")
-    got = iv.run(_edits(), model, backend="pyvene")
+    want = iv.run(edits_graph(), model, backend="torch")
+    got = iv.run(edits_graph(), model, backend="pyvene")
     assert set(got) == set(want)
     for name in want:
         assert_close(got[name], want[name], **FP32, msg=name)
