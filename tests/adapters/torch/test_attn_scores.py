@@ -108,3 +108,22 @@ def test_mean_ablated_scores_and_the_generation_refusal() -> None:
     g.run("a", tokens=IDS, max_new_tokens=2).read("attn_scores", layer=0)
     with pytest.raises(iv.ValidationError, match="generating run"):
         iv.validate(g, model)
+
+
+def test_a_failed_run_leaves_no_hook_and_no_interceptor() -> None:
+    model = strong_model("gpt2")
+    o_proj = model.transformer.h[LAYER].attn.c_proj
+
+    def boom(module: torch.nn.Module, args: object, output: object) -> None:
+        raise RuntimeError("boom inside attention")
+
+    handle = o_proj.register_forward_hook(boom)
+    try:
+        g = iv.Graph()
+        g.run("a", tokens=IDS).read("attn_scores", layer=LAYER)
+        with pytest.raises(iv.ExecutionError, match="boom"):
+            iv.run(g, model)
+    finally:
+        handle.remove()
+    assert hook_count(model) == 0
+    assert torch.overrides._get_current_function_mode_stack() == []
