@@ -30,3 +30,15 @@ def edits_graph() -> iv.Graph:
         e.read(part, layer=1, name=f"edit.{part}")
     e.read("logits", name="edit.logits")
     return g
+
+
+def generating_graph() -> iv.Graph:
+    """A greedy 3-token generation with a per-head-input add and a k patch, reading the
+    per-head inputs and q at every fed position."""
+    g = iv.Graph()
+    r = g.run("gen", tokens=IDS, max_new_tokens=3)
+    r.add("q_input", layer=1, head=1, direction=torch.ones(32), scale=3.0)
+    r.patch("k", layer=0, head=0, pos=2, value=torch.ones(8))
+    r.read("q_input", layer=1, name="qi")
+    r.read("q", layer=1, name="q")
+    return g

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 import interventions as iv
-from tests.adapters.internals_graphs import edits_graph
+from tests.adapters.internals_graphs import edits_graph, generating_graph
 from tests.tiny_models import hf_model
 
 pytest.importorskip("nnsight")
@@ -80,3 +80,13 @@ def test_per_head_inputs_agree_with_torch_and_reads_equal_the_block_input(family
     r.read("resid_pre", layer=1, name="x")
     out = iv.run(g, model, backend="nnsight")
     assert torch.equal(out["q_input"], out["x"].unsqueeze(2).expand(-1, -1, 4, -1))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_per_head_inputs_in_generation_agree_with_torch(family: str) -> None:
+    model = hf_model(family)
+    want = iv.run(generating_graph(), model, backend="torch")
+    got = iv.run(generating_graph(), model, backend="nnsight")
+    assert got["qi"].shape == (2, 8, 4, 32)
+    for name in want:
+        assert_close(got[name], want[name], **FP32, msg=name)

@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 import interventions as iv
-from tests.adapters.internals_graphs import edits_graph
+from tests.adapters.internals_graphs import edits_graph, generating_graph
 from tests.adapters.torch.hand import FP32, IDS
 from tests.adapters.torch.test_attention_sites import LAYER, _hand_qkv, _resid_pre
 from tests.tiny_models import hf_model, hook_count
@@ -78,3 +78,13 @@ def test_sites_inside_attention_are_refused_by_name(site: str) -> None:
     g.run("a", tokens=IDS).read(site, layer=0)
     with pytest.raises(iv.UnsupportedOp, match=rf"cannot reach site '{site}'.*torch"):
         iv.validate(g, hf_model("llama"), backend="pyvene")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_per_head_inputs_in_generation_agree_with_torch(family: str) -> None:
+    model = hf_model(family)
+    want = iv.run(generating_graph(), model, backend="torch")
+    got = iv.run(generating_graph(), model, backend="pyvene")
+    assert got["qi"].shape == (2, 8, 4, 32)
+    for name in want:
+        assert_close(got[name], want[name], **FP32, msg=name)
