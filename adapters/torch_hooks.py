@@ -369,13 +369,6 @@ class _Hooks:
             self.handles.append(
                 self.model.register_forward_pre_hook(self._clock_hook, with_kwargs=True)
             )
-            arch = self.plan.info.arch
-            for layer in sorted({p.layer for p in self.points if p.layer is not None}):
-                assert arch is not None
-                block = self.model.get_submodule(f"{arch.layers}.{layer}")
-                self.handles.append(
-                    block.register_forward_pre_hook(self._block_input_hook(layer), with_kwargs=True)
-                )
             for name in self.qkv_entries:
                 module = self.model.get_submodule(name)
                 self.handles.append(module.register_forward_hook(self._qkv_hook(name)))
@@ -391,6 +384,15 @@ class _Hooks:
                     self.handles.append(
                         module.register_forward_pre_hook(self._input_hook(point), with_kwargs=True)
                     )
+            # after the block's own input hooks (resid_pre), so the per-head inputs start
+            # from the block input as edited in this run: pre-hooks run in registration order
+            arch = self.plan.info.arch
+            for layer in sorted({p.layer for p in self.points if p.layer is not None}):
+                assert arch is not None
+                block = self.model.get_submodule(f"{arch.layers}.{layer}")
+                self.handles.append(
+                    block.register_forward_pre_hook(self._block_input_hook(layer), with_kwargs=True)
+                )
         except BaseException:
             self.remove()
             raise

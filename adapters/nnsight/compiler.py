@@ -313,7 +313,7 @@ class _Compiler:
         views of its output) the reference applies ops in graph order, one run of
         consecutive ops at one view at a time, so a point there starts a new group whenever
         an op at another view of the module came between. A layer with a per-head input
-        records its block input first."""
+        records its block input after the run's edits there."""
         plan = self.plan
         items = [(self.location(op.site)[1], _Entry(op, op.site)) for op in plan.ops_of(run)]
         items += [(self.location(s)[1], _Entry(None, s)) for s in plan.captures_of(run)]
@@ -338,8 +338,10 @@ class _Compiler:
             assert arch is not None
             block = f"{arch.layers}.{layer}"
             entry = _Entry(None, Site("resid_pre", layer), "block")
-            groups = by_location.setdefault((block, "input"), [])
-            groups.insert(0, (HookPoint(block, "input"), [entry]))
+            # last at the block input: after this run's edits there (resid_pre)
+            by_location.setdefault((block, "input"), []).append(
+                (HookPoint(block, "input"), [entry])
+            )
         return by_location
 
     def internal_instruction(self, entry: _Entry, point: HookPoint, run: str) -> tuple[Any, ...]:

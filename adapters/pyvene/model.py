@@ -130,9 +130,9 @@ class _Wrapped(nn.Module):
             for module in self.private_outputs:
                 handles.append(module.register_forward_hook(_private_output, prepend=True))
             for module, hook in self.blocks:
-                handles.append(
-                    module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
-                )
+                # after pyvene's hooks (registered before this call): the block input as
+                # edited in this run (resid_pre), which the per-head inputs start from
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             yield
         finally:
             for handle in handles:
