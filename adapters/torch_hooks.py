@@ -111,6 +111,7 @@ class _Hooks:
         self.selected: dict[str, torch.Tensor] = {}  # reads already selected (grad mode)
         self.captures: dict[str, list[torch.Tensor]] = {}
         self.block_inputs: dict[int, torch.Tensor] = {}  # for the per-head-input sites
+        self.split_copies: dict[HookPoint, tuple[int, torch.Tensor]] = {}  # (call, copies)
         info = plan.info
         # q/k/v and per-head-input entries by projection module, in op order
         self.qkv_entries: dict[str, list[tuple[HookPoint, _Entry]]] = {}
@@ -257,8 +258,14 @@ class _Hooks:
         assert point.layer is not None
         block_input = self.block_inputs[point.layer]
         heads = self._qkv(x, view).shape[-2]
+        # the copies as earlier ops at this site in this forward call left them (ops at
+        # another view of the projection may have come between)
+        kept = self.split_copies.get(point)
+        old = kept[1] if kept is not None and kept[0] == self.clock.calls else None
         copies = block_input.unsqueeze(-2).expand(*block_input.shape[:-1], heads, -1)
+        copies = copies if old is None else old
         new = self._process(point, copies, entries)
+        self.split_copies[point] = (self.clock.calls, new)
         if new is copies:
             return x
         info = self.plan.info
@@ -274,6 +281,7 @@ class _Hooks:
             n_heads=info.n_heads,
             n_kv_heads=info.n_kv_heads,
             d_head=info.d_head,
+            old=old,
         )
         out = x.clone()
         self._qkv(out, view).add_(delta.to(out.dtype))

@@ -92,8 +92,10 @@ def split_input_delta(
     n_heads: int,
     n_kv_heads: int,
     d_head: int,
+    old: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """What to add to a head's q (k, v) when its input copy changes from ``x`` to ``new``.
+    """What to add to a head's q (k, v) when its input copy changes from ``x`` to ``new``
+    (from ``old``, the copies as earlier ops of the same pass left them, when given).
 
     ``x`` is the block's input ``(batch, pos, d_model)``, ``new`` the edited per-head copies
     ``(batch, pos, head, d_model)``, ``weight`` the projection's ``(in, out)`` weight and
@@ -102,7 +104,8 @@ def split_input_delta(
     """
     w = qkv_view(weight, view, n_heads=n_heads, n_kv_heads=n_kv_heads, d_head=d_head)
     # both norms run on tensors of one shape, so an unchanged copy gives exactly zero
-    change = norm.forward(new) - norm.forward(x.unsqueeze(-2).expand_as(new))
+    before = x.unsqueeze(-2).expand_as(new) if old is None else old
+    change = norm.forward(new) - norm.forward(before)
     return torch.einsum("bphd,dhe->bphe", change, w.to(change.dtype))
 
 

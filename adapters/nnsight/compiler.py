@@ -352,7 +352,7 @@ class _Compiler:
         return ("record", point.view, _live_key(run, entry.site))
 
     def split_instruction(
-        self, point: HookPoint, run: str, subs: list[tuple[Any, ...]]
+        self, point: HookPoint, run: str, subs: list[tuple[Any, ...]], step: int
     ) -> tuple[Any, ...]:
         """Ops at a per-head input: applied to each head's copy of the block input, then
         written as ``W_h (norm(x_h') - norm(x))`` into the projection's output."""
@@ -360,7 +360,9 @@ class _Compiler:
         assert arch is not None and arch.attn_norm is not None and point.layer is not None
         norm = f"{arch.layers}.{point.layer}.{arch.attn_norm}"
         view = point.view.removeprefix("split_")
-        return ("split", view, _block_key(run, point.layer), norm, point.module, tuple(subs))
+        copies = f"{run}|copies|{step}|{point.module}|{point.view}"  # kept for later groups
+        block = _block_key(run, point.layer)
+        return ("split", view, block, norm, point.module, tuple(subs), copies)
 
     def edge_instruction(
         self, op: EdgePatch, view: str, sel: tuple[tuple[str, Any], ...], run: str
@@ -446,7 +448,7 @@ class _Compiler:
                             continue
                         target.append(self.instruction(op, point.view, select, run))
                     if point.view in SPLIT_VIEWS and target:
-                        instrs.append(self.split_instruction(point, run, target))
+                        instrs.append(self.split_instruction(point, run, target, step))
                 if instrs:
                     step_locations.append((loc, instrs))
             steps.append(step_locations)

@@ -271,13 +271,17 @@ def _run_program(
         def split(x: Any, ins: Any, kept: Any) -> None:
             # ops on each head's copy of the block input, written into the projection
             # output x as W_h (norm(x_h') - norm(x)), as interventions.attention does
-            _, view, block, norm_path, proj_path, subs = ins
+            # (the copies as earlier groups at this site in this step left them, if any)
+            _, view, block, norm_path, proj_path, subs, copies_key = ins
             xin = store[block]
             part = view_of(x, view)[0]
             base = xin.unsqueeze(-2).expand(*xin.shape[:-1], part.shape[-2], xin.shape[-1])
+            if copies_key in store:
+                base = store[copies_key]
             copies = base.clone()
             for sub in subs:
                 apply(copies, sub, kept)
+            store[copies_key] = copies
             if all(sub[0] in ("read", "keep", "capture") for sub in subs):
                 return
             norm = wrapper._module.get_submodule(norm_path)

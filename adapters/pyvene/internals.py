@@ -57,6 +57,7 @@ class _Internals:
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     live: dict[str, torch.Tensor] = field(default_factory=dict)
     parts: dict[tuple[str, Any], list[torch.Tensor]] = field(default_factory=dict)
+    copies: dict[HookPoint, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
     def module(self, layer: int, path: str) -> nn.Module:
         arch = self.info.arch
@@ -107,7 +108,11 @@ def _split(
     assert point.layer is not None
     block_input = inner.block_inputs[point.layer]
     heads = qkv_view(x, view, n_heads=n_q, n_kv_heads=n_kv, d_head=d_head).shape[-2]
+    # the copies as earlier ops at this site in this forward call left them
+    kept = inner.copies.get(point)
+    old = kept[1] if kept is not None and kept[0] == ctx.clock.calls else None
     copies = block_input.unsqueeze(-2).expand(*block_input.shape[:-1], heads, -1)
+    copies = copies if old is None else old
     cur = copies
     for item in items:
         if isinstance(item, Site):  # a whole-site capture for another run's ablation
@@ -135,6 +140,7 @@ def _split(
         cur, extra = apply_op(op, cur, axes, select, ctx.state)
         for name, value in extra.items():
             ctx.recorded[name] = _kept(value, ctx)
+    inner.copies[point] = (ctx.clock.calls, cur)
     if cur is copies:
         return x
     delta = split_input_delta(
@@ -146,6 +152,7 @@ def _split(
         n_heads=n_q,
         n_kv_heads=n_kv,
         d_head=d_head,
+        old=old,
     )
     out = x.clone() if ctx.grad else x  # ``x`` is pyvene's own copy of the output
     qkv_view(out, view, n_heads=n_q, n_kv_heads=n_kv, d_head=d_head).add_(delta.to(out.dtype))
