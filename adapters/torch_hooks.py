@@ -26,6 +26,7 @@ from interventions.architectures import HookPoint, ModelInfo
 from interventions.attention import (
     QKV_VIEWS,
     SPLIT_VIEWS,
+    ScoresInterceptor,
     projection_weight,
     qkv_view,
     split_input_delta,
@@ -132,11 +133,13 @@ class _Hooks:
         self.state = state
         self.clock = _StepClock()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.cleanups: list[Callable[[], None]] = []
         self.points: dict[HookPoint, list[_Entry]] = {}
         self.recorded: dict[str, list[torch.Tensor]] = {}
         self.selected: dict[str, torch.Tensor] = {}  # reads already selected (grad mode)
         self.captures: dict[str, list[torch.Tensor]] = {}
         self.block_inputs: dict[int, torch.Tensor] = {}  # for the per-head-input sites
+        self.split_copies: dict[HookPoint, tuple[int, torch.Tensor]] = {}  # (call, copies)
         info = plan.info
         # q/k/v and per-head-input entries by projection module, in op order
         self.qkv_entries: dict[str, list[tuple[HookPoint, _Entry]]] = {}
@@ -290,8 +293,14 @@ class _Hooks:
         assert point.layer is not None
         block_input = self.block_inputs[point.layer]
         heads = self._qkv(x, view).shape[-2]
+        # the copies as earlier ops at this site in this forward call left them (ops at
+        # another view of the projection may have come between)
+        kept = self.split_copies.get(point)
+        old = kept[1] if kept is not None and kept[0] == self.clock.calls else None
         copies = block_input.unsqueeze(-2).expand(*block_input.shape[:-1], heads, -1)
+        copies = copies if old is None else old
         new = self._process(point, copies, entries)
+        self.split_copies[point] = (self.clock.calls, new)
         if new is copies:
             return x
         info = self.plan.info
@@ -307,10 +316,40 @@ class _Hooks:
             n_heads=info.n_heads,
             n_kv_heads=info.n_kv_heads,
             d_head=info.d_head,
+            old=old,
         )
         out = x.clone()
         self._qkv(out, view).add_(delta.to(out.dtype))
         return out
+
+    def _scores_hooks(self, point: HookPoint, module: nn.Module) -> None:
+        """Hooks that hand the ops at ``attn_scores`` the tensor the attention module's
+        eager forward softmaxes (:class:`ScoresInterceptor`, entered for that forward)."""
+        active: list[ScoresInterceptor] = []
+
+        def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
+            mode = ScoresInterceptor(lambda x: self._process(point, x))
+            mode.__enter__()
+            active.append(mode)
+
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            if not active:
+                return
+            mode = active.pop()
+            mode.__exit__(None, None, None)
+            if mode.calls != 1:
+                raise ExecutionError(
+                    f"{point.module} called softmax {mode.calls} times in one forward; the "
+                    "attn_scores site needs eager attention, which calls it once"
+                )
+
+        def leave_all() -> None:  # a failed forward skips nothing: always_call hooks
+            while active:
+                active.pop().__exit__(None, None, None)
+
+        self.handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+        self.handles.append(module.register_forward_hook(leave, always_call=True))
+        self.cleanups.append(leave_all)
 
     def _block_input_hook(self, layer: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -395,13 +434,6 @@ class _Hooks:
             self.handles.append(
                 self.model.register_forward_pre_hook(self._clock_hook, with_kwargs=True)
             )
-            arch = self.plan.info.arch
-            for layer in sorted({p.layer for p in self.points if p.layer is not None}):
-                assert arch is not None
-                block = self.model.get_submodule(f"{arch.layers}.{layer}")
-                self.handles.append(
-                    block.register_forward_pre_hook(self._block_input_hook(layer), with_kwargs=True)
-                )
             for name in self.qkv_entries:
                 module = self.model.get_submodule(name)
                 self.handles.append(module.register_forward_hook(self._qkv_hook(name)))
@@ -409,18 +441,32 @@ class _Hooks:
                 if point.module in self.qkv_entries:
                     continue
                 module = self.model.get_submodule(point.module) if point.module else self.model
-                if point.io == "output":
+                if point.view == "attn_scores":
+                    self._scores_hooks(point, module)
+                elif point.io == "output":
                     self.handles.append(module.register_forward_hook(self._output_hook(point)))
                 else:
                     self.handles.append(
                         module.register_forward_pre_hook(self._input_hook(point), with_kwargs=True)
                     )
+            # after the block's own input hooks (resid_pre), so the per-head inputs start
+            # from the block input as edited in this run: pre-hooks run in registration order
+            arch = self.plan.info.arch
+            for layer in sorted({p.layer for p in self.points if p.layer is not None}):
+                assert arch is not None
+                block = self.model.get_submodule(f"{arch.layers}.{layer}")
+                self.handles.append(
+                    block.register_forward_pre_hook(self._block_input_hook(layer), with_kwargs=True)
+                )
         except BaseException:
             self.remove()
             raise
         return self
 
     def remove(self) -> None:
+        for cleanup in self.cleanups:
+            cleanup()
+        self.cleanups.clear()
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -498,6 +544,7 @@ class TorchHooksBackend:
                 "plain",
                 "heads",
                 "attn_weights",
+                "attn_scores",
                 "logits",
                 "resid",
                 "tokens",
@@ -527,7 +574,7 @@ class TorchHooksBackend:
             )
         state = RunState(plan)
         generated: dict[str, torch.Tensor] = {}
-        needs_eager = any(op.site.name == "attn_pattern" for op in plan.graph.ops)
+        needs_eager = any(op.site.name in ("attn_pattern", "attn_scores") for op in plan.graph.ops)
         with eager_attention(model, needs_eager):
             for run in progress(plan.order, show, desc="runs (torch)"):
                 hooks = _Hooks(model, plan, run, state, grad)

@@ -34,7 +34,7 @@ from interventions.errors import (
 from interventions.sites import KV_HEAD_SITES, STANDARD_SITES, Site
 
 # How a tensor at a hook point is seen: "plain", "heads" (split into query heads),
-# "attn_weights", "logits", "tokens" (an MLP fed (batch * pos, d) rows, as OPT's),
+# "attn_weights", "attn_scores" (the input of softmax inside the attention module), "logits", "tokens" (an MLP fed (batch * pos, d) rows, as OPT's),
 # "router_logits" / "router_choice" (a mixture-of-experts gate), "resid" (plain, but writes
 # go into the tensor itself so the residual connection sees them too), a q/k/v view of a
 # projection's output (interventions.attention.QKV_VIEWS) or a per-head-input view of one
@@ -309,6 +309,7 @@ class ModelInfo:
             "k": self.d_head,
             "v": self.d_head,
             "attn_pattern": None,
+            "attn_scores": None,
             "router_logits": self.n_experts,
             "experts_chosen": self.top_k,
         }.get(site.name, self.d_model)
@@ -388,6 +389,8 @@ def _standard_hook_points(a: ArchitectureMap, layer: int | str | None) -> dict[s
         "mlp_out": HookPoint(f"{block}.{a.mlp_out_module}", "output", mlp_view),
         "head": HookPoint(f"{block}.{a.attn_out_proj}", "input", "heads"),
         "attn_pattern": HookPoint(f"{block}.{a.attn}", "output", "attn_weights"),
+        # inside the attention module: the tensor its forward hands softmax
+        "attn_scores": HookPoint(f"{block}.{a.attn}", "output", "attn_scores"),
         "mlp_hidden": HookPoint(f"{block}.{a.mlp_down_proj}", "input", mlp_view),
         "router_logits": HookPoint(f"{block}.{a.router}", "output", "router_logits"),
         "experts_chosen": HookPoint(f"{block}.{a.router}", "output", "router_choice"),

@@ -1,5 +1,5 @@
-"""Views of attention internals: q, k and v inside a projection's output, and the
-per-head inputs of q, k and v.
+"""Views of attention internals: q, k and v inside a projection's output, the per-head
+inputs of q, k and v, and the pre-softmax scores (:class:`ScoresInterceptor`).
 
 A family map (:mod:`interventions.architectures`) names the projection that makes q, k
 and v; the view says where each lives in that module's output:
@@ -27,6 +27,9 @@ query (key, value) that head would compute from its own input.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,8 +92,10 @@ def split_input_delta(
     n_heads: int,
     n_kv_heads: int,
     d_head: int,
+    old: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """What to add to a head's q (k, v) when its input copy changes from ``x`` to ``new``.
+    """What to add to a head's q (k, v) when its input copy changes from ``x`` to ``new``
+    (from ``old``, the copies as earlier ops of the same pass left them, when given).
 
     ``x`` is the block's input ``(batch, pos, d_model)``, ``new`` the edited per-head copies
     ``(batch, pos, head, d_model)``, ``weight`` the projection's ``(in, out)`` weight and
@@ -99,5 +104,47 @@ def split_input_delta(
     """
     w = qkv_view(weight, view, n_heads=n_heads, n_kv_heads=n_kv_heads, d_head=d_head)
     # both norms run on tensors of one shape, so an unchanged copy gives exactly zero
-    change = norm.forward(new) - norm.forward(x.unsqueeze(-2).expand_as(new))
+    before = x.unsqueeze(-2).expand_as(new) if old is None else old
+    change = norm.forward(new) - norm.forward(before)
     return torch.einsum("bphd,dhe->bphe", change, w.to(change.dtype))
+
+
+_SOFTMAXES = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
+
+
+class ScoresInterceptor(torch.overrides.TorchFunctionMode):
+    """Hands the pre-softmax attention scores of one attention module's forward to
+    ``edit`` and softmaxes what it returns.
+
+    The scores are exactly the tensor the module's eager attention passes to softmax:
+    after scaling, soft-capping (Gemma-2) and ALiBi (BLOOM) and after the additive causal
+    mask, whose masked entries hold ``score + torch.finfo(dtype).min`` (not ``-inf``).
+    Entered by a forward pre-hook of the attention module and left by its forward hook, so
+    only that module's softmax is seen; it must see exactly one (eager attention: SDPA and
+    flash attention never call softmax).
+
+    >>> seen = []
+    >>> with ScoresInterceptor(lambda s: seen.append(s.clone()) or s * 0) as mode:
+    ...     p = torch.softmax(torch.tensor([[0.0, 1.0]]), dim=-1)
+    >>> p.tolist(), seen[0].tolist(), mode.calls
+    ([[0.5, 0.5]], [[0.0, 1.0]], 1)
+    """
+
+    def __init__(self, edit: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.edit = edit
+        self.calls = 0
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _SOFTMAXES and args and isinstance(args[0], torch.Tensor):
+            self.calls += 1
+            if self.calls == 1:
+                args = (self.edit(args[0]), *args[1:])
+        return func(*args, **kwargs)

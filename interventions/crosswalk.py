@@ -39,6 +39,9 @@ _NOTES = {
     "tokens": " (rows, viewed as [batch, pos, d])",
 }
 
+# a per-head input is written at its projection's output
+_SPLIT_NOTE = " + W_h (norm(x_h') - norm(x)) for a changed head's copy x_h'"
+
 _NO_TL = {
     "final_norm": "— (`ln_final.hook_normalized` is before the weight and bias)",
     "logits": "— (the model's return value)",
@@ -51,11 +54,13 @@ _ROUTER_ITEM = {"router_logits": 0, "router_choice": 2}  # the gate returns (log
 def _nnsight(point: HookPoint | None) -> str:
     if point is None:
         return "— (not in this family's map)"
-    if point.view.startswith("split_"):
-        return "— (torch backend only: each head's copy of the block input, pre-norm)"
+    if point.view == "attn_scores":
+        return "— (torch backend only: the input of softmax inside eager attention)"
     if point.view == "logits":
         return "`model.output.logits`"
     path = re.sub(r"\.(\d+|L)(?=\.|$)", r"[\1]", point.module)
+    if point.view.startswith("split_"):
+        return f"`model.{path}.output`" + _SPLIT_NOTE
     if point.view in _ROUTER_ITEM:
         return f"`model.{path}.output[{_ROUTER_ITEM[point.view]}]` (torch backend only here)"
     if point.view == "attn_weights":
@@ -68,13 +73,15 @@ def _nnsight(point: HookPoint | None) -> str:
 def _pyvene(point: HookPoint | None) -> str:
     if point is None:
         return "— (not in this family's map)"
-    if point.view == "attn_weights":
+    if point.view in ("attn_weights", "attn_scores"):
         return "— (pyvene cannot read it)"
     if point.view in _ROUTER_ITEM or point.view == "expert_out":
         return "— (torch backend only)"
-    if point.view not in ("plain", "heads", "logits", "tokens"):
-        return "— (not built on pyvene yet)"
     base = f"model.{point.module}.{point.io}" if point.module else f"model.{point.io}"
+    if point.view.startswith("split_"):
+        return f"`{base}`" + _SPLIT_NOTE
+    if point.view not in ("plain", "heads", "logits", "tokens", "resid", *_NOTES):
+        return "— (not built on pyvene yet)"
     return f"`{base}`" + _NOTES.get(point.view, "")
 
 

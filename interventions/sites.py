@@ -10,7 +10,8 @@ A site is spelled one of two ways:
 Every site has named axes. Residual-stream sites are ``(batch, pos, d_model)``; ``head``,
 ``q``, ``k`` and ``v`` are ``(batch, pos, head, d_head)``; the per-head inputs ``q_input``,
 ``k_input`` and ``v_input`` are ``(batch, pos, head, d_model)``; ``attn_pattern`` is
-``(batch, head, pos, key_pos)`` with ``pos`` the query position. With grouped-query
+``(batch, head, pos, key_pos)`` with ``pos`` the query position, and so is ``attn_scores``,
+the pre-softmax scores. With grouped-query
 attention ``k``, ``v``, ``k_input`` and ``v_input`` have one entry per key-value head, and
 ``head=`` there counts key-value heads (query head ``h`` reads key-value head
 ``h // (n_heads // n_kv_heads)``). A :class:`Select` narrows axes by name: ``batch``, ``pos``,
@@ -278,6 +279,12 @@ STANDARD_SITES: dict[str, SiteKind] = {
         writable=False,
         doc="attention probabilities (query pos x key pos); read only, eager attention",
     ),
+    "attn_scores": SiteKind(
+        ("batch", "head", "pos", "key_pos"),
+        True,
+        doc="pre-softmax attention scores, exactly the tensor the model's eager attention "
+        "hands softmax (scaled, masked: score + dtype min; ALiBi and soft-capping included)",
+    ),
     "mlp_hidden": SiteKind(
         RESIDUAL, True, doc="MLP hidden activation, input of the down projection"
     ),
@@ -322,7 +329,8 @@ RAW_SUFFIXES = (".output", ".input")
 # TransformerLens hook names accepted as aliases of standard sites with the same meaning
 # ("{layer}" is the block index). Resolved when a Site is made, so graphs, printing and
 # JSON only ever hold the standard name. TransformerLens hooks left out have no standard
-# site of the same meaning (hook_rot_q/k, hook_attn_scores, hook_pos_embed,
+# site of the same meaning (hook_rot_q/k, hook_attn_scores, whose masked entries are -inf where attn_scores
+# holds the model's own score + dtype min, hook_pos_embed,
 # ln_final.hook_normalized, which is before the final norm's weight and bias, ...).
 TRANSFORMER_LENS_HOOKS: dict[str, str] = {
     "embed": "hook_embed",

@@ -199,15 +199,25 @@ def _check_capabilities(op: Op, point: HookPoint, caps: Capabilities) -> None:
         )
 
 
-_HEAD_SITES = ("head", "attn_pattern")
+_HEAD_SITES = ("head", "attn_pattern", "attn_scores")
 
 
 def _check_site_rules(plan: Plan, op: Op) -> None:
     """Rules of the site and the run that hold whatever the op's kind."""
     run = plan.graph.runs[op.run]
-    if op.site.name == "attn_pattern" and run.generates:
+    if op.site.name in ("attn_pattern", "attn_scores") and run.generates:
         raise ValidationError(
-            f"{_where(op)}: attention patterns cannot be read in a generating run"
+            f"{_where(op)}: attention patterns and scores cannot be used in a generating run"
+        )
+    if (
+        op.site.name == "attn_scores"
+        and isinstance(op, Ablate)
+        and op.method == "mean"
+        and not op.per_position
+    ):
+        raise ValidationError(
+            f"{_where(op)}: a mean of attention scores over query positions mixes rows with "
+            "different causal masks; pass per_position=True (the mean over prompts only)"
         )
     if isinstance(op, SAESplice) and op.features is not None and run.generates:
         raise ValidationError(f"{_where(op)}: features= cannot be recorded in a generating run")
@@ -225,7 +235,7 @@ def _check_site_rules(plan: Plan, op: Op) -> None:
             n for n, k in STANDARD_SITES.items() if "head" in k.axes and n not in _HEAD_SITES
         ]
         raise ValidationError(
-            f"{_where(op)}: head= only applies to the 'head' and 'attn_pattern' sites and "
+            f"{_where(op)}: head= only applies to the 'head', 'attn_pattern' and 'attn_scores' sites and "
             f"the attention internals ({choices_text(internals)})"
         )
 
@@ -398,7 +408,7 @@ def _check_sae_splice(plan: Plan, op: Op, target: _Target) -> None:
 
 # Where a standard site sits within its layer, in forward order (None: outside the layers).
 _SITE_ORDER = {"resid_pre": 0, "attn_out": 1, "mlp_hidden": 2, "mlp_out": 3, "resid_post": 4}
-_PLAIN_SOURCE_SITES = ("head", "attn_pattern")
+_PLAIN_SOURCE_SITES = ("head", "attn_pattern", "attn_scores")
 
 
 def _forward_rank(site: Site) -> tuple[float, float] | None:

@@ -35,6 +35,10 @@ Gradients: ``grad`` ops (:class:`~interventions.ops.Grad`) run their metric and 
 with every edit on a copy. Not supported: ``grad=True`` reads that stay in the autograd
 graph (the values of a remote run come back as plain tensors; use ``grad`` ops), and ops
 on a module called more than once per forward pass (they bind to its first call).
+Refused by name before anything runs: ``attn_scores``, which lives inside the attention
+function (reachable only through nnsight's ``.source``, not built here yet). The per-head
+inputs (``q_input``/``k_input``/``v_input``) and edge patches run inside the trace: the
+block re-runs the attention norm on each head's edited copy, naming only torch.
 """
 
 from .backend import SUPPORTED, NNsightBackend, check_version

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from interventions.architectures import ModelInfo
-from interventions.attention import QKV_VIEWS
+from interventions.attention import QKV_VIEWS, SPLIT_VIEWS
 from interventions.backends import Capabilities
 from interventions.errors import (
     BackendVersionError,
@@ -84,10 +84,11 @@ class NNsightBackend:
 
     name = "nnsight"
     capabilities = Capabilities(
-        ops=frozenset(OP_KINDS) - {"edge_patch"},  # edge patches: torch only
-        # the per-head inputs (split_* views) need the attention norm re-run inside the
-        # trace; not built here yet, so they are refused by name before anything runs
-        views=frozenset({"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS}),
+        ops=frozenset(OP_KINDS),
+        # attn_scores lives inside the attention function: refused by name (not built)
+        views=frozenset(
+            {"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS, *SPLIT_VIEWS}
+        ),
         generation=True,
         gradients=False,
         remote=True,

@@ -45,11 +45,13 @@ from torch import nn
 
 from interventions.apply import orthonormal_basis
 from interventions.architectures import HookPoint, ModelInfo
+from interventions.attention import QKV_VIEWS, SPLIT_VIEWS
 from interventions.devices import input_device
 from interventions.ops import (
     Ablate,
     Add,
     Const,
+    EdgePatch,
     Grad,
     Op,
     Patch,
@@ -174,6 +176,9 @@ class _Entry:
 
     op: Op | None
     site: Site
+    # "live": this run's own value of an edge's upstream node; "block": the block input
+    # the per-head inputs of the layer ``site.layer`` need
+    extra: str = ""
 
 
 @dataclass
@@ -214,6 +219,14 @@ class _Stage:
 
 def _capture_key(run: str, site: Site) -> str:
     return f"{run}|{site}"
+
+
+def _live_key(run: str, site: Site) -> str:
+    return f"{run}|live|{site}"
+
+
+def _block_key(run: str, layer: int | None) -> str:
+    return f"{run}|block|{layer}"
 
 
 class _Compiler:
@@ -291,28 +304,106 @@ class _Compiler:
             # a cross-site splice reads its source's capture, made earlier in this forward
             source = None if op.source is None else _capture_key(op.run, op.source)
             return ("sae", view, axes, sel, self.sae_params(op.sae, op), op.features, source)
+        if isinstance(op, EdgePatch):
+            return self.edge_instruction(op, view, sel, run)
         raise AssertionError(f"unknown op {op!r}")  # pragma: no cover - closed set
+
+    # -- attention internals: per-head inputs and edge patches ---------------------------
+
+    def internal_locations(self, run: str) -> dict[Location, list[tuple[HookPoint, list[_Entry]]]]:
+        """The run's hook points by location, in the reference's order: ops first, then
+        captures, then the live values of its edges' upstream nodes, each point in the
+        order it first appears. At a q/k/v projection (q, k, v and the per-head inputs are
+        views of its output) the reference applies ops in graph order, one run of
+        consecutive ops at one view at a time, so a point there starts a new group whenever
+        an op at another view of the module came between. A layer with a per-head input
+        records its block input after the run's edits there."""
+        plan = self.plan
+        items = [(self.location(op.site)[1], _Entry(op, op.site)) for op in plan.ops_of(run)]
+        items += [(self.location(s)[1], _Entry(None, s)) for s in plan.captures_of(run)]
+        live = {op.upstream for op in plan.ops_of(run) if isinstance(op, EdgePatch)}
+        items += [(self.location(s)[1], _Entry(None, s, "live")) for s in sorted(live, key=str)]
+        by_location: dict[Location, list[tuple[HookPoint, list[_Entry]]]] = {}
+        for point, entry in items:
+            groups = by_location.setdefault((point.module, point.io), [])
+            internal = point.view in QKV_VIEWS or point.view in SPLIT_VIEWS
+            same = [g for g in groups if g[0] == point]
+            if internal and groups and groups[-1][0] == point:
+                groups[-1][1].append(entry)
+            elif not internal and same:
+                same[0][1].append(entry)
+            else:
+                groups.append((point, [entry]))
+        arch = self.info.arch
+        layers = sorted(
+            {p.layer for gs in by_location.values() for p, _ in gs if p.layer is not None}
+        )
+        for layer in layers:
+            assert arch is not None
+            block = f"{arch.layers}.{layer}"
+            entry = _Entry(None, Site("resid_pre", layer), "block")
+            # last at the block input: after this run's edits there (resid_pre)
+            by_location.setdefault((block, "input"), []).append(
+                (HookPoint(block, "input"), [entry])
+            )
+        return by_location
+
+    def internal_instruction(self, entry: _Entry, point: HookPoint, run: str) -> tuple[Any, ...]:
+        """Record a block input (``block``) or this run's value of an edge's upstream
+        node (``live``), for the per-head inputs and edge patches later in the pass."""
+        if entry.extra == "block":
+            return ("record", point.view, _block_key(run, entry.site.layer))
+        return ("record", point.view, _live_key(run, entry.site))
+
+    def split_instruction(
+        self, point: HookPoint, run: str, subs: list[tuple[Any, ...]], step: int
+    ) -> tuple[Any, ...]:
+        """Ops at a per-head input: applied to each head's copy of the block input, then
+        written as ``W_h (norm(x_h') - norm(x))`` into the projection's output."""
+        arch = self.info.arch
+        assert arch is not None and arch.attn_norm is not None and point.layer is not None
+        norm = f"{arch.layers}.{point.layer}.{arch.attn_norm}"
+        view = point.view.removeprefix("split_")
+        copies = f"{run}|copies|{step}|{point.module}|{point.view}"  # kept for later groups
+        block = _block_key(run, point.layer)
+        return ("split", view, block, norm, point.module, tuple(subs), copies)
+
+    def edge_instruction(
+        self, op: EdgePatch, view: str, sel: tuple[tuple[str, Any], ...], run: str
+    ) -> tuple[Any, ...]:
+        arch = self.info.arch
+        assert arch is not None
+        w_o = None
+        if op.upstream_head is not None:
+            w_o = f"{arch.layers}.{op.upstream.layer}.{arch.attn_out_proj}"
+        source = None if op.source is None else _capture_key(op.source, op.upstream)
+        return (
+            "edge",
+            view,
+            _axes_hint(op.site),
+            sel,
+            _live_key(run, op.upstream),
+            source,
+            op.method,
+            op.upstream_head,
+            w_o,
+        )
 
     # -- per-run programs -------------------------------------------------------------
 
     def run_code(self, run: str) -> _RunCode:
         plan, graph = self.plan, self.graph
         graph_run = graph.runs[run]
-        # Hook points in the reference's order: ops first, then captures, each in the
-        # order they first appear; several hook points of one module (views) share a
-        # location and keep that order.
-        points: dict[HookPoint, list[_Entry]] = {}
-        for op in plan.ops_of(run):
-            points.setdefault(self.location(op.site)[1], []).append(_Entry(op, op.site))
-        for site in plan.captures_of(run):
-            points.setdefault(self.location(site)[1], []).append(_Entry(None, site))
+        by_location = self.internal_locations(run)
         grads = [op for op in plan.ops_of(run) if isinstance(op, Grad)]
         objective: tuple[Location, tuple[Any, ...]] | None = None
         if grads:
             # the metric of the logits, then one backward pass to every grad op's tensor
             first = grads[0]
             loc, point = self.location(Site("logits"))
-            points.setdefault(point, [])
+            groups = by_location.setdefault(loc, [])
+            if not any(p == point for p, _ in groups):
+                groups.append((point, []))
             tensors = self.graph.tensors
             wrong = None if first.wrong is None else tensors[first.wrong.tensor]
             objective = (
@@ -320,9 +411,6 @@ class _Compiler:
                 ("objective", point.view, first.metric, tensors[first.answer.tensor], wrong,
                  first.metric_pos),
             )  # fmt: skip
-        by_location: dict[Location, list[tuple[HookPoint, list[_Entry]]]] = {}
-        for point, entries in points.items():
-            by_location.setdefault((point.module, point.io), []).append((point, entries))
         locations = sorted(by_location, key=lambda loc: self.order.get(loc, len(self.order)))
 
         prompt = plan.prompt_length(run)
@@ -350,10 +438,16 @@ class _Compiler:
             for loc in locations:
                 instrs: list[tuple[Any, ...]] = []
                 for point, entries in by_location[loc]:
+                    target = instrs
+                    if point.view in SPLIT_VIEWS:  # ops on each head's copy of the input
+                        target = []
                     for entry in entries:
+                        if entry.extra:
+                            target.append(self.internal_instruction(entry, point, run))
+                            continue
                         if entry.op is None:
                             key = _capture_key(run, entry.site)
-                            instrs.append(("capture", point.view, key))
+                            target.append(("capture", point.view, key))
                             produced[key] = loc
                             continue
                         op = entry.op
@@ -362,7 +456,7 @@ class _Compiler:
                         if isinstance(op, Read) and generating:
                             # every fed position is kept; the selector applies at the end,
                             # with positions absolute (negative: from the end of the prompt)
-                            instrs.append(("keep", point.view, op.name))
+                            target.append(("keep", point.view, op.name))
                             if step == 0:
                                 at_end = absolute_select(op.select, prompt, fed)
                                 concat.append(
@@ -374,7 +468,9 @@ class _Compiler:
                             select = step_select(op.select, prompt, fed, offset, length)
                         if select is None:
                             continue
-                        instrs.append(self.instruction(op, point.view, select, run))
+                        target.append(self.instruction(op, point.view, select, run))
+                    if point.view in SPLIT_VIEWS and target:
+                        instrs.append(self.split_instruction(point, run, target, step))
                 if objective is not None and loc == objective[0] and step == 0:
                     instrs.append(objective[1])
                 if instrs:
@@ -417,6 +513,8 @@ class _Compiler:
                 out.append((self.producers[op.value.read].run, op.value.read, loc))
             elif isinstance(op, Ablate) and op.source is not None:
                 out.append((op.source, _capture_key(op.source, op.site), loc))
+            elif isinstance(op, EdgePatch) and op.source is not None:
+                out.append((op.source, _capture_key(op.source, op.upstream), loc))
         return out
 
     def stages(self, max_batch: int | None) -> list[_Stage]:

@@ -201,8 +201,14 @@ def _run_program(
             if kind == "keep":
                 kept.setdefault(ins[2], []).append(x.clone())
                 return
-            if kind == "capture":
+            if kind == "capture":  # an ablation's statistic: a constant to the backward
                 store[ins[2]] = x.detach().clone()
+                return
+            if kind == "record":  # a live value an edge patch or per-head input uses
+                store[ins[2]] = x.clone()
+                return
+            if kind == "edge":
+                edge(x, ins)
                 return
             axes, sel = ins[2], ins[3]
             ix = index_of(x.shape, axes, sel, x.device)
@@ -274,6 +280,55 @@ def _run_program(
                 g = torch.zeros_like(x) if g is None else g
                 gv = view_of(g, ins[1])[0]
                 store[ins[4]] = take(gv, index_of(gv.shape, ins[2], ins[3], gv.device)).detach()
+
+        def node_output(value: Any, head: Any, w_path: Any) -> Any:
+            # an edge's upstream output as the residual stream receives it (a head: its
+            # slice of the output projection, no bias), as interventions.apply.node_output
+            if head is None:
+                return value
+            proj = wrapper._module.get_submodule(w_path)
+            w = proj.weight.T if isinstance(proj, torch.nn.Linear) else proj.weight
+            d = value.shape[-1]
+            return value[..., head, :] @ w[head * d : (head + 1) * d].to(value.dtype)
+
+        def edge(x: Any, ins: Any) -> None:
+            # add (upstream in the source run - upstream here) into x's selected head
+            _, _, axes, sel, live, source, method, head, w_path = ins
+            mine = node_output(store[live].to(x.device), head, w_path)
+            if method == "zero":
+                delta = -mine
+            else:
+                other = store[source].to(device=mine.device, dtype=mine.dtype)
+                other = node_output(other, head, w_path)
+                if method == "mean":
+                    other = other.mean(dim=(0, 1), keepdim=True)
+                delta = other - mine
+            ix = index_of(x.shape, axes, sel, x.device)
+            put(x, ix, take(x, ix) + delta.to(x.dtype))
+
+        def split(x: Any, ins: Any, kept: Any) -> None:
+            # ops on each head's copy of the block input, written into the projection
+            # output x as W_h (norm(x_h') - norm(x)), as interventions.attention does
+            # (the copies as earlier groups at this site in this step left them, if any)
+            _, view, block, norm_path, proj_path, subs, copies_key = ins
+            xin = store[block]
+            part = view_of(x, view)[0]
+            base = xin.unsqueeze(-2).expand(*xin.shape[:-1], part.shape[-2], xin.shape[-1])
+            if copies_key in store:
+                base = store[copies_key]
+            copies = base.clone()
+            for sub in subs:
+                apply(copies, sub, kept)
+            store[copies_key] = copies
+            if all(sub[0] in ("read", "keep", "capture") for sub in subs):
+                return
+            norm = wrapper._module.get_submodule(norm_path)
+            proj = wrapper._module.get_submodule(proj_path)
+            forward = type(norm).forward  # the norm itself, not its hooks
+            change = forward(norm, copies) - forward(norm, base)
+            w = proj.weight.T if isinstance(proj, torch.nn.Linear) else proj.weight
+            w = view_of(w, view)[0].to(change.dtype)
+            part.add_(torch.einsum("bphd,dhe->bphe", change, w).to(part.dtype))
 
         def main_of(raw: Any, io: Any) -> Any:
             # the tensor at a module's input or output, and where it sits in the value
@@ -369,6 +424,12 @@ def _run_program(
                                     views: dict[str, Any] = {}
                                     goal = None
                                     for ins in instrs:
+                                        if ins[0] == "split":
+                                            if main is None:
+                                                main, where = main_of(raw, io)
+                                                main = main.clone() if swap else main
+                                            split(main, ins, kept)
+                                            continue
                                         if ins[1] not in views:
                                             if ins[1] == "attn_weights":
                                                 views[ins[1]] = (attention_of(raw), None)

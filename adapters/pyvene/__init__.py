@@ -9,6 +9,7 @@ The files:
                   and the per-run context they share
 ``model``         the wrapper pyvene sees around the user's model, and the guard that
                   puts the model's state back
+``internals``     per-head inputs of q/k/v and edge patches (interventions of their own)
 ================  =======================================================================
 
 How a graph maps onto pyvene (0.1.8's native, hook-based backend):
@@ -73,9 +74,14 @@ training flags, ``requires_grad`` and the hook tables before a plan runs and res
 afterwards, whether or not the run failed: the user's own hooks come back (they do not fire
 during a pyvene run).
 
-Not supported: ``attn_pattern``. pyvene hands interventions only the first element of a
-module's output, and the attention weights are the second; only some families pass them
-through a module of their own (GPT-2's ``attn_dropout``), and capabilities are per backend.
+Attention internals: ``q``/``k``/``v`` are views of their projection's output inside the
+interventions; ``resid_mid`` is written into the residual stream (no private copy); the
+per-head inputs and edge patches run in :mod:`.internals`, with the reference arithmetic.
+
+Not supported: ``attn_pattern`` and ``attn_scores``. pyvene hands interventions only the
+first element of a module's output, and the attention weights are the second; only some
+families pass them through a module of their own (GPT-2's ``attn_dropout``), and
+capabilities are per backend. The scores never leave the attention function at all.
 """
 
 from .backend import SUPPORTED_PYVENE, PyveneBackend, check_version, installed_version

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from interventions.apply import RunState
+from interventions.attention import QKV_VIEWS, SPLIT_VIEWS
 from interventions.backends import Capabilities
 from interventions.devices import input_device
 from interventions.errors import BackendVersionError, ExecutionError, InterventionError
@@ -21,6 +22,7 @@ from interventions.selection import site_axes, take
 
 from .classes import _RunContext, _view_in
 from .compiler import _compile, _Compiled
+from .internals import finish_internals
 from .model import _ModelGuard, _Wrapped
 
 SUPPORTED_PYVENE = ">=0.1.8,<0.2"
@@ -78,8 +80,9 @@ def _execute_run(
         prompt=prompt,
         fed=prompt + (graph_run.max_new_tokens - 1 if graph_run.max_new_tokens else 0),
         grad=grad,
+        dims=_dims(plan),
     )
-    compiled = _compile(plan, run, ctx)
+    compiled = _compile(plan, run, ctx, wrapper.model)
     if not compiled.representations and not graph_run.generates:
         return None  # nothing to observe: skip the forward pass
 
@@ -98,6 +101,7 @@ def _execute_run(
     wrapper.clock = ctx.clock if ctx.generating else None
     wrapper.inputs = [(_submodule(model, p), copy) for p, copy in compiled.inputs.items()]
     wrapper.private_outputs = [_submodule(model, p) for p in compiled.private_outputs]
+    wrapper.blocks = _block_recorders(ctx, compiled)
     inputs = plan.inputs[run].to(device)
     tokens: torch.Tensor | None = None
     if graph_run.max_new_tokens is not None:
@@ -130,6 +134,7 @@ def _finish(run: str, compiled: _Compiled, collected: list[torch.Tensor], ctx: _
     tensor per forward call (several when generating).
     """
     ctx.state.results.update(ctx.recorded)
+    finish_internals(run, ctx)
     n = len(compiled.collects)
     if n == 0:
         return
@@ -140,7 +145,7 @@ def _finish(run: str, compiled: _Compiled, collected: list[torch.Tensor], ctx: _
     per = len(collected) // n
     for k, entry in enumerate(compiled.collects.values()):
         parts = collected[k * per : (k + 1) * per]
-        full = _view_in(entry.point, _concat(parts), ctx.n_heads)
+        full = _view_in(entry.point, _concat(parts), ctx.n_heads, ctx.dims)
         for op in entry.reads:
             select = op.select
             if ctx.generating:  # negative positions count from the end of the prompt
@@ -148,6 +153,29 @@ def _finish(run: str, compiled: _Compiled, collected: list[torch.Tensor], ctx: _
             ctx.state.results[op.name] = take(full, select, site_axes(op.site.kind, full.ndim))
         for site in entry.captures:
             ctx.state.captures[(run, str(site))] = full
+
+
+def _dims(plan: Plan) -> tuple[int, int, int] | None:
+    info = plan.info
+    if not (info.n_heads and info.d_head):
+        return None
+    return info.n_heads, info.n_kv_heads or info.n_heads, info.d_head
+
+
+def _block_recorders(ctx: _RunContext, compiled: _Compiled) -> list[tuple[nn.Module, Any]]:
+    """(block, pre-hook) pairs that record the block inputs the per-head inputs need."""
+    if ctx.internals is None or not compiled.blocks:
+        return []
+    store = ctx.internals.block_inputs
+
+    def recorder(layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
+            store[layer] = x
+
+        return hook
+
+    return [(m, recorder(n)) for m, n in ctx.internals.block_modules(compiled.blocks)]
 
 
 def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -160,9 +188,10 @@ class PyveneBackend:
 
     name = "pyvene"
     capabilities = Capabilities(
-        # edge patches: torch only; grad ops: lowered to grad=True reads by the core
-        ops=frozenset(OP_KINDS) - {"edge_patch", "grad"},
-        views=frozenset({"plain", "heads", "logits"}),
+        # grad ops: lowered to grad=True reads by the core
+        ops=frozenset(OP_KINDS) - {"grad"},
+        # attn_weights and attn_scores: not module inputs or outputs (see the package doc)
+        views=frozenset({"plain", "heads", "logits", "resid", *QKV_VIEWS, *SPLIT_VIEWS}),
         generation=True,
         gradients=True,
         remote=False,

@@ -14,6 +14,7 @@ import torch
 
 from interventions.apply import RunState, apply_op
 from interventions.architectures import HookPoint
+from interventions.attention import QKV_VIEWS, qkv_view
 from interventions.errors import ExecutionError
 from interventions.ops import Op, Read
 from interventions.plan import step_select
@@ -47,6 +48,9 @@ class _RunContext:
     grad: bool = False
     clock: _StepClock = field(default_factory=_StepClock)
     recorded: dict[str, torch.Tensor] = field(default_factory=dict)  # SAE features, grad reads
+    # (query heads, key-value heads, head width) for the q/k/v views; attention internals
+    dims: tuple[int, int, int] | None = None
+    internals: Any = None  # an internals._Internals when the run has per-head inputs or edges
 
 
 @dataclass
@@ -71,19 +75,33 @@ class _Target:
         )
 
     def view_in(self, x: torch.Tensor) -> torch.Tensor:
-        return _view_in(self.point, x, self.ctx.n_heads)
+        return _view_in(self.point, x, self.ctx.n_heads, self.ctx.dims)
 
     def view_out(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.point.view in QKV_VIEWS:
+            # q, k or v is a part of the projection's output: write it back into ``like``
+            # (pyvene's own copy; a fresh one with gradients, which are not in-place)
+            out = like.clone() if self.ctx.grad else like
+            _view_in(self.point, out, self.ctx.n_heads, self.ctx.dims).copy_(x)
+            return out
         return x.reshape(like.shape) if self.point.view == "heads" else x
 
     def axes(self, x: torch.Tensor) -> tuple[str, ...]:
         return site_axes(self.op.site.kind, x.ndim)
 
 
-def _view_in(point: HookPoint, x: torch.Tensor, n_heads: int | None) -> torch.Tensor:
+def _view_in(
+    point: HookPoint,
+    x: torch.Tensor,
+    n_heads: int | None,
+    dims: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
     if point.view == "heads":
         assert n_heads is not None
         return x.reshape(*x.shape[:-1], n_heads, x.shape[-1] // n_heads)
+    if point.view in QKV_VIEWS:  # a view of the projection's output: writes reach it
+        assert dims is not None
+        return qkv_view(x, point.view, n_heads=dims[0], n_kv_heads=dims[1], d_head=dims[2])
     return x
 
 

@@ -92,6 +92,7 @@ class _Wrapped(nn.Module):
         # the model's own hooks (the user's, transformers'): pyvene removes every hook of
         # the model when a call starts, so they are put back for the call, ahead of pyvene's
         self.foreign_hooks: list[tuple[nn.Module, str, list[tuple[Any, Any]]]] = []
+        self.blocks: list[tuple[nn.Module, Any]] = []  # (block, pre-hook recording its input)
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         return iter(())
@@ -132,6 +133,10 @@ class _Wrapped(nn.Module):
                 )
             for module in self.private_outputs:
                 handles.append(module.register_forward_hook(_private_output, prepend=True))
+            for module, hook in self.blocks:
+                # after pyvene's hooks (registered before this call): the block input as
+                # edited in this run (resid_pre), which the per-head inputs start from
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             yield
         finally:
             for handle in handles:

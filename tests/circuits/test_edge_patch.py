@@ -11,9 +11,10 @@ from torch.testing import assert_close
 import interventions as iv
 from interventions.architectures import describe
 from interventions.circuits.edges import Edge, Node, all_edges, edge_patch_op, parse_edge
-from interventions.errors import SpecError, UnsupportedOp, ValidationError
+from interventions.errors import SpecError, ValidationError
 from tests.adapters.torch.hand import FP32, IDS
 from tests.circuits.split_forward import split_forward, strong_model
+from tests.tiny_models import hook_count
 
 FAMILIES = ("gpt2", "llama")
 CORRUPT = torch.tensor([[1, 9, 4, 13, 11, 8], [2, 6, 14, 3, 10, 5]])
@@ -27,7 +28,9 @@ def _key(node: Node, head_input: str | None = None) -> tuple:
     return (node.kind, node.layer) if node.kind == "mlp" else ("head", node.layer, node.head)
 
 
-def _run(family: str, edges: list[Edge], method: str = "patch") -> torch.Tensor:
+def _run(
+    family: str, edges: list[Edge], method: str = "patch", backend: str = "torch"
+) -> torch.Tensor:
     model = strong_model(family)
     info = describe(model)
     g = iv.Graph()
@@ -36,7 +39,7 @@ def _run(family: str, edges: list[Edge], method: str = "patch") -> torch.Tensor:
     for e in edges:
         source = None if method == "zero" else "corrupt"
         g.add(edge_patch_op(info, e, "patched", method=method, source=source))  # type: ignore[arg-type]
-    return iv.run(g, model)["logits"]
+    return iv.run(g, model, backend=backend)["logits"]
 
 
 # one edge into each kind of downstream input, from each kind of upstream node
@@ -139,5 +142,55 @@ def test_bad_edge_patches_are_refused_by_name() -> None:
     g.add(edge_patch_op(info, parse_edge("m0 -> logits"), "patched", source="corrupt"))
     with pytest.raises(ValidationError, match="needs runs of one shape"):
         g.validate(model)
-    with pytest.raises(UnsupportedOp, match="edge_patch"):
-        g.validate(model, backend="pyvene")
+    for backend in ("torch", "nnsight", "pyvene"):
+        with pytest.raises(ValidationError, match="needs runs of one shape"):
+            g.validate(model, backend=backend)
+
+
+OTHER_BACKENDS = ("pyvene", "nnsight")
+
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edge_patches_on_other_backends_equal_the_split_forward(family: str, backend: str) -> None:
+    """In one graph: each edge of EDGES alone, a zero and a mean ablation, and many edges at
+    once (every edge into the second layer and the logits), on another backend."""
+    pytest.importorskip(backend)
+    model = strong_model(family)
+    info = describe(model)
+    _, corrupt_outs, _ = split_forward(model, CORRUPT)
+    g = iv.Graph()
+    g.run("corrupt", tokens=CORRUPT)
+    wants: dict[str, torch.Tensor] = {}
+
+    def case(name: str, edges: list[Edge], method: str, subs: dict) -> None:
+        g.run(name, tokens=IDS).read("logits", name=name)
+        for e in edges:
+            source = None if method == "zero" else "corrupt"
+            g.add(edge_patch_op(info, e, name, method=method, source=source))  # type: ignore[arg-type]
+        wants[name] = split_forward(model, IDS, subs)[0]
+
+    for i, text in enumerate(EDGES):
+        edge = parse_edge(text)
+        up = _key(edge.upstream)
+        case(f"e{i}", [edge], "patch", {(up, _key(edge.downstream, edge.input)): corrupt_outs[up]})
+    up, down = ("head", 0, 2), ("mlp", 1)
+    case("zero", [parse_edge("a0.h2 -> m1")], "zero", {(up, down): None})
+    mean = corrupt_outs[up].mean(dim=(0, 1), keepdim=True).expand_as(corrupt_outs[up])
+    case("mean", [parse_edge("a0.h2 -> m1")], "mean", {(up, down): mean})
+    many = [e for e in all_edges(info) if e.downstream.layer == 1 or e.downstream.kind == "logits"]
+    case(
+        "many",
+        many,
+        "patch",
+        {
+            (_key(e.upstream), _key(e.downstream, e.input)): corrupt_outs[_key(e.upstream)]
+            for e in many
+        },
+    )
+    got = iv.run(g, model, backend=backend)
+    clean = split_forward(model, IDS)[0]
+    for name, want in wants.items():
+        assert_close(got[name], want, **FP32, msg=name)
+        assert (got[name] - clean).abs().max() > 1e-4, name  # every case changes the output
+    assert hook_count(model) == 0

@@ -334,9 +334,12 @@ def _fits(value: tuple[int, ...], region: tuple[int, ...]) -> bool:
         return False
 
 
-# Not drawn yet: their per-backend support differs (pyvene, per-head inputs) and their
-# shapes need head counts by site; tests/adapters/*/test_attention_sites*.py cover them.
-_ATTENTION_INTERNALS = frozenset({"resid_mid", "q", "k", "v", "q_input", "k_input", "v_input"})
+# Not drawn yet: their per-backend support differs (nnsight: per-head inputs and
+# attn_scores; pyvene: attn_scores) and their shapes need head counts by site;
+# tests/adapters/*/test_attention_*.py and test_attn_scores.py cover them.
+_ATTENTION_INTERNALS = frozenset(
+    {"resid_mid", "q", "k", "v", "q_input", "k_input", "v_input", "attn_scores"}
+)
 
 
 def _site(draw: st.DrawFn, st8: _State, raw_sites: Sequence[str], *, writable: bool) -> Any:

@@ -225,7 +225,11 @@ CASES: list[tuple[Callable[[iv.Graph], None], type[Exception], list[str]]] = [
     (aligned_value_across_lengths, iv.ValidationError, ["patch on long.resid_post[0]", "short"]),
     (token_out_of_vocab, iv.ValidationError, ["run 'a'", "0..63", "640"]),
     (text_without_tokenizer, iv.ValidationError, ["run 'a'", "tokenizer"]),
-    (head_selector_on_residual, iv.ValidationError, ["head=", "'head' and 'attn_pattern'"]),
+    (
+        head_selector_on_residual,
+        iv.ValidationError,
+        ["head=", "'head', 'attn_pattern' and 'attn_scores'"],
+    ),
     (float_tokens, iv.SpecError, ["run 'a'", "integer ids"]),
     (nan_scale, iv.SpecError, ["scale factor", "finite"]),
     (bool_selector, iv.SpecError, ["pos=True"]),

@@ -1,4 +1,4 @@
-"""The attention-internal sites on nnsight (and pyvene) against the torch reference, which
+"""The attention-internal sites on nnsight against the torch reference, which
 tests/adapters/torch/test_attention_sites.py holds to hand-computed values."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 import interventions as iv
+from tests.adapters.internals_graphs import edits_graph, generating_graph
 from tests.tiny_models import hf_model
 
 pytest.importorskip("nnsight")
@@ -56,10 +57,36 @@ def _clean() -> iv.Graph:
     return g
 
 
-@pytest.mark.parametrize("backend", ["nnsight", "pyvene"])
-def test_per_head_inputs_are_refused_by_name_where_not_built(backend: str) -> None:
-    pytest.importorskip(backend)
+def test_attn_scores_are_refused_by_name() -> None:
     g = iv.Graph()
-    g.run("a", tokens=IDS).read("q_input", layer=0)
-    with pytest.raises(iv.UnsupportedOp, match=r"cannot reach site 'q_input'.*torch"):
-        iv.validate(g, hf_model("llama"), backend=backend)
+    g.run("a", tokens=IDS).read("attn_scores", layer=0)
+    with pytest.raises(iv.UnsupportedOp, match=r"cannot reach site 'attn_scores'.*torch"):
+        iv.validate(g, hf_model("llama"), backend="nnsight")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_per_head_inputs_agree_with_torch_and_reads_equal_the_block_input(family: str) -> None:
+    """Reads of q/k/v inputs are each head's copy of the block input; patches, ablations
+    and additions there (interleaved with q ops at the same projection) equal torch."""
+    model = hf_model(family)
+    want = iv.run(edits_graph(), model, backend="torch")
+    got = iv.run(edits_graph(), model, backend="nnsight")
+    assert set(got) == set(want)
+    for name in want:
+        assert_close(got[name], want[name], **FP32, msg=name)
+    g = iv.Graph()
+    r = g.run("clean", tokens=IDS)
+    r.read("q_input", layer=1, name="q_input")
+    r.read("resid_pre", layer=1, name="x")
+    out = iv.run(g, model, backend="nnsight")
+    assert torch.equal(out["q_input"], out["x"].unsqueeze(2).expand(-1, -1, 4, -1))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_per_head_inputs_in_generation_agree_with_torch(family: str) -> None:
+    model = hf_model(family)
+    want = iv.run(generating_graph(), model, backend="torch")
+    got = iv.run(generating_graph(), model, backend="nnsight")
+    assert got["qi"].shape == (2, 8, 4, 32)
+    for name in want:
+        assert_close(got[name], want[name], **FP32, msg=name)

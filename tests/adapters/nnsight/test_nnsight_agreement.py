@@ -26,7 +26,7 @@ from torch import nn
 
 import interventions as iv
 from interventions.architectures import describe
-from interventions.attention import QKV_VIEWS
+from interventions.attention import QKV_VIEWS, SPLIT_VIEWS
 from interventions.ops import Read
 from interventions.sites import Site
 from tests.tiny_models import (
@@ -656,10 +656,11 @@ def test_the_trace_block_names_only_torch() -> None:
 def test_capabilities() -> None:
     caps = iv.backend_capabilities()["nnsight"]
     assert isinstance(caps, iv.Capabilities)
-    assert caps.ops == frozenset(OPS) | {"grad"}  # gradients in the trace, not grad=True
-    # the attention internals (issue 11): q/k/v views and resid_mid; per-head inputs not yet
+    assert caps.ops == frozenset({*OPS, "edge_patch", "grad"})  # gradients in the trace
+    # the attention internals (issue 11): q/k/v views, resid_mid and the per-head inputs;
+    # attn_scores (inside the attention function) is not reachable here
     assert caps.views == frozenset(
-        {"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS}
+        {"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS, *SPLIT_VIEWS}
     )
     assert caps.generation and caps.raw_modules and caps.remote and not caps.gradients
 

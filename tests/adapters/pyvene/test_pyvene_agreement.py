@@ -21,6 +21,7 @@ from torch.testing import assert_close
 
 import interventions as iv
 from interventions.architectures import describe
+from interventions.attention import QKV_VIEWS, SPLIT_VIEWS
 from tests.tiny_models import HF_FAMILIES, fails_on_real_data, hf_model, hook_count, toy_net
 
 pytest.importorskip("pyvene")
@@ -497,9 +498,11 @@ def test_capabilities() -> None:
     caps = iv.backend_capabilities()["pyvene"]
     assert isinstance(caps, iv.Capabilities)
     assert caps.ops == frozenset(
-        {"read", "patch", "ablate", "add", "project_out", "scale", "sae_splice"}
+        {"read", "patch", "ablate", "add", "project_out", "scale", "sae_splice", "edge_patch"}
     )
-    assert caps.views == frozenset({"plain", "heads", "logits"})
+    # attention internals (issue 11): q/k/v, resid_mid, per-head inputs; no attn_pattern
+    # or attn_scores (inside the attention module, which pyvene cannot reach)
+    assert caps.views == frozenset({"plain", "heads", "logits", "resid", *QKV_VIEWS, *SPLIT_VIEWS})
     assert caps.generation and caps.raw_modules and caps.gradients
     assert not caps.remote and not caps.hf_only
 

@@ -165,3 +165,51 @@ def test_k_head_counts_key_value_heads_and_neox_has_no_resid_mid() -> None:
     g.run("a", tokens=IDS).read("resid_mid", layer=0)
     with pytest.raises(iv.UnknownSite, match=r"resid_mid.*same residual"):
         iv.validate(g, hf_model("gpt_neox"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight", "pyvene"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_head_inputs_start_from_the_block_input_as_edited_in_the_run(
+    family: str, backend: str
+) -> None:
+    """An add at resid_pre and a patch of one head's q input in the same run: that head's
+    q comes from its patched copy, every other head's from the edited block input."""
+    pytest.importorskip(backend)
+    model = hf_model(family)
+    d, c = torch.linspace(-1, 1, 32), torch.linspace(2, -2, 32)
+    g = iv.Graph()
+    r = g.run("e", tokens=IDS)
+    r.add("resid_pre", layer=LAYER, direction=d, scale=1.0)
+    r.patch("q_input", layer=LAYER, head=2, value=c)
+    r.read("q", layer=LAYER, name="q")
+    want = _hand_qkv(family, _resid_pre(model, LAYER) + d, LAYER)["q"]
+    want[:, :, 2] = _hand_qkv(family, c.view(1, 1, -1), LAYER)["q"][0, 0, 2]
+    assert_close(iv.run(g, model, backend=backend)["q"], want, **FP32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight", "pyvene"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_per_head_input_keeps_its_edits_across_ops_at_other_views(
+    family: str, backend: str
+) -> None:
+    """Patch head 2's q input, then ops at q (the same projection), then patch its last
+    position again: the copy keeps the first patch (no double counting), so q of head 2
+    is W norm(c2) at the last position and W norm(c1) elsewhere."""
+    pytest.importorskip(backend)
+    model = hf_model(family)
+    c1, c2 = torch.linspace(-1, 1, 32), torch.linspace(2, -2, 32)
+    g = iv.Graph()
+    r = g.run("e", tokens=IDS)
+    r.patch("q_input", layer=LAYER, head=2, value=c1)
+    r.read("q", layer=LAYER, name="q_mid")
+    r.read("q_input", layer=LAYER, name="qi_mid")
+    r.scale("q", layer=LAYER, head=0, factor=1.0)
+    r.patch("q_input", layer=LAYER, head=2, pos=-1, value=c2)
+    r.read("q", layer=LAYER, name="q")
+    out = iv.run(g, model, backend=backend)
+    want = _hand_qkv(family, _resid_pre(model, LAYER), LAYER)["q"]
+    want[:, :, 2] = _hand_qkv(family, c1.view(1, 1, -1), LAYER)["q"][0, 0, 2]
+    assert_close(out["q_mid"], want, **FP32)
+    assert torch.equal(out["qi_mid"][:, :, 2], c1.expand(2, 6, 32))
+    want[:, -1, 2] = _hand_qkv(family, c2.view(1, 1, -1), LAYER)["q"][0, 0, 2]
+    assert_close(out["q"], want, **FP32)
