@@ -293,8 +293,14 @@ def _run_program(
 
         def edge(x: Any, ins: Any) -> None:
             # add (upstream in the source run - upstream here) into x's selected head
+            # (as interventions.apply.edge_delta: a batched run's op takes its block of
+            # rows here, and a block of several runs' rows pairs each with the source's)
             _, _, axes, sel, live, source, method, head, w_path = ins
-            mine = node_output(store[live].to(x.device), head, w_path)
+            here = store[live].to(x.device)
+            rows = dict(sel).get("batch")
+            if isinstance(rows, slice):
+                here = here[rows]
+            mine = node_output(here, head, w_path)
             if method == "zero":
                 delta = -mine
             else:
@@ -302,6 +308,8 @@ def _run_program(
                 other = node_output(other, head, w_path)
                 if method == "mean":
                     other = other.mean(dim=(0, 1), keepdim=True)
+                elif other.shape[0] != mine.shape[0]:
+                    other = other.repeat(mine.shape[0] // other.shape[0], *([1] * (other.ndim - 1)))
                 delta = other - mine
             ix = index_of(x.shape, axes, sel, x.device)
             put(x, ix, take(x, ix) + delta.to(x.dtype))
