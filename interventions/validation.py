@@ -31,7 +31,8 @@ from interventions.ops import (
     op_kind,
 )
 from interventions.plan import Plan, generation_positions, make_plan
-from interventions.ragged import needs_split, split_graph
+from interventions.devices import input_device
+from interventions.ragged import needs_split, right_padding_exact, split_graph
 from interventions.selection import selected_shape
 from interventions.sites import STANDARD_SITES, Select, Site
 from interventions.spec import GraphSpec
@@ -548,9 +549,19 @@ def validate(
                 + (" or max_new_tokens" if run.max_new_tokens else "")
             )
     if needs_split(graph, plan.lengths):
-        split = split_graph(graph, plan.inputs, plan.lengths, plan.padding_side, info)
+        split = split_graph(
+            graph,
+            plan.inputs,
+            plan.lengths,
+            plan.padding_side,
+            info,
+            merge=right_padding_exact(model, info),
+            device=input_device(model).type,
+        )
         plan = replace(make_plan(split.graph, info), assembly=split)
-        origin = {p.run: (run, p) for run, parts in split.parts.items() for p in parts}
+        origin = {
+            p.run: (run, p) for run, parts in split.parts.items() for p in parts if p.width is None
+        }
         for op in split.graph.ops:
             try:
                 _check_op(plan, op, caps)
