@@ -64,7 +64,9 @@ class Assembly:
         return {
             "name": self.name,
             "pieces": [
-                [p.name, list(p.rows)] if p.lengths is None else [p.name, list(p.rows), list(p.lengths)]
+                [p.name, list(p.rows)]
+                if p.lengths is None
+                else [p.name, list(p.rows), list(p.lengths)]
                 for p in self.pieces
             ],
             "rows": self.rows,
@@ -182,7 +184,9 @@ def _real(lengths: Sequence[int], width: int, side: str) -> torch.Tensor:
     return at >= width - lens if side == "left" else at < lens
 
 
-def _laid_out(t: torch.Tensor, lengths: Sequence[int], real: torch.Tensor, side: str) -> torch.Tensor:
+def _laid_out(
+    t: torch.Tensor, lengths: Sequence[int], real: torch.Tensor, side: str
+) -> torch.Tensor:
     """Rows of a right-padded ``t`` (real positions first) with padding zeroed and, for
     ``side="left"``, each row shifted so that its padding comes first."""
     if side == "left":

@@ -148,7 +148,7 @@ def placed(pos: Index, part: Part) -> Index:
             stop = idx[-1] + 1 - w
             return Span(idx[0] - w, stop if stop < 0 else None, None if step == 1 else step)
         return tuple(i - w for i in idx)
-    return tuple(one(p) for p in pos)  # type: ignore[union-attr]
+    return tuple(one(p) for p in pos)
 
 
 def _first_position(pos: Index, length: int) -> int:
@@ -260,15 +260,14 @@ class _Builder:
         ids = self.inputs[name]
         ordered = self.groups(name)
         if name in self.merge:
-            width = max(int(key[0]) for key, _ in ordered)  # type: ignore[call-overload]
+            width = max(int(key[0]) for key, _ in ordered)
             self.new.runs[name] = Run(name, tokens=self.tensor(ids[:, :width].contiguous()))
             self.parts[name] = tuple(
-                Part(name, tuple(rows), int(key[0]), width)  # type: ignore[call-overload]
-                for key, rows in ordered
+                Part(name, tuple(rows), int(key[0]), width) for key, rows in ordered
             )
             return
         for k, (key, rows) in enumerate(ordered):
-            length = int(key[0])  # type: ignore[call-overload]
+            length = int(key[0])
             part = self.fresh(f"{name}#{k}")
             tokens = ids[rows, :length].contiguous()
             sampling = run.sampling
@@ -304,7 +303,7 @@ class _Builder:
         whose ops (and the sites other runs take from it) are at standard sites with
         positions on axis 1 and no key positions."""
         run = self.graph.runs[name]
-        if run.tokens is None and run.text is None or run.generates:
+        if (run.tokens is None and run.text is None) or run.generates:
             return False
         sites: list[Site] = []
         for op in self.graph.ops:
@@ -348,7 +347,10 @@ class _Builder:
             length = int(key[0])
             part = Part(name, tuple(rows), length)
             tails = [_tail_length(self.raw_pos(op, part)) for op in logit_ops]
-            keep = 1 if not tails else length if full_logits or None in tails else max(tails)  # type: ignore[type-var]
+            known = [t for t in tails if t is not None]
+            keep = (
+                1 if not tails else length if full_logits or len(known) < len(tails) else max(known)
+            )
             split += flops(len(rows), length, keep)
             for op in logit_ops:
                 absolute = _first_position(self.raw_pos(op, part), length)

@@ -16,6 +16,7 @@ from torch import nn
 
 from interventions.architectures import HookPoint, ModelInfo, describe
 from interventions.backends import Capabilities
+from interventions.devices import input_device
 from interventions.errors import InterventionError, UnsupportedOp, ValidationError, choices_text
 from interventions.ops import (
     Ablate,
@@ -31,7 +32,6 @@ from interventions.ops import (
     op_kind,
 )
 from interventions.plan import Plan, generation_positions, make_plan
-from interventions.devices import input_device
 from interventions.ragged import needs_split, right_padding_exact, split_graph
 from interventions.selection import selected_shape
 from interventions.sites import STANDARD_SITES, Select, Site
