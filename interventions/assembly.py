@@ -140,10 +140,20 @@ def assemble(
             continue
         first = parts[0][1]
         shape = [a.rows, *(max(t.shape[d] for _, t in parts) for d in range(1, first.ndim))]
-        result = first.new_zeros(shape)
         padded = any(list(t.shape[1:]) != shape[1:] for _, t in parts) or any(
             p.lengths is not None and min(p.lengths) < shape[1] for p, _ in parts
         )
+        whole = parts[0][0].rows == tuple(range(a.rows)) and list(first.shape) == shape
+        if len(parts) == 1 and whole:  # one piece in order (a merged forward's read)
+            piece = parts[0][0]
+            if piece.lengths is None or not padded:
+                out[a.name] = first
+                continue
+            real = _real(piece.lengths, shape[1], a.side)
+            out[a.name] = _laid_out(first, piece.lengths, real, a.side)
+            masks[a.name] = real
+            continue
+        result = first.new_zeros(shape)
         mask = torch.zeros(a.rows, shape[1] if padded and len(shape) > 1 else 0, dtype=torch.bool)
         for piece, t in parts:
             region: list[slice] = []
