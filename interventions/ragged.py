@@ -6,14 +6,28 @@ prompt (:class:`~interventions.sites.PerPrompt`, ``iv.token_positions``). Positi
 always count in each prompt's own tokens: non-negative ones from its first token,
 negative ones from its last.
 
-No forward pass here ever sees padding. This planner pass splits each such run into
-*parts*, one per prompt length (and per choice of per-prompt positions), each an
-ordinary run of equal-length prompts, and rewrites every op onto the parts; a value
-patched between runs is routed row by row through small derived reads. Because the
-rewritten graph has no padding, no attention mask and no shifted position ids, it is
-exact on every model family and every backend (remote too), and the pad id cannot
-matter. Parts of one length from different runs still share forward passes through the
-batching pass that follows.
+This planner pass splits each such run into *parts*, one per prompt length (and per
+choice of per-prompt positions), and rewrites every op onto the parts; a value patched
+between runs is routed row by row through small derived reads. A part runs one of two
+ways, chosen per run:
+
+* **merged**: the parts of a run are row groups of *one* forward of
+  every prompt right-padded to the longest, with no attention mask. On a causal decoder
+  (:data:`RIGHT_PADDING_EXACT`, checked by :func:`right_padding_exact`) that is exact: a
+  real token attends only to earlier positions, all real, and position ids count from 0
+  in every row. Each group's positions are rewritten to absolute ones counted back from
+  the forward's end (:func:`placed`: ``-1`` becomes each prompt's last real token), so an
+  op at the last tokens still lets the logits be computed there only; reads over whole
+  positions are one read, zeroed past each row's length when put back together.
+* **split**: each part is an ordinary run of equal-length prompts of its own (no
+  padding anywhere, so exact on every family: mixtures of experts, unknown families,
+  plain modules), used where a run generates, touches raw module sites or attention
+  patterns, or where the cost estimate (:meth:`_Builder.merge_pays`: per-forward overhead
+  against the arithmetic that padding adds and the logits each way computes) prefers it.
+
+Either way the pad id cannot matter and every backend (remote too) runs an ordinary
+graph. Split parts of one length from different runs still share forward passes through
+the batching pass that follows.
 
 What a read of a split run returns (in prompt order, whatever the split):
 
