@@ -22,19 +22,33 @@ from interventions.spec import GraphSpec
 
 @dataclass(frozen=True)
 class Part:
-    """Rows of one original run that share a length: one run of the split graph."""
+    """Rows of one original run that share a length: one run of the split graph, or (with
+    ``width``) a group of rows of one right-padded forward holding every row of the run."""
 
     run: str
     rows: tuple[int, ...]  # rows of the original run, ascending
     length: int
+    # set when the run is merged: its forward holds all rows of the original run (in their
+    # own order) right-padded to ``width`` positions; the part's rows keep their indices
+    width: int | None = None
+
+    def local(self, rows: Sequence[int]) -> list[int]:
+        """Indices in the part's forward of rows of the original run."""
+        return list(rows) if self.width is not None else [self.rows.index(r) for r in rows]
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One read of the split graph, and which rows of the assembled result it fills."""
+    """One read of the split graph, and which rows of the assembled result it fills.
+
+    ``lengths`` (a read over whole positions of a merged, right-padded forward): each
+    row's real positions; entries past them are padding, zeroed (and laid out on the
+    assembly's side) when the pieces are put together.
+    """
 
     name: str
     rows: tuple[int, ...]
+    lengths: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -49,14 +63,26 @@ class Assembly:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "pieces": [[p.name, list(p.rows)] for p in self.pieces],
+            "pieces": [
+                [p.name, list(p.rows)]
+                if p.lengths is None
+                else [p.name, list(p.rows), list(p.lengths)]
+                for p in self.pieces
+            ],
             "rows": self.rows,
             "side": self.side,
         }
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> Assembly:
-        pieces = tuple(Piece(str(n), tuple(int(r) for r in rows)) for n, rows in doc["pieces"])
+        pieces = tuple(
+            Piece(
+                str(p[0]),
+                tuple(int(r) for r in p[1]),
+                None if len(p) < 3 else tuple(int(n) for n in p[2]),
+            )
+            for p in doc["pieces"]
+        )
         rows = doc["rows"]
         return cls(str(doc["name"]), pieces, None if rows is None else int(rows), str(doc["side"]))
 
@@ -105,7 +131,7 @@ def assemble(
     masks: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for a in assemblies:
-        parts = [(p, tensors[p.name]) for p in a.pieces if p.name in tensors]
+        parts = [(p, _trimmed(p, tensors[p.name])) for p in a.pieces if p.name in tensors]
         used.update(p.name for p in a.pieces)
         if not parts:
             continue
@@ -114,8 +140,20 @@ def assemble(
             continue
         first = parts[0][1]
         shape = [a.rows, *(max(t.shape[d] for _, t in parts) for d in range(1, first.ndim))]
+        padded = any(list(t.shape[1:]) != shape[1:] for _, t in parts) or any(
+            p.lengths is not None and min(p.lengths) < shape[1] for p, _ in parts
+        )
+        whole = parts[0][0].rows == tuple(range(a.rows)) and list(first.shape) == shape
+        if len(parts) == 1 and whole:  # one piece in order (a merged forward's read)
+            piece = parts[0][0]
+            if piece.lengths is None or not padded:
+                out[a.name] = first
+                continue
+            real = _real(piece.lengths, shape[1], a.side)
+            out[a.name] = _laid_out(first, piece.lengths, real, a.side)
+            masks[a.name] = real
+            continue
         result = first.new_zeros(shape)
-        padded = any(list(t.shape[1:]) != shape[1:] for _, t in parts)
         mask = torch.zeros(a.rows, shape[1] if padded and len(shape) > 1 else 0, dtype=torch.bool)
         for piece, t in parts:
             region: list[slice] = []
@@ -124,9 +162,15 @@ def assemble(
                 region.append(slice(full - n, full) if a.side == "left" else slice(0, n))
             rows = torch.tensor(piece.rows, dtype=torch.long)
             index: tuple[Any, ...] = (rows, *region)
-            result[index] = t
+            if piece.lengths is None:
+                result[index] = t
+                if padded:
+                    mask[rows, region[0]] = True
+                continue
+            real = _real(piece.lengths, t.shape[1], a.side)
+            result[index] = _laid_out(t, piece.lengths, real, a.side)
             if padded:
-                mask[rows, region[0]] = True
+                mask[rows, region[0]] = real
         out[a.name] = result
         if padded:
             masks[a.name] = mask
@@ -134,6 +178,35 @@ def assemble(
         if name not in used and name not in internal:
             out[name] = t
     return out, masks
+
+
+def _trimmed(piece: Piece, t: torch.Tensor) -> torch.Tensor:
+    """A piece with per-row lengths cut to its longest row's positions."""
+    if piece.lengths is None:
+        return t
+    return t[:, : max(piece.lengths)]
+
+
+def _real(lengths: Sequence[int], width: int, side: str) -> torch.Tensor:
+    """``[rows, width]``: which positions hold real tokens once laid out on ``side``."""
+    lens = torch.tensor(lengths, dtype=torch.long)[:, None]
+    at = torch.arange(width)[None, :]
+    return at >= width - lens if side == "left" else at < lens
+
+
+def _laid_out(
+    t: torch.Tensor, lengths: Sequence[int], real: torch.Tensor, side: str
+) -> torch.Tensor:
+    """Rows of a right-padded ``t`` (real positions first) with padding zeroed and, for
+    ``side="left"``, each row shifted so that its padding comes first."""
+    if side == "left":
+        width = t.shape[1]
+        shift = width - torch.tensor(lengths, dtype=torch.long)[:, None]
+        index = (torch.arange(width)[None, :] - shift).clamp(min=0)
+        index = index.reshape(*index.shape, *([1] * (t.ndim - 2))).expand(t.shape)
+        t = t.gather(1, index.to(t.device))
+    weights = real.to(t.device).reshape(*real.shape, *([1] * (t.ndim - 2)))
+    return torch.where(weights, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def fill_means(split: Split, sources: Mapping[str, Mapping[str, torch.Tensor]]) -> None:

@@ -117,7 +117,9 @@ class Plan:
             need = max(need, tail)
         if any(site.name == "logits" or site.is_raw for site in self.captures_of(run)):
             return None
-        return need if 0 < need < self.prompt_length(run) else None
+        if need == 0:  # no op needs the logits: compute them at one position only
+            return 1 if self.prompt_length(run) > 1 else None
+        return need if need < self.prompt_length(run) else None
 
 
 def _tail_length(index: Index) -> int | None:

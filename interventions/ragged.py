@@ -6,14 +6,28 @@ prompt (:class:`~interventions.sites.PerPrompt`, ``iv.token_positions``). Positi
 always count in each prompt's own tokens: non-negative ones from its first token,
 negative ones from its last.
 
-No forward pass here ever sees padding. This planner pass splits each such run into
-*parts*, one per prompt length (and per choice of per-prompt positions), each an
-ordinary run of equal-length prompts, and rewrites every op onto the parts; a value
-patched between runs is routed row by row through small derived reads. Because the
-rewritten graph has no padding, no attention mask and no shifted position ids, it is
-exact on every model family and every backend (remote too), and the pad id cannot
-matter. Parts of one length from different runs still share forward passes through the
-batching pass that follows.
+This planner pass splits each such run into *parts*, one per prompt length (and per
+choice of per-prompt positions), and rewrites every op onto the parts; a value patched
+between runs is routed row by row through small derived reads. A part runs one of two
+ways, chosen per run:
+
+* **merged**: the parts of a run are row groups of *one* forward of
+  every prompt right-padded to the longest, with no attention mask. On a causal decoder
+  (:data:`RIGHT_PADDING_EXACT`, checked by :func:`right_padding_exact`) that is exact: a
+  real token attends only to earlier positions, all real, and position ids count from 0
+  in every row. Each group's positions are rewritten to absolute ones counted back from
+  the forward's end (:func:`placed`: ``-1`` becomes each prompt's last real token), so an
+  op at the last tokens still lets the logits be computed there only; reads over whole
+  positions are one read, zeroed past each row's length when put back together.
+* **split**: each part is an ordinary run of equal-length prompts of its own (no
+  padding anywhere, so exact on every family: mixtures of experts, unknown families,
+  plain modules), used where a run generates, touches raw module sites or attention
+  patterns, or where the cost estimate (:meth:`_Builder.merge_pays`: per-forward overhead
+  against the arithmetic that padding adds and the logits each way computes) prefers it.
+
+Either way the pad id cannot matter and every backend (remote too) runs an ordinary
+graph. Split parts of one length from different runs still share forward passes through
+the batching pass that follows.
 
 What a read of a split run returns (in prompt order, whatever the split):
 
@@ -62,6 +76,106 @@ from interventions.selection import selected_shape
 from interventions.sites import Index, PerPrompt, Select, Site, Span
 from interventions.spec import GraphSpec, Run
 
+# -- merged forwards --------------------------------------------------------------------
+
+# Model families whose forward is exact under right padding with no attention mask: causal
+# decoders with learned, rotary or ALiBi positions. A real token attends only to earlier
+# positions, all of them real when the padding comes last, and position ids count from 0
+# in every row, so each prompt's activations are those of the prompt run alone. Left out
+# (they keep one forward per length): mixture-of-experts families (router sites count
+# every token of the forward, padding too, and expert dispatch groups tokens across the
+# batch), families with bidirectional or non-causal attention, unknown families and
+# plain modules.
+RIGHT_PADDING_EXACT = frozenset(
+    {
+        "gpt2",
+        "gpt_neox",
+        "gptj",
+        "opt",
+        "bloom",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "olmo2",
+    }
+)
+
+# What one forward pass costs beyond its arithmetic, per layer, in FLOPs of arithmetic
+# (Python, dispatch and kernel launches): the cost estimate weighs it against the
+# arithmetic that padding every row to the longest adds.
+FORWARD_OVERHEAD = {"cpu": 1e8, "cuda": 1e10}
+
+
+def right_padding_exact(model: Any, info: ModelInfo) -> bool:
+    """Whether ``model``'s forward gives each row what it gives that row alone when rows are
+    right-padded and no attention mask is passed (see :data:`RIGHT_PADDING_EXACT`).
+
+    >>> import transformers
+    >>> from interventions.architectures import describe
+    >>> m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2))
+    >>> right_padding_exact(m, describe(m))
+    True
+    """
+    config = getattr(model, "config", None)
+    if not info.is_hf or info.model_type not in RIGHT_PADDING_EXACT or config is None:
+        return False
+    if info.n_experts or getattr(config, "is_encoder_decoder", False):
+        return False
+    return not getattr(config, "use_bidirectional_attention", False)
+
+
+def placed(pos: Index, part: Part) -> Index:
+    """A part's positions (counted in its prompts' own tokens) in the forward that runs it.
+
+    Unchanged for a part that is a run of its own. In a merged forward (``part.width``
+    positions, real tokens first) positions are counted back from the forward's end, so
+    that ops touching only final positions still let the logits be computed there only.
+
+    >>> p = Part("r", (0, 2), length=3, width=5)
+    >>> placed(-1, p), placed(0, p), placed(None, p), placed(Span(-2), p)
+    (-3, -5, 0:3, -4:-2)
+    """
+    if part.width is None or isinstance(pos, PerPrompt):
+        return pos
+    n, w = part.length, part.width
+    if pos is None:
+        return None if n == w else Span(0, n)
+
+    def one(p: int) -> int:
+        if not -n <= p < n:
+            raise ValidationError(f"pos={p} is past the end of a prompt of {n} tokens")
+        return (p if p >= 0 else n + p) - w
+
+    if isinstance(pos, int):
+        return one(pos)
+    if isinstance(pos, Span):
+        idx = pos.indices(n)
+        if not idx:
+            return Span(0, 0)
+        step = idx[1] - idx[0] if len(idx) > 1 else 1
+        if step > 0:
+            stop = idx[-1] + 1 - w
+            return Span(idx[0] - w, stop if stop < 0 else None, None if step == 1 else step)
+        return tuple(i - w for i in idx)
+    return tuple(one(p) for p in pos)
+
+
+def _first_position(pos: Index, length: int) -> int:
+    """The earliest position (from a prompt's first token) a selector touches."""
+    if pos is None:
+        return 0
+    if isinstance(pos, Span):
+        idx = pos.indices(length)
+        return min(idx) if idx else length
+    items = [pos] if isinstance(pos, int) else list(pos)  # type: ignore[arg-type]
+    return min((p if p >= 0 else length + p) for p in items) if items else length
+
+
 # -- the pass ---------------------------------------------------------------------------
 
 
@@ -95,6 +209,7 @@ class _Builder:
     lengths: Mapping[str, tuple[int, ...]]
     padding_side: str
     info: ModelInfo | None
+    merge: frozenset[str] = frozenset()  # runs run as one right-padded forward
     new: GraphSpec = field(init=False)
     parts: dict[str, tuple[Part, ...]] = field(default_factory=dict)
     assemblies: list[Assembly] = field(default_factory=list)
@@ -155,16 +270,18 @@ class _Builder:
                     f"{_where(op)}: per-prompt positions are given for {len(pos)} prompts but "
                     f"run {name!r} has {n}"
                 )
-        groups: dict[tuple[object, ...], list[int]] = {}
-        for row in range(n):
-            key = (self.length(name, row), *(op.select.pos.row(row) for op in per_prompt))  # type: ignore[union-attr]
-            groups.setdefault(key, []).append(row)
         parts = []
         ids = self.inputs[name]
-        for k, (key, rows) in enumerate(
-            sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]))
-        ):
-            length = int(key[0])  # type: ignore[call-overload]
+        ordered = self.groups(name)
+        if name in self.merge:
+            width = max(int(key[0]) for key, _ in ordered)
+            self.new.runs[name] = Run(name, tokens=self.tensor(ids[:, :width].contiguous()))
+            self.parts[name] = tuple(
+                Part(name, tuple(rows), int(key[0]), width) for key, rows in ordered
+            )
+            return
+        for k, (key, rows) in enumerate(ordered):
+            length = int(key[0])
             part = self.fresh(f"{name}#{k}")
             tokens = ids[rows, :length].contiguous()
             sampling = run.sampling
@@ -182,6 +299,78 @@ class _Builder:
             pieces = tuple(Piece(f"{p.run}.generated", p.rows) for p in parts)
             self.assemblies.append(Assembly(f"{name}.generated", pieces, n, self.side(name)))
             self.internal.update(piece.name for piece in pieces)
+
+    def groups(self, name: str) -> list[tuple[tuple[Any, ...], list[int]]]:
+        """Rows of a run that share a length and every per-prompt position: (key, rows),
+        by length; ``key[0]`` is the length."""
+        per_prompt = [
+            op for op in self.graph.ops if op.run == name and isinstance(op.select.pos, PerPrompt)
+        ]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for row in range(self.n_rows(name)):
+            key = (self.length(name, row), *(op.select.pos.row(row) for op in per_prompt))  # type: ignore[union-attr]
+            groups.setdefault(key, []).append(row)
+        return sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]))
+
+    def mergeable(self, name: str) -> bool:
+        """Whether a run may be one right-padded forward: a token run that does not generate,
+        whose ops (and the sites other runs take from it) are at standard sites with
+        positions on axis 1 and no key positions."""
+        run = self.graph.runs[name]
+        if (run.tokens is None and run.text is None) or run.generates:
+            return False
+        sites: list[Site] = []
+        for op in self.graph.ops:
+            if op.run == name:
+                sites.append(op.site)
+                if isinstance(op, SAESplice) and op.source is not None:
+                    sites.append(op.source)
+            if isinstance(op, Ablate) and op.source == name:
+                sites.append(op.site)
+        return all(
+            not s.is_raw and s.kind.axes[:2] == ("batch", "pos") and "key_pos" not in s.kind.axes
+            for s in sites
+        )
+
+    def merge_pays(self, name: str, device: str) -> bool:
+        """The cost estimate: one forward of every row padded to the longest, against one
+        forward per part (each computing only the logits its ops need)."""
+        from interventions.plan import _tail_length
+
+        info = self.info
+        if info is None or None in (info.n_layers, info.d_model, info.vocab):
+            return False
+        layers, d, vocab = int(info.n_layers), int(info.d_model), int(info.vocab)  # type: ignore[arg-type]
+        d_mlp = info.d_mlp or 4 * d
+        groups = self.groups(name)
+        width = max(int(key[0]) for key, _ in groups)
+        logit_ops = [op for op in self.graph.ops if op.run == name and op.site.name == "logits"]
+        full_logits = any(isinstance(op, Ablate) for op in logit_ops) or any(
+            isinstance(op, Ablate) and op.source == name and op.site.name == "logits"
+            for op in self.graph.ops
+        )
+
+        def flops(rows: int, length: int, keep: int) -> float:
+            per_token = 2 * layers * (4 * d * d + 2 * d * d_mlp + 2 * d * length)
+            return layers * FORWARD_OVERHEAD.get(device, FORWARD_OVERHEAD["cuda"]) + rows * (
+                length * per_token + keep * 2 * d * vocab
+            )
+
+        split, first = 0.0, width
+        for key, rows in groups:
+            length = int(key[0])
+            part = Part(name, tuple(rows), length)
+            tails = [_tail_length(self.raw_pos(op, part)) for op in logit_ops]
+            known = [t for t in tails if t is not None]
+            keep = (
+                1 if not tails else length if full_logits or len(known) < len(tails) else max(known)
+            )
+            split += flops(len(rows), length, keep)
+            for op in logit_ops:
+                absolute = _first_position(self.raw_pos(op, part), length)
+                first = min(first, absolute)
+        merged_keep = width if full_logits else (width - first if logit_ops else 1)
+        return flops(self.n_rows(name), width, max(merged_keep, 1)) <= split
 
     def parts_of(self, run: str) -> tuple[Part, ...]:
         """A split run's parts; an unsplit run is one part, itself."""
@@ -226,18 +415,23 @@ class _Builder:
     # emission -----------------------------------------------------------------------
 
     def local_batch(self, part: Part, targets: Sequence[int], dropped: bool) -> Index:
-        local = [part.rows.index(t) for t in targets]
+        local = part.local(targets)
         if dropped:
             return local[0]
-        if local == list(range(len(part.rows))):
+        everything = self.n_rows(part.run) if part.width is not None else len(part.rows)
+        if local == list(range(everything)):
             return None
         return tuple(local)
 
-    def part_pos(self, op: Op, part: Part) -> Index:
+    def raw_pos(self, op: Op, part: Part) -> Index:
+        """The op's positions for the part's prompts, counted in their own tokens."""
         pos = op.select.pos
         if isinstance(pos, PerPrompt):
             return pos.row(part.rows[0])
         return pos
+
+    def part_pos(self, op: Op, part: Part) -> Index:
+        return placed(self.raw_pos(op, part), part)
 
     def const_rows(self, const: Const, op: Op, n_sel: int, picks: Sequence[int]) -> Const:
         """A constant for some selected prompts: sliced when it has a row per selected prompt."""
@@ -261,6 +455,19 @@ class _Builder:
         self.check_positions(op, op.run, sel_rows, op.select.pos)
         out: list[Op] = []
         pieces: list[tuple[str, list[int]]] = []
+        if (
+            isinstance(op, Read)
+            and op.select.pos is None
+            and not dropped
+            and self.parts[op.run][0].width is not None
+        ):
+            # one read of the merged forward; the assembly zeroes each row's padding
+            name = self.fresh(f"{op.name}#0")
+            lengths = tuple(self.length(op.run, r) for r in sel_rows)
+            piece = Piece(name, tuple(range(len(sel_rows))), lengths)
+            self.assemblies.append(Assembly(op.name, (piece,), len(sel_rows), self.side(op.run)))
+            self.internal.add(name)
+            return [replace(op, name=name)]
         for part in self.parts[op.run]:
             picks = [j for j, r in enumerate(sel_rows) if r in part.rows]
             if not picks:
@@ -332,20 +539,17 @@ class _Builder:
         target_run = op.run
         n_target = self.n_rows(target_run)
         _, dropped = _rows_of(op.select.batch, n_target, _where(op))
-        groups: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+        groups: dict[tuple[Part, Part], list[tuple[int, int, int]]] = {}
         for j, t, s in pairs:
             groups.setdefault(
-                (self.part_of(target_run, t).run, self.part_of(source_run, s).run), []
+                (self.part_of(target_run, t), self.part_of(source_run, s)), []
             ).append((j, t, s))
         out: list[Op] = []
-        by_name_t = {p.run: p for p in self.parts_of(target_run)}
-        by_name_s = {p.run: p for p in self.parts_of(source_run)}
-        for (tp_name, sp_name), members in groups.items():
-            tp, sp = by_name_t[tp_name], by_name_s[sp_name]
+        for (tp, sp), members in groups.items():
             targets = [t for _, t, _ in members]
             sources = [s for _, _, s in members]
             if aligned:
-                pos = self.part_pos(op, tp)
+                pos = self.raw_pos(op, tp)
                 if pos is None and tp.length != sp.length:
                     raise ValidationError(
                         f"{_where(op)}: the value is a whole site of run "
@@ -354,15 +558,19 @@ class _Builder:
                         "select positions with pos= (e.g. pos=-1, or iv.token_positions(...))"
                     )
                 self.check_positions(op, source_run, sources, pos, " (in the source run)")
-                local_s = [sp.rows.index(s) for s in sources]
+                local_s = sp.local(sources)
                 dselect = Select(
-                    batch=tuple(local_s), pos=pos, head=op.select.head, dims=op.select.dims
+                    batch=tuple(local_s),
+                    pos=placed(pos, sp),
+                    head=op.select.head,
+                    dims=op.select.dims,
                 )
             else:
                 spos = source_select.pos
                 if isinstance(spos, PerPrompt):
                     spos = spos.row(sp.rows[0])
-                local_s = [sp.rows.index(s) for s in sources]
+                spos = placed(spos, sp)
+                local_s = sp.local(sources)
                 if isinstance(source_select.batch, int):
                     batch: Index = local_s[0]
                 elif len(set(local_s)) == 1 and self.value_rows(source_select, source_run) == 1:
@@ -471,11 +679,13 @@ class _Builder:
             picks = [t for t in targets if t in part.rows]
             if not picks:
                 continue
-            pos = self.part_pos(op, part)
+            pos = self.raw_pos(op, part)
             region = Select(pos=pos, head=op.select.head, dims=op.select.dims)
             key = self.tensor(torch.zeros(self.mean_shape(op.site, part.length, region)))
             self.means.append(MeanSlot(key, source, op.site, op.per_position, part.length, region))
-            select = replace(op.select, batch=self.local_batch(part, picks, dropped), pos=pos)
+            select = replace(
+                op.select, batch=self.local_batch(part, picks, dropped), pos=placed(pos, part)
+            )
             out.append(Patch(part.run, op.site, select, Const(key)))
         return out
 
@@ -486,14 +696,24 @@ def split_graph(
     lengths: Mapping[str, tuple[int, ...]],
     padding_side: str = "right",
     info: ModelInfo | None = None,
+    *,
+    merge: bool = False,
+    device: str = "cpu",
 ) -> Split:
     """Rewrite ``graph`` so that no run holds prompts of different lengths.
 
     ``inputs`` are the runs' token ids (text runs tokenized, rows left-aligned and
-    zero-filled) and ``lengths`` each split run's prompt lengths.
+    zero-filled) and ``lengths`` each split run's prompt lengths. With ``merge`` (a model
+    whose forward is exact under right padding, see :func:`right_padding_exact`) a run
+    whose ops allow it becomes one right-padded forward instead of one per length, where
+    the cost estimate for ``device`` says that is cheaper.
     """
     b = _Builder(graph, inputs, lengths, padding_side, info)
     split = b.split_runs()
+    if merge:
+        b.merge = frozenset(
+            name for name in split if b.mergeable(name) and b.merge_pays(name, device)
+        )
     for op in graph.ops:
         if isinstance(op, EdgePatch) and (op.run in split or op.source in split):
             raise SpecError(

@@ -93,11 +93,12 @@ class _Accumulator:
         if self.how.startswith("token_"):
             if value.ndim < 2:
                 raise SpecError("token reductions need a read with a position axis")
-            real = mask if mask is not None else torch.ones(value.shape[:2], dtype=torch.bool)
-            weights = real.to(value.dtype).reshape(*real.shape, *([1] * (value.ndim - 2)))
-            part = (value * weights).sum((0, 1))
+            # a masked read is zero at its padding (Results.mask), so a plain sum counts
+            # real tokens only
+            part = value.sum((0, 1))
             self.total = part if self.total is None else self.total + part
-            self.count = float(self.count) + float(real.sum())
+            real = value.shape[0] * value.shape[1] if mask is None else int(mask.sum())
+            self.count = float(self.count) + float(real)
             return
         part = value.sum(0)
         if mask is not None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from interventions.architectures import HookPoint, ModelInfo, describe
 from interventions.backends import Capabilities
+from interventions.devices import input_device
 from interventions.dry_run import Point, first_layer_problem, probe
 from interventions.errors import InterventionError, UnsupportedOp, ValidationError, choices_text
 from interventions.ops import (
@@ -33,7 +34,7 @@ from interventions.ops import (
     op_kind,
 )
 from interventions.plan import Plan, generation_positions, make_plan
-from interventions.ragged import needs_split, split_graph
+from interventions.ragged import needs_split, right_padding_exact, split_graph
 from interventions.selection import selected_shape, site_axes
 from interventions.sites import RESIDUAL, STANDARD_SITES, Select, Site
 from interventions.spec import GraphSpec
@@ -729,10 +730,20 @@ def validate(
         )
     if needs_split(graph, plan.lengths):
         _dry_run(plan, model, layers=True, sites=False)
-        split = split_graph(graph, plan.inputs, plan.lengths, plan.padding_side, info)
+        split = split_graph(
+            graph,
+            plan.inputs,
+            plan.lengths,
+            plan.padding_side,
+            info,
+            merge=right_padding_exact(model, info),
+            device=input_device(model).type,
+        )
         plan = replace(make_plan(split.graph, info), assembly=split)
         shapes = _dry_run(plan, model, layers=False, sites=True)
-        origin = {p.run: (run, p) for run, parts in split.parts.items() for p in parts}
+        origin = {
+            p.run: (run, p) for run, parts in split.parts.items() for p in parts if p.width is None
+        }
         for op in split.graph.ops:
             try:
                 _check_op(plan, op, caps, shapes)

@@ -106,7 +106,7 @@ def plan_of(graph: iv.Graph, model: nn.Module) -> Plan:
     ("build", "expected"),
     [
         (lambda g: g.run("a", tokens=ids(0)).read("logits", pos=-2), 2),
-        (lambda g: g.run("a", tokens=ids(0)).read("final_norm"), None),  # no logits op
+        (lambda g: g.run("a", tokens=ids(0)).read("final_norm"), 1),  # no logits op: one position
         (lambda g: g.run("a", tokens=ids(0)).read("logits", pos=range(-3, 0)), 3),
         (lambda g: g.run("a", tokens=ids(0)).read("logits", pos=slice(-3, None, -1)), None),
         (lambda g: g.run("a", tokens=ids(0)).read("logits", pos=(-1, 2)), None),

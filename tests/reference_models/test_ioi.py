@@ -452,7 +452,8 @@ def test_ragged_sweep_equals_each_template_on_its_own() -> None:
         own = _sweep_values(model, clean, corrupt, positions, sub, "torch")
         assert own.keys() == ragged.keys()
         for name, value in own.items():
-            torch.testing.assert_close(ragged[name][rows], value, atol=1e-5, rtol=0)
+            # 1e-5 absolute and relative (values reach ~70, where fp32 steps are 8e-6)
+            torch.testing.assert_close(ragged[name][rows], value, atol=1e-5, rtol=1e-5)
         covered[rows] = True
     assert bool(covered.all())
 
