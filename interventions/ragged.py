@@ -102,6 +102,7 @@ RIGHT_PADDING_EXACT = frozenset(
         "gemma3_text",
         "phi3",
         "olmo2",
+        "falcon",
     }
 )
 

@@ -16,7 +16,7 @@ import interventions.ragged as ragged
 from interventions.assembly import Assembly, Piece, assemble
 from interventions.validation import validate
 from tests.ragged.test_ragged_oracle import check
-from tests.tiny_models import ALL_FAMILIES, MOE_FAMILIES, NEW_FAMILIES, hf_model
+from tests.tiny_models import ALL_FAMILIES, FALCON_FAMILIES, MOE_FAMILIES, NEW_FAMILIES, hf_model
 
 EXAMPLE = {
     "clean": [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]],
@@ -67,7 +67,8 @@ def test_a_merged_forward_computes_the_logits_its_ops_need_only() -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "side"), [(f, ("left", "right")[i % 2]) for i, f in enumerate(NEW_FAMILIES)]
+    ("family", "side"),
+    [(f, ("left", "right")[i % 2]) for i, f in enumerate(NEW_FAMILIES + FALCON_FAMILIES)],
 )
 def test_merged_forwards_equal_each_prompt_alone_on_every_causal_family(
     family: str, side: str
