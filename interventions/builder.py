@@ -69,6 +69,19 @@ class RunHandle:
     def __repr__(self) -> str:
         return f"<run {self.name!r}>"
 
+    def _default_name(self, prefix: str, s: Site, select: Select) -> str:
+        """``<prefix><site>.<layer>`` (plus ``.h<head>`` for one head), with ``:2``, ``:3``
+        ... appended while the name is taken by another op's output."""
+        name = f"{prefix}{s.name}" + ("" if s.layer is None else f".{s.layer}")
+        if isinstance(select.head, int):
+            name += f".h{select.head}"
+        taken = {n for op in self.graph.ops for n in produces(op)}
+        base, i = name, 1
+        while name in taken:
+            i += 1
+            name = f"{base}:{i}"
+        return name
+
     def _site(self, site: str | Site, layer: int | None) -> Site:
         if isinstance(site, Site):
             if layer is not None and layer != site.layer:
@@ -112,14 +125,7 @@ class RunHandle:
         s = self._site(site, layer)
         select = Select.make(batch=batch, pos=pos, head=head, dims=dims)
         if name is None:
-            name = f"{self.name}.{s.name}" + ("" if s.layer is None else f".{s.layer}")
-            if isinstance(select.head, int):
-                name += f".h{select.head}"
-            taken = {n for op in self.graph.ops for n in produces(op)}
-            base, i = name, 1
-            while name in taken:
-                i += 1
-                name = f"{base}:{i}"
+            name = self._default_name(f"{self.name}.", s, select)
         self.graph.add(Read(self.name, s, select, name))
         return Ref(name)
 
@@ -295,14 +301,7 @@ class RunHandle:
         assert answer is not None
         select = Select.make(batch=batch, pos=pos, head=head, dims=dims)
         if name is None:
-            name = f"{self.name}.grad.{s.name}" + ("" if s.layer is None else f".{s.layer}")
-            if isinstance(select.head, int):
-                name += f".h{select.head}"
-            taken = {n for op in self.graph.ops for n in produces(op)}
-            base, i = name, 1
-            while name in taken:
-                i += 1
-                name = f"{base}:{i}"
+            name = self._default_name(f"{self.name}.grad.", s, select)
         self.graph.add(
             Grad(self.name, s, select, name, kind, answer, ids(metric.wrong), metric_pos)  # type: ignore[arg-type]
         )
