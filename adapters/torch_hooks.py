@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interventions.apply import RunState, apply_edge_patch, apply_op
+from interventions.apply import RunState, apply_edge_patch, apply_op, edge_operands
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.attention import (
     QKV_VIEWS,
@@ -220,19 +220,16 @@ class _Hooks:
     def _edge_patch(
         self, op: EdgePatch, x: torch.Tensor, axes: tuple[str, ...], inplace: bool
     ) -> torch.Tensor:
-        here = self.live.get(str(op.upstream))
-        if here is None:
-            raise ExecutionError(
-                f"edge_patch on {op.run}.{op.site}: its upstream {op.upstream} had not run when "
-                "the downstream input was reached; an edge must run forward"
-            )
-        there = None if op.source is None else self.state.captures[(op.source, str(op.upstream))]
-        w_o = None
-        if op.upstream.name == "head":
-            arch = self.plan.info.arch
-            assert arch is not None
-            o_proj = f"{arch.layers}.{op.upstream.layer}.{arch.attn_out_proj}"
-            w_o = projection_weight(self.model.get_submodule(o_proj))
+        arch = self.plan.info.arch
+        assert arch is not None
+        here, there, w_o = edge_operands(
+            op,
+            self.live,
+            self.state.captures,
+            lambda layer: projection_weight(
+                self.model.get_submodule(f"{arch.layers}.{layer}.{arch.attn_out_proj}")
+            ),
+        )
         return apply_edge_patch(op, x, axes, here, there, w_o, inplace=inplace)
 
     def _view_in(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ package when they run on a remote host), and the conformance suite holds it to t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -256,6 +256,29 @@ def node_output(x: torch.Tensor, head: int | None, w_o: torch.Tensor | None) -> 
     assert w_o is not None
     d_head = x.shape[-1]
     return x[..., head, :] @ w_o[head * d_head : (head + 1) * d_head].to(x.dtype)
+
+
+def edge_operands(
+    op: EdgePatch,
+    live: Mapping[str, torch.Tensor],
+    captures: Mapping[tuple[str, str], torch.Tensor],
+    out_proj: Callable[[int], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(here, there, w_o)`` for :func:`apply_edge_patch`: this run's live value of the
+    edge's upstream node, the source run's captured one (``None`` for zero), and for a head
+    its layer's output projection weight (``out_proj(layer)``, as the backend finds it)."""
+    here = live.get(str(op.upstream))
+    if here is None:
+        raise ExecutionError(
+            f"edge_patch on {op.run}.{op.site}: its upstream {op.upstream} had not run when "
+            "the downstream input was reached; an edge must run forward"
+        )
+    there = None if op.source is None else captures[(op.source, str(op.upstream))]
+    w_o = None
+    if op.upstream.name == "head":
+        assert op.upstream.layer is not None
+        w_o = out_proj(op.upstream.layer)
+    return here, there, w_o
 
 
 def edge_delta(

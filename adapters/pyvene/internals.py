@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from interventions.apply import apply_edge_patch, apply_op
+from interventions.apply import apply_edge_patch, apply_op, edge_operands
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.attention import projection_weight, qkv_view, split_input_delta
-from interventions.errors import ExecutionError
 from interventions.ops import EdgePatch, Op, Read
 from interventions.plan import absolute_select, step_select
 from interventions.selection import put, site_axes, take
@@ -83,18 +82,14 @@ def _kept(x: torch.Tensor, ctx: _RunContext) -> torch.Tensor:
 def _edge(op: EdgePatch, x: torch.Tensor, ctx: _RunContext) -> torch.Tensor:
     """The downstream input ``x`` with the edge patch applied (the reference's arithmetic)."""
     inner: _Internals = ctx.internals
-    here = inner.live.get(str(op.upstream))
-    if here is None:
-        raise ExecutionError(
-            f"edge_patch on {op.run}.{op.site}: its upstream {op.upstream} had not run when "
-            "the downstream input was reached; an edge must run forward"
-        )
-    there = None if op.source is None else ctx.state.captures[(op.source, str(op.upstream))]
-    w_o = None
-    if op.upstream.name == "head":
-        arch = inner.info.arch
-        assert arch is not None and op.upstream.layer is not None
-        w_o = projection_weight(inner.module(op.upstream.layer, arch.attn_out_proj))
+    arch = inner.info.arch
+    assert arch is not None
+    here, there, w_o = edge_operands(
+        op,
+        inner.live,
+        ctx.state.captures,
+        lambda layer: projection_weight(inner.module(layer, arch.attn_out_proj)),
+    )
     return apply_edge_patch(op, x, site_axes(op.site.kind, x.ndim), here, there, w_o)
 
 
