@@ -38,6 +38,7 @@ from interventions.hf import accepts, eager_attention, generation_config, logits
 from interventions.ops import OP_KINDS, EdgePatch, Op, Read
 from interventions.plan import Plan, absolute_select, step_select
 from interventions.progress import progress
+from interventions.routing import check_expert_ids, route, weights_for
 from interventions.selection import put, site_axes, take
 from interventions.sites import Select, Site
 
@@ -68,6 +69,9 @@ def _expert_args(point: HookPoint, args: Any) -> tuple[torch.Tensor, torch.Tenso
         )
     x, index, weights = args
     return x, index, weights
+
+
+_ROUTER_VIEWS = ("router_logits", "router_choice")
 
 
 @dataclass
@@ -143,6 +147,8 @@ class _Hooks:
         info = plan.info
         # q/k/v and per-head-input entries by projection module, in op order
         self.qkv_entries: dict[str, list[tuple[HookPoint, _Entry]]] = {}
+        # router_logits and experts_chosen entries by gate module, in op order
+        self.router_entries: dict[str, list[tuple[HookPoint, _Entry]]] = {}
         for op in plan.ops_of(run):
             self._add(info.hook_point(op.site), _Entry(op, op.site))
         for site in plan.captures_of(run):
@@ -160,6 +166,8 @@ class _Hooks:
         self.points.setdefault(point, []).append(entry)
         if point.view in QKV_VIEWS or point.view in SPLIT_VIEWS:
             self.qkv_entries.setdefault(point.module, []).append((point, entry))
+        if point.view in _ROUTER_VIEWS:
+            self.router_entries.setdefault(point.module, []).append((point, entry))
 
     def _process(
         self, point: HookPoint, x: torch.Tensor, entries: list[_Entry] | None = None
@@ -364,16 +372,54 @@ class _Hooks:
                     )
                 self._process(point, output[1])
                 return output
-            if point.view in ("router_logits", "router_choice"):
-                # an MoE gate returns (logits, weights, expert ids), one row per token
-                flat = output[0 if point.view == "router_logits" else 2]
-                self._process(point, flat.reshape(-1, self.clock.length, flat.shape[-1]))
-                return output
             if point.view == "expert_out":
                 return self._experts(point, module, args, output)
             x = _get_plain(output)
             new = self._view_out(point, self._process(point, self._view_in(point, x)))
             return output if new is x else _set_plain(output, new)
+
+        return hook
+
+    def _router_hook(self, module_name: str) -> Callable[..., Any]:
+        """One hook for every ``router_logits`` and ``experts_chosen`` op at an MoE gate, in
+        op order. The gate returns (logits, weights, ids), one row per token, already
+        routed: a write re-runs the family's routing rule (new logits: new ids and weights;
+        new ids: their weights under the gate's logits), so later ops see the new routing."""
+        groups: list[tuple[HookPoint, list[_Entry]]] = []
+        for point, entry in self.router_entries[module_name]:
+            if groups and groups[-1][0] == point:
+                groups[-1][1].append(entry)
+            else:
+                groups.append((point, [entry]))
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if not isinstance(output, tuple) or len(output) != 3:
+                raise ExecutionError(
+                    f"{module_name} returned {type(output).__name__}, not the (router_logits, "
+                    "routing_weights, expert_ids) of a transformers top-k router"
+                )
+            logits, weights, ids = output
+            info, length, changed = self.plan.info, self.clock.length, False
+            for point, entries in groups:
+                at = 0 if point.view == "router_logits" else 2
+                flat = (logits, weights, ids)[at]
+                view = flat.reshape(-1, length, flat.shape[-1])
+                new = self._process(point, view, entries)
+                if new is view:
+                    continue
+                rule = info.routing
+                assert rule is not None and info.top_k and info.n_experts  # validated
+                changed = True
+                if point.view == "router_logits":
+                    logits = new.reshape(logits.shape).to(logits.dtype)
+                    weights, ids = route(logits, rule, info.top_k)
+                else:
+                    check_expert_ids(
+                        new, f"{self.run}.{entries[0].site}", info.n_experts, info.top_k
+                    )
+                    ids = new.reshape(ids.shape).to(ids.dtype)
+                    weights = weights_for(logits, ids, rule)
+            return (logits, weights, ids) if changed else output
 
         return hook
 
@@ -434,8 +480,11 @@ class _Hooks:
             for name in self.qkv_entries:
                 module = self.model.get_submodule(name)
                 self.handles.append(module.register_forward_hook(self._qkv_hook(name)))
+            for name in self.router_entries:
+                module = self.model.get_submodule(name)
+                self.handles.append(module.register_forward_hook(self._router_hook(name)))
             for point in self.points:
-                if point.module in self.qkv_entries:
+                if point.module in self.qkv_entries or point.view in _ROUTER_VIEWS:
                     continue
                 module = self.model.get_submodule(point.module) if point.module else self.model
                 if point.view == "attn_scores":

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from interventions.propose import ArchitectureCheck, check_architecture, propose_architecture
     from interventions.remote import Job
     from interventions.results import Provenance, Results
+    from interventions.routing import RoutingRule
     from interventions.runs import Sampling
     from interventions.sae import (
         SAE,
@@ -97,6 +98,7 @@ _LAZY: dict[str, str] = {
     "ArchitectureMap": "interventions.architectures",
     "architectures": "interventions.architectures",
     "register_architecture": "interventions.architectures",
+    "RoutingRule": "interventions.routing",
     "Backend": "interventions.backends",
     "Capabilities": "interventions.backends",
     "backend_capabilities": "interventions.backends",
@@ -208,6 +210,7 @@ __all__ = [
     "ResultTooLarge",
     "Results",
     "ResultsError",
+    "RoutingRule",
     "RunHandle",
     "SAEError",
     "SAEErrorGradientWarning",

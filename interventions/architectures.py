@@ -31,6 +31,7 @@ from interventions.errors import (
     excerpt,
     suggest,
 )
+from interventions.routing import RoutingRule
 from interventions.sites import KV_HEAD_SITES, STANDARD_SITES, Site
 
 # How a tensor at a hook point is seen: "plain", "heads" (split into query heads),
@@ -58,7 +59,9 @@ class ArchitectureMap:
     families that norm a block's output before the add (Gemma-2/3, OLMo-2) or add the
     residual inside the block (BLOOM). ``mlp_down_proj=None`` means the family has no
     per-token down projection (fused mixture-of-experts), so no ``mlp_hidden`` site;
-    ``router`` names a mixture-of-experts gate (its output: logits, weights, expert ids).
+    ``router`` names a mixture-of-experts gate (its output: logits, weights, expert ids);
+    ``routing`` is the rule that gate turns logits into ids and weights by, which writes to
+    ``router_logits`` and ``experts_chosen`` re-run (no rule: those sites are read only).
     ``flat_mlp`` says the MLP modules see one row per token (OPT); the adapters view those
     rows as ``(batch, pos, width)``.
 
@@ -82,6 +85,7 @@ class ArchitectureMap:
     # fused MoE experts (transformers' ``*Experts``: gate_up_proj [E, 2F, d], down_proj
     # [E, d, F], act_fn; called as experts(x, top_k_index, top_k_weights))
     experts: str | None = None
+    routing: RoutingRule | None = None
     flat_mlp: bool = False  # the MLP sees (batch * pos, d) rows, as OPT's fc1/fc2 do
     attn_norm: str | None = None
     mlp_norm: str | None = None
@@ -103,6 +107,19 @@ class ArchitectureMap:
     def mlp_out_module(self) -> str:
         return self.mlp_out or self.mlp
 
+
+# where every built-in mixture-of-experts family keeps its blocks, router and experts
+_MOE_PATHS: dict[str, Any] = dict(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    attn="self_attn",
+    attn_out_proj="self_attn.o_proj",
+    mlp="mlp",
+    mlp_down_proj=None,
+    router="mlp.gate",
+    experts="mlp.experts",
+)
 
 _BUILTIN: tuple[ArchitectureMap, ...] = (
     ArchitectureMap(
@@ -221,19 +238,21 @@ _BUILTIN: tuple[ArchitectureMap, ...] = (
         mlp_down_proj="mlp.dense_4h_to_h",
     ),
     ArchitectureMap(
-        # mixture of experts: mlp_out is the whole sparse block (Qwen-MoE: shared expert
-        # included); the experts' weights are fused, so there is no mlp_hidden
+        # mixture of experts: mlp_out is the whole sparse block; the experts' weights are
+        # fused, so there is no mlp_hidden. MixtralTopKRouter always renormalises its top-k
+        # and keeps the weights float32
+        name="mixtral",
+        model_types=("mixtral",),
+        **_MOE_PATHS,
+        routing=RoutingRule(renormalize=True, weights_dtype="float32"),
+    ),
+    ArchitectureMap(
+        # Qwen2/3-MoE (shared expert included in mlp_out) and OLMoE: their routers
+        # renormalise if config.norm_topk_prob and cast the weights to the logits' dtype
         name="moe",
-        model_types=("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
-        layers="model.layers",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        attn="self_attn",
-        attn_out_proj="self_attn.o_proj",
-        mlp="mlp",
-        mlp_down_proj=None,
-        router="mlp.gate",
-        experts="mlp.experts",
+        model_types=("qwen2_moe", "qwen3_moe", "olmoe"),
+        **_MOE_PATHS,
+        routing=RoutingRule(renormalize="norm_topk_prob", weights_dtype="logits"),
     ),
 )
 
@@ -290,6 +309,8 @@ class ModelInfo:
     # learned absolute positions (GPT-2's ``n_positions``): a hard limit on how many
     # positions one forward pass may feed (rotary and ALiBi models have none here)
     max_positions: int | None = None
+    # the map's routing rule resolved against the config (None: the router's writes refused)
+    routing: RoutingRule | None = None
 
     def head_count(self, site: Site) -> int | None:
         """Size of the head axis of a site (key-value heads for k, v and their inputs)."""
@@ -503,4 +524,5 @@ def describe(model: nn.Module) -> ModelInfo:
         top_k=_config_int(config, "num_experts_per_tok") if config is not None else None,
         n_kv_heads=n_kv_heads or n_heads,
         max_positions=_config_int(config, "n_positions") if config is not None else None,
+        routing=arch.routing.resolve(config) if arch is not None and arch.routing else None,
     )

@@ -89,10 +89,11 @@ class RunHandle:
             return site
         return Site(site, layer)
 
-    def _const(self, tensor: Any, what: str) -> Const:
+    def _const(self, tensor: Any, what: str, ids: bool = False) -> Const:
+        # ``ids``: expert ids (experts_chosen) keep an integer dtype; everything else is float
         if not isinstance(tensor, torch.Tensor):
             try:
-                tensor = torch.as_tensor(tensor, dtype=torch.float32)
+                tensor = torch.as_tensor(tensor, dtype=None if ids else torch.float32)
             except (TypeError, ValueError, RuntimeError) as exc:
                 hint = ""
                 if isinstance(tensor, str):
@@ -103,7 +104,9 @@ class RunHandle:
                 raise SpecError(
                     f"{what} must be a tensor, got {type(tensor).__name__}{hint}"
                 ) from exc
-        if not tensor.is_floating_point():
+        if ids and not tensor.is_floating_point() and tensor.dtype != torch.bool:
+            tensor = tensor.long()
+        elif not tensor.is_floating_point():
             tensor = tensor.float()
         return Const(self.graph._add_tensor(tensor))
 
@@ -145,11 +148,13 @@ class RunHandle:
         A value read with no selector is *aligned*: the patch's selector picks the same
         entries from it. A value read with a selector is placed as it is (broadcasting).
         """
-        v: Ref | Const = value if isinstance(value, Ref) else self._const(value, "patch value")
+        s = self._site(site, layer)
+        ids = s.name == "experts_chosen"  # expert ids stay integers
+        v: Ref | Const = value if isinstance(value, Ref) else self._const(value, "patch value", ids)
         self.graph.add(
             Patch(
                 self.name,
-                self._site(site, layer),
+                s,
                 Select.make(batch=batch, pos=pos, head=head, dims=dims),
                 v,
             )

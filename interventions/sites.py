@@ -301,19 +301,20 @@ STANDARD_SITES: dict[str, SiteKind] = {
     "v_input": SiteKind(HEADS, True, doc="each key-value head's own copy of its value input"),
     "final_norm": SiteKind(RESIDUAL, False, doc="output of the final normalisation"),
     "logits": SiteKind(RESIDUAL, False, doc="the model's output logits"),
-    # mixture-of-experts families only; read only: the router has already used its logits
-    # by the time its output can be seen
+    # mixture-of-experts families only. The router returns its ids and weights already
+    # computed: a write re-runs the family's routing rule (interventions.routing)
     "router_logits": SiteKind(
         RESIDUAL,
         True,
-        writable=False,
-        doc="MoE router logits, one per expert on the last axis (before softmax/top-k)",
+        doc="MoE router logits, one per expert on the last axis (before softmax/top-k); a "
+        "write re-routes: the family's rule picks the experts and weights from the new logits",
     ),
     "experts_chosen": SiteKind(
         RESIDUAL,
         True,
-        writable=False,
-        doc="MoE experts chosen per token (int64 ids), one per top-k slot on the last axis",
+        doc="MoE experts chosen per token (int64 ids), one per top-k slot on the last axis; "
+        "patch it (ids from another run or a constant) and the weights of the new ids come "
+        "from the router's own logits by the family's rule",
     ),
     # the head axis counts experts here (select them with head=)
     "expert_out": SiteKind(

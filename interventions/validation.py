@@ -35,6 +35,7 @@ from interventions.ops import (
 )
 from interventions.plan import Plan, generation_positions, make_plan
 from interventions.ragged import needs_split, right_padding_exact, split_graph
+from interventions.routing import check_expert_ids
 from interventions.selection import selected_shape, site_axes
 from interventions.sites import RESIDUAL, STANDARD_SITES, Select, Site
 from interventions.spec import GraphSpec
@@ -201,6 +202,49 @@ def _check_capabilities(op: Op, point: HookPoint, caps: Capabilities) -> None:
 
 
 _HEAD_SITES = ("head", "attn_pattern", "attn_scores")
+_ROUTER_SITES = ("router_logits", "experts_chosen")
+
+
+def _check_router_write(plan: Plan, op: Op) -> None:
+    """A write to a router site re-runs the family's routing rule: refuse it where the map
+    has none (a custom router), and refuse what cannot be expert ids."""
+    if op.site.name not in _ROUTER_SITES or isinstance(op, (Read, Grad)):
+        return
+    info = plan.info
+    if info.routing is None:
+        arch = info.arch.name if info.arch is not None else "?"
+        raise UnsupportedOp(
+            f"{_where(op)}: writing {op.site.name!r} re-runs the router's top-k rule, and the "
+            f"{arch} map of {info.class_name} has no routing rule for its router (a custom "
+            "router, or its config lacks the rule's field); read the site, or register the "
+            "map with routing=iv.RoutingRule(...)"
+        )
+    if op.site.name != "experts_chosen":
+        return
+    assert info.n_experts is not None and info.top_k is not None
+    if not isinstance(op, Patch):
+        raise ValidationError(
+            f"{_where(op)}: expert ids can only be patched (ids from another run's "
+            f"experts_chosen, or a constant of ids in 0..{info.n_experts - 1}), not "
+            f"{op_kind(op)}; to change routing smoothly, write router_logits"
+        )
+    if isinstance(op.value, Const):
+        ids = plan.graph.tensors[op.value.tensor]
+        width = info.top_k if op.select.dims is None else ids.shape[-1] if ids.ndim else 1
+        check_expert_ids(
+            ids if ids.ndim else ids.reshape(1),
+            f"{_where(op)}: the constant",
+            info.n_experts,
+            width,
+        )
+        return
+    producer = plan.producers[op.value.read]
+    if not isinstance(producer, Read) or producer.site.name != "experts_chosen":
+        raise ValidationError(
+            f"{_where(op)}: expert ids come from a read of experts_chosen (or a constant of "
+            f"ids in 0..{info.n_experts - 1}); value {op.value.read!r} is from "
+            f"{producer.run}.{producer.site}"
+        )
 
 
 def _check_site_rules(plan: Plan, op: Op) -> None:
@@ -220,6 +264,7 @@ def _check_site_rules(plan: Plan, op: Op) -> None:
             f"{_where(op)}: a mean of attention scores over query positions mixes rows with "
             "different causal masks; pass per_position=True (the mean over prompts only)"
         )
+    _check_router_write(plan, op)
     if isinstance(op, SAESplice) and op.features is not None and run.generates:
         raise ValidationError(f"{_where(op)}: features= cannot be recorded in a generating run")
     if run.generates and _per_position_value(plan, op) and not _prompt_only(plan, op):

@@ -125,10 +125,7 @@ def test_router_sites_match_hand_written_hooks(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_moe_sites_are_read_only_and_mlp_hidden_is_named_missing(family: str) -> None:
-    g = iv.Graph()
-    with pytest.raises(iv.SpecError, match="read only"):
-        g.run("a", tokens=IDS).scale("router_logits", layer=0, factor=2.0)
+def test_mlp_hidden_is_named_missing_on_moe_families(family: str) -> None:
     g = iv.Graph()
     g.run("a", tokens=IDS).read("mlp_hidden", layer=0)
     with pytest.raises(iv.UnknownSite, match="no 'mlp_hidden'"):
@@ -267,16 +264,33 @@ def _moe_input(model: torch.nn.Module, layer: int) -> torch.Tensor:
     return seen[0]
 
 
-def _by_hand(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _by_hand(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    logits: torch.Tensor | None = None,
+    chosen: torch.Tensor | None = None,
+    layer: int = 1,
+) -> tuple[torch.Tensor, ...]:
     """Route ``x`` by hand and run every expert by hand from the fused weights: (every
-    expert's output (b, t, e, d), the chosen ids (b, t, k), their weights (b, t, k))."""
+    expert's output (b, t, e, d), the chosen ids (b, t, k), their weights (b, t, k)).
+
+    ``logits`` routes by those router logits instead of the gate's own; ``chosen`` takes
+    those ids and weighs them by the softmax of the logits. The rule, from each family's
+    transformers router: softmax in float32, top-k, renormalised (Mixtral always, the others
+    if ``config.norm_topk_prob``), weights cast to the logits' dtype (all but Mixtral)."""
     import torch.nn.functional as F
 
-    moe, config = model.model.layers[1].mlp, model.config
-    probs = F.softmax((x @ moe.gate.weight.T).float(), dim=-1)
-    weights, chosen = probs.topk(config.num_experts_per_tok, dim=-1)
+    moe, config = model.model.layers[layer].mlp, model.config
+    logits = x @ moe.gate.weight.T if logits is None else logits
+    probs = F.softmax(logits.float(), dim=-1)
+    if chosen is None:
+        weights, chosen = probs.topk(config.num_experts_per_tok, dim=-1)
+    else:
+        weights = probs.gather(-1, chosen)
     if config.model_type == "mixtral" or getattr(config, "norm_topk_prob", False):
         weights = weights / weights.sum(-1, keepdim=True)
+    if config.model_type != "mixtral":
+        weights = weights.to(logits.dtype)
     outs = []
     for e in range(moe.experts.gate_up_proj.shape[0]):
         gate, up = (x @ moe.experts.gate_up_proj[e].T).chunk(2, dim=-1)

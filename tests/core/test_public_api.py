@@ -53,6 +53,7 @@ EXPECTED = {
     "ResultTooLarge",
     "Results",
     "ResultsError",
+    "RoutingRule",
     "RunHandle",
     "SAEError",
     "SAEErrorGradientWarning",
