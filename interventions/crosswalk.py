@@ -62,7 +62,10 @@ def _nnsight(point: HookPoint | None) -> str:
     if point.view.startswith("split_"):
         return f"`model.{path}.output`" + _SPLIT_NOTE
     if point.view in _ROUTER_ITEM:
-        return f"`model.{path}.output[{_ROUTER_ITEM[point.view]}]` (torch backend only here)"
+        return (
+            f"`model.{path}.output[{_ROUTER_ITEM[point.view]}]` (torch backend only here; a "
+            "write re-routes by the family's rule)"
+        )
     if point.view == "attn_weights":
         return f"`model.{path}.output[1]` (eager attention)"
     if point.view == "expert_out":

@@ -36,7 +36,10 @@ with every edit on a copy. Not supported: ``grad=True`` reads that stay in the a
 graph (the values of a remote run come back as plain tensors; use ``grad`` ops), and ops
 on a module called more than once per forward pass (they bind to its first call).
 Refused by name before anything runs: ``attn_scores``, which lives inside the attention
-function (reachable only through nnsight's ``.source``, not built here yet). The per-head
+function (reachable only through nnsight's ``.source``, not built here yet), and the MoE
+sites (``router_logits``, ``experts_chosen``, ``expert_out``): a write there re-runs the
+family's routing rule or every expert from the fused weights, which the shipped block
+would have to carry (not built here yet; the torch backend runs them). The per-head
 inputs (``q_input``/``k_input``/``v_input``) and edge patches run inside the trace: the
 block re-runs the attention norm on each head's edited copy, naming only torch.
 """

@@ -85,7 +85,9 @@ class NNsightBackend:
     name = "nnsight"
     capabilities = Capabilities(
         ops=frozenset(OP_KINDS),
-        # attn_scores lives inside the attention function: refused by name (not built)
+        # attn_scores lives inside the attention function: refused by name (not built);
+        # router_logits/router_choice/expert_out: a write re-runs the family's routing rule
+        # or the fused experts inside the shipped block (not built): refused by name
         views=frozenset(
             {"plain", "heads", "attn_weights", "logits", "resid", *QKV_VIEWS, *SPLIT_VIEWS}
         ),

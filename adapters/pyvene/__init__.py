@@ -82,6 +82,9 @@ Not supported: ``attn_pattern`` and ``attn_scores``. pyvene hands interventions 
 first element of a module's output, and the attention weights are the second; only some
 families pass them through a module of their own (GPT-2's ``attn_dropout``), and
 capabilities are per backend. The scores never leave the attention function at all.
+Nor the MoE sites: the router's logits and ids are the first and third items of its
+output tuple, and a write must hand the experts new ids and weights together, which an
+intervention on one output item cannot; ``expert_out`` is computed, not a module output.
 """
 
 from .backend import SUPPORTED_PYVENE, PyveneBackend, check_version, installed_version

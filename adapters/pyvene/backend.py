@@ -190,7 +190,8 @@ class PyveneBackend:
     capabilities = Capabilities(
         # grad ops: lowered to grad=True reads by the core
         ops=frozenset(OP_KINDS) - {"grad"},
-        # attn_weights and attn_scores: not module inputs or outputs (see the package doc)
+        # attn_weights and attn_scores: not module inputs or outputs (see the package doc);
+        # router_logits/router_choice/expert_out: refused, see the package doc
         views=frozenset({"plain", "heads", "logits", "resid", *QKV_VIEWS, *SPLIT_VIEWS}),
         generation=True,
         gradients=True,
