@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interventions.apply import RunState, apply_edge_patch, apply_op, edge_operands
+from interventions.apply import RunState, add_at, apply_op, edge_delta, edge_operands
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.attention import (
     QKV_VIEWS,
@@ -154,6 +154,9 @@ class _Hooks:
         for site in plan.captures_of(run):
             self._add(info.hook_point(site), _Entry(None, site))
         self.live: dict[str, torch.Tensor] = {}  # upstream node values of this run's edges
+        # each edge delta by (upstream, head, rows, method, source): (its live value, delta)
+        self.edge_deltas: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.out_projs: dict[int, torch.Tensor] = {}  # attention output weights by layer
         live = {op.upstream for op in plan.ops_of(run) if isinstance(op, EdgePatch)}
         for site in sorted(live, key=str):
             self._add(info.hook_point(site), _Entry(None, site, live=True))
@@ -176,24 +179,27 @@ class _Hooks:
         # (a copy per op would cost a full tensor copy per patch of a batched sweep), and
         # made again after anything kept a reference to the current tensor.
         owned = False
+        # edge patches at this point, summed by selection and added once (before any other
+        # op sees x): several edges into one input cost one write, not one each
+        pending: dict[tuple[Select, tuple[str, ...]], list[torch.Tensor]] = {}
         for entry in self.points[point] if entries is None else entries:
             axes = site_axes(entry.site.kind, x.ndim)
+            op = entry.op
+            if isinstance(op, EdgePatch):
+                pending.setdefault((op.select, axes), []).append(self._edge_delta(op))
+                continue
+            if pending:
+                x, owned = self._add_deltas(x, owned, pending)
             if entry.live:
                 self.live[str(entry.site)] = x if self.grad else x.detach()
                 owned = False
                 continue
-            if entry.op is None:
+            if op is None:
                 kept = x if self.grad else _snapshot(point, x)
                 self.captures.setdefault(str(entry.site), []).append(kept)
                 # the latest value, for this run's own cross-site SAE splices
                 self.state.captures[(self.run, str(entry.site))] = kept
                 owned = owned and kept is not x
-                continue
-            op = entry.op
-            if isinstance(op, EdgePatch):
-                if not self.grad and not owned:  # one private copy for all edges here
-                    x, owned = x.clone(), True
-                x = self._edge_patch(op, x, axes, inplace=not self.grad)
                 continue
             if isinstance(op, Read):
                 if self.grad and not self.generating:
@@ -223,22 +229,49 @@ class _Hooks:
             x, extra = apply_op(op, x, axes, select, self.state, inplace=inplace)
             for name, value in extra.items():
                 self.recorded.setdefault(name, []).append(value if self.grad else value.detach())
+        if pending:
+            x, owned = self._add_deltas(x, owned, pending)
         return x
 
-    def _edge_patch(
-        self, op: EdgePatch, x: torch.Tensor, axes: tuple[str, ...], inplace: bool
-    ) -> torch.Tensor:
+    def _add_deltas(
+        self,
+        x: torch.Tensor,
+        owned: bool,
+        pending: dict[tuple[Select, tuple[str, ...]], list[torch.Tensor]],
+    ) -> tuple[torch.Tensor, bool]:
+        """``x`` with the pending edge deltas added, each selection's sum in one write."""
+        if not self.grad and not owned:  # one private copy for all edges here
+            x, owned = x.clone(), True
+        for (select, axes), deltas in pending.items():
+            total = deltas[0] if len(deltas) == 1 else deltas[0] + deltas[1]
+            for d in deltas[2:]:
+                total = total + d if self.grad else total.add_(d)
+            x = add_at(x, select, axes, total, inplace=not self.grad)
+        pending.clear()
+        return x, owned
+
+    def _edge_delta(self, op: EdgePatch) -> torch.Tensor:
+        """The edge's delta (:func:`interventions.apply.edge_delta`), computed once per
+        upstream node, rows and ablation in this forward: edges from one node into many
+        inputs share it."""
+        key = (str(op.upstream), op.upstream_head, op.select.batch, op.method, op.source)
+        here = self.live.get(str(op.upstream))
+        hit = self.edge_deltas.get(key)
+        if hit is not None and hit[0] is here:  # the same live value: the same delta
+            return hit[1]
         arch = self.plan.info.arch
         assert arch is not None
-        here, there, w_o = edge_operands(
-            op,
-            self.live,
-            self.state.captures,
-            lambda layer: projection_weight(
-                self.model.get_submodule(f"{arch.layers}.{layer}.{arch.attn_out_proj}")
-            ),
-        )
-        return apply_edge_patch(op, x, axes, here, there, w_o, inplace=inplace)
+
+        def out_proj(layer: int) -> torch.Tensor:
+            if layer not in self.out_projs:
+                name = f"{arch.layers}.{layer}.{arch.attn_out_proj}"
+                self.out_projs[layer] = projection_weight(self.model.get_submodule(name))
+            return self.out_projs[layer]
+
+        here_, there, w_o = edge_operands(op, self.live, self.state.captures, out_proj)
+        delta = edge_delta(op, here_, there, w_o)
+        self.edge_deltas[key] = (here_, delta)
+        return delta
 
     def _view_in(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
         if point.view == "heads":

@@ -323,9 +323,27 @@ def apply_edge_patch(
     """The downstream input ``x`` with the edge's delta added to its selected head (or all
     of it, for an MLP's or the final norm's input). Out of place, or into ``x`` itself
     (``inplace``: for a caller that owns ``x``)."""
-    delta = edge_delta(op, here, there, w_o)
-    region = take(x, op.select, axes)
+    return add_at(x, op.select, axes, edge_delta(op, here, there, w_o), inplace=inplace)
+
+
+def add_at(
+    x: torch.Tensor,
+    select: Select,
+    axes: Sequence[str],
+    delta: torch.Tensor,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``x`` with ``delta`` added to its selected entries (out of place, or into ``x``):
+    what edge patches write, one call for the summed deltas of several edges into one
+    selection.
+
+    >>> add_at(torch.zeros(1, 2, 2, 3), Select.make(head=1), ("batch", "pos", "head", "hidden"),
+    ...        torch.ones(1, 2, 3))[0, :, :, 0].tolist()
+    [[0.0, 1.0], [0.0, 1.0]]
+    """
+    region = take(x, select, axes)
     if inplace:
-        put_(x, op.select, axes, region + delta.to(region.dtype))
+        put_(x, select, axes, region + delta.to(region.dtype))
         return x
-    return put(x, op.select, axes, region + delta.to(region.dtype))
+    return put(x, select, axes, region + delta.to(region.dtype))

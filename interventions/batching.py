@@ -186,6 +186,8 @@ def _solo(graph: GraphSpec, ops: list[Op]) -> set[str]:
             # the source keeps its own rows: each batched run's block pairs with them row
             # for row (its value 'here' is the block's own rows, see apply.edge_delta)
             solo.add(op.source)
+        if isinstance(op, EdgePatch) and op.select.batch is not None:
+            solo.add(op.run)  # its own blocks of rows already (ACDC's stacked candidates)
         if isinstance(op, Grad):  # its metric's token ids are the run's own, row for row
             solo.add(op.run)
     return solo

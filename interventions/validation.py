@@ -37,7 +37,7 @@ from interventions.plan import Plan, generation_positions, make_plan
 from interventions.ragged import needs_split, right_padding_exact, split_graph
 from interventions.routing import check_expert_ids
 from interventions.selection import selected_shape, site_axes
-from interventions.sites import RESIDUAL, STANDARD_SITES, Select, Site
+from interventions.sites import RESIDUAL, STANDARD_SITES, Select, Site, Span
 from interventions.spec import GraphSpec
 
 
@@ -598,11 +598,19 @@ def _check_edge_patch(plan: Plan, op: EdgePatch) -> None:
     if op.site.is_raw and op.site.raw_parts[1] != "input":
         raise ValidationError(f"{_where(op)}: a raw edge end must be a module's '.input'")
     wanted = "head" if not op.site.is_raw else None
-    given = [k for k, v in op.select.items() if v is not None]
-    if given != ([wanted] if wanted else []) or (wanted and not isinstance(op.select.head, int)):
+    # batch=: a block of rows (a step-1 span), e.g. one candidate's of ACDC's stacked pass
+    rows = op.select.batch
+    block = isinstance(rows, Span) and rows.step in (None, 1)
+    given = [k for k, v in op.select.items() if v is not None and k != "batch"]
+    if (
+        given != ([wanted] if wanted else [])
+        or (wanted and not isinstance(op.select.head, int))
+        or (rows is not None and not block)
+    ):
         raise ValidationError(
             f"{_where(op)}: an edge patch selects "
-            + ("one head (head=<int>) and nothing else" if wanted else "nothing")
+            + ("one head (head=<int>)" if wanted else "nothing")
+            + ", optionally a block of rows (batch=a:b), and nothing else"
             + f", got {op.select.describe() or 'no head'}"
         )
     if not op.site.is_raw:
@@ -618,15 +626,19 @@ def _check_edge_patch(plan: Plan, op: EdgePatch) -> None:
     if op.source is not None:
         if plan.graph.runs[op.source].generates:
             raise ValidationError(f"{_where(op)}: the source run {op.source!r} must not generate")
-        same = (plan.prompt_length(op.source), plan.batch_size(op.source)) == (
-            plan.prompt_length(op.run),
-            plan.batch_size(op.run),
+        n = plan.batch_size(op.run)
+        if isinstance(rows, Span):  # a block pairs its rows with the source's, in turn
+            n = len(rows.indices(n))
+        same = plan.prompt_length(op.source) == plan.prompt_length(op.run) and (
+            n == plan.batch_size(op.source)
+            or (rows is not None and n > 0 and n % plan.batch_size(op.source) == 0)
         )
         if op.method == "patch" and not same:
             raise ValidationError(
-                f"{_where(op)}: patching an edge from {op.source!r} needs runs of one shape; "
+                f"{_where(op)}: patching an edge from {op.source!r} needs runs of one shape "
+                f"(or a block of rows, batch=, a multiple of the source's); "
                 f"{op.source!r} has {plan.batch_size(op.source)} x "
-                f"{plan.prompt_length(op.source)} and {op.run!r} has {plan.batch_size(op.run)} x "
+                f"{plan.prompt_length(op.source)} and {op.run!r} has {n} x "
                 f"{plan.prompt_length(op.run)} (prompts x positions)"
             )
 

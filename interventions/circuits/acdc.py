@@ -34,6 +34,7 @@ no run: that node's output reaches nothing, so removing its inputs changes nothi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -46,6 +47,7 @@ from interventions.errors import SpecError, choices_text
 from interventions.execute import run
 from interventions.graph import Graph
 from interventions.recipes.metrics import Metric
+from interventions.sites import Span
 
 __all__ = ["acdc", "check_pair", "metric_value"]
 
@@ -83,6 +85,21 @@ def _outgoing(info: ModelInfo) -> dict[Node, frozenset[Edge]]:
     for e in all_edges(info):
         out.setdefault(e.upstream, set()).add(e)
     return {n: frozenset(es) for n, es in out.items()}
+
+
+def _blocks(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as runs of consecutive ones, ``(start, stop)``.
+
+    >>> _blocks([0, 1, 2, 5, 6, 9])
+    [(0, 3), (5, 7), (9, 10)]
+    """
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
 
 
 def acdc(
@@ -133,25 +150,33 @@ def acdc(
         dead = {n for n, out in outgoing.items() if out <= gone}
         return {e for e in removal if e.downstream not in dead}
 
+    n = int(ids.shape[0])
+
     def evaluate(removals: list[list[Edge]]) -> list[float]:
-        """Metric of each run that removes ``removals[i]``, one graph (one pass)."""
+        """Metric of each run that removes ``removals[i]``, one graph (one pass): the
+        candidates stacked in one run, candidate ``i`` its rows ``i*n .. (i+1)*n``, each
+        edge patched once over the rows of the candidates that remove it. So the graph
+        holds one op per edge (not per candidate and edge), and the nested removals make
+        those rows one block."""
         g = Graph()
         if ablation != "zero":
             g.run("corrupt", tokens=bad)
-        for i in range(len(removals)):
-            g.run(f"c{i}", tokens=ids).read("logits", pos=pos, name=f"c{i}")
-        # an edge into a dead node needs no op (that node's output reaches nothing); edge by
-        # edge, the runs that remove it, in a row: the planner merges them into one op
+        k = len(removals)
+        g.run("cands", tokens=ids.repeat(k, 1)).read("logits", pos=pos, name="cands")
+        # an edge into a dead node needs no op (that node's output reaches nothing)
         live = [[e for e in rs if e in keep] for rs in removals for keep in [_live(rs)]]
-        seen: list[Edge] = []
-        for rs in live:
-            seen += [e for e in rs if e not in seen]
-        for e in seen:
-            for i, rs in enumerate(live):
-                if e in rs:
-                    g.add(ablation_op(info, e, f"c{i}", ablation))
-        res = run(g, model, backend=backend, **run_options)
-        return [metric_value(metric, res[f"c{i}"], reference) for i in range(len(removals))]
+        who: dict[Edge, list[int]] = {}
+        for i, rs in enumerate(live):
+            for e in rs:
+                who.setdefault(e, []).append(i)
+        for e, cands in who.items():
+            for a, b in _blocks(cands):
+                op = ablation_op(info, e, "cands", ablation)
+                if k > 1:  # a block of candidates' rows, each paired with the source's
+                    op = replace(op, select=replace(op.select, batch=Span(a * n, b * n)))
+                g.add(op)
+        logits = run(g, model, backend=backend, **run_options)["cands"]
+        return [metric_value(metric, logits[i * n : (i + 1) * n], reference) for i in range(k)]
 
     g = Graph()
     g.run("clean", tokens=ids).read("logits", pos=pos, name="clean")

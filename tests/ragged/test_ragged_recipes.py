@@ -17,6 +17,7 @@ import interventions as iv
 from interventions.recipes import (
     Metric,
     ablate_components,
+    attribution_patching,
     contrastive_direction,
     feature_ablation,
     feature_activations,
@@ -250,3 +251,63 @@ def test_ragged_recipes_on_other_backends_equal_torch(backend: str) -> None:
     ours = steer(model, PROMPTS[1:4], direction, backend=backend, **steer_kw)
     ref = steer(model, PROMPTS[1:4], direction, **steer_kw)
     assert torch.equal(ours.steered, ref.steered) and torch.equal(ours.plain, ref.plain)
+
+
+CORRUPT = [[5, 2, 11], [7, 3, 22, 1, 8, 13], [12, 30, 4, 9, 50], [17, 3, 3], [8, 8, 21, 1, 9, 1]]
+
+
+def _attribution_alone(backend: str, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair alone, unpadded: its approximate metric at its own last ``k`` positions
+    (``k`` the shortest prompt's length) and its clean and corrupted metrics."""
+    k = min(len(p) for p in PROMPTS + CORRUPT)
+    values, metrics = [], []
+    for i, (a, b) in enumerate(zip(PROMPTS, CORRUPT, strict=True)):
+        one = attribution_patching(
+            _model(), [a], [b], _metric([i]), direction=direction, backend=backend
+        ).approx
+        assert one.values is not None and one.clean_values is not None
+        assert one.corrupt_values is not None
+        # alone, the columns end at the last position (0.. for a pair of one length,
+        # -m.. for a pair of two): its last k are the batch's columns
+        values.append(one.values[:, -k:, 0])
+        metrics.append(torch.cat([one.clean_values, one.corrupt_values]))
+    return torch.stack(values, -1), torch.stack(metrics, -1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_attribution_patching_ragged_equals_pair_by_pair(backend: str, direction: str) -> None:
+    """Pairs of different lengths (and a pair whose clean and corrupted prompts differ in
+    length), per-prompt answers: each score cell is what each pair alone gives, at
+    positions counted from each prompt's own end."""
+    from interventions.recipes import attribution_patching as ap
+    from interventions.recipes.metrics import batch_score
+
+    model = _model()
+    got = ap(model, PROMPTS, CORRUPT, _metric(), direction=direction, backend=backend).approx
+    k = min(len(p) for p in PROMPTS + CORRUPT)
+    assert got.cols == tuple(str(p) for p in range(-k, 0))
+    values, metrics = _attribution_alone(backend, direction)
+    assert got.values is not None and got.clean_values is not None
+    torch.testing.assert_close(got.values, values, **TOL)
+    torch.testing.assert_close(got.clean_values, metrics[0], **TOL)
+    torch.testing.assert_close(got.corrupt_values, metrics[1], **TOL)
+    torch.testing.assert_close(got.scores, batch_score(values, metrics[0], metrics[1]), **TOL)
+    base = metrics[1] if direction == "denoise" else metrics[0]
+    assert (got.values - base).abs().max() > 1e-3  # the gradient terms do something
+    col = ap(model, _column(PROMPTS), iter(CORRUPT), _metric(), direction=direction).approx
+    torch.testing.assert_close(
+        col.scores, ap(model, PROMPTS, CORRUPT, _metric(), direction=direction).approx.scores
+    )
+
+
+def test_attribution_patching_ragged_compares_with_the_exact_ragged_sweep() -> None:
+    """``compare_exact`` sweeps the same cells exactly (each prompt's own positions)."""
+    from interventions.recipes import activation_patching
+
+    model = _model()
+    got = attribution_patching(model, PROMPTS, CORRUPT, _metric(), compare_exact=True)
+    exact = activation_patching(model, PROMPTS, CORRUPT, _metric())
+    assert got.exact is not None and got.exact.cols == got.approx.cols == exact.cols
+    torch.testing.assert_close(got.exact.scores, exact.scores)
+    assert got.correlation is not None and -1.0 <= got.correlation <= 1.0
