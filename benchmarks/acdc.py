@@ -42,7 +42,6 @@ from _common import (  # type: ignore[import-not-found]
     timed_rounds,
     versions,
 )
-
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from interventions.architectures import describe
