@@ -34,7 +34,6 @@ no run: that node's output reaches nothing, so removing its inputs changes nothi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -47,7 +46,6 @@ from interventions.errors import SpecError, choices_text
 from interventions.execute import run
 from interventions.graph import Graph
 from interventions.recipes.metrics import Metric
-from interventions.sites import Span
 
 __all__ = ["acdc", "check_pair", "metric_value"]
 
@@ -171,10 +169,9 @@ def acdc(
                 who.setdefault(e, []).append(i)
         for e, cands in who.items():
             for a, b in _blocks(cands):
-                op = ablation_op(info, e, "cands", ablation)
-                if k > 1:  # a block of candidates' rows, each paired with the source's
-                    op = replace(op, select=replace(op.select, batch=Span(a * n, b * n)))
-                g.add(op)
+                # a block of candidates' rows, each candidate paired with the source's rows
+                rows = (a * n, b * n) if k > 1 else None
+                g.add(ablation_op(info, e, "cands", ablation, rows))
         logits = run(g, model, backend=backend, **run_options)["cands"]
         return [metric_value(metric, logits[i * n : (i + 1) * n], reference) for i in range(k)]
 

@@ -40,15 +40,18 @@ Ablation = Literal["resample", "mean", "zero"]
 ABLATIONS: tuple[str, ...] = get_args(Ablation)
 
 
-def ablation_op(info: ModelInfo, edge: Edge, run: str, ablation: str) -> EdgePatch:
-    """The op that removes ``edge`` from ``run``: patched from the run ``corrupt``
+def ablation_op(
+    info: ModelInfo, edge: Edge, run: str, ablation: str, rows: tuple[int, int] | None = None
+) -> EdgePatch:
+    """The op that removes ``edge`` from ``run`` (from its ``rows`` alone, when given; see
+    :func:`~interventions.circuits.edges.edge_patch_op`): patched from the run ``corrupt``
     (``resample``), set to that run's mean (``mean``) or zeroed (``zero``)."""
     if ablation not in ABLATIONS:
         raise SpecError(f"unknown ablation {ablation!r}; ablations: {choices_text(ABLATIONS)}")
     if ablation == "zero":
-        return edge_patch_op(info, edge, run, method="zero")
+        return edge_patch_op(info, edge, run, method="zero", rows=rows)
     method: EdgeMethod = "patch" if ablation == "resample" else "mean"
-    return edge_patch_op(info, edge, run, method=method, source="corrupt")
+    return edge_patch_op(info, edge, run, method=method, source="corrupt", rows=rows)
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ grouped-query attention a key-value head feeds several query heads).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from interventions.architectures import ModelInfo
 from interventions.errors import SpecError, UnknownArchitecture, choices_text
 from interventions.ops import EdgeMethod, EdgePatch
-from interventions.sites import Select, Site
+from interventions.sites import Select, Site, Span
 
 NodeKind = Literal["embed", "head", "mlp", "logits"]
 NODE_KINDS: tuple[str, ...] = ("embed", "head", "mlp", "logits")
@@ -216,10 +216,17 @@ def edge_patch_op(
     *,
     method: EdgeMethod = "patch",
     source: str | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> EdgePatch:
     """The op that patches ``edge`` in ``run`` from ``source`` (``patch``), with zero, or
-    with the source run's mean (``mean``). Add it with ``graph.add(op)``."""
+    with the source run's mean (``mean``). Add it with ``graph.add(op)``.
+
+    ``rows=(a, b)``: only the run's rows ``a .. b``, a multiple of the source's rows for
+    ``patch``, paired with them in turn (row ``a + i`` with the source's row ``i mod n``):
+    one op for many candidates stacked in one run (ACDC's passes)."""
     site, select = downstream_site(info, edge)
+    if rows is not None:
+        select = replace(select, batch=Span(*rows))
     up = edge.upstream
     return EdgePatch(
         run,

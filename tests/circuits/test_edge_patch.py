@@ -4,6 +4,8 @@ one downstream input, and nothing else."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -12,6 +14,7 @@ import interventions as iv
 from interventions.architectures import describe
 from interventions.circuits.edges import Edge, Node, all_edges, edge_patch_op, parse_edge
 from interventions.errors import SpecError, ValidationError
+from interventions.sites import Span
 from tests.adapters.torch.hand import FP32, IDS
 from tests.circuits.split_forward import split_forward, strong_model
 from tests.tiny_models import hook_count
@@ -194,3 +197,47 @@ def test_edge_patches_on_other_backends_equal_the_split_forward(family: str, bac
         assert_close(got[name], want, **FP32, msg=name)
         assert (got[name] - clean).abs().max() > 1e-4, name  # every case changes the output
     assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("backend", ("torch", *OTHER_BACKENDS))
+def test_an_edge_patch_on_a_block_of_rows_pairs_them_with_the_source(backend: str) -> None:
+    """A run of the prompts stacked three times; one edge patched on rows 2..6 (the second
+    and third copies, each paired row for row with the corrupt run), another zeroed on
+    rows 4..6 alone: each copy equals its hand-written split forward."""
+    if backend != "torch":
+        pytest.importorskip(backend)
+    model = strong_model("llama")
+    info = describe(model)
+    _, bad, _ = split_forward(model, CORRUPT)
+    one, two = parse_edge("a0.h1 -> a1.h0<k>"), parse_edge("m0 -> logits")
+    g = iv.Graph()
+    g.run("corrupt", tokens=CORRUPT)
+    g.run("stack", tokens=IDS.repeat(3, 1)).read("logits", name="logits")
+    g.add(edge_patch_op(info, one, "stack", source="corrupt", rows=(2, 6)))
+    g.add(edge_patch_op(info, two, "stack", method="zero", rows=(4, 6)))
+    got = iv.run(g, model, backend=backend)["logits"]
+    first = {(("head", 0, 1), ("k", 1, 0)): bad[("head", 0, 1)]}
+    wants = [{}, first, {**first, (("mlp", 0), ("logits",)): None}]
+    for i, subs in enumerate(wants):
+        assert_close(got[2 * i : 2 * i + 2], split_forward(model, IDS, subs)[0], **FP32)
+    assert hook_count(model) == 0
+
+
+def test_rows_of_an_edge_patch_must_be_a_block_that_fits_the_source() -> None:
+    model = strong_model("gpt2")
+    info = describe(model)
+    g = iv.Graph()
+    g.run("corrupt", tokens=CORRUPT)
+    g.run("stack", tokens=IDS.repeat(3, 1))
+    edge = parse_edge("m0 -> logits")
+    g.add(edge_patch_op(info, edge, "stack", source="corrupt", rows=(0, 6)))
+    g.validate(model)  # three copies of the source's two rows
+    g.ops[-1] = edge_patch_op(info, edge, "stack", source="corrupt")
+    with pytest.raises(ValidationError, match="needs runs of one shape"):
+        g.validate(model)  # the whole run: 6 rows against 2, no block given
+    g.ops[-1] = edge_patch_op(info, edge, "stack", source="corrupt", rows=(1, 4))
+    with pytest.raises(ValidationError, match="a multiple of the source's"):
+        g.validate(model)
+    g.ops[-1] = replace(g.ops[-1], select=replace(g.ops[-1].select, batch=Span(0, 6, 2)))
+    with pytest.raises(ValidationError, match="a block of rows"):
+        g.validate(model)

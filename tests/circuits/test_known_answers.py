@@ -68,6 +68,21 @@ def test_acdc_finds_the_induction_circuit(seed: int) -> None:
     assert len(c.edges) <= 20  # of 110: a small circuit
 
 
+@pytest.mark.parametrize("backend", ["nnsight", "pyvene"])
+def test_acdc_on_other_backends_finds_the_torch_circuit(backend: str) -> None:
+    """Four prompts (a few seconds): the same edges as the torch backend (itself held to
+    the hand-written loop in test_acdc.py), scores within 1e-4, and the known answer."""
+    pytest.importorskip(backend)
+    model = _induction()
+    clean, corrupt, metric = task_data("induction", n=4, seed=0)
+    want = acdc(model, clean, corrupt, metric, threshold=1.0, batch_size=16)
+    got = acdc(model, clean, corrupt, metric, threshold=1.0, batch_size=16, backend=backend)
+    assert got.edges == want.edges
+    assert max(abs(a - b) for a, b in zip(got.scores, want.scores, strict=True)) < 1e-4
+    assert got.stat("passes") == want.stat("passes")
+    assert len(_key_edges(got)) >= 2 and _key_edges(got) <= set(INDUCTION)
+
+
 def test_eap_ig_ranks_the_key_edges_high_and_its_circuit_is_faithful() -> None:
     model = _induction()
     clean, corrupt, metric = task_data("induction", n=16, seed=0)
