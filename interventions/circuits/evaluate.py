@@ -23,9 +23,9 @@ values ``m`` the batch means of ``metric`` at ``pos`` (for ``Metric.kl()``, of
 <...>
 >>> whole = Circuit(tuple(all_edges(describe(model))), (1.0,) * 13)
 >>> m = Metric.logit_diff(5, 7)
->>> round(faithfulness(model, whole, [[1, 2, 3]], [[1, 4, 3]], m), 6)
+>>> round(faithfulness(model, whole, [[1, 2, 3]], [[1, 4, 3]], m), 4)
 1.0
->>> round(completeness(model, whole, [[1, 2, 3]], [[1, 4, 3]], m), 6)
+>>> round(completeness(model, whole, [[1, 2, 3]], [[1, 4, 3]], m), 4)
 1.0
 """
 
