@@ -115,3 +115,39 @@ def test_acdc_on_ioi_is_faithful() -> None:
     s = score_circuit(model, c, clean, corrupt, metric)
     assert s.faithfulness >= 0.8, s
     assert len(c.edges) < 262 / 2
+
+
+# --------------------------------------------------------------------------- trained seeds
+# The IOI known answers on models trained here from scratch by the reference training
+# function, seeds 1 and 2 (7-20 minutes of CPU each, so the slow profile).
+
+
+@cache
+def _trained_ioi(seed: int) -> torch.nn.Module:
+    from interventions.reference_models import ioi
+
+    return ioi.train_ioi_model(seed=seed).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_ioi_circuits_are_faithful_trained_seeds(seed: int) -> None:
+    """Seeds 1 and 2 of the IOI model (seed 0 is the committed one, tested above): ACDC's
+    circuit and EAP-IG's greedy 180 edges keep >= 0.8 of the logit difference, and
+    EAP-IG's edges beat as many random ones. Measured: ACDC 91 / 76 edges, faithfulness
+    0.878 / 0.979; EAP-IG 180 edges 0.976 / 0.972, random 0.063 / 0.020."""
+    model = _trained_ioi(seed)
+    clean, corrupt, metric = task_data("ioi", n=16, seed=7)
+    c = acdc(model, clean, corrupt, metric, threshold=0.1)
+    s = score_circuit(model, c, clean, corrupt, metric)
+    ig = edge_attribution(model, clean, corrupt, metric, steps=5)
+    found = score_circuit(model, ig.greedy(180), clean, corrupt, metric).faithfulness
+    gen = torch.Generator().manual_seed(0)
+    shuffled = Circuit(ig.edges, tuple(torch.rand(len(ig.edges), generator=gen).tolist()))
+    chance = score_circuit(model, shuffled.greedy(180), clean, corrupt, metric).faithfulness
+    print(
+        f"seed {seed}: ACDC {len(c.edges)} edges {s}; EAP-IG 180: {found:.3f}, random {chance:.3f}"
+    )
+    assert s.faithfulness >= 0.8, s
+    assert len(c.edges) < 262 / 2
+    assert found >= 0.8 and found > chance + 0.1, (found, chance)
