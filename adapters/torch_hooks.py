@@ -300,15 +300,11 @@ class _Hooks:
         """One hook for every q/k/v and per-head-input op at a projection, in op order
         (q and q_input of GPT-2 share ``c_attn``): each run of ops at one view at a time."""
 
+        groups = _runs_by_point(self.qkv_entries[module_name])
+
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             x = _get_plain(output)
             new = x
-            groups: list[tuple[HookPoint, list[_Entry]]] = []
-            for point, entry in self.qkv_entries[module_name]:
-                if groups and groups[-1][0] == point:
-                    groups[-1][1].append(entry)
-                else:
-                    groups.append((point, [entry]))
             for point, entries in groups:
                 new = self._qkv_output(point, module, new, entries)
             return output if new is x else _set_plain(output, new)
@@ -418,12 +414,7 @@ class _Hooks:
         op order. The gate returns (logits, weights, ids), one row per token, already
         routed: a write re-runs the family's routing rule (new logits: new ids and weights;
         new ids: their weights under the gate's logits), so later ops see the new routing."""
-        groups: list[tuple[HookPoint, list[_Entry]]] = []
-        for point, entry in self.router_entries[module_name]:
-            if groups and groups[-1][0] == point:
-                groups[-1][1].append(entry)
-            else:
-                groups.append((point, [entry]))
+        groups = _runs_by_point(self.router_entries[module_name])
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if not isinstance(output, tuple) or len(output) != 3:
@@ -674,3 +665,17 @@ class TorchHooksBackend:
         if not grad:
             results = {k: v.detach().cpu() for k, v in results.items()}
         return results
+
+
+def _runs_by_point(
+    pairs: list[tuple[HookPoint, _Entry]],
+) -> list[tuple[HookPoint, list[_Entry]]]:
+    """Consecutive entries at one hook point as one group, in op order (so a run of ops at
+    one view is applied together, and op order across views is kept)."""
+    groups: list[tuple[HookPoint, list[_Entry]]] = []
+    for point, entry in pairs:
+        if groups and groups[-1][0] == point:
+            groups[-1][1].append(entry)
+        else:
+            groups.append((point, [entry]))
+    return groups
