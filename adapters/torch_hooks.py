@@ -74,6 +74,12 @@ def _expert_args(point: HookPoint, args: Any) -> tuple[torch.Tensor, torch.Tenso
 _ROUTER_VIEWS = ("router_logits", "router_choice")
 
 
+class _AllTaken(BaseException):
+    """Raised by the last hook a run needs: the rest of the forward cannot change any
+    result, so it is not computed. A BaseException, so that no ``except Exception`` in
+    model code between the hook and the backend can swallow it."""
+
+
 @dataclass
 class _Entry:
     """An op (or a capture for another run's ablation) at one hook point."""
@@ -164,6 +170,33 @@ class _Hooks:
         self.prompt = plan.prompt_length(run)
         self.fed = self.prompt + (graph_run.max_new_tokens - 1 if graph_run.max_new_tokens else 0)
         self.generating = graph_run.generates
+        # the hooked (module, side) pairs still to fire before the forward may stop early
+        self.untaken: set[tuple[str, str]] = set()
+        if self._may_stop_early():
+            self.untaken = {self._fire_key(p) for p in self.points}
+
+    def _may_stop_early(self) -> bool:
+        """Once every hook of a plain forward has fired, nothing later changes a result.
+        Not for gradients (the backward needs the whole graph), generation (later steps)
+        or raw module sites (a module may be called more than once per forward)."""
+        if self.grad or self.generating or not self.plan.info.is_hf or not self.points:
+            return False
+        return all(p.module and not e.site.is_raw for p, es in self.points.items() for e in es)
+
+    @staticmethod
+    def _fire_key(point: HookPoint) -> tuple[str, str]:
+        hooked_output = point.io == "output" or point.view in (
+            *QKV_VIEWS, *SPLIT_VIEWS, *_ROUTER_VIEWS, "attn_scores"
+        )  # fmt: skip
+        return point.module, "output" if hooked_output else "input"
+
+    def _tracker(self, key: tuple[str, str]) -> Callable[..., None]:
+        def taken(*_: Any) -> None:
+            self.untaken.discard(key)
+            if not self.untaken:
+                raise _AllTaken
+
+        return taken
 
     def _add(self, point: HookPoint, entry: _Entry) -> None:
         self.points.setdefault(point, []).append(entry)
@@ -528,6 +561,15 @@ class _Hooks:
                 self.handles.append(
                     block.register_forward_pre_hook(self._block_input_hook(layer), with_kwargs=True)
                 )
+            # last, so each runs after every other hook on its module
+            for module_name, side in sorted(self.untaken):
+                module = self.model.get_submodule(module_name)
+                tracker = self._tracker((module_name, side))
+                self.handles.append(
+                    module.register_forward_hook(tracker)
+                    if side == "output"
+                    else module.register_forward_pre_hook(tracker)
+                )
         except BaseException:
             self.remove()
             raise
@@ -651,6 +693,8 @@ class TorchHooksBackend:
                 try:
                     with hooks:
                         tokens = _forward(model, plan.info, plan, run, grad)
+                except _AllTaken:
+                    tokens = None
                 except InterventionError:
                     raise
                 except Exception as exc:

@@ -189,6 +189,7 @@ def test_hygiene_after_a_failure_on_every_backend(
     g = iv.Graph()
     a = g.run("a", tokens=ids)
     h = a.read("resid_post", layer=0)
+    a.read("logits", pos=-1, name="a_end")  # "a" runs the whole model (no early stop)
     # a different length keeps "b" in a forward pass of its own on every backend, so the
     # failure below hits the second pass after the first has finished
     b = g.run("b", tokens=torch.tensor([[9, 8, 7, 6, 5]]))

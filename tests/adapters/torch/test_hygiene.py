@@ -16,6 +16,7 @@ def _busy_graph(layers: int = 2) -> iv.Graph:
     clean = g.run("clean", tokens=IDS)
     corrupt = g.run("corrupt", tokens=IDS.flip(1))
     h = clean.read("resid_post", layer=0)
+    clean.read("logits", pos=-1, name="clean_end")  # the clean run's forward goes to the end
     corrupt.patch("resid_post", layer=0, pos=-1, value=h)
     corrupt.add("mlp_out", layer=layers - 1, direction=torch.ones(32), scale=0.5)
     corrupt.read("attn_pattern", layer=layers - 1)
