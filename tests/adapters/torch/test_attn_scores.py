@@ -1,7 +1,9 @@
 """The ``attn_scores`` site (pre-softmax attention scores) against scores computed by hand
 from the weights, q k^T / sqrt(d_head) plus the causal mask (score + dtype min where a
 key is in the future), on GPT-2 and Llama with grouped-query attention (4 query heads, 2
-key-value heads; rotary applied to q and k). Softmax of the scores is the existing
+key-value heads; rotary applied to q and k), and on the ALiBi models (BLOOM, Falcon-RW's
+sequential block and Falcon's parallel multi-query block with ALiBi: each head's slope
+times the key position, written out by hand). Softmax of the scores is the existing
 ``attn_pattern`` site; edits at the scores reach the pattern and only the edited head.
 
 The oracle uses the model's own norms and projections and HuggingFace's rotary helper;
