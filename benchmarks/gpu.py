@@ -11,10 +11,25 @@ vocab 32000). Workloads on each, every contender timed in this process, interlea
   logits read;
 * ``steer``: a direction added to resid_post at a middle layer, logits read.
 
+Circuit discovery, on the GPT-2-small shape only (torch backend; 4 prompt pairs of 16
+tokens; the logit difference of two tokens at the last position):
+
+* ``acdc``: :func:`interventions.circuits.acdc.acdc` over the edges into the logits from
+  the last 4 layers' heads and MLPs (52 on GPT-2 small; every other edge stays in place;
+  a pass costs mostly Python, so the loop takes seconds per ten edges), threshold
+  ``ACDC_THRESHOLD``: the
+  speculatively batched passes (``batch_size=8``) against the one-edge-per-forward loop
+  (``batch_size=1``), the baseline of its row, timed once each after one warm-up (the
+  loop alone is one pass per tested edge); the circuits' edges are compared (bf16: a
+  score within rounding of the threshold may flip, which the row says);
+* ``eap``: :func:`interventions.circuits.eap.edge_attribution` over every edge (EAP,
+  two passes), against one plain forward and backward of the same prompts (its floor).
+
 For each: median seconds over rounds (``torch.cuda.synchronize`` around every call), the
-ratio to the hand-written hooks, and ``torch.cuda.max_memory_allocated`` during the call.
-Run: ``python benchmarks/gpu.py`` (about 3-5 minutes on one modern GPU); ``--quick`` for
-one small model and 2 rounds. Without CUDA it says so and exits 0.
+ratio to the hand-written hooks (or the row's baseline), and
+``torch.cuda.max_memory_allocated`` during the call. Run: ``python benchmarks/gpu.py``
+(about 4-6 minutes on one modern GPU); ``--quick`` for one small model and 2 rounds.
+Without CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -208,6 +223,119 @@ def baseline(workload: str, model: nn.Module, data: dict[str, Any]) -> Callable[
     return lambda: hooks_edit(model, data["ids"], data["layer"], lambda x: x + 4.0 * direction)
 
 
+# ---------------------------------------------------------------------------------------
+# Circuit discovery: ACDC (batched passes vs one edge per forward) and EAP
+
+ACDC_THRESHOLD = 0.05  # on the logit difference of the random-weight model
+ACDC_BATCH = 8
+
+
+def circuit_data(
+    model: nn.Module, prompts: int = 4, seq: int = 16, last_layers: int = 4
+) -> dict[str, Any]:
+    """Paired clean/corrupt prompts (``prompts`` x ``seq`` tokens, on the model's device),
+    a logit-difference metric and ACDC's candidate edges: every edge into the logits from
+    a head or MLP of the ``last_layers`` last layers."""
+    from interventions.architectures import describe
+    from interventions.circuits.edges import all_edges
+    from interventions.recipes import Metric
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(1)
+    config: Any = model.config
+    vocab = config.vocab_size
+    clean = torch.randint(0, vocab, (prompts, seq), generator=g).to(device)
+    corrupt = torch.randint(0, vocab, (prompts, seq), generator=g).to(device)
+    first = len(blocks(model)) - last_layers
+    every = all_edges(describe(model))
+    return {
+        "clean": clean,
+        "corrupt": corrupt,
+        "metric": Metric.logit_diff(int(clean[0, -1]), int(corrupt[0, -1])),
+        "edges": [
+            e
+            for e in every
+            if e.downstream.kind == "logits"
+            and e.upstream.layer is not None  # not embed
+            and e.upstream.layer >= first
+        ],
+    }
+
+
+def run_acdc(model: nn.Module, data: dict[str, Any], batch_size: int) -> Any:
+    """ACDC over ``data``'s candidate edges, ``batch_size`` candidate runs per pass."""
+    from interventions.circuits.acdc import acdc
+
+    return acdc(
+        model,
+        data["clean"],
+        data["corrupt"],
+        data["metric"],
+        threshold=ACDC_THRESHOLD,
+        edges=data["edges"],
+        batch_size=batch_size,
+    )
+
+
+def run_eap(model: nn.Module, data: dict[str, Any]) -> Any:
+    """EAP scores of every edge of ``model`` on ``data``'s prompts."""
+    from interventions.circuits.eap import edge_attribution
+
+    return edge_attribution(model, data["clean"], data["corrupt"], data["metric"])
+
+
+def forward_backward(model: nn.Module, data: dict[str, Any]) -> None:
+    """One plain forward and backward of the clean prompts' metric: EAP's floor."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=data["clean"], use_cache=False).logits[:, -1].float()
+    data["metric"](logits).mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def once(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """Seconds of one call and the peak GPU memory (GiB) during it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30, out
+
+
+def passes(circuit: Any) -> int:
+    """How many graphs ACDC ran to find ``circuit``."""
+    return int(dict(circuit.stats)["passes"])
+
+
+def same_circuit(a: Any, b: Any) -> str:
+    """Whether two ACDC circuits keep the same edges, in words for the table."""
+    if set(a.edges) == set(b.edges):
+        return f"same {len(a.edges)} edges"
+    return f"{len(set(a.edges) ^ set(b.edges))} edges differ (bf16 near the threshold)"
+
+
+def bench_circuits(shape: str, model: nn.Module, rounds: int) -> list[tuple[str, ...]]:
+    """The ``acdc`` and ``eap`` rows (torch backend)."""
+    data = circuit_data(model)
+    rows: list[tuple[str, ...]] = []
+    warm = {**data, "edges": data["edges"][-4:]}
+    for batch_size in (1, ACDC_BATCH):  # warm-up: 4 edges each
+        run_acdc(model, warm, batch_size)
+    loop_s, loop_mem, loop = once(lambda: run_acdc(model, data, 1))
+    label = f"loop (batch_size=1, {passes(loop)} passes)"
+    rows.append((shape, "acdc", label, f"{loop_s:.4f}", "1.00", f"{loop_mem:.2f}"))
+    s, mem, fast = once(lambda: run_acdc(model, data, ACDC_BATCH))
+    label = f"torch (batch_size={ACDC_BATCH}, {passes(fast)} passes)"
+    rows.append((shape, "acdc", label, f"{s:.4f}", f"{s / loop_s:.2f}", f"{mem:.2f}"))
+    print(f"  {shape} acdc done: {same_circuit(fast, loop)}", flush=True)
+    base_s, base_mem, _ = timed(lambda: forward_backward(model, data), rounds)
+    rows.append((shape, "eap", "fwd+bwd", f"{base_s:.4f}", "1.00", f"{base_mem:.2f}"))
+    s, mem, _ = timed(lambda: run_eap(model, data), rounds)
+    rows.append((shape, "eap", "torch", f"{s:.4f}", f"{s / base_s:.2f}", f"{mem:.2f}"))
+    print(f"  {shape} eap done", flush=True)
+    return rows
+
+
 def bench_shape(shape: str, quick: bool, rounds: int, backends: list[str]) -> list[tuple[str, ...]]:
     """Every workload on one model shape: the hooks baseline, then each package backend."""
     model = build(shape, quick)
@@ -227,6 +355,8 @@ def bench_shape(shape: str, quick: bool, rounds: int, backends: list[str]) -> li
                 continue
             rows.append((shape, workload, backend, f"{s:.4f}", f"{s / base_s:.2f}", f"{mem:.2f}"))
         print(f"  {shape} {workload} done", flush=True)
+    if shape == "gpt2":
+        rows += bench_circuits(shape, model, rounds)
     return rows
 
 

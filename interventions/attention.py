@@ -117,7 +117,8 @@ class ScoresInterceptor(torch.overrides.TorchFunctionMode):
     ``edit`` and softmaxes what it returns.
 
     The scores are exactly the tensor the module's eager attention passes to softmax:
-    after scaling, soft-capping (Gemma-2) and ALiBi (BLOOM) and after the additive causal
+    after scaling, soft-capping (Gemma-2) and ALiBi (BLOOM, Falcon-RW: counted once, see
+    :func:`interventions.hf.falcon_alibi_attention`) and after the additive causal
     mask, whose masked entries hold ``score + torch.finfo(dtype).min`` (not ``-inf``).
     Entered by a forward pre-hook of the attention module and left by its forward hook, so
     only that module's softmax is seen; it must see exactly one (eager attention: SDPA and

@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -77,19 +78,62 @@ def logits_kwargs(model: nn.Module, keep: int | None) -> dict[str, int]:
 
 @contextlib.contextmanager
 def eager_attention(model: nn.Module, needed: bool) -> Iterator[None]:
-    """Switch a HuggingFace model to eager attention for the block, then restore it."""
+    """Switch a HuggingFace model to eager attention for the block, then restore it.
+
+    Falcon with ALiBi gets one fix while it is eager (:func:`falcon_alibi_attention`), so
+    that eager attention computes what its SDPA attention computes.
+    """
     if not needed or getattr(model, "config", None) is None:
         yield
         return
     configs: list[Any] = [getattr(m, "config", None) for m in model.modules()]
     saved = [(c, getattr(c, "_attn_implementation", None)) for c in configs if c is not None]
+    handles: list[Any] = []
     try:
         for c, _ in saved:
             c._attn_implementation = "eager"
+        for module in falcon_alibi_attention(model):
+            handles.append(module.register_forward_pre_hook(_mask_without_alibi, with_kwargs=True))
         yield
     finally:
+        for handle in handles:
+            handle.remove()
         for c, impl in saved:
             c._attn_implementation = impl
+
+
+def falcon_alibi_attention(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of a Falcon model with ALiBi (``[]`` for any other model).
+
+    transformers (5.x) folds ALiBi, scaled by ``1 / sqrt(d_head)``, into the attention mask
+    it hands every layer, for SDPA; its eager attention adds ALiBi to ``q k^T`` itself as
+    well, so eager attention, the only one that shows patterns and scores, counts ALiBi
+    twice (the symptom of transformers issue 29946, fixed in 4.40, back again). While the
+    model is eager, a pre-hook on each of these modules keeps only the mask's masked
+    entries (``torch.finfo(dtype).min``; 0 elsewhere), so ALiBi is counted once, as the
+    model's SDPA attention and the original Falcon-RW count it.
+
+    >>> import transformers
+    >>> config = transformers.FalconConfig(
+    ...     num_hidden_layers=1, hidden_size=8, num_attention_heads=2, alibi=True
+    ... )
+    >>> len(falcon_alibi_attention(transformers.FalconForCausalLM(config)))
+    1
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "falcon" or not getattr(config, "alibi", False):
+        return []
+    return [m for m in model.modules() if type(m).__name__ == "FalconAttention"]
+
+
+def _mask_without_alibi(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    mask = kwargs.get("attention_mask")
+    if kwargs.get("alibi") is None or mask is None or not mask.is_floating_point():
+        return None
+    masked = mask == torch.finfo(mask.dtype).min
+    return args, {**kwargs, "attention_mask": mask.masked_fill(~masked, 0.0)}
 
 
 def empty_tokenizer(tokenizer: Any) -> bool:

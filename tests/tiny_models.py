@@ -80,6 +80,13 @@ def _cfg(name: str):
         return t.FalconConfig(new_decoder_architecture=True, num_kv_heads=2, **falcon)
     if name == "falcon_seq":  # falcon-rw style sequential block (no ALiBi here)
         return t.FalconConfig(parallel_attn=False, multi_query=False, **falcon)
+    # ALiBi in place of rotary: falcon-rw's sequential block (biases, one kv head per
+    # query head), and falcon-7b's parallel multi-query block with ALiBi
+    alibi = dict(alibi=True, new_decoder_architecture=False, bias=True, **falcon)
+    if name == "falcon_alibi":  # falcon-rw-1b / -7b
+        return t.FalconConfig(parallel_attn=False, multi_query=False, **alibi)
+    if name == "falcon_alibi_par":
+        return t.FalconConfig(parallel_attn=True, multi_query=True, **alibi)
     moe = dict(num_experts_per_tok=2, **llama_like)
     if name == "mixtral":
         return t.MixtralConfig(num_local_experts=4, **moe)
@@ -97,7 +104,8 @@ def _cfg(name: str):
 
 FIRST_FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma")
 NEW_FAMILIES = ("gemma2", "gemma3", "qwen3", "phi3", "olmo2", "gptj", "opt", "bloom")
-FALCON_FAMILIES = ("falcon", "falcon_new", "falcon_seq")  # one model_type, three blocks
+# one model_type: three blocks with rotary positions, two with ALiBi
+FALCON_FAMILIES = ("falcon", "falcon_new", "falcon_seq", "falcon_alibi", "falcon_alibi_par")
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 ALL_FAMILIES = FIRST_FAMILIES + NEW_FAMILIES + FALCON_FAMILIES + MOE_FAMILIES
 # the per-adapter tests (hand-written module paths per family) cover the first six; the

@@ -18,6 +18,7 @@ import interventions as iv
 from tests.core.strategies import DEFAULT_SITES, graphs
 from tests.tiny_models import (
     ALL_FAMILIES,
+    FALCON_FAMILIES,
     FIRST_FAMILIES,
     MOE_FAMILIES,
     WORDS,
@@ -46,12 +47,12 @@ RAW_SITES = {
     ),
     **{
         f: ("transformer.h.0.mlp.output", "transformer.h.1.self_attention.dense.input")
-        for f in ("falcon", "falcon_new", "falcon_seq")
+        for f in FALCON_FAMILIES
     },
 }
 LLAMA_RAW = ("model.layers.0.mlp.output", "model.layers.1.self_attn.o_proj.input")
 D_MLP = {"gpt2": 128, "gpt_neox": 64, "gptj": 128, "bloom": 128}
-D_MLP.update(falcon=128, falcon_new=128, falcon_seq=128)
+D_MLP.update(dict.fromkeys(FALCON_FAMILIES, 128))
 HEAD_DIM = {"gemma": 16}
 # fused experts have no mlp_hidden; the router sites are held to hand-written hooks in
 # test_families.py (nnsight and pyvene refuse them by name)
@@ -117,9 +118,10 @@ def test_random_graphs_agree(backend: str, family: str, data: st.DataObject) -> 
     assert_agree(draw_graph(data, family), family, backend)
 
 
-# Falcon's two other blocks (falcon-40b's, the sequential one) share the map and most of
-# the code of falcon-7b's: two draws each by default
-FALCON_VARIANTS = ("falcon_new", "falcon_seq")
+# Falcon's other rotary blocks (falcon-40b's, the sequential one) and the parallel block
+# with ALiBi share the map and most of the code of falcon-7b's and falcon-rw's (ALiBi,
+# sequential; four draws with the later families): two draws each by default
+FALCON_VARIANTS = ("falcon_new", "falcon_seq", "falcon_alibi_par")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,7 +9,7 @@ import torch
 
 import interventions as iv
 from interventions.architectures import describe
-from tests.tiny_models import ALL_FAMILIES, MOE_FAMILIES, hf_model, hook_count
+from tests.tiny_models import ALL_FAMILIES, FALCON_FAMILIES, MOE_FAMILIES, hf_model, hook_count
 
 IDS = torch.tensor([[5, 9, 14, 3, 22, 7, 8], [6, 6, 30, 31, 2, 9, 40]])
 # half precision: every backend runs the same kernels in the same order, so they agree far
@@ -179,7 +179,7 @@ def test_half_precision_agrees(family: str, dtype: torch.dtype, backend: str) ->
     torch.testing.assert_close(want["out"].float(), ref["out"], atol=0.25, rtol=0.1)
 
 
-@pytest.mark.parametrize("family", ["falcon", "falcon_new", "falcon_seq"])
+@pytest.mark.parametrize("family", FALCON_FAMILIES)
 def test_falcon_mlp_out_is_read_before_the_block_adds_attention_into_it(family: str) -> None:
     """Falcon's block does ``mlp_output += attention_output`` in place after the MLP
     returns: a read of ``mlp_out`` is the MLP alone, held to the MLP run by hand on the
@@ -187,7 +187,7 @@ def test_falcon_mlp_out_is_read_before_the_block_adds_attention_into_it(family: 
     model = hf_model(family)
     layer = model.transformer.h[1]
     norm = layer.ln_mlp if family == "falcon_new" else layer.input_layernorm
-    if family == "falcon_seq":
+    if not model.config.parallel_attn:  # sequential: the MLP reads its own norm
         norm = layer.post_attention_layernorm
     seen: list[torch.Tensor] = []
     handle = norm.register_forward_hook(lambda m, a, out: seen.append(out.clone()))

@@ -1,7 +1,9 @@
 """The ``attn_scores`` site (pre-softmax attention scores) against scores computed by hand
 from the weights, q k^T / sqrt(d_head) plus the causal mask (score + dtype min where a
 key is in the future), on GPT-2 and Llama with grouped-query attention (4 query heads, 2
-key-value heads; rotary applied to q and k). Softmax of the scores is the existing
+key-value heads; rotary applied to q and k), and on the ALiBi models (BLOOM, Falcon-RW's
+sequential block and Falcon's parallel multi-query block with ALiBi: each head's slope
+times the key position, written out by hand). Softmax of the scores is the existing
 ``attn_pattern`` site; edits at the scores reach the pattern and only the edited head.
 
 The oracle uses the model's own norms and projections and HuggingFace's rotary helper;
@@ -127,3 +129,64 @@ def test_a_failed_run_leaves_no_hook_and_no_interceptor() -> None:
         handle.remove()
     assert hook_count(model) == 0
     assert torch.overrides._get_current_function_mode_stack() == []
+
+
+ALIBI_FAMILIES = ("falcon_alibi", "falcon_alibi_par", "bloom")
+
+
+def hand_alibi_scores(family: str, doubled: bool = False) -> torch.Tensor:
+    """[batch, head, query, key] scores of ``LAYER`` on ``IDS`` of an ALiBi model, from the
+    weights: ``q k^T / sqrt(d_head)`` plus head ``h``'s slope ``2^(-8 (h + 1) / 4)`` times
+    the key's position (BLOOM adds that as is; Falcon scales it by ``1 / sqrt(d_head)``
+    too), plus the causal mask. ``doubled``: ALiBi counted twice (the bug to catch)."""
+    model = strong_model(family)
+    with torch.no_grad():
+        x = model(IDS, output_hidden_states=True).hidden_states[LAYER]
+        block, n, p = model.transformer.h[LAYER], 4, IDS.shape[1]
+        attn = block.self_attention
+        qkv = attn.query_key_value(block.input_layernorm(x))
+        if getattr(model.config, "multi_query", False):  # [q_0 .. q_3 | k | v]
+            heads = qkv.unflatten(-1, (n + 2, -1))
+            q, k = heads[..., :n, :], heads[..., n : n + 1, :].expand(-1, -1, n, -1)
+        else:  # per head [q_h k_h v_h]
+            heads = qkv.unflatten(-1, (n, 3, -1))
+            q, k = heads[..., 0, :], heads[..., 1, :]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [b, h, p, dh]
+        d_head = q.shape[-1]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d_head)
+        slopes = torch.tensor([2.0 ** (-2 * (h + 1)) for h in range(n)])
+        alibi = slopes[:, None, None] * torch.arange(p, dtype=torch.float32)  # [h, 1, key]
+        if family != "bloom":
+            alibi = alibi / math.sqrt(d_head)
+        scores = scores + (2 if doubled else 1) * alibi
+        future = torch.ones(p, p, dtype=torch.bool).triu(1)
+        return scores + torch.where(future, torch.finfo(scores.dtype).min, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "nnsight"])
+@pytest.mark.parametrize("family", ALIBI_FAMILIES)
+def test_alibi_is_in_the_scores_once_and_reading_them_leaves_the_run_unchanged(
+    family: str, backend: str
+) -> None:
+    """ALiBi models' scores by hand; reading scores or patterns (eager attention) leaves
+    the logits those of the model's own forward (SDPA): transformers' eager Falcon counts
+    ALiBi twice unless the adapter corrects it (``interventions.hf``)."""
+    model = strong_model(family)
+    assert model.config._attn_implementation == ("eager" if family == "bloom" else "sdpa")
+    g = iv.Graph()
+    r = g.run("clean", tokens=IDS)
+    if backend == "torch":  # nnsight reads patterns, not scores
+        r.read("attn_scores", layer=LAYER, name="scores")
+    r.read("attn_pattern", layer=LAYER, name="pattern")
+    r.read("logits", name="logits")
+    out = iv.run(g, model, backend=backend)
+    want = hand_alibi_scores(family)
+    with torch.no_grad():
+        assert_close(out["logits"], model(IDS).logits, **FP32)
+    assert_close(out["pattern"], want.softmax(-1), **FP32)
+    # the check can fail: ALiBi moves the pattern, and counting it twice is caught
+    doubled = hand_alibi_scores(family, doubled=True).softmax(-1)
+    assert (doubled - want.softmax(-1)).abs().max() > 1e-2
+    if backend == "torch":
+        assert_close(out["scores"], want, **FP32)
+    assert hook_count(model) == 0
