@@ -22,7 +22,7 @@ from interventions.backends import get_backend
 from interventions.batching import Budget, batch_graph
 from interventions.errors import ExecutionError, InterventionError, UnsupportedOp
 from interventions.graph import Graph
-from interventions.hf import empty_tokenizer
+from interventions.hf import empty_tokenizer, falcon_alibi_attention
 from interventions.locks import model_lock
 from interventions.ops import Read, depends_on, produces, source_run
 from interventions.plan import make_plan
@@ -458,6 +458,7 @@ def _run_remote(
     model, info, plan, impl, internal = _prepare(
         graph, model, backend, tokenizer, batch, budget, options, remote=True, first=run_first
     )
+    _refuse_remote_falcon_alibi_patterns(plan.graph, model)
     if isinstance(remote, str):
         options.setdefault("host", remote)  # nnsight's convention: remote="http://host:port"
     impl = remote_backend(impl, backend)
@@ -473,6 +474,19 @@ def _run_remote(
         echo["assemblies"] = [a.to_dict() for a in plan.assembly.assemblies]
     handle = impl.submit(plan, model, wait=wait, echo=echo, **options)
     return Job(handle, backend)
+
+
+def _refuse_remote_falcon_alibi_patterns(graph: Graph, model: nn.Module) -> None:
+    """A host's eager Falcon attention counts ALiBi twice (transformers 5; locally the
+    adapters correct it, see :func:`interventions.hf.falcon_alibi_attention`), so patterns
+    read there would be wrong and their run's outputs too: refused before anything is sent."""
+    eager = sorted({op.site.name for op in graph.ops} & {"attn_pattern", "attn_scores"})
+    if eager and falcon_alibi_attention(model):
+        raise UnsupportedOp(
+            f"{', '.join(eager)} on Falcon with ALiBi cannot run remotely: the host's eager "
+            "attention counts ALiBi twice (transformers 5), which the local backends correct; "
+            "run it locally (remote=False), or leave attention patterns out of the remote graph"
+        )
 
 
 def submit(

@@ -114,6 +114,21 @@ def test_remote_is_refused_by_backends_that_cannot(checkpoint: str) -> None:
         iv.run(g, hf_model("llama"), backend="torch", remote=True)
 
 
+@pytest.mark.parametrize("family", ["falcon_alibi", "falcon_alibi_par"])
+def test_patterns_of_falcon_with_alibi_are_refused_remotely(family: str) -> None:
+    """The host's eager Falcon attention counts ALiBi twice; the client corrects only its
+    own copy, so the graph is refused before anything is sent (a closed port: no host)."""
+    g = iv.Graph()
+    g.run("x", tokens=torch.tensor([[1, 2, 3]])).read("attn_pattern", layer=0, name="p")
+    with pytest.raises(iv.UnsupportedOp, match="attn_pattern on Falcon with ALiBi cannot run"):
+        iv.run(g, hf_model(family), backend="nnsight", remote="http://127.0.0.1:9", retries=0)
+    ok = iv.Graph()  # the same model without patterns goes on to the (closed) host
+    ok.run("x", tokens=torch.tensor([[1, 2, 3]])).read("logits", name="y")
+    with pytest.raises(iv.InterventionError) as info:
+        iv.run(ok, hf_model(family), backend="nnsight", remote="http://127.0.0.1:9", retries=0)
+    assert not isinstance(info.value, iv.UnsupportedOp)
+
+
 def test_unknown_remote_options_are_refused(checkpoint: str) -> None:
     g = iv.Graph()
     g.run("x", tokens=torch.tensor([[1, 2, 3]])).read("logits", name="y")
