@@ -66,6 +66,19 @@ def test_eap_ig_equals_the_hand_path_average_and_steps_1_is_eap(family: str) -> 
     assert (torch.tensor(ig.scores) - torch.tensor(eap.scores)).abs().max() > 1e-3
 
 
+def test_eap_unembeds_only_the_metric_position() -> None:
+    """Both passes ask for the logits at the metric's position alone (its gradient reads
+    raw norm inputs in the blocks, which see every position anyway), and the scores are
+    those of the hand path."""
+    from tests.tiny_models import input_shapes
+
+    model = strong_model("gpt2")
+    with input_shapes(model.get_output_embeddings()) as shapes:
+        c = edge_attribution(model, IDS, CORRUPT, METRIC)
+    assert [s[1] for s in shapes] == [1, 1]
+    assert_close(torch.tensor(c.scores), _hand_scores("gpt2", c.edges, [1.0]), **TOL)
+
+
 def test_circuit_saves_loads_and_selects(tmp_path) -> None:
     c = edge_attribution(strong_model("gpt2"), IDS, CORRUPT, METRIC)
     back = Circuit.load(c.save(tmp_path / "c.json"))
