@@ -40,7 +40,14 @@ from torch import nn
 from interventions.architectures import ModelInfo, describe
 from interventions.attention import projection_weight, qkv_view
 from interventions.circuits.circuit import Circuit
-from interventions.circuits.edges import Edge, Node, all_edges, downstream_site, upstream_site
+from interventions.circuits.edges import (
+    Edge,
+    Node,
+    all_edges,
+    all_nodes,
+    downstream_site,
+    upstream_site,
+)
 from interventions.errors import SpecError
 from interventions.execute import run
 from interventions.graph import Graph
@@ -204,21 +211,39 @@ def _differences(
 
 
 def _scores(
-    edge_list: Sequence[Edge], diffs: torch.Tensor, ups: Sequence[Node], grads: _InputGrads
+    edge_list: Sequence[Edge] | None,
+    reps: Sequence[Edge],
+    diffs: torch.Tensor,
+    ups: Sequence[Node],
+    grads: _InputGrads,
 ) -> list[float]:
     """``(corrupt - clean) . grad`` summed over prompts, positions and the model width, for
     every edge, as matrix products: the upstream nodes feeding an input come first in
     forward order (a slice, no copy), and the inputs that need the same slice (a layer's
-    q, k and v inputs, all heads) are one product."""
+    q, k and v inputs, all heads) are one product.
+
+    ``edge_list=None`` means every edge of the model in :func:`all_edges` order (``reps``:
+    its first edge into each input, in order): each table, flattened, is then the scores of
+    its edges in that order, with no per-edge bookkeeping."""
     index = {u: i for i, u in enumerate(ups)}
     by_input: dict[str, list[tuple[int, int, int]]] = {}
-    for i, e in enumerate(edge_list):
-        key, head = _down_key(e)
-        by_input.setdefault(key, []).append((i, index[e.upstream], head or 0))
     by_slice: dict[int, list[str]] = {}
-    for key, rows in by_input.items():
-        by_slice.setdefault(1 + max(u for _, u, _ in rows), []).append(key)
-    out = torch.empty(len(edge_list), dtype=torch.float32)
+    if edge_list is None:
+        for e in reps:  # an input reads every node before it, in forward order
+            key, head = _down_key(e)
+            if head:  # one key per input, all its heads
+                continue
+            d = e.downstream
+            n_up = len(ups) if d.kind == "logits" else sum(1 for u in ups if _before(u, d))
+            by_slice.setdefault(n_up, []).append(key)
+    else:
+        for i, e in enumerate(edge_list):
+            key, head = _down_key(e)
+            by_input.setdefault(key, []).append((i, index[e.upstream], head or 0))
+        for key, rows in by_input.items():
+            by_slice.setdefault(1 + max(u for _, u, _ in rows), []).append(key)
+    tables: list[torch.Tensor] = []
+    out = torch.empty(0 if edge_list is None else len(edge_list), dtype=torch.float32)
     for n_up, keys in by_slice.items():
         # every head of every input here, one row each: [rows, N * d_model]
         parts = grads.rows(keys)
@@ -229,6 +254,9 @@ def _scores(
         # one matrix product (an einsum over two axes is many times slower on CPU)
         table = (stacked.to(diffs.device) @ diffs[:n_up].T).cpu()  # [rows, n_up]
         del parts, stacked
+        if edge_list is None:
+            tables.append(table.flatten())
+            continue
         edge_ids, row_ids, up_ids = [], [], []
         for k, offset in zip(keys, offsets, strict=False):
             for i, u, h in by_input[k]:
@@ -236,7 +264,30 @@ def _scores(
                 row_ids.append(offset + h)
                 up_ids.append(u)
         out[torch.tensor(edge_ids)] = table[torch.tensor(row_ids), torch.tensor(up_ids)]
-    return out.tolist()
+    return (torch.cat(tables) if edge_list is None else out).tolist()
+
+
+def _before(up: Node, down: Node) -> bool:
+    """Whether ``up`` writes before ``down`` (a head or an MLP) reads."""
+    if up.kind == "embed":
+        return True
+    assert up.layer is not None and down.layer is not None
+    same_layer = up.layer == down.layer and up.kind == "head" and down.kind == "mlp"
+    return up.layer < down.layer or same_layer
+
+
+def _first_edges(info: ModelInfo) -> list[Edge]:
+    """The first edge into each downstream input, in :func:`all_edges` order: the one from
+    the embeddings."""
+    assert info.n_layers is not None and info.n_heads is not None
+    n_kv = info.n_kv_heads or info.n_heads
+    embed, reps = Node("embed"), []
+    for layer in range(info.n_layers):
+        for part in ("q", "k", "v"):
+            for h in range(info.n_heads if part == "q" else n_kv):
+                reps.append(Edge(embed, Node("head", layer, h), part))  # type: ignore[arg-type]
+        reps.append(Edge(embed, Node("mlp", layer)))
+    return [*reps, Edge(embed, Node("logits"))]
 
 
 def _down_grads(
@@ -330,7 +381,8 @@ def edge_attribution(
     edge_list = list(all_edges(info) if edges is None else edges)
     if not edge_list:
         raise SpecError("edges=: no edges to score (None scores every edge of the model)")
-    ups = sorted({e.upstream for e in edge_list})
+    every = edges is None  # all_edges' order: scored with no per-edge bookkeeping
+    ups = all_nodes(info)[:-1] if every else sorted({e.upstream for e in edge_list})
     up_sites = sorted({upstream_site(info, u) for u in ups}, key=str)
 
     # pass 1: the corrupt run's upstream outputs and token embeddings
@@ -345,7 +397,12 @@ def edge_attribution(
     # point is the clean run itself, exactly, and gives the clean upstream outputs too
     alphas = [1.0] if steps is None else [k / steps for k in range(1, steps + 1)]
     downs: dict[str, Site] = {}
-    for e in {(e.downstream, e.input): e for e in edge_list}.values():  # one per input
+    reps = (
+        _first_edges(info)
+        if every
+        else list({(e.downstream, e.input): e for e in edge_list}.values())  # one per input
+    )
+    for e in reps:
         site, _ = downstream_site(info, e)
         downs[_down_key(e)[0]] = site
     grads, clean_values = _down_grads(
@@ -356,6 +413,6 @@ def edge_attribution(
     corrupt_values = {str(s): first[f"corrupt.{s}"] for s in up_sites}
     diffs = _differences(model, info, ups_fwd, clean_values, corrupt_values)
     del clean_values, corrupt_values
-    scores = _scores(edge_list, diffs, ups_fwd, grads)
+    scores = _scores(None if every else edge_list, reps, diffs, ups_fwd, grads)
     method = "eap" if steps is None else f"eap_ig(steps={steps})"
     return Circuit(tuple(edge_list), tuple(scores), method)

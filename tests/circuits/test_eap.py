@@ -66,6 +66,24 @@ def test_eap_ig_equals_the_hand_path_average_and_steps_1_is_eap(family: str) -> 
     assert (torch.tensor(ig.scores) - torch.tensor(eap.scores)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_edge_scores_as_the_same_edges_given_in_any_order(family: str) -> None:
+    """``edges=None`` (every edge, no per-edge bookkeeping) against the same edges given
+    explicitly, shuffled, and a subset (per-edge bookkeeping): one score per edge."""
+    from interventions.architectures import describe
+    from interventions.circuits.edges import all_edges
+
+    model = strong_model(family)
+    every = edge_attribution(model, IDS, CORRUPT, METRIC)
+    assert list(every.edges) == all_edges(describe(model))
+    want = dict(zip(every.edges, every.scores, strict=True))
+    shuffled = [every.edges[i] for i in torch.randperm(len(every.edges)).tolist()]
+    for edges in (shuffled, shuffled[::3]):
+        c = edge_attribution(model, IDS, CORRUPT, METRIC, edges=edges)
+        assert list(c.edges) == edges
+        assert_close(torch.tensor(c.scores), torch.tensor([want[e] for e in edges]), **TOL)
+
+
 def test_eap_unembeds_only_the_metric_position() -> None:
     """Both passes ask for the logits at the metric's position alone (its gradient reads
     raw norm inputs in the blocks, which see every position anyway), and the scores are
