@@ -42,6 +42,7 @@ from interventions.attention import projection_weight, qkv_view
 from interventions.circuits.circuit import Circuit
 from interventions.circuits.edges import (
     Edge,
+    HeadInput,
     Node,
     all_edges,
     all_nodes,
@@ -281,11 +282,12 @@ def _first_edges(info: ModelInfo) -> list[Edge]:
     the embeddings."""
     assert info.n_layers is not None and info.n_heads is not None
     n_kv = info.n_kv_heads or info.n_heads
-    embed, reps = Node("embed"), []
+    embed, reps = Node("embed"), list[Edge]()
+    parts: tuple[HeadInput, ...] = ("q", "k", "v")
     for layer in range(info.n_layers):
-        for part in ("q", "k", "v"):
+        for part in parts:
             for h in range(info.n_heads if part == "q" else n_kv):
-                reps.append(Edge(embed, Node("head", layer, h), part))  # type: ignore[arg-type]
+                reps.append(Edge(embed, Node("head", layer, h), part))
         reps.append(Edge(embed, Node("mlp", layer)))
     return [*reps, Edge(embed, Node("logits"))]
 
