@@ -99,29 +99,40 @@ class _InputGrads:
         if qkv:
             self.points.append(({k: v.detach() for k, v in xs.items()}, qkv))
 
-    def rows(self, keys: Sequence[str]) -> list[torch.Tensor]:
-        """Each input's gradient as ``[heads or 1, prompts * positions * d_model]``."""
-        by_layer: dict[int, list[str]] = {}
-        for k in keys:
-            site = self.downs[k]
-            if not site.is_raw:
-                assert site.layer is not None
-                by_layer.setdefault(site.layer, []).append(k)
-        made: dict[str, torch.Tensor] = {}
-        for layer, names in by_layer.items():
-            made.update(zip(names, self._head_inputs(layer, names), strict=True))
-        out = []
-        for k in keys:
-            if k in made:
-                out.append(made[k])
-            else:
-                g = self.raw[k]
-                out.append(g.reshape(1, -1))
-        return out
+    def n_rows(self, key: str) -> int:
+        """How many rows an input has in :meth:`rows`: its heads, or 1."""
+        site = self.downs[key]
+        if site.is_raw:
+            return 1
+        n = self.info.n_heads or 1
+        return n if site.name == "q_input" else (self.info.n_kv_heads or n)
 
-    def _head_inputs(self, layer: int, names: Sequence[str]) -> list[torch.Tensor]:
-        """The per-head input gradients of the inputs ``names`` of one layer, each
-        ``[heads, prompts * positions * d_model]``, summed over the points."""
+    def rows(self, keys: Sequence[str]) -> torch.Tensor:
+        """The inputs' gradients stacked, ``[rows, prompts * positions * d_model]``: an
+        input's heads (one row for a raw input) in turn. A layer's q/k/v inputs in a row
+        come from one product, as one block (no copy when that is all of ``keys``)."""
+        blocks: list[torch.Tensor] = []
+        i = 0
+        while i < len(keys):
+            site = self.downs[keys[i]]
+            if site.is_raw:
+                blocks.append(self.raw[keys[i]].reshape(1, -1))
+                i += 1
+                continue
+            j = i
+            while j < len(keys) and not self.downs[keys[j]].is_raw:
+                if self.downs[keys[j]].layer != site.layer:
+                    break
+                j += 1
+            assert site.layer is not None
+            blocks.append(self._head_inputs(site.layer, keys[i:j]))
+            i = j
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def _head_inputs(self, layer: int, names: Sequence[str]) -> torch.Tensor:
+        """The per-head input gradients of the inputs ``names`` of one layer, summed over
+        the points, ``[heads, prompts * positions * d_model]`` (each input's heads in
+        turn)."""
         info, arch = self.info, self.info.arch
         assert arch is not None
         norm = self.model.get_submodule(f"{arch.layers}.{layer}.{arch.attn_norm}")
@@ -132,26 +143,20 @@ class _InputGrads:
             point = self.info.hook_point(Site(self.downs[name].name.removesuffix("_input"), layer))
             w = projection_weight(self.model.get_submodule(point.module)).detach()
             weights.append(qkv_view(w, point.view, **dims).float())  # [d_model, head, d_head]
-        sizes = [w.shape[1] for w in weights]
+        w_all = weights[0] if len(weights) == 1 else torch.cat(weights, dim=1)
         total: torch.Tensor | None = None
         for xs, grads in self.points:
-            x = xs[layer]
-            # the cotangent at each head's copy of the norm's output: [b, p, heads, d_model]
-            cot = torch.cat(
-                [
-                    torch.einsum("bphe,dhe->bphd", grads[name].float().to(w.device), w)
-                    for name, w in zip(names, weights, strict=True)
-                ],
-                dim=-2,
-            )
+            x = xs[layer].detach().float().to(w_all.device)
+            g_out = torch.cat([grads[name].float().to(w_all.device) for name in names], dim=-2)
+            # the cotangent at each head's copy of the norm's output, head-major:
+            # [heads, b, p, d_model] (one batched product over the heads)
+            cot = torch.einsum("bphe,dhe->hbpd", g_out, w_all)
             with torch.enable_grad():
-                heads = x.detach().float().unsqueeze(-2).expand(*x.shape[:-1], sum(sizes), -1)
-                heads = heads.clone().requires_grad_()
+                heads = x.unsqueeze(0).expand(cot.shape[0], *x.shape).clone().requires_grad_()
                 (g,) = torch.autograd.grad(norm.forward(heads), heads, cot)
             total = g if total is None else total.add_(g)
         assert total is not None
-        total = total.mul_(self.scale).movedim(-2, 0)  # [heads, b, p, d_model]
-        return [part.reshape(part.shape[0], -1) for part in total.split(sizes)]
+        return total.mul_(self.scale).reshape(total.shape[0], -1)
 
 
 def _down_key(edge: Edge) -> tuple[str, int | None]:
@@ -247,23 +252,21 @@ def _scores(
     out = torch.empty(0 if edge_list is None else len(edge_list), dtype=torch.float32)
     for n_up, keys in by_slice.items():
         # every head of every input here, one row each: [rows, N * d_model]
-        parts = grads.rows(keys)
-        offsets = [0]
-        for part in parts:
-            offsets.append(offsets[-1] + part.shape[0])
-        stacked = parts[0] if len(parts) == 1 else torch.cat(parts)
+        stacked = grads.rows(keys)
         # one matrix product (an einsum over two axes is many times slower on CPU)
         table = (stacked.to(diffs.device) @ diffs[:n_up].T).cpu()  # [rows, n_up]
-        del parts, stacked
+        del stacked
         if edge_list is None:
             tables.append(table.flatten())
             continue
         edge_ids, row_ids, up_ids = [], [], []
-        for k, offset in zip(keys, offsets, strict=False):
+        offset = 0
+        for k in keys:
             for i, u, h in by_input[k]:
                 edge_ids.append(i)
                 row_ids.append(offset + h)
                 up_ids.append(u)
+            offset += grads.n_rows(k)
         out[torch.tensor(edge_ids)] = table[torch.tensor(row_ids), torch.tensor(up_ids)]
     return (torch.cat(tables) if edge_list is None else out).tolist()
 
