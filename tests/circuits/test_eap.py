@@ -122,6 +122,14 @@ def test_bad_inputs_are_refused_by_name() -> None:
         edge_attribution(model, IDS, CORRUPT, METRIC, steps=0)
     with pytest.raises(SpecError, match="one score per edge"):
         Circuit((), (1.0,))
+    twice = [Edge(Node("head", 0, 1), Node("mlp", 0)) for _ in range(2)]  # equal, not one object
+    with pytest.raises(SpecError, match="lists each edge once"):
+        Circuit((*twice, Edge(Node("embed"), Node("mlp", 0))), (1.0, 2.0, 3.0))
+    assert Circuit((twice[0], Edge(Node("embed"), Node("mlp", 0))), (1.0, 2.0)).nodes == (
+        Node("embed"),
+        Node("head", 0, 1),
+        Node("mlp", 0),
+    )
 
 
 # --------------------------------------------------------------------------- EAP-IG on a toy
