@@ -90,8 +90,9 @@ class Plan:
         (``logits_to_keep=k``), which is most of the cost of a small model's forward when
         a sweep reads the last position only. ``None`` means every position is needed:
         some op at the logits selects a non-negative or open-ended position, the run
-        generates, is not a token run of a HuggingFace model, or touches raw module sites
-        (one of them could be the unembedding).
+        generates, is not a token run of a HuggingFace model, or touches a raw module site
+        outside the blocks and the final norm (it could be the unembedding; the blocks and
+        the final norm see every position whatever ``logits_to_keep`` is).
 
         Negative positions select the same entries in the kept tail as in the full
         tensor, so ops need no rewriting.
@@ -101,7 +102,7 @@ class Plan:
             return None
         need = 0
         for op in self.ops_of(run):
-            if op.site.is_raw:
+            if op.site.is_raw and not self._before_unembedding(op.site):
                 return None
             if isinstance(op, Grad):  # its metric reads the logits at metric_pos
                 if op.metric_pos >= 0:
@@ -115,11 +116,24 @@ class Plan:
             if tail is None:
                 return None
             need = max(need, tail)
-        if any(site.name == "logits" or site.is_raw for site in self.captures_of(run)):
+        if any(
+            site.name == "logits" or (site.is_raw and not self._before_unembedding(site))
+            for site in self.captures_of(run)
+        ):
             return None
         if need == 0:  # no op needs the logits: compute them at one position only
             return 1 if self.prompt_length(run) > 1 else None
         return need if need < self.prompt_length(run) else None
+
+    def _before_unembedding(self, site: Site) -> bool:
+        """Whether a raw site is a module inside the blocks or the final norm: a
+        HuggingFace forward keeps the last ``logits_to_keep`` positions only after them."""
+        arch = self.info.arch
+        if arch is None:
+            return False
+        path = site.raw_parts[0]
+        norm = arch.final_norm
+        return path.startswith(arch.layers + ".") or path == norm or path.startswith(norm + ".")
 
 
 def _tail_length(index: Index) -> int | None:

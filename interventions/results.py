@@ -86,6 +86,10 @@ class Results(Mapping[str, torch.Tensor]):
                 f"{choices_text(self._tensors) or 'none'}"
             ) from None
 
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default tries ``self[name]``, whose miss builds a "did you mean" message
+        return name in self._tensors
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 

@@ -71,7 +71,13 @@ class Circuit:
                 f"a circuit needs one score per edge; got {len(self.edges)} edges and "
                 f"{len(self.scores)} scores"
             )
-        if len(set(self.edges)) != len(self.edges):
+        # nodes are few and shared by many edges: hash each node object once, then the
+        # edges as tuples of small ints (tens of thousands of dataclass hashes otherwise)
+        by_id = {id(n): n for e in self.edges for n in (e.upstream, e.downstream)}
+        number: dict[Node, int] = {}
+        ids = {i: number.setdefault(n, len(number)) for i, n in by_id.items()}
+        keys = {(ids[id(e.upstream)], ids[id(e.downstream)], e.input) for e in self.edges}
+        if len(keys) != len(self.edges):
             raise SpecError("a circuit lists each edge once")
         for s in self.scores:
             if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
@@ -85,8 +91,7 @@ class Circuit:
                 or isinstance(pair[1], bool)
             ):
                 raise SpecError(f"circuit stats are (name, number) pairs, got {pair!r}")
-        touched = {n for e in self.edges for n in (e.upstream, e.downstream)}
-        object.__setattr__(self, "nodes", tuple(sorted(touched, key=_forward)))
+        object.__setattr__(self, "nodes", tuple(sorted(number, key=_forward)))
 
     def score(self, edge: Edge | str) -> float:
         """One edge's score."""

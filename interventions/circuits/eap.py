@@ -37,11 +37,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from interventions.apply import node_output
 from interventions.architectures import ModelInfo, describe
 from interventions.attention import projection_weight, qkv_view
 from interventions.circuits.circuit import Circuit
-from interventions.circuits.edges import Edge, Node, all_edges, downstream_site, upstream_site
+from interventions.circuits.edges import (
+    Edge,
+    HeadInput,
+    Node,
+    all_edges,
+    all_nodes,
+    downstream_site,
+    upstream_site,
+)
 from interventions.errors import SpecError
 from interventions.execute import run
 from interventions.graph import Graph
@@ -62,27 +69,94 @@ def _check_backend(backend: str) -> None:
     require_gradients(backend, "edge attribution")
 
 
-def _head_input_grad(
-    model: nn.Module, info: ModelInfo, site: Site, x: torch.Tensor, grad: torch.Tensor
-) -> torch.Tensor:
-    """The gradient at each head's own copy of its q/k/v input, from the gradient at that
-    head's q/k/v (``grad``, ``[b, p, head, d_head]``) and the block's input ``x``: the
-    vector-Jacobian product of ``x_h -> norm(x_h) @ W_h``, which is how a per-head input
-    reaches the metric. Returns ``[b, p, head, d_model]``."""
-    arch = info.arch
-    assert arch is not None and site.layer is not None
-    point = info.hook_point(Site(site.name.removesuffix("_input"), site.layer))
-    norm = model.get_submodule(f"{arch.layers}.{site.layer}.{arch.attn_norm}")
-    n = info.n_heads or 1
-    w = projection_weight(model.get_submodule(point.module)).detach()
-    dims = {"n_heads": n, "n_kv_heads": info.n_kv_heads or n, "d_head": info.d_head or 1}
-    w_h = qkv_view(w, point.view, **dims)  # [d_model, head, d_head]
-    with torch.enable_grad():
-        heads = x.detach().to(w.dtype).unsqueeze(-2).expand(*x.shape[:-1], w_h.shape[1], -1)
-        heads = heads.clone().requires_grad_()
-        y = torch.einsum("bphd,dhe->bphe", norm.forward(heads), w_h)
-        (out,) = torch.autograd.grad((y * grad.to(y)).sum(), heads)
-    return out
+class _InputGrads:
+    """The gradient of the metric at each downstream input, averaged over the points,
+    ``[rows, prompts * positions * d_model]`` (one row per head), made when asked for.
+
+    A raw input's (the MLP's, the final norm's) is kept as the grad pass gave it. A
+    per-head input's is the vector-Jacobian product of ``x_h -> norm(x_h) @ W_h`` at the
+    block's input ``x`` of each point, of the gradient at that head's q/k/v: only the
+    small q/k/v gradients and block inputs are kept, and a layer's per-head input
+    gradients (``[prompts, positions, heads, d_model]``, one copy of the stream per head)
+    are made for the layer being scored, its q, k and v inputs in one product.
+    """
+
+    def __init__(self, model: nn.Module, info: ModelInfo, downs: dict[str, Site], scale: float):
+        self.model, self.info, self.downs, self.scale = model, info, downs, scale
+        self.raw: dict[str, torch.Tensor] = {}  # summed over points, scaled
+        # per point: the block inputs by layer and the q/k/v gradients by input name
+        self.points: list[tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def add_point(
+        self,
+        xs: dict[int, torch.Tensor],
+        raw: dict[str, torch.Tensor],
+        qkv: dict[str, torch.Tensor],
+    ) -> None:
+        for name, grad in raw.items():
+            g = grad.detach().float() * self.scale
+            self.raw[name] = self.raw[name].add_(g) if name in self.raw else g
+        if qkv:
+            self.points.append(({k: v.detach() for k, v in xs.items()}, qkv))
+
+    def n_rows(self, key: str) -> int:
+        """How many rows an input has in :meth:`rows`: its heads, or 1."""
+        site = self.downs[key]
+        if site.is_raw:
+            return 1
+        n = self.info.n_heads or 1
+        return n if site.name == "q_input" else (self.info.n_kv_heads or n)
+
+    def rows(self, keys: Sequence[str]) -> torch.Tensor:
+        """The inputs' gradients stacked, ``[rows, prompts * positions * d_model]``: an
+        input's heads (one row for a raw input) in turn. A layer's q/k/v inputs in a row
+        come from one product, as one block (no copy when that is all of ``keys``)."""
+        blocks: list[torch.Tensor] = []
+        i = 0
+        while i < len(keys):
+            site = self.downs[keys[i]]
+            if site.is_raw:
+                blocks.append(self.raw[keys[i]].reshape(1, -1))
+                i += 1
+                continue
+            j = i
+            while j < len(keys) and not self.downs[keys[j]].is_raw:
+                if self.downs[keys[j]].layer != site.layer:
+                    break
+                j += 1
+            assert site.layer is not None
+            blocks.append(self._head_inputs(site.layer, keys[i:j]))
+            i = j
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def _head_inputs(self, layer: int, names: Sequence[str]) -> torch.Tensor:
+        """The per-head input gradients of the inputs ``names`` of one layer, summed over
+        the points, ``[heads, prompts * positions * d_model]`` (each input's heads in
+        turn)."""
+        info, arch = self.info, self.info.arch
+        assert arch is not None
+        norm = self.model.get_submodule(f"{arch.layers}.{layer}.{arch.attn_norm}")
+        n = info.n_heads or 1
+        dims = {"n_heads": n, "n_kv_heads": info.n_kv_heads or n, "d_head": info.d_head or 1}
+        weights = []
+        for name in names:
+            point = self.info.hook_point(Site(self.downs[name].name.removesuffix("_input"), layer))
+            w = projection_weight(self.model.get_submodule(point.module)).detach()
+            weights.append(qkv_view(w, point.view, **dims).float())  # [d_model, head, d_head]
+        w_all = weights[0] if len(weights) == 1 else torch.cat(weights, dim=1)
+        total: torch.Tensor | None = None
+        for xs, grads in self.points:
+            x = xs[layer].detach().float().to(w_all.device)
+            g_out = torch.cat([grads[name].float().to(w_all.device) for name in names], dim=-2)
+            # the cotangent at each head's copy of the norm's output, head-major:
+            # [heads, b, p, d_model] (one batched product over the heads)
+            cot = torch.einsum("bphe,dhe->hbpd", g_out, w_all)
+            with torch.enable_grad():
+                heads = x.unsqueeze(0).expand(cot.shape[0], *x.shape).clone().requires_grad_()
+                (g,) = torch.autograd.grad(norm.forward(heads), heads, cot)
+            total = g if total is None else total.add_(g)
+        assert total is not None
+        return total.mul_(self.scale).reshape(total.shape[0], -1)
 
 
 def _down_key(edge: Edge) -> tuple[str, int | None]:
@@ -91,22 +165,6 @@ def _down_key(edge: Edge) -> tuple[str, int | None]:
     if d.kind == "head":
         return f"in.{edge.input}.{d.layer}", d.head
     return (f"in.mlp.{d.layer}" if d.kind == "mlp" else "in.logits"), None
-
-
-def _node_outputs(
-    model: nn.Module, info: ModelInfo, values: dict[str, torch.Tensor], nodes: Sequence[Node]
-) -> dict[Node, torch.Tensor]:
-    arch = info.arch
-    assert arch is not None
-    out: dict[Node, torch.Tensor] = {}
-    for node in nodes:
-        x = values[str(upstream_site(info, node))].float()
-        w_o = None
-        if node.kind == "head":
-            o_proj = model.get_submodule(f"{arch.layers}.{node.layer}.{arch.attn_out_proj}")
-            w_o = projection_weight(o_proj).detach().float().to(x.device)
-        out[node] = node_output(x, node.head, w_o)
-    return out
 
 
 def _forward_key(node: Node) -> tuple[int, int, int]:
@@ -118,48 +176,123 @@ def _forward_key(node: Node) -> tuple[int, int, int]:
     return (node.layer, 0, node.head or 0) if node.kind == "head" else (node.layer, 1, 0)
 
 
+def _differences(
+    model: nn.Module,
+    info: ModelInfo,
+    ups: Sequence[Node],
+    clean: dict[str, torch.Tensor],
+    corrupt: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """``out_u(corrupt) - out_u(clean)`` of each upstream node ``ups`` (in forward order),
+    ``[nodes, prompts * positions * d_model]``: the differences are taken at the sites, and
+    a layer's heads go through their output projection in one product."""
+    arch = info.arch
+    assert arch is not None
+    out: torch.Tensor | None = None
+    i = 0
+    while i < len(ups):
+        node = ups[i]
+        site = str(upstream_site(info, node))
+        diff = corrupt[site].float() - clean[site].float().to(corrupt[site].device)
+        if node.kind == "head":
+            j = i
+            while j < len(ups) and ups[j].kind == "head" and ups[j].layer == node.layer:
+                j += 1
+            heads = [u.head for u in ups[i:j]]
+            o_proj = model.get_submodule(f"{arch.layers}.{node.layer}.{arch.attn_out_proj}")
+            w_o = projection_weight(o_proj).detach().float().to(diff.device)
+            w_o = w_o.unflatten(0, (-1, diff.shape[-1]))  # [head, d_head, d_model]
+            if len(heads) != w_o.shape[0]:
+                index = torch.tensor(heads, device=diff.device)
+                diff, w_o = diff.index_select(-2, index), w_o.index_select(0, index)
+            rows = torch.einsum("bphe,hed->hbpd", diff, w_o).flatten(1)
+        else:
+            j, rows = i + 1, diff.reshape(1, -1)
+        if out is None:
+            out = torch.empty(len(ups), rows.shape[1], device=rows.device)
+        out[i:j] = rows
+        i = j
+    assert out is not None
+    return out
+
+
 def _scores(
-    edge_list: Sequence[Edge],
-    clean: dict[Node, torch.Tensor],
-    corrupt: dict[Node, torch.Tensor],
-    grads: dict[str, torch.Tensor],
+    edge_list: Sequence[Edge] | None,
+    reps: Sequence[Edge],
+    diffs: torch.Tensor,
+    ups: Sequence[Node],
+    grads: _InputGrads,
 ) -> list[float]:
     """``(corrupt - clean) . grad`` summed over prompts, positions and the model width, for
     every edge, as matrix products: the upstream nodes feeding an input come first in
     forward order (a slice, no copy), and the inputs that need the same slice (a layer's
-    q, k and v inputs, all heads) are one product."""
-    ups = sorted(clean, key=_forward_key)
+    q, k and v inputs, all heads) are one product.
+
+    ``edge_list=None`` means every edge of the model in :func:`all_edges` order (``reps``:
+    its first edge into each input, in order): each table, flattened, is then the scores of
+    its edges in that order, with no per-edge bookkeeping."""
     index = {u: i for i, u in enumerate(ups)}
-    device = next(iter(grads.values())).device
-    diffs = torch.stack([corrupt[u].to(device) - clean[u].to(device) for u in ups])
-    width = diffs.shape[-1]
-    n_rows = diffs[0].numel() // width  # prompts x positions
-    diffs = diffs.reshape(len(ups), -1)  # [U, N * d_model]
     by_input: dict[str, list[tuple[int, int, int]]] = {}
-    for i, e in enumerate(edge_list):
-        key, head = _down_key(e)
-        by_input.setdefault(key, []).append((i, index[e.upstream], head or 0))
     by_slice: dict[int, list[str]] = {}
-    for key, rows in by_input.items():
-        by_slice.setdefault(1 + max(u for _, u, _ in rows), []).append(key)
-    out = torch.empty(len(edge_list), dtype=torch.float32)
+    if edge_list is None:
+        for e in reps:  # an input reads every node before it, in forward order
+            key, head = _down_key(e)
+            if head:  # one key per input, all its heads
+                continue
+            d = e.downstream
+            n_up = len(ups) if d.kind == "logits" else sum(1 for u in ups if _before(u, d))
+            by_slice.setdefault(n_up, []).append(key)
+    else:
+        for i, e in enumerate(edge_list):
+            key, head = _down_key(e)
+            by_input.setdefault(key, []).append((i, index[e.upstream], head or 0))
+        for key, rows in by_input.items():
+            by_slice.setdefault(1 + max(u for _, u, _ in rows), []).append(key)
+    tables: list[torch.Tensor] = []
+    out = torch.empty(0 if edge_list is None else len(edge_list), dtype=torch.float32)
     for n_up, keys in by_slice.items():
         # every head of every input here, one row each: [rows, N * d_model]
-        parts = [grads[k].reshape(n_rows, -1, width).transpose(0, 1) for k in keys]
-        offsets = [0]
-        for part in parts:
-            offsets.append(offsets[-1] + part.shape[0])
-        stacked = torch.cat(parts).reshape(offsets[-1], -1)
+        stacked = grads.rows(keys)
         # one matrix product (an einsum over two axes is many times slower on CPU)
-        table = (stacked @ diffs[:n_up].T).cpu()  # [rows, n_up]
+        table = (stacked.to(diffs.device) @ diffs[:n_up].T).cpu()  # [rows, n_up]
+        del stacked
+        if edge_list is None:
+            tables.append(table.flatten())
+            continue
         edge_ids, row_ids, up_ids = [], [], []
-        for k, offset in zip(keys, offsets, strict=False):
+        offset = 0
+        for k in keys:
             for i, u, h in by_input[k]:
                 edge_ids.append(i)
                 row_ids.append(offset + h)
                 up_ids.append(u)
+            offset += grads.n_rows(k)
         out[torch.tensor(edge_ids)] = table[torch.tensor(row_ids), torch.tensor(up_ids)]
-    return out.tolist()
+    return (torch.cat(tables) if edge_list is None else out).tolist()
+
+
+def _before(up: Node, down: Node) -> bool:
+    """Whether ``up`` writes before ``down`` (a head or an MLP) reads."""
+    if up.kind == "embed":
+        return True
+    assert up.layer is not None and down.layer is not None
+    same_layer = up.layer == down.layer and up.kind == "head" and down.kind == "mlp"
+    return up.layer < down.layer or same_layer
+
+
+def _first_edges(info: ModelInfo) -> list[Edge]:
+    """The first edge into each downstream input, in :func:`all_edges` order: the one from
+    the embeddings."""
+    assert info.n_layers is not None and info.n_heads is not None
+    n_kv = info.n_kv_heads or info.n_heads
+    embed, reps = Node("embed"), list[Edge]()
+    parts: tuple[HeadInput, ...] = ("q", "k", "v")
+    for layer in range(info.n_layers):
+        for part in parts:
+            for h in range(info.n_heads if part == "q" else n_kv):
+                reps.append(Edge(embed, Node("head", layer, h), part))
+        reps.append(Edge(embed, Node("mlp", layer)))
+    return [*reps, Edge(embed, Node("logits"))]
 
 
 def _down_grads(
@@ -174,12 +307,12 @@ def _down_grads(
     pos: int,
     backend: str,
     run_options: dict[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[_InputGrads, dict[str, torch.Tensor]]:
     """The gradient of the metric (the prompts' mean) at each downstream input, averaged
-    over the points ``alphas``, and the clean run's upstream values (read at the last
-    point, which is the clean run itself): grad ops, so it runs where the model runs (NDIF
-    too). A per-head input's gradient comes from its head's q/k/v gradient and the block's
-    input (:func:`_head_input_grad`); the MLP's and final norm's inputs are grad ops of
+    over the points ``alphas`` (:class:`_InputGrads`), and the clean run's upstream values
+    (read at the last point, which is the clean run itself): grad ops, so it runs where the
+    model runs (NDIF too). A per-head input's gradient comes from its head's q/k/v
+    gradient and the block's input; the MLP's and final norm's inputs are grad ops of
     their own."""
     arch = info.arch
     assert arch is not None
@@ -208,15 +341,12 @@ def _down_grads(
             for site in up_sites:
                 r.read(site, name=f"clean.{site}")
     res = run(g, model, backend=backend, **run_options)
-    scale = 1.0 / (len(alphas) * ids.shape[0])
-    grads: dict[str, torch.Tensor] = {}  # the mean over points, summed in place
+    grads = _InputGrads(model, info, downs, 1.0 / (len(alphas) * ids.shape[0]))
     for k in range(len(alphas)):
-        for name, site in downs.items():
-            grad = res[f"point{k}.{name}"]
-            if not site.is_raw:
-                grad = _head_input_grad(model, info, site, res[f"point{k}.x.{site.layer}"], grad)
-            grad = grad.detach().float().cpu() * scale
-            grads[name] = grads[name].add_(grad) if name in grads else grad
+        raw = {n: res[f"point{k}.{n}"] for n, site in downs.items() if site.is_raw}
+        qkv = {n: res[f"point{k}.{n}"] for n, site in downs.items() if not site.is_raw}
+        layers = {s.layer for s in downs.values() if not s.is_raw and s.layer is not None}
+        grads.add_point({i: res[f"point{k}.x.{i}"] for i in layers}, raw, qkv)
     clean = {str(s): res[f"clean.{s}"].detach() for s in up_sites}
     return grads, clean
 
@@ -256,7 +386,8 @@ def edge_attribution(
     edge_list = list(all_edges(info) if edges is None else edges)
     if not edge_list:
         raise SpecError("edges=: no edges to score (None scores every edge of the model)")
-    ups = sorted({e.upstream for e in edge_list})
+    every = edges is None  # all_edges' order: scored with no per-edge bookkeeping
+    ups = all_nodes(info)[:-1] if every else sorted({e.upstream for e in edge_list})
     up_sites = sorted({upstream_site(info, u) for u in ups}, key=str)
 
     # pass 1: the corrupt run's upstream outputs and token embeddings
@@ -266,22 +397,27 @@ def edge_attribution(
     for site in up_sites:
         r.read(site, name=f"corrupt.{site}")
     first = run(g, model, backend=backend, **run_options)
-    corrupt_outs = _node_outputs(
-        model, info, {str(s): first[f"corrupt.{s}"] for s in up_sites}, ups
-    )
 
     # pass 2: gradients of the metric wrt each downstream input, at each point; the last
     # point is the clean run itself, exactly, and gives the clean upstream outputs too
     alphas = [1.0] if steps is None else [k / steps for k in range(1, steps + 1)]
     downs: dict[str, Site] = {}
-    for e in {(e.downstream, e.input): e for e in edge_list}.values():  # one per input
+    reps = (
+        _first_edges(info)
+        if every
+        else list({(e.downstream, e.input): e for e in edge_list}.values())  # one per input
+    )
+    for e in reps:
         site, _ = downstream_site(info, e)
         downs[_down_key(e)[0]] = site
     grads, clean_values = _down_grads(
         model, info, ids, first["corrupt.embed"], alphas, downs, up_sites, metric, pos,
         backend, run_options,
     )  # fmt: skip
-    clean_outs = _node_outputs(model, info, clean_values, ups)
-    scores = _scores(edge_list, clean_outs, corrupt_outs, grads)
+    ups_fwd = sorted(ups, key=_forward_key)
+    corrupt_values = {str(s): first[f"corrupt.{s}"] for s in up_sites}
+    diffs = _differences(model, info, ups_fwd, clean_values, corrupt_values)
+    del clean_values, corrupt_values
+    scores = _scores(None if every else edge_list, reps, diffs, ups_fwd, grads)
     method = "eap" if steps is None else f"eap_ig(steps={steps})"
     return Circuit(tuple(edge_list), tuple(scores), method)

@@ -66,6 +66,37 @@ def test_eap_ig_equals_the_hand_path_average_and_steps_1_is_eap(family: str) -> 
     assert (torch.tensor(ig.scores) - torch.tensor(eap.scores)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_edge_scores_as_the_same_edges_given_in_any_order(family: str) -> None:
+    """``edges=None`` (every edge, no per-edge bookkeeping) against the same edges given
+    explicitly, shuffled, and a subset (per-edge bookkeeping): one score per edge."""
+    from interventions.architectures import describe
+    from interventions.circuits.edges import all_edges
+
+    model = strong_model(family)
+    every = edge_attribution(model, IDS, CORRUPT, METRIC)
+    assert list(every.edges) == all_edges(describe(model))
+    want = dict(zip(every.edges, every.scores, strict=True))
+    shuffled = [every.edges[i] for i in torch.randperm(len(every.edges)).tolist()]
+    for edges in (shuffled, shuffled[::3]):
+        c = edge_attribution(model, IDS, CORRUPT, METRIC, edges=edges)
+        assert list(c.edges) == edges
+        assert_close(torch.tensor(c.scores), torch.tensor([want[e] for e in edges]), **TOL)
+
+
+def test_eap_unembeds_only_the_metric_position() -> None:
+    """Both passes ask for the logits at the metric's position alone (its gradient reads
+    raw norm inputs in the blocks, which see every position anyway), and the scores are
+    those of the hand path."""
+    from tests.tiny_models import input_shapes
+
+    model = strong_model("gpt2")
+    with input_shapes(model.get_output_embeddings()) as shapes:
+        c = edge_attribution(model, IDS, CORRUPT, METRIC)
+    assert [s[1] for s in shapes] == [1, 1]
+    assert_close(torch.tensor(c.scores), _hand_scores("gpt2", c.edges, [1.0]), **TOL)
+
+
 def test_circuit_saves_loads_and_selects(tmp_path) -> None:
     c = edge_attribution(strong_model("gpt2"), IDS, CORRUPT, METRIC)
     back = Circuit.load(c.save(tmp_path / "c.json"))
@@ -91,6 +122,14 @@ def test_bad_inputs_are_refused_by_name() -> None:
         edge_attribution(model, IDS, CORRUPT, METRIC, steps=0)
     with pytest.raises(SpecError, match="one score per edge"):
         Circuit((), (1.0,))
+    twice = [Edge(Node("head", 0, 1), Node("mlp", 0)) for _ in range(2)]  # equal, not one object
+    with pytest.raises(SpecError, match="lists each edge once"):
+        Circuit((*twice, Edge(Node("embed"), Node("mlp", 0))), (1.0, 2.0, 3.0))
+    assert Circuit((twice[0], Edge(Node("embed"), Node("mlp", 0))), (1.0, 2.0)).nodes == (
+        Node("embed"),
+        Node("head", 0, 1),
+        Node("mlp", 0),
+    )
 
 
 # --------------------------------------------------------------------------- EAP-IG on a toy

@@ -112,9 +112,27 @@ def plan_of(graph: iv.Graph, model: nn.Module) -> Plan:
         (lambda g: g.run("a", tokens=ids(0)).read("logits", pos=(-1, 2)), None),
         (lambda g: g.run("a", tokens=ids(0)).read("logits", pos=-SEQ), None),  # all of them
         (lambda g: g.run("a", tokens=ids(0)).read("lm_head.output", pos=-1), None),  # raw site
+        # raw sites in the blocks or the final norm see every position whatever is kept
+        (lambda g: g.run("a", tokens=ids(0)).read("transformer.h.0.ln_2.input"), 1),
+        (lambda g: g.run("a", tokens=ids(0)).read("transformer.ln_f.output", pos=-2), 1),
+        (lambda g: g.run("a", tokens=ids(0)).read("transformer.h.output"), None),  # no block
+        (lambda g: g.run("a", tokens=ids(0)).read("transformer.output"), None),  # the base model
         (lambda g: g.run("a", tokens=ids(0), max_new_tokens=2).read("logits", pos=-1), None),
     ],
-    ids=["neg", "no-logits", "range", "reversed", "mixed", "whole", "raw", "generating"],
+    ids=[
+        "neg",
+        "no-logits",
+        "range",
+        "reversed",
+        "mixed",
+        "whole",
+        "raw",
+        "raw-block",
+        "raw-final-norm",
+        "raw-block-list",
+        "raw-base",
+        "generating",
+    ],
 )
 def test_plan_logits_to_keep(build: object, expected: int | None) -> None:
     g = iv.Graph()
