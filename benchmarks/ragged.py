@@ -21,7 +21,7 @@
 
 Every contender's numbers are checked against the baseline's before timing.
 
-    .venv/bin/python benchmarks/ragged.py [--quick] [--repeats 3] [--skip-stream]
+    .venv/bin/python benchmarks/ragged.py [--quick] [--repeats 3] [--skip-stream | --only-stream]
 """
 
 from __future__ import annotations
@@ -229,12 +229,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a 2-layer model, fewer prompts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-stream", action="store_true")
+    parser.add_argument("--only-stream", action="store_true")
     args = parser.parse_args()
     setup(threads=2)
     global LAYER
-    model = build_gpt2(args.quick)
     if args.quick:
         LAYER = 1
+    if args.only_stream:
+        streaming(args.quick)
+        return
+    model = build_gpt2(args.quick)
     n = 64 if args.quick else 256
     clean, corrupt = pairs(n, model.config.vocab_size)
     base_a = Contender("one prompt at a time (hooks)", lambda: one_at_a_time(model, clean, corrupt))
@@ -270,14 +274,17 @@ def main() -> None:
             ]
         )
     print(table(rows, ["contender", "median", "vs hand-padded (b)", "speed-up over (a)", "check"]))
-    if args.skip_stream:
-        return
+    if not args.skip_stream:
+        streaming(args.quick)
+
+
+def streaming(quick: bool) -> None:
     print("\nstreaming a token mean of resid_post (chunks of 64), each N in a fresh process")
     srows = []
-    sizes = (200, 500, 1000) if args.quick else (500, 2000, 5000)
+    sizes = (200, 500, 1000) if quick else (500, 2000, 5000)
     for size in sizes:
-        mine, hand = stream("ours", size, args.quick), stream("hand", size, args.quick)
-        best = stream("hand_stop", size, args.quick)
+        mine, hand = stream("ours", size, quick), stream("hand", size, quick)
+        best = stream("hand_stop", size, quick)
         diff = max(
             abs(x - y) for o in (hand, best) for x, y in zip(mine["mean"], o["mean"], strict=True)
         )

@@ -38,6 +38,7 @@ from interventions.recipes.inputs import (
     _lengths,
     _model,
     as_prompts,
+    check_twins,
     n_prompts,
     prompt_rows,
 )
@@ -356,6 +357,7 @@ def path_patching(
         as_prompts(corrupt, tokenizer, "corrupt"),
     )
     _check_pair(clean_ids, corrupt_ids)
+    check_twins(clean_ids, corrupt_ids, "path_patching")
     info = describe(model)
     if info.n_layers is None or not info.n_heads:
         raise SpecError("path patching needs a model with an architecture map and heads")

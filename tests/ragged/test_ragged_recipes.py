@@ -311,3 +311,38 @@ def test_attribution_patching_ragged_compares_with_the_exact_ragged_sweep() -> N
     assert got.exact is not None and got.exact.cols == got.approx.cols == exact.cols
     torch.testing.assert_close(got.exact.scores, exact.scores)
     assert got.correlation is not None and -1.0 <= got.correlation <= 1.0
+
+
+@pytest.mark.parametrize("receivers", ["logits", [(1, 0), (1, 2)]])
+def test_path_patching_ragged_equals_pair_by_pair(receivers: str | list[tuple[int, int]]) -> None:
+    """Pairs of different lengths (each clean prompt as long as its corrupted twin, whose
+    first token differs): each sender's metric per prompt, and the clean and corrupted
+    metrics, are what each pair alone gives; a dataset column gives the list's scores."""
+    from interventions.recipes import path_patching
+
+    model = _model()
+    corrupt = [[(t * 7 + 3) % 64 if j == 0 else t for j, t in enumerate(p)] for p in PROMPTS]
+    got = path_patching(model, PROMPTS, corrupt, _metric(), receivers=receivers)
+    alone = [
+        path_patching(model, [a], [b], _metric([i]), receivers=receivers)
+        for i, (a, b) in enumerate(zip(PROMPTS, corrupt, strict=True))
+    ]
+    assert got.values is not None and got.clean_values is not None
+    assert got.corrupt_values is not None
+    torch.testing.assert_close(got.values, torch.cat([a.values for a in alone], -1), **TOL)  # type: ignore[misc]
+    torch.testing.assert_close(got.clean_values, torch.cat([a.clean_values for a in alone]), **TOL)  # type: ignore[misc]
+    torch.testing.assert_close(
+        got.corrupt_values,
+        torch.cat([a.corrupt_values for a in alone]),
+        **TOL,  # type: ignore[misc]
+    )
+    assert (got.values - got.clean_values).abs().max() > 1e-3  # the patches do something
+    column = path_patching(model, _column(PROMPTS), iter(corrupt), _metric(), receivers=receivers)
+    torch.testing.assert_close(column.scores, got.scores)
+
+
+def test_path_patching_refuses_a_pair_of_two_lengths_by_index() -> None:
+    from interventions.recipes import path_patching
+
+    with pytest.raises(iv.SpecError, match="prompt 1 has 7 clean and 6 corrupted tokens"):
+        path_patching(_model(), PROMPTS, CORRUPT, _metric())
