@@ -345,6 +345,11 @@ class NNsightBackend:
             "barriers": dict(stage.barriers),
             "progs": progs,
             "grad": any(code.grads for code in stage.runs),
+            # a HuggingFace model's plain forward stops once its every run is done there
+            # (as on the torch backend): nothing later in it is read
+            "stop": plan.info.is_hf
+            and first.max_new_tokens is None
+            and not any(code.grads for code in stage.runs),
         }
 
     @staticmethod

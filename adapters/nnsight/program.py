@@ -419,6 +419,7 @@ def _run_program(
                 torch.set_grad_enabled(stage["grad"] or grad_was)
                 with wrapper.trace(fn=fn, **stage["kwargs"]) as tracer:
                     gates = {key: tracer.barrier(n) for key, n in stage["barriers"].items()}
+                    finished = [0]  # invokes whose every step is done
                     for prog in stage["progs"]:
                         with tracer.invoke(*prog["args"], **prog["kwargs"]):
                             kept: dict[str, Any] = {}
@@ -480,6 +481,9 @@ def _run_program(
                                 )
                             if prog["generated"] is not None:
                                 store[prog["generated"]] = tracer.result[:, prog["prompt"] :]
+                            finished[0] += 1
+                            if stage["stop"] and finished[0] == len(stage["progs"]):
+                                tracer.stop()  # nothing later in the forward is read
                 if rng is not None:
                     torch.random.set_rng_state(rng)
                     if cuda_rng:

@@ -1,6 +1,6 @@
-"""The torch backend stops a forward once every hook its run needs has fired: the later
-layers cannot change a result. Held here by counting the calls of the last block and by
-the values, which must equal a hand hook on a whole forward."""
+"""The torch and nnsight backends stop a forward once everything its runs need is done:
+the later layers cannot change a result. Held here by counting the calls of the last
+block and by the values, which must equal a hand hook on a whole forward."""
 
 from __future__ import annotations
 
@@ -38,14 +38,24 @@ def _hand_block_output(model: nn.Module, layer: int) -> torch.Tensor:
     return seen["x"]
 
 
-def test_a_read_in_layer_0_skips_layer_1_and_equals_a_whole_forward() -> None:
+BACKENDS = ["torch", "nnsight"]
+
+
+def _available(backend: str) -> None:
+    if backend != "torch":
+        pytest.importorskip(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_read_in_layer_0_skips_layer_1_and_equals_a_whole_forward(backend: str) -> None:
+    _available(backend)
     model = hf_model("gpt2")
     want = _hand_block_output(model, 0)
     g = iv.Graph()
     g.run("a", tokens=IDS).read("resid_post", layer=0, name="h")
     calls, handle = _count_calls(model.transformer.h[1])
     try:
-        got = iv.run(g, model)["h"]
+        got = iv.run(g, model, backend=backend)["h"]
     finally:
         handle.remove()
     assert calls["n"] == 0
@@ -53,8 +63,14 @@ def test_a_read_in_layer_0_skips_layer_1_and_equals_a_whole_forward() -> None:
     assert hook_count(model) == 0
 
 
-def test_a_patch_from_a_stopped_run_is_the_value_a_whole_forward_gives() -> None:
-    """Run "a" stops after layer 0; run "b" takes a's value there and reads the logits."""
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_patch_from_a_stopped_run_is_the_value_a_whole_forward_gives(
+    backend: str, batch: bool
+) -> None:
+    """Run "a" stops after layer 0 (alone, or in one forward with "b", which then goes
+    on); run "b" takes a's value there and reads the logits."""
+    _available(backend)
     model = hf_model("gpt2")
     other = IDS.flip(1)
     g = iv.Graph()
@@ -62,7 +78,7 @@ def test_a_patch_from_a_stopped_run_is_the_value_a_whole_forward_gives() -> None
     b = g.run("b", tokens=other)
     b.patch("resid_post", layer=0, pos=-1, value=a.read("resid_post", layer=0, pos=-1))
     b.read("logits", pos=-1, name="end")
-    got = iv.run(g, model, batch=False)["end"]
+    got = iv.run(g, model, batch=batch, backend=backend)["end"]
     clean = _hand_block_output(model, 0)
 
     def patch(_m: nn.Module, _a: object, out: object) -> object:
