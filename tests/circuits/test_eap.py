@@ -85,15 +85,16 @@ def test_every_edge_scores_as_the_same_edges_given_in_any_order(family: str) -> 
 
 
 def test_eap_unembeds_only_the_metric_position() -> None:
-    """Both passes ask for the logits at the metric's position alone (its gradient reads
-    raw norm inputs in the blocks, which see every position anyway), and the scores are
+    """The gradient pass asks for the logits at the metric's position alone (its gradient
+    reads raw norm inputs in the blocks, which see every position anyway), the corrupt
+    pass, which reads only node outputs, stops before the unembedding, and the scores are
     those of the hand path."""
     from tests.tiny_models import input_shapes
 
     model = strong_model("gpt2")
     with input_shapes(model.get_output_embeddings()) as shapes:
         c = edge_attribution(model, IDS, CORRUPT, METRIC)
-    assert [s[1] for s in shapes] == [1, 1]
+    assert [s[1] for s in shapes] == [1]
     assert_close(torch.tensor(c.scores), _hand_scores("gpt2", c.edges, [1.0]), **TOL)
 
 
