@@ -165,24 +165,34 @@ def test_ragged_generation_and_a_steered_sae_splice_equal_each_prompt_alone(back
         torch.testing.assert_close(res["last"][i], one["last"][0], **TOL)
 
 
-def test_the_pad_id_of_padded_inputs_never_matters() -> None:
-    model = hf_model("llama")
+@pytest.mark.parametrize("family", ["llama", "falcon_alibi", "falcon_alibi_par"])
+def test_the_pad_id_of_padded_inputs_never_matters(family: str) -> None:
+    """Left-padded ids with their mask (ALiBi's positions come from the mask in Falcon):
+    the pad id changes nothing, and each row's real tokens are those of the row alone."""
+    model = hf_model(family)
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
     mask = (torch.arange(4)[None] >= torch.tensor([[2], [0], [1]])).long()  # left padding
     outs = []
     for pad in (0, 3, 63):
         g = iv.Graph()
-        r = g.run("r", tokens=torch.where(mask.bool(), ids, pad), attention_mask=mask)
+        padded = torch.where(mask.bool(), ids, pad)
+        r = g.run("r", tokens=padded, attention_mask=mask, padding_side="left")
         r.read("resid_post", layer=1, name="all")
         r.read("logits", pos=-1, name="end")
         outs.append(iv.run(g, model))
     for other in outs[1:]:
         assert torch.equal(other["all"], outs[0]["all"])
         assert torch.equal(other["end"], outs[0]["end"])
-    # and the real tokens are those of each row alone
-    alone = iv.Graph()
-    alone.run("r", tokens=[[5, 6]]).read("logits", pos=-1, name="end")
-    torch.testing.assert_close(outs[0]["end"][0], iv.run(alone, model)["end"][0], **TOL)
+    for i, row in enumerate(([5, 6], [7, 8, 9, 10], [11, 12, 13])):
+        alone = iv.Graph()
+        r = alone.run("r", tokens=[row])
+        r.read("resid_post", layer=1, name="all")
+        r.read("logits", pos=-1, name="end")
+        want = iv.run(alone, model)
+        torch.testing.assert_close(outs[0]["end"][i], want["end"][0], **TOL)
+        real = outs[0].mask("all")[i]  # laid out on the run's padding side
+        assert int(real.sum()) == len(row)
+        torch.testing.assert_close(outs[0]["all"][i, real], want["all"][0], **TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
