@@ -130,14 +130,11 @@ def _check_pair(clean: Prompts, corrupt: Prompts) -> None:
 def check_twins(clean: Prompts, corrupt: Prompts, recipe: str) -> None:
     """Each clean prompt and its corrupted twin have one length (prompts may differ from
     each other): for recipes that patch whole positions from one into the other."""
-    tensors = isinstance(clean, torch.Tensor) and isinstance(corrupt, torch.Tensor)
-    if tensors and clean.shape == corrupt.shape:  # type: ignore[union-attr]
-        return
-    for i, (a, b) in enumerate(zip(prompt_rows(clean), prompt_rows(corrupt), strict=True)):
-        if len(a) != len(b):
+    for i, (a, b) in enumerate(zip(_lengths(clean), _lengths(corrupt), strict=True)):
+        if a != b:
             raise SpecError(
                 f"{recipe} patches every position of a corrupted prompt into its clean twin, "
-                f"so each pair needs one length: prompt {i} has {len(a)} clean and {len(b)} "
+                f"so each pair needs one length: prompt {i} has {a} clean and {b} "
                 "corrupted tokens (pairs may differ from each other)"
             )
 
