@@ -15,7 +15,7 @@
    ``iv.run(chunk_size=, reduce=)`` against a hand-written batched loop (padded batches,
    a masked running sum) in two forms: the usual one, whose forward runs to the logits,
    and the best one, whose hook raises once it has the read, so layers after ``L`` are
-   not computed (the torch backend does that for every run whose hooks have all fired).
+   not computed (the torch and nnsight backends do that once a forward's runs are done).
    Target: >= 0.9x the throughput, peak memory flat in N (each N measured in a fresh
    process; printed for N = 500, 2000, 5000).
 
