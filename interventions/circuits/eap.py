@@ -42,7 +42,6 @@ from interventions.attention import projection_weight, qkv_view
 from interventions.circuits.circuit import Circuit
 from interventions.circuits.edges import (
     Edge,
-    HeadInput,
     Node,
     all_edges,
     all_nodes,
@@ -218,7 +217,7 @@ def _differences(
 
 def _scores(
     edge_list: Sequence[Edge] | None,
-    reps: Sequence[Edge],
+    reps: Sequence[tuple[Edge, int]],
     diffs: torch.Tensor,
     ups: Sequence[Node],
     grads: _InputGrads,
@@ -229,18 +228,17 @@ def _scores(
     q, k and v inputs, all heads) are one product.
 
     ``edge_list=None`` means every edge of the model in :func:`all_edges` order (``reps``:
-    its first edge into each input, in order): each table, flattened, is then the scores of
-    its edges in that order, with no per-edge bookkeeping."""
+    its first edge into each input, in order, with the input's number of edges): each
+    table, flattened, is then the scores of its edges in that order, with no per-edge
+    bookkeeping."""
     index = {u: i for i, u in enumerate(ups)}
     by_input: dict[str, list[tuple[int, int, int]]] = {}
     by_slice: dict[int, list[str]] = {}
     if edge_list is None:
-        for e in reps:  # an input reads every node before it, in forward order
+        for e, n_up in reps:  # an input reads the first n_up nodes, in forward order
             key, head = _down_key(e)
             if head:  # one key per input, all its heads
                 continue
-            d = e.downstream
-            n_up = len(ups) if d.kind == "logits" else sum(1 for u in ups if _before(u, d))
             by_slice.setdefault(n_up, []).append(key)
     else:
         for i, e in enumerate(edge_list):
@@ -269,30 +267,6 @@ def _scores(
             offset += grads.n_rows(k)
         out[torch.tensor(edge_ids)] = table[torch.tensor(row_ids), torch.tensor(up_ids)]
     return (torch.cat(tables) if edge_list is None else out).tolist()
-
-
-def _before(up: Node, down: Node) -> bool:
-    """Whether ``up`` writes before ``down`` (a head or an MLP) reads."""
-    if up.kind == "embed":
-        return True
-    assert up.layer is not None and down.layer is not None
-    same_layer = up.layer == down.layer and up.kind == "head" and down.kind == "mlp"
-    return up.layer < down.layer or same_layer
-
-
-def _first_edges(info: ModelInfo) -> list[Edge]:
-    """The first edge into each downstream input, in :func:`all_edges` order: the one from
-    the embeddings."""
-    assert info.n_layers is not None and info.n_heads is not None
-    n_kv = info.n_kv_heads or info.n_heads
-    embed, reps = Node("embed"), list[Edge]()
-    parts: tuple[HeadInput, ...] = ("q", "k", "v")
-    for layer in range(info.n_layers):
-        for part in parts:
-            for h in range(info.n_heads if part == "q" else n_kv):
-                reps.append(Edge(embed, Node("head", layer, h), part))
-        reps.append(Edge(embed, Node("mlp", layer)))
-    return [*reps, Edge(embed, Node("logits"))]
 
 
 def _down_grads(
@@ -402,12 +376,14 @@ def edge_attribution(
     # point is the clean run itself, exactly, and gives the clean upstream outputs too
     alphas = [1.0] if steps is None else [k / steps for k in range(1, steps + 1)]
     downs: dict[str, Site] = {}
-    reps = (
-        _first_edges(info)
-        if every
-        else list({(e.downstream, e.input): e for e in edge_list}.values())  # one per input
-    )
-    for e in reps:
+    if every:  # each input's edges in a row, the first from the embeddings
+        starts = [i for i, e in enumerate(edge_list) if e.upstream.kind == "embed"]
+        ends = [*starts[1:], len(edge_list)]
+        reps = [(edge_list[a], b - a) for a, b in zip(starts, ends, strict=True)]
+    else:  # one per input
+        firsts = {(e.downstream, e.input): e for e in edge_list}.values()
+        reps = [(e, 0) for e in firsts]
+    for e, _ in reps:
         site, _ = downstream_site(info, e)
         downs[_down_key(e)[0]] = site
     grads, clean_values = _down_grads(
