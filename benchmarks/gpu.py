@@ -87,9 +87,10 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     return inner.h if hasattr(inner, "h") else inner.layers
 
 
-def timed(fn: Callable[[], Any], rounds: int) -> tuple[float, float, Any]:
-    """Median seconds over ``rounds`` (after one warm-up) and the peak GPU memory (GiB)."""
-    out = fn()
+def timed(fn: Callable[[], Any], rounds: int, warm_up: bool = True) -> tuple[float, float, Any]:
+    """Median seconds over ``rounds`` (after one warm-up call unless ``warm_up=False``) and
+    the peak GPU memory (GiB)."""
+    out = fn() if warm_up else None
     torch.cuda.synchronize()
     times = []
     torch.cuda.reset_peak_memory_stats()
@@ -292,16 +293,6 @@ def forward_backward(model: nn.Module, data: dict[str, Any]) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def once(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """Seconds of one call and the peak GPU memory (GiB) during it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30, out
-
-
 def passes(circuit: Any) -> int:
     """How many graphs ACDC ran to find ``circuit``."""
     return int(dict(circuit.stats)["passes"])
@@ -321,10 +312,10 @@ def bench_circuits(shape: str, model: nn.Module, rounds: int) -> list[tuple[str,
     warm = {**data, "edges": data["edges"][-4:]}
     for batch_size in (1, ACDC_BATCH):  # warm-up: 4 edges each
         run_acdc(model, warm, batch_size)
-    loop_s, loop_mem, loop = once(lambda: run_acdc(model, data, 1))
+    loop_s, loop_mem, loop = timed(lambda: run_acdc(model, data, 1), 1, warm_up=False)
     label = f"loop (batch_size=1, {passes(loop)} passes)"
     rows.append((shape, "acdc", label, f"{loop_s:.4f}", "1.00", f"{loop_mem:.2f}"))
-    s, mem, fast = once(lambda: run_acdc(model, data, ACDC_BATCH))
+    s, mem, fast = timed(lambda: run_acdc(model, data, ACDC_BATCH), 1, warm_up=False)
     label = f"torch (batch_size={ACDC_BATCH}, {passes(fast)} passes)"
     rows.append((shape, "acdc", label, f"{s:.4f}", f"{s / loop_s:.2f}", f"{mem:.2f}"))
     print(f"  {shape} acdc done: {same_circuit(fast, loop)}", flush=True)
