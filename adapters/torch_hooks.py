@@ -171,9 +171,8 @@ class _Hooks:
         self.fed = self.prompt + (graph_run.max_new_tokens - 1 if graph_run.max_new_tokens else 0)
         self.generating = graph_run.generates
         # the hooked (module, side) pairs still to fire before the forward may stop early
+        # (filled as the hooks are registered)
         self.untaken: set[tuple[str, str]] = set()
-        if self._may_stop_early():
-            self.untaken = {self._fire_key(p) for p in self.points}
 
     def _may_stop_early(self) -> bool:
         """Once every hook of a plain forward has fired, nothing later changes a result.
@@ -182,13 +181,6 @@ class _Hooks:
         if self.grad or self.generating or not self.plan.info.is_hf or not self.points:
             return False
         return all(p.module and not e.site.is_raw for p, es in self.points.items() for e in es)
-
-    @staticmethod
-    def _fire_key(point: HookPoint) -> tuple[str, str]:
-        hooked_output = point.io == "output" or point.view in (
-            *QKV_VIEWS, *SPLIT_VIEWS, *_ROUTER_VIEWS, "attn_scores"
-        )  # fmt: skip
-        return point.module, "output" if hooked_output else "input"
 
     def _tracker(self, key: tuple[str, str]) -> Callable[..., None]:
         def taken(*_: Any) -> None:
@@ -530,6 +522,7 @@ class _Hooks:
         self.clock.advance(int(x.shape[1]) if x is not None and x.ndim >= 2 else 1)
 
     def __enter__(self) -> _Hooks:
+        hooked: set[tuple[str, str]] = set()  # (module, side) of every op's hook
         try:
             self.handles.append(
                 self.model.register_forward_pre_hook(self._clock_hook, with_kwargs=True)
@@ -537,21 +530,26 @@ class _Hooks:
             for name in self.qkv_entries:
                 module = self.model.get_submodule(name)
                 self.handles.append(module.register_forward_hook(self._qkv_hook(name)))
+                hooked.add((name, "output"))
             for name in self.router_entries:
                 module = self.model.get_submodule(name)
                 self.handles.append(module.register_forward_hook(self._router_hook(name)))
+                hooked.add((name, "output"))
             for point in self.points:
                 if point.module in self.qkv_entries or point.view in _ROUTER_VIEWS:
                     continue
                 module = self.model.get_submodule(point.module) if point.module else self.model
                 if point.view == "attn_scores":
                     self._scores_hooks(point, module)
+                    hooked.add((point.module, "output"))  # its last hook: the forward hook
                 elif point.io == "output":
                     self.handles.append(module.register_forward_hook(self._output_hook(point)))
+                    hooked.add((point.module, "output"))
                 else:
                     self.handles.append(
                         module.register_forward_pre_hook(self._input_hook(point), with_kwargs=True)
                     )
+                    hooked.add((point.module, "input"))
             # after the block's own input hooks (resid_pre), so the per-head inputs start
             # from the block input as edited in this run: pre-hooks run in registration order
             arch = self.plan.info.arch
@@ -562,6 +560,7 @@ class _Hooks:
                     block.register_forward_pre_hook(self._block_input_hook(layer), with_kwargs=True)
                 )
             # last, so each runs after every other hook on its module
+            self.untaken = hooked if self._may_stop_early() else set()
             for module_name, side in sorted(self.untaken):
                 module = self.model.get_submodule(module_name)
                 tracker = self._tracker((module_name, side))
