@@ -293,7 +293,7 @@ def _merge_edge_patches(ops: list[Op]) -> list[Op]:
             and last.select.batch.stop == op.select.batch.start
             and last.select.batch.step in (None, 1)
             and op.select.batch.step in (None, 1)
-            and replace(last, select=op.select) == op
+            and replace(last, select=replace(last.select, batch=op.select.batch)) == op
         ):
             batch = Span(last.select.batch.start, op.select.batch.stop)
             out[-1] = replace(last, select=replace(last.select, batch=batch))
