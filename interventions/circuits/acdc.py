@@ -21,6 +21,14 @@ one-edge-per-forward loop (``batch_size=1``) exactly, in ``1 + (edges kept)`` pa
 fewer per window. An edge into a node whose every outgoing edge is already removed needs
 no run: that node's output reaches nothing, so removing its inputs changes nothing.
 
+A ``guide`` makes better guesses: the edges it names are guessed kept (the later runs of
+the window leave them in place), the others removed. Each guess is still checked, so the
+circuit is the same whatever the guide; a good one only saves passes and the runs that
+follow a wrong guess. ``guide="eap_ig"`` guesses from EAP-IG scores (an edge is guessed
+kept when its estimated effect reaches ``threshold``; a logit metric and a backend with
+gradients only); ``guide=<Circuit>`` takes the edges of any circuit, e.g. ACDC's own at
+a nearby threshold or on other prompts.
+
 >>> import torch, transformers
 >>> from interventions.recipes import Metric
 >>> cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20)
@@ -29,6 +37,8 @@ no run: that node's output reaches nothing, so removing its inputs changes nothi
 >>> c = acdc(model, [[1, 2, 3]], [[1, 4, 3]], Metric.kl(), threshold=1e-6)
 >>> c.method, c.stat("passes") <= c.stat("runs") + 1
 ('acdc(threshold=1e-06, kl, resample)', True)
+>>> acdc(model, [[1, 2, 3]], [[1, 4, 3]], Metric.kl(), threshold=1e-6, guide=c).edges == c.edges
+True
 """
 
 from __future__ import annotations
@@ -47,7 +57,11 @@ from interventions.execute import run
 from interventions.graph import Graph
 from interventions.recipes.metrics import Metric
 
-__all__ = ["acdc", "check_pair", "metric_value"]
+__all__ = ["GUIDES", "acdc", "check_pair", "metric_value"]
+
+Guide = Literal["eap_ig"]
+GUIDES: tuple[str, ...] = ("eap_ig",)
+GUIDE_STEPS = 4  # EAP-IG points of the guide: plain EAP (1) is flat at a saturated metric
 
 
 def check_pair(clean: Any, corrupt: Any, ablation: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +114,45 @@ def _blocks(indices: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _guessed_kept(
+    model: nn.Module,
+    guide: Circuit | str | None,
+    ids: torch.Tensor,
+    bad: torch.Tensor,
+    metric: Metric,
+    threshold: float,
+    pos: int,
+    candidates: Sequence[Edge],
+    backend: str,
+    run_options: dict[str, Any],
+) -> frozenset[Edge]:
+    """The edges guessed kept: none without a guide, a circuit's edges, or the candidates
+    whose EAP-IG score reaches ``threshold``."""
+    if guide is None:
+        return frozenset()
+    if isinstance(guide, Circuit):
+        return frozenset(guide.edges)
+    if guide not in GUIDES:
+        raise SpecError(
+            f"unknown guide {guide!r}; guides: {choices_text(GUIDES)}, a Circuit, or None"
+        )
+    if metric.kind == "kl":
+        raise SpecError(
+            "guide='eap_ig' estimates a logit metric's change, not KL's (its gradient "
+            "vanishes at the clean run); give guide=<Circuit> or None"
+        )
+    from interventions.circuits.eap import edge_attribution
+
+    with torch.enable_grad():
+        scored = edge_attribution(
+            model, ids, bad, metric, steps=GUIDE_STEPS, pos=pos, edges=candidates,
+            backend=backend, **run_options,
+        )  # fmt: skip
+    return frozenset(
+        e for e, s in zip(scored.edges, scored.scores, strict=True) if abs(s) >= threshold
+    )
+
+
 def acdc(
     model: nn.Module,
     clean: torch.Tensor | Sequence[Sequence[int]],
@@ -111,6 +164,7 @@ def acdc(
     pos: int = -1,
     edges: Sequence[Edge] | None = None,
     batch_size: int = 8,
+    guide: Circuit | Guide | None = None,
     backend: str = "torch",
     **run_options: Any,
 ) -> Circuit:
@@ -124,8 +178,11 @@ def acdc(
     clean run alone; the planner batches each into one forward pass of the candidates and
     one of the corrupt run, more when they pass its memory budget), ``runs`` (candidate
     runs, each a forward-equivalent of ``[prompts, positions]``), ``tested`` and ``free``
-    edges (no run needed) and the final ``metric``. ``batch_size``: at most that many
-    candidate runs per pass (halved after a wrong guess, doubled back after a right one).
+    edges (no run needed), ``misses`` (wrong guesses) and the final ``metric``; a guide's
+    own passes (EAP-IG's two) are not counted. ``batch_size``: at most that many candidate
+    runs per pass (halved after a wrong guess, doubled back after a right one).
+    ``guide``: which edges to guess kept (see the module docstring); it changes the
+    passes, never the circuit.
     """
     ids, bad = check_pair(clean, corrupt, ablation)
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 0:
@@ -139,6 +196,9 @@ def acdc(
     for e in candidates:
         if e not in known:
             raise SpecError(f"edge {e} is not an edge of this model")
+    guessed_kept = _guessed_kept(
+        model, guide, ids, bad, metric, threshold, pos, candidates, backend, run_options
+    )
     order = sorted(candidates, key=every.index, reverse=True)
     outgoing = _outgoing(info)
     kind: Literal["kl", "abs"] = "kl" if metric.kind == "kl" else "abs"
@@ -153,9 +213,9 @@ def acdc(
     def evaluate(removals: list[list[Edge]]) -> list[float]:
         """Metric of each run that removes ``removals[i]``, one graph (one pass): the
         candidates stacked in one run, candidate ``i`` its rows ``i*n .. (i+1)*n``, each
-        edge patched once over the rows of the candidates that remove it. So the graph
-        holds one op per edge (not per candidate and edge), and the nested removals make
-        those rows one block."""
+        edge patched once over each block of consecutive candidates that remove it. So the
+        graph holds one op per edge and block (not per candidate and edge): an edge guessed
+        removed is in every later run of the window, one block."""
         g = Graph()
         if ablation != "zero":
             g.run("corrupt", tokens=bad)
@@ -179,28 +239,35 @@ def acdc(
     g.run("clean", tokens=ids).read("logits", pos=pos, name="clean")
     reference = run(g, model, backend=backend, **run_options)["clean"]
     current = metric_value(metric, reference, reference)
-    passes, runs_done, free = 1, 0, 0
+    passes, runs_done, free, misses = 1, 0, 0, 0
     removed: list[Edge] = []
     kept: dict[Edge, float] = {}
     todo = list(order)
     window = batch_size
     while todo:
-        # the window: the next undecided edges, guessed removed, up to batch_size runs
+        # the window: the next undecided edges, each guessed kept or removed, up to
+        # batch_size runs; run j removes the edges guessed removed before it, and its own
         guess: list[Edge] = []
-        runs: list[int] = []  # index into guess of each run's last edge
+        runs: list[int] = []  # index into guess of each run's edge
+        removals: list[list[Edge]] = []
+        assumed = list(removed)  # the removals the window's guesses add up to so far
         gone = set(removed)
         for e in todo:
             down = e.downstream
             if down.kind != "logits" and outgoing[down] <= gone:
                 guess.append(e)  # a dead node's input: removing it changes nothing
+                assumed.append(e)
                 gone.add(e)
                 continue
             if len(runs) == window:
                 break
             guess.append(e)
-            gone.add(e)
             runs.append(len(guess) - 1)
-        values = evaluate([removed + guess[: j + 1] for j in runs]) if runs else []
+            removals.append([*assumed, e])
+            if e not in guessed_kept:
+                assumed.append(e)
+                gone.add(e)
+        values = evaluate(removals) if runs else []
         if runs:
             passes += 1
             runs_done += len(runs)
@@ -213,11 +280,14 @@ def acdc(
                 continue
             value = by_run[j]
             change = value - current if kind == "kl" else abs(value - current)
-            if change < threshold:
+            remove = change < threshold
+            if remove:
                 removed.append(e)
                 current = value
-            else:  # the guess was wrong: keep e; the later guesses assumed it gone
+            else:
                 kept[e] = float(change)
+            if remove == (e in guessed_kept):  # a wrong guess: the later runs assumed it
+                misses += 1
                 decided = j + 1
                 break
         # a wrong guess wastes the rest of the window: halve it after one, double it back
@@ -234,6 +304,7 @@ def acdc(
             ("runs", float(runs_done)),
             ("tested", float(len(order) - free)),
             ("free", float(free)),
+            ("misses", float(misses)),
             ("metric", current),
         ),
     )

@@ -109,6 +109,34 @@ def test_batched_edge_patch_runs_equal_unbatched_and_the_hand_forward() -> None:
         assert_close(together[f"r{i}"][:, -1], _hand_logits("gpt2", removed), **FP32)
 
 
+@pytest.mark.parametrize(
+    "second", ["embed -> a0.h0<q>", "embed -> a0.h1<k>", "embed -> m0", "embed -> a0.h3<q>"]
+)
+def test_adjacent_row_blocks_merge_only_when_nothing_else_differs(second: str) -> None:
+    """The planner merges edge patches of adjacent row blocks into one; patches that also
+    differ in head, input or downstream node stay apart. Oracle: each patch run alone."""
+    model = strong_model("llama")
+    info = describe(model)
+    specs = [("embed -> a0.h3<q>", (4, 6)), (second, (6, 8))]
+
+    def graph(which: list[tuple[str, tuple[int, int]]]) -> iv.Graph:
+        g = iv.Graph()
+        g.run("corrupt", tokens=CORRUPT)
+        g.run("cands", tokens=IDS.repeat(4, 1)).read("logits", name="cands")
+        for name, rows in which:
+            g.add(edge_patch_op(info, parse_edge(name), "cands", source="corrupt", rows=rows))
+        return g
+
+    g = graph(specs)
+    merged = [op for op in batch_graph(g, Budget(max_items=64)).graph.ops]
+    assert sum(isinstance(op, EdgePatch) for op in merged) == (1 if second == specs[0][0] else 2)
+    together = iv.run(g, model)["cands"]
+    for spec in specs:
+        alone = iv.run(graph([spec]), model, batch=False)["cands"]
+        rows = slice(*spec[1])
+        assert_close(together[rows], alone[rows], **FP32)
+
+
 SLOW = pytest.mark.slow
 
 
@@ -142,6 +170,44 @@ def test_acdc_equals_the_hand_loop_and_batching_changes_nothing(
     assert one.stat("tested") + one.stat("free") == len(candidates)
     kept_changes = [c for c in changes if c >= threshold]
     assert_close(torch.tensor(sorted(one.scores)), torch.tensor(sorted(kept_changes)), **FP32)
+
+
+def test_a_guide_changes_the_passes_never_the_circuit() -> None:
+    """Guessed-kept edges: a perfect guide (the hand loop's own circuit) wastes no run, so
+    each pass tests a full window; the opposite guide misses often; EAP-IG's guesses lie
+    between. All give the hand loop's circuit."""
+    family, metric, threshold = "llama", LOGIT_DIFF, 0.5
+    model = strong_model(family)
+    candidates = _candidates(family, 3)
+    want, _ = _hand_acdc(family, metric, threshold, candidates)
+    kw = {"threshold": threshold, "edges": candidates, "batch_size": 4}
+    plain = acdc(model, IDS, CORRUPT, metric, **kw)  # type: ignore[arg-type]
+    perfect = Circuit(tuple(want), (1.0,) * len(want))
+    others = tuple(e for e in candidates if e not in set(want))
+    opposite = Circuit(others, (1.0,) * len(others))
+    runs = {}
+    for name, guide in [("perfect", perfect), ("opposite", opposite), ("eap_ig", "eap_ig")]:
+        c = acdc(model, IDS, CORRUPT, metric, guide=guide, **kw)  # type: ignore[arg-type]
+        assert list(c.edges) == want, name
+        assert_close(torch.tensor(c.scores), torch.tensor(plain.scores), atol=1e-4, rtol=1e-4)
+        assert c.stat("tested") == plain.stat("tested")
+        runs[name] = c
+    tested = plain.stat("tested")
+    assert runs["perfect"].stat("misses") == 0 and runs["perfect"].stat("runs") == tested
+    assert runs["perfect"].stat("passes") == 1 + -(-tested // 4)  # full windows, no waste
+    assert plain.stat("misses") == len(want) and plain.stat("runs") > tested
+    assert runs["opposite"].stat("misses") > plain.stat("misses")
+    assert runs["eap_ig"].stat("passes") < plain.stat("passes")
+
+
+def test_bad_guides_are_refused_by_name() -> None:
+    model = strong_model("gpt2")
+    with pytest.raises(SpecError, match="unknown guide 'eap'; guides: eap_ig, a Circuit, or None"):
+        acdc(model, IDS, CORRUPT, LOGIT_DIFF, guide="eap")  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="not KL's"):
+        acdc(model, IDS, CORRUPT, Metric.kl(), guide="eap_ig")
+    with pytest.raises(SpecError, match="unknown guide \\[Edge"):
+        acdc(model, IDS, CORRUPT, LOGIT_DIFF, guide=[parse_edge("m0 -> logits")])  # type: ignore[arg-type]
 
 
 def test_zero_ablation_acdc_and_the_circuit_graph_by_hand() -> None:
