@@ -10,7 +10,11 @@ removed so far into it, (the upstream's corrupt output - its output in this forw
 heads are batched (one einsum per projection, attention for all heads at once), and the
 copies of the residual stream are made only for inputs that have removed edges. It skips
 edges into nodes whose every outgoing edge is removed, as the package does, so both test
-the same edges. The package's own ``batch_size=1`` loop is reported too.
+the same edges. The package's own ``batch_size=1`` loop is reported too, and each batch
+size with ``guide="eap_ig"`` (EAP-IG guesses which edges stay; its two passes are counted
+in the passes column, its gradient points are not in the runs column, its time is in the
+wall time). ``--oracle-guide`` adds a guide that is never wrong (the loop's own circuit):
+the floor of passes and runs that guessing can reach.
 
 All give the same circuit (checked every call: the same edges, scores within 1e-4).
 Reported: passes (graphs run, or forwards of the hand loop; the planner makes each graph
@@ -20,6 +24,7 @@ the hand loop, and the circuit's faithfulness. Target (issue 11): >= 5x faster t
 loop.
 
     .venv/bin/python benchmarks/acdc.py [--repeats 3] [--prompts 16 4] [--batch-sizes 8 32]
+        [--oracle-guide]
 """
 
 from __future__ import annotations
@@ -181,6 +186,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--threshold", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--oracle-guide",
+        action="store_true",
+        help="also time a guide that is never wrong (the hand loop's circuit): the floor",
+    )
     args = parser.parse_args()
     setup(args.threads)
     print(versions())
@@ -193,17 +203,28 @@ def main() -> None:
 def bench(model: Any, n: int, args: argparse.Namespace) -> None:
     clean, corrupt, metric = task_data("induction", n=n, seed=0)
 
-    def make(bs: int) -> Any:
-        return lambda: acdc(model, clean, corrupt, metric, threshold=args.threshold, batch_size=bs)
+    def make(bs: int, guide: Any = None) -> Any:
+        return lambda: acdc(
+            model, clean, corrupt, metric, threshold=args.threshold, batch_size=bs, guide=guide
+        )
 
     answer = metric.answer
     loop = Contender(
         "hand loop (one edge per forward)",
         lambda: hand_acdc(model, clean, corrupt, answer, args.threshold),
     )
-    contenders = [loop, Contender("interventions, batch_size=1", make(1))] + [
-        Contender(f"interventions, batch_size={b}", make(b)) for b in args.batch_sizes
-    ]
+    contenders = [loop, Contender("interventions, batch_size=1", make(1))]
+    for b in args.batch_sizes:
+        contenders += [
+            Contender(f"interventions, batch_size={b}", make(b)),
+            Contender(f"interventions, batch_size={b}, guide=eap_ig", make(b, "eap_ig")),
+        ]
+    if args.oracle_guide:  # the floor: a guide that is never wrong (the loop's own circuit)
+        oracle = hand_acdc(model, clean, corrupt, answer, args.threshold)
+        contenders += [
+            Contender(f"interventions, batch_size={b}, oracle guide", make(b, oracle))
+            for b in args.batch_sizes
+        ]
     label(contenders)
     want: dict[str, Circuit] = {}
 
@@ -226,11 +247,12 @@ def bench(model: Any, n: int, args: argparse.Namespace) -> None:
     base_passes = found[loop.name].stat("passes")
     for c in contenders:
         circ = found[c.name]
+        passes = circ.stat("passes") + (circ.stat("guide_passes") if c is not loop else 0)
         rows.append(
             [
                 c.name,
-                f"{circ.stat('passes'):.0f}",
-                fmt_x(base_passes / circ.stat("passes")),
+                f"{passes:.0f}",
+                fmt_x(base_passes / passes),
                 f"{circ.stat('runs'):.0f}",
                 fmt_s(median(c.times)),
                 fmt_x(1 / ratio(c, loop)) if c is not loop else "1.00x",

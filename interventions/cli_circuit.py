@@ -35,6 +35,12 @@ def add_circuit_parser(sub: Any, common: Any) -> None:
     p.add_argument("--kl", action="store_true", help="acdc: prune by KL to the clean run")
     p.add_argument("--threshold", type=float, default=1.0, help="acdc threshold (default 1.0)")
     p.add_argument(
+        "--guide",
+        choices=["eap_ig"],
+        default=None,
+        help="acdc: guess which edges stay from EAP-IG scores (fewer passes, same circuit)",
+    )
+    p.add_argument(
         "--ablation",
         default="resample",
         choices=["resample", "mean", "zero"],
@@ -87,6 +93,7 @@ def cmd_circuit(args: argparse.Namespace) -> int:
             Metric.kl() if args.kl else metric,
             threshold=args.threshold,
             ablation=args.ablation,
+            guide=args.guide,
             backend=args.backend,
         )
     else:

@@ -62,6 +62,7 @@ __all__ = ["GUIDES", "acdc", "check_pair", "metric_value"]
 Guide = Literal["eap_ig"]
 GUIDES: tuple[str, ...] = ("eap_ig",)
 GUIDE_STEPS = 4  # EAP-IG points of the guide: plain EAP (1) is flat at a saturated metric
+GUIDE_PASSES = 2  # edge_attribution's graphs: the corrupt run's outputs, the gradient pass
 
 
 def check_pair(clean: Any, corrupt: Any, ablation: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,8 +179,8 @@ def acdc(
     clean run alone; the planner batches each into one forward pass of the candidates and
     one of the corrupt run, more when they pass its memory budget), ``runs`` (candidate
     runs, each a forward-equivalent of ``[prompts, positions]``), ``tested`` and ``free``
-    edges (no run needed), ``misses`` (wrong guesses) and the final ``metric``; a guide's
-    own passes (EAP-IG's two) are not counted. ``batch_size``: at most that many candidate
+    edges (no run needed), ``misses`` (wrong guesses), ``guide_passes`` (the guide's own:
+    EAP-IG's two, or none) and the final ``metric``. ``batch_size``: at most that many candidate
     runs per pass (halved after a wrong guess, doubled back after a right one).
     ``guide``: which edges to guess kept (see the module docstring); it changes the
     passes, never the circuit.
@@ -305,6 +306,7 @@ def acdc(
             ("tested", float(len(order) - free)),
             ("free", float(free)),
             ("misses", float(misses)),
+            ("guide_passes", float(GUIDE_PASSES if isinstance(guide, str) else 0)),
             ("metric", current),
         ),
     )

@@ -36,6 +36,22 @@ def test_circuit_on_the_induction_model(tmp_path: Path, capsys: pytest.CaptureFi
     assert (out / "circuit.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_guided_acdc_finds_the_same_circuit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["circuit", "--model", "induction", "--task", "induction", "--prompts", "4"]
+    found = []
+    for extra in ([], ["--guide", "eap_ig"]):
+        out = tmp_path / str(len(found))
+        assert main([*argv, "--method", "acdc", *extra, "--out", str(out)]) == 0
+        found.append(Circuit.load(out / "circuit.json"))
+    capsys.readouterr()
+    plain, guided = found
+    assert guided.edges == plain.edges and plain.edges
+    assert guided.stat("guide_passes") == 2 and plain.stat("guide_passes") == 0
+    assert guided.stat("passes") < plain.stat("passes")
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -45,6 +61,7 @@ def test_circuit_on_the_induction_model(tmp_path: Path, capsys: pytest.CaptureFi
         ["--task", "induction", "--threshold", "-1"],
         ["--task", "induction", "--ablation", "mode"],
         ["--task", "induction", "--method", "path"],
+        ["--task", "induction", "--guide", "eap"],
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, extra: list[str]) -> None:
