@@ -19,8 +19,9 @@ tokens; the logit difference of two tokens at the last position):
   a pass costs mostly Python, so the loop takes seconds per ten edges), threshold
   ``ACDC_THRESHOLD``: the
   speculatively batched passes (``batch_size=8``) against the one-edge-per-forward loop
-  (``batch_size=1``), the baseline of its row, timed once each after one warm-up (the
-  loop alone is one pass per tested edge); the circuits' edges are compared (bf16: a
+  (``batch_size=1``), the baseline of its row, and the same with ``guide="eap_ig"`` (its
+  passes counted), timed once each after one warm-up (the loop alone is one pass per
+  tested edge); the circuits' edges are compared (bf16: a
   score within rounding of the threshold may flip, which the row says);
 * ``eap``: :func:`interventions.circuits.eap.edge_attribution` over every edge (EAP,
   two passes), against one plain forward and backward of the same prompts (its floor).
@@ -263,7 +264,9 @@ def circuit_data(
     }
 
 
-def run_acdc(model: nn.Module, data: dict[str, Any], batch_size: int) -> Any:
+def run_acdc(
+    model: nn.Module, data: dict[str, Any], batch_size: int, guide: str | None = None
+) -> Any:
     """ACDC over ``data``'s candidate edges, ``batch_size`` candidate runs per pass."""
     from interventions.circuits.acdc import acdc
 
@@ -275,6 +278,7 @@ def run_acdc(model: nn.Module, data: dict[str, Any], batch_size: int) -> Any:
         threshold=ACDC_THRESHOLD,
         edges=data["edges"],
         batch_size=batch_size,
+        guide=guide,  # type: ignore[arg-type]
     )
 
 
@@ -294,8 +298,8 @@ def forward_backward(model: nn.Module, data: dict[str, Any]) -> None:
 
 
 def passes(circuit: Any) -> int:
-    """How many graphs ACDC ran to find ``circuit``."""
-    return int(dict(circuit.stats)["passes"])
+    """How many graphs ACDC ran to find ``circuit``, its guide's included."""
+    return int(circuit.stat("passes") + circuit.stat("guide_passes"))
 
 
 def same_circuit(a: Any, b: Any) -> str:
@@ -318,7 +322,10 @@ def bench_circuits(shape: str, model: nn.Module, rounds: int) -> list[tuple[str,
     s, mem, fast = timed(lambda: run_acdc(model, data, ACDC_BATCH), 1, warm_up=False)
     label = f"torch (batch_size={ACDC_BATCH}, {passes(fast)} passes)"
     rows.append((shape, "acdc", label, f"{s:.4f}", f"{s / loop_s:.2f}", f"{mem:.2f}"))
-    print(f"  {shape} acdc done: {same_circuit(fast, loop)}", flush=True)
+    s, mem, guided = timed(lambda: run_acdc(model, data, ACDC_BATCH, "eap_ig"), 1, warm_up=False)
+    label = f"torch (batch_size={ACDC_BATCH}, guide=eap_ig, {passes(guided)} passes)"
+    rows.append((shape, "acdc", label, f"{s:.4f}", f"{s / loop_s:.2f}", f"{mem:.2f}"))
+    print(f"  {shape} acdc done: {same_circuit(fast, loop)}, guided {same_circuit(guided, loop)}")
     base_s, base_mem, _ = timed(lambda: forward_backward(model, data), rounds)
     rows.append((shape, "eap", "fwd+bwd", f"{base_s:.4f}", "1.00", f"{base_mem:.2f}"))
     s, mem, _ = timed(lambda: run_eap(model, data), rounds)

@@ -57,6 +57,9 @@ def test_the_circuit_workloads_run_on_cpu_and_the_batched_acdc_equals_its_loop()
     )
     assert gpu.passes(loop) == 1 + dict(loop.stats)["tested"]  # the clean run, then one each
     assert gpu.passes(fast) < gpu.passes(loop)
+    guided = gpu.run_acdc(model, data, gpu.ACDC_BATCH, "eap_ig")
+    assert guided.edges == fast.edges and guided.stat("guide_passes") == 2
+    assert gpu.passes(guided) == guided.stat("passes") + 2
     eap = gpu.run_eap(model, data)
     # by hand: 12 q/k/v inputs of layer 0 read embed; MLP 0 reads embed and 4 heads; the
     # 12 of layer 1 read those 6 nodes; MLP 1 reads 10 nodes; the logits read all 11
