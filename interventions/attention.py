@@ -103,9 +103,10 @@ def split_input_delta(
     ``(batch, pos, head, d_head)``: zero exactly where a copy was not changed.
     """
     w = qkv_view(weight, view, n_heads=n_heads, n_kv_heads=n_kv_heads, d_head=d_head)
-    # both norms run on tensors of one shape, so an unchanged copy gives exactly zero
-    before = x.unsqueeze(-2).expand_as(new) if old is None else old
-    change = norm.forward(new) - norm.forward(before)
+    # the norm acts on each vector alone: the unchanged copies' norm is the block input's,
+    # computed once, and an unchanged copy still gives exactly zero
+    before = norm.forward(x).unsqueeze(-2) if old is None else norm.forward(old)
+    change = norm.forward(new) - before
     return torch.einsum("bphd,dhe->bphe", change, w.to(change.dtype))
 
 
