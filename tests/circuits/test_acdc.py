@@ -200,6 +200,17 @@ def test_a_guide_changes_the_passes_never_the_circuit() -> None:
     assert runs["eap_ig"].stat("passes") < plain.stat("passes")
 
 
+@pytest.mark.parametrize("backend", ["nnsight", "pyvene"])
+def test_a_guided_acdc_is_the_same_on_every_backend(backend: str) -> None:
+    """EAP-IG's guesses and ACDC's checks both run on the backend: the torch circuit."""
+    model = strong_model("llama")
+    kw = {"threshold": 0.5, "edges": _candidates("llama", 5), "batch_size": 4}
+    want = acdc(model, IDS, CORRUPT, LOGIT_DIFF, **kw)  # type: ignore[arg-type]
+    got = acdc(model, IDS, CORRUPT, LOGIT_DIFF, guide="eap_ig", backend=backend, **kw)  # type: ignore[arg-type]
+    assert got.edges == want.edges and want.edges
+    assert_close(torch.tensor(got.scores), torch.tensor(want.scores), atol=1e-4, rtol=1e-4)
+
+
 def test_bad_guides_are_refused_by_name() -> None:
     model = strong_model("gpt2")
     with pytest.raises(SpecError, match="unknown guide 'eap'; guides: eap_ig, a Circuit, or None"):
