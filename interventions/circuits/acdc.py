@@ -142,6 +142,8 @@ def _guessed_kept(
             "guide='eap_ig' estimates a logit metric's change, not KL's (its gradient "
             "vanishes at the clean run); give guide=<Circuit> or None"
         )
+    if not candidates:
+        return frozenset()
     from interventions.circuits.eap import edge_attribution
 
     with torch.enable_grad():
@@ -306,7 +308,7 @@ def acdc(
             ("tested", float(len(order) - free)),
             ("free", float(free)),
             ("misses", float(misses)),
-            ("guide_passes", float(GUIDE_PASSES if isinstance(guide, str) else 0)),
+            ("guide_passes", float(GUIDE_PASSES if isinstance(guide, str) and order else 0)),
             ("metric", current),
         ),
     )

@@ -217,6 +217,9 @@ def test_bad_guides_are_refused_by_name() -> None:
         acdc(model, IDS, CORRUPT, LOGIT_DIFF, guide="eap")  # type: ignore[arg-type]
     with pytest.raises(SpecError, match="not KL's"):
         acdc(model, IDS, CORRUPT, Metric.kl(), guide="eap_ig")
+    nothing = acdc(model, IDS, CORRUPT, LOGIT_DIFF, edges=[], guide="eap_ig")
+    assert nothing.edges == () and nothing.stat("passes") == 1
+    assert nothing.stat("guide_passes") == 0
     with pytest.raises(SpecError, match="unknown guide \\[Edge"):
         acdc(model, IDS, CORRUPT, LOGIT_DIFF, guide=[parse_edge("m0 -> logits")])  # type: ignore[arg-type]
 
