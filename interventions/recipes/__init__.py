@@ -34,13 +34,9 @@ from interventions.recipes.lens import (
     logit_lens,
 )
 from interventions.recipes.metrics import Metric, normalized
-from interventions.recipes.patching import (
-    AttributionResult,
-    PatchingResult,
-    activation_patching,
-    attribution_patching,
-    path_patching,
-)
+from interventions.recipes.patching import PatchingResult, activation_patching
+from interventions.recipes.patching_grads import AttributionResult, attribution_patching
+from interventions.recipes.patching_paths import path_patching
 from interventions.recipes.probes import ProbeResult, ProbeSweep, probe, probe_sweep
 from interventions.recipes.steering import (
     SteeringResult,

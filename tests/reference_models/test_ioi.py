@@ -21,7 +21,7 @@ import torch
 import interventions as iv
 from interventions.errors import UnsupportedOp
 from interventions.recipes import Metric, activation_patching, attribution_patching
-from interventions.recipes.patching import AttributionResult
+from interventions.recipes.patching_grads import AttributionResult
 from interventions.reference_models import ioi, load_reference
 
 BACKENDS = ("torch", "nnsight", "pyvene")
