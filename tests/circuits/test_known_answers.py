@@ -75,6 +75,9 @@ def test_acdc_finds_the_induction_circuit(seed: int) -> None:
     s = score_circuit(model, c, clean, corrupt, metric)
     assert s.faithfulness >= 0.9, s
     assert len(c.edges) <= 20  # of 110: a small circuit
+    guided = acdc(model, clean, corrupt, metric, threshold=1.0, guide="eap_ig")
+    assert guided.edges == c.edges  # the same decisions, in fewer passes (its own counted)
+    assert guided.stat("passes") + guided.stat("guide_passes") < c.stat("passes")
 
 
 @pytest.mark.parametrize("backend", ["nnsight", "pyvene"])
