@@ -44,7 +44,8 @@ from interventions.ops import (
     op_kind,
 )
 from interventions.plan import Plan, generation_positions, make_plan
-from interventions.ragged import needs_split, right_padding_exact, split_graph
+from interventions.ragged import needs_split, split_graph
+from interventions.ragged_layout import right_padding_exact
 from interventions.routing import check_expert_ids
 from interventions.sites import STANDARD_SITES, Site
 from interventions.spec import GraphSpec

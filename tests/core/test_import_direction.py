@@ -122,11 +122,14 @@ def test_nothing_but_the_package_entry_imports_the_facade_from_the_core() -> Non
     graph = import_graph()
     below = {
         "interventions.validation",
+        "interventions.op_checks",
         "interventions.plan",
         "interventions.batching",
         "interventions.serialize",
         "interventions.deserialize",
         "interventions.ragged",
+        "interventions.ragged_layout",
+        "interventions.ragged_ops",
         "interventions.printing",
         "interventions.apply",
         "interventions.backends",

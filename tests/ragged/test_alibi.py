@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import interventions.ragged as ragged
+import interventions.ragged_layout as ragged_layout
 from tests.ragged.test_merged import EXAMPLE, parts, ragged_read
 from tests.ragged.test_ragged_oracle import TOL, check
 from tests.tiny_models import hf_model
@@ -30,7 +30,7 @@ def test_merged_forwards_equal_each_prompt_alone(family: str, side: str) -> None
 def test_the_split_path_equals_each_prompt_alone(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ragged, "FORWARD_OVERHEAD", {"cpu": 0.0, "cuda": 0.0})
+    monkeypatch.setattr(ragged_layout, "FORWARD_OVERHEAD", {"cpu": 0.0, "cuda": 0.0})
     assert parts(ragged_read(), hf_model("falcon_alibi"))[0][1] is None  # one per length
     check(EXAMPLE, "falcon_alibi", backend, "left")
 

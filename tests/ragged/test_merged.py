@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import interventions as iv
-import interventions.ragged as ragged
+import interventions.ragged_layout as ragged_layout
 from interventions.assembly import Assembly, Piece, assemble
 from interventions.validation import validate
 from tests.ragged.test_ragged_oracle import check
@@ -81,7 +81,7 @@ def test_merged_forwards_equal_each_prompt_alone_on_every_causal_family(
 def test_the_split_path_stays_exact_when_the_estimate_picks_it(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ragged, "FORWARD_OVERHEAD", {"cpu": 0.0, "cuda": 0.0})
+    monkeypatch.setattr(ragged_layout, "FORWARD_OVERHEAD", {"cpu": 0.0, "cuda": 0.0})
     assert parts(ragged_read(), hf_model("gpt2")) == [(2, None), (3, None), (4, None)]
     check(EXAMPLE, "gpt2", backend, "left")
 
@@ -93,7 +93,7 @@ def test_mixtures_of_experts_stay_exact_on_the_split_path() -> None:
 def test_equal_lengths_with_per_prompt_positions_merge_even_at_no_overhead(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ragged, "FORWARD_OVERHEAD", {"cpu": 0.0, "cuda": 0.0})
+    monkeypatch.setattr(ragged_layout, "FORWARD_OVERHEAD", {"cpu": 0.0, "cuda": 0.0})
     g = iv.Graph()
     r = g.run("r", tokens=[[1, 2, 3], [4, 5, 6]])
     r.read("resid_post", layer=0, pos=iv.per_prompt([0, 2]), name="at")
