@@ -118,13 +118,21 @@ def _model(
     return model, tokenizer
 
 
-def _check_pair(clean: Prompts, corrupt: Prompts) -> None:
-    """Clean and corrupted prompts pair up one to one (their lengths may differ)."""
-    if n_prompts(clean) != n_prompts(corrupt):
+def as_pairs(clean: Tokens, corrupt: Tokens, tokenizer: Any) -> tuple[Prompts, Prompts]:
+    """Clean and corrupted prompts (see :func:`as_prompts`), which pair up one to one
+    (their lengths may differ).
+
+    >>> as_pairs([[1, 2, 3], [4, 5]], [[1, 9, 3], [4, 7]], None)
+    ([[1, 2, 3], [4, 5]], [[1, 9, 3], [4, 7]])
+    """
+    clean_ids = as_prompts(clean, tokenizer, "clean")
+    corrupt_ids = as_prompts(corrupt, tokenizer, "corrupt")
+    if n_prompts(clean_ids) != n_prompts(corrupt_ids):
         raise SpecError(
-            f"clean and corrupted inputs must hold as many prompts, got {n_prompts(clean)} "
-            f"and {n_prompts(corrupt)}"
+            f"clean and corrupted inputs must hold as many prompts, got {n_prompts(clean_ids)} "
+            f"and {n_prompts(corrupt_ids)}"
         )
+    return clean_ids, corrupt_ids
 
 
 def check_twins(clean: Prompts, corrupt: Prompts, recipe: str) -> None:

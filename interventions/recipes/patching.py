@@ -34,10 +34,9 @@ from interventions.graph import Graph
 from interventions.recipes.inputs import (
     Prompts,
     Tokens,
-    _check_pair,
     _lengths,
     _model,
-    as_prompts,
+    as_pairs,
 )
 from interventions.recipes.metrics import (
     Metric,
@@ -72,6 +71,54 @@ class PatchingResult:
     clean_values: torch.Tensor | None = None  # [batch]
     corrupt_values: torch.Tensor | None = None  # [batch]
     normalization: Normalization = "batch_mean"
+
+    @classmethod
+    def scored(
+        cls,
+        values: torch.Tensor,
+        clean_values: torch.Tensor,
+        corrupt_values: torch.Tensor,
+        *,
+        normalize: bool,
+        normalization: Normalization,
+        site: str,
+        rows: tuple[str, ...],
+        cols: tuple[str, ...],
+        direction: Direction,
+        graph: Graph,
+        results: Results | None,
+    ) -> PatchingResult:
+        """A sweep's result from each prompt's metric: ``values`` ``[rows, cols, batch]``,
+        and the clean and corrupted runs' ``[batch]``, scored by :func:`batch_score`.
+
+        >>> v, clean, corrupt = torch.tensor([[[0.5, 1.5]]]), torch.full((2,), 2.0), torch.zeros(2)
+        >>> r = PatchingResult.scored(
+        ...     v, clean, corrupt, normalize=True, normalization="batch_mean", site="resid_pre",
+        ...     rows=("resid_pre[0]",), cols=("0",), direction="denoise", graph=Graph(),
+        ...     results=None,
+        ... )
+        >>> r.scores, r.clean_metric
+        (tensor([[0.5000]]), 2.0)
+        """
+        scores = batch_score(
+            values, clean_values, corrupt_values, normalize=normalize, normalization=normalization
+        )
+        return cls(
+            scores=scores,
+            site=site,
+            rows=rows,
+            cols=cols,
+            clean_metric=float(clean_values.mean()),
+            corrupt_metric=float(corrupt_values.mean()),
+            normalized=normalize,
+            direction=direction,
+            graph=graph,
+            results=results,
+            values=values,
+            clean_values=clean_values,
+            corrupt_values=corrupt_values,
+            normalization=normalization,
+        )
 
     def _per_example(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.values is None or self.clean_values is None or self.corrupt_values is None:
@@ -144,6 +191,13 @@ def _layers(layers: Sequence[int] | None, n_layers: int | None, site: str) -> li
     return out
 
 
+def _check_sweep(direction: str, normalization: str) -> None:
+    """A sweep's ``direction`` and ``normalization`` are ones it knows."""
+    if direction not in ("denoise", "noise"):
+        raise SpecError(f"unknown direction {direction!r}; expected denoise, noise")
+    check_normalization(normalization)
+
+
 def _metric_values(
     metric: Metric, logits: torch.Tensor, clean_logits: torch.Tensor
 ) -> torch.Tensor:
@@ -207,15 +261,9 @@ def activation_patching(
     """
     if site not in PATCHABLE_SITES:
         raise SpecError(f"cannot sweep site {site!r}; sites: {choices_text(PATCHABLE_SITES)}")
-    if direction not in ("denoise", "noise"):
-        raise SpecError(f"unknown direction {direction!r}; expected denoise, noise")
-    check_normalization(normalization)
+    _check_sweep(direction, normalization)
     model, tokenizer = _model(model, tokenizer, run_options)
-    clean_ids, corrupt_ids = (
-        as_prompts(clean, tokenizer, "clean"),
-        as_prompts(corrupt, tokenizer, "corrupt"),
-    )
-    _check_pair(clean_ids, corrupt_ids)
+    clean_ids, corrupt_ids = as_pairs(clean, corrupt, tokenizer)
     info = describe(model)
     rows = _layers(layers, info.n_layers, site)
     target_ids = corrupt_ids if direction == "denoise" else clean_ids
@@ -270,24 +318,18 @@ def activation_patching(
             for row in cells
         ]
     )  # [rows, cols, batch]
-    scores = batch_score(
-        values, m_clean, m_corrupt, normalize=normalize, normalization=normalization
-    )
-    return PatchingResult(
-        scores=scores,
+    return PatchingResult.scored(
+        values,
+        m_clean,
+        m_corrupt,
+        normalize=normalize,
+        normalization=normalization,
         site=site,
         rows=tuple(f"{site}[{layer}]" if site != "embed" else "embed" for layer in rows),
         cols=tuple(col_labels),
-        clean_metric=float(m_clean.mean()),
-        corrupt_metric=float(m_corrupt.mean()),
-        normalized=normalize,
         direction=direction,
         graph=g,
         results=res,
-        values=values,
-        clean_values=m_clean,
-        corrupt_values=m_corrupt,
-        normalization=normalization,
     )
 
 

@@ -19,23 +19,18 @@ from interventions.graph import Graph
 from interventions.recipes.attribution import _metric_rows
 from interventions.recipes.inputs import (
     Tokens,
-    _check_pair,
     _lengths,
     _model,
-    as_prompts,
+    as_pairs,
     n_prompts,
     prompt_rows,
 )
-from interventions.recipes.metrics import (
-    Metric,
-    Normalization,
-    batch_score,
-    check_normalization,
-)
+from interventions.recipes.metrics import Metric, Normalization
 from interventions.recipes.patching import (
     PATCHABLE_SITES,
     Direction,
     PatchingResult,
+    _check_sweep,
     _layers,
     activation_patching,
 )
@@ -104,15 +99,9 @@ def attribution_patching(
         raise SpecError(
             f"attribution patching sweeps positions of {choices_text(PATCHABLE_SITES[:-2])}"
         )
-    if direction not in ("denoise", "noise"):
-        raise SpecError(f"unknown direction {direction!r}; expected denoise, noise")
-    check_normalization(normalization)
+    _check_sweep(direction, normalization)
     model, tokenizer = _model(model, tokenizer, run_options)
-    clean_ids, corrupt_ids = (
-        as_prompts(clean, tokenizer, "clean"),
-        as_prompts(corrupt, tokenizer, "corrupt"),
-    )
-    _check_pair(clean_ids, corrupt_ids)
+    clean_ids, corrupt_ids = as_pairs(clean, corrupt, tokenizer)
     info = describe(model)
     rows = _layers(layers, info.n_layers, site)
     n = n_prompts(clean_ids)
@@ -165,24 +154,18 @@ def attribution_patching(
             target_pos=[p % (len_corrupt if target == "corrupt" else len_clean) for p in offsets],
         )
         m_clean[idx], m_corrupt[idx], values[:, :, idx] = part
-    scores = batch_score(
-        values, m_clean, m_corrupt, normalize=normalize, normalization=normalization
-    )
-    approx = PatchingResult(
-        scores=scores,
+    approx = PatchingResult.scored(
+        values,
+        m_clean,
+        m_corrupt,
+        normalize=normalize,
+        normalization=normalization,
         site=site,
         rows=tuple(f"{site}[{layer}]" for layer in rows),
         cols=tuple(str(p) for p in offsets),
-        clean_metric=float(m_clean.mean()),
-        corrupt_metric=float(m_corrupt.mean()),
-        normalized=normalize,
         direction=direction,
         graph=g,
         results=None,
-        values=values,
-        clean_values=m_clean,
-        corrupt_values=m_corrupt,
-        normalization=normalization,
     )
     if not compare_exact:
         return AttributionResult(approx)

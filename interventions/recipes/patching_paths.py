@@ -18,18 +18,12 @@ from interventions.graph import Graph
 from interventions.ops import Ref
 from interventions.recipes.inputs import (
     Tokens,
-    _check_pair,
     _model,
-    as_prompts,
+    as_pairs,
     check_twins,
     n_prompts,
 )
-from interventions.recipes.metrics import (
-    Metric,
-    Normalization,
-    batch_score,
-    check_normalization,
-)
+from interventions.recipes.metrics import Metric, Normalization, check_normalization
 from interventions.recipes.patching import PatchingResult
 
 
@@ -60,11 +54,7 @@ def path_patching(
     """
     check_normalization(normalization)
     model, tokenizer = _model(model, tokenizer, run_options)
-    clean_ids, corrupt_ids = (
-        as_prompts(clean, tokenizer, "clean"),
-        as_prompts(corrupt, tokenizer, "corrupt"),
-    )
-    _check_pair(clean_ids, corrupt_ids)
+    clean_ids, corrupt_ids = as_pairs(clean, corrupt, tokenizer)
     check_twins(clean_ids, corrupt_ids, "path_patching")
     info = describe(model)
     if info.n_layers is None or not info.n_heads:
@@ -128,23 +118,17 @@ def path_patching(
     values = torch.full((len(layers), n_heads, n_prompts(clean_ids)), float("nan"))
     for (layer, head), name in zip(senders, names, strict=True):
         values[layers.index(layer), head] = metric(res[name], reference=clean_logits)
-    scores = batch_score(
-        values, m_clean, m_corrupt, normalize=normalize, normalization=normalization
-    )
     target = "logits" if to_logits else ", ".join(f"{lr}.{h}" for lr, h in recv)
-    return PatchingResult(
-        scores=scores,
+    return PatchingResult.scored(
+        values,
+        m_clean,
+        m_corrupt,
+        normalize=normalize,
+        normalization=normalization,
         site=f"head->{target}",
         rows=tuple(f"head[{layer}]" for layer in layers),
         cols=tuple(f"h{h}" for h in range(n_heads)),
-        clean_metric=float(m_clean.mean()),
-        corrupt_metric=float(m_corrupt.mean()),
-        normalized=normalize,
         direction="noise",
         graph=g,
         results=res,
-        values=values,
-        clean_values=m_clean,
-        corrupt_values=m_corrupt,
-        normalization=normalization,
     )

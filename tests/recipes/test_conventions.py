@@ -149,6 +149,22 @@ def test_per_example_normalisation_refuses_a_prompt_with_no_gap() -> None:
         activation_patching(model, CLEAN, CORRUPT, METRIC, normalization="each")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("recipe", ["activation_patching", "path_patching", "attribution_patching"])
+def test_the_patching_recipes_refuse_bad_pairs_and_choices_before_running(recipe: str) -> None:
+    import interventions.recipes as recipes
+
+    sweep = getattr(recipes, recipe)
+    model = hf_model("gpt2")
+    with pytest.raises(SpecError, match="must hold as many prompts, got 2 and 1"):
+        sweep(model, CLEAN, CORRUPT[:1], METRIC)
+    with pytest.raises(SpecError, match="unknown normalization 'each'; expected batch_mean"):
+        sweep(model, CLEAN, CORRUPT, METRIC, normalization="each")
+    if recipe != "path_patching":  # path patching always noises the senders
+        with pytest.raises(SpecError, match="unknown direction 'up'; expected denoise, noise"):
+            sweep(model, CLEAN, CORRUPT, METRIC, direction="up")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 # tokens 7 8 7 8 7: query 4 has two earlier 7s, so "last occurrence" and "every
 # occurrence" differ; one head, rows summing to one
 HEAD_TOKENS = torch.tensor([[7, 8, 7, 8, 7]])
