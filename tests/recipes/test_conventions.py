@@ -155,6 +155,11 @@ def test_the_patching_recipes_refuse_bad_pairs_and_choices_before_running(recipe
 
     sweep = getattr(recipes, recipe)
     model = hf_model("gpt2")
+
+    def hooks() -> list[int]:
+        return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+
+    before = hooks()  # the shared model may carry a user's hook from another test
     with pytest.raises(SpecError, match="must hold as many prompts, got 2 and 1"):
         sweep(model, CLEAN, CORRUPT[:1], METRIC)
     with pytest.raises(SpecError, match="unknown normalization 'each'; expected batch_mean"):
@@ -162,7 +167,11 @@ def test_the_patching_recipes_refuse_bad_pairs_and_choices_before_running(recipe
     if recipe != "path_patching":  # path patching always noises the senders
         with pytest.raises(SpecError, match="unknown direction 'up'; expected denoise, noise"):
             sweep(model, CLEAN, CORRUPT, METRIC, direction="up")
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert hooks() == before, [
+        (n, m._forward_hooks, m._forward_pre_hooks)
+        for n, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks
+    ]
 
 
 # tokens 7 8 7 8 7: query 4 has two earlier 7s, so "last occurrence" and "every

@@ -1,6 +1,6 @@
 """Generating runs against ``model.generate`` with hand hooks, and a no-cache greedy loop.
 
-Position semantics (adapters/torch_hooks.py docstring): an op applies on the prompt pass
+Position semantics (adapters/torch_hooks/__init__.py docstring): an op applies on the prompt pass
 and on every generated step; non-negative positions count from the start of the prompt,
 negative ones from the end of the prompt; ``pos=None`` touches every position. With a KV
 cache the prompt pass feeds positions ``0..P-1`` and generated step ``k >= 1`` feeds the

@@ -1,21 +1,10 @@
-"""The reference backend: plain forward hooks on any ``torch.nn.Module``.
-
-Every other backend is held to this one, so it is kept simple and obviously correct:
-one forward pass (or one greedy ``generate`` call) per run, in dependency order, with a
-hook per touched module that applies the run's ops in the order they were written.
-
-Generation: an op applies on the prompt pass and on every generated step. Its positions
-are absolute: non-negative positions count from the start of the prompt, negative ones
-from the end of the prompt; ``pos=None`` touches every position, generated ones included.
-Reads in a generating run see every position fed to the model (prompt plus generated
-tokens but the last), concatenated along the position axis.
-"""
+"""The torch backend itself: one forward pass (or ``generate`` call) per run, with the
+hook set :class:`_Hooks` installed and removed around it. See the package docstring."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,21 +15,26 @@ from interventions.architectures import HookPoint, ModelInfo
 from interventions.attention import (
     QKV_VIEWS,
     SPLIT_VIEWS,
-    ScoresInterceptor,
     projection_weight,
-    qkv_view,
-    split_input_delta,
 )
 from interventions.backends import Capabilities
 from interventions.devices import input_device
 from interventions.errors import ExecutionError, InterventionError
 from interventions.hf import accepts, eager_attention, generation_config, logits_kwargs, seeded
-from interventions.ops import OP_KINDS, EdgePatch, Op, Read
+from interventions.ops import OP_KINDS, EdgePatch, Read
 from interventions.plan import Plan, absolute_select, step_select
 from interventions.progress import progress
-from interventions.routing import check_expert_ids, route, weights_for
 from interventions.selection import put, site_axes, take
 from interventions.sites import Select, Site
+
+from .internals import (
+    ROUTER_VIEWS,
+    Entry,
+    InternalHooks,
+    StepClock,
+    get_plain,
+    set_plain,
+)
 
 
 def _snapshot(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
@@ -50,87 +44,13 @@ def _snapshot(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
     return x.detach() if point.view == "logits" else x.detach().clone()
 
 
-def expert_outputs(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Each expert's output for each row of ``x`` (tokens, d_model), as transformers'
-    fused ``*Experts`` computes it for the tokens routed to it: ``down(act(gate) * up)``
-    with ``gate, up = gate_up_proj @ x`` halves. Returns (tokens, expert, d_model).
-    """
-    act: Callable[[torch.Tensor], torch.Tensor] = getattr(experts, "act_fn")  # noqa: B009
-    gate_up = torch.einsum("nd,efd->nef", x, experts.gate_up_proj)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.einsum("nef,edf->ned", act(gate) * up, experts.down_proj)
-
-
-def _expert_args(point: HookPoint, args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if len(args) != 3 or not all(isinstance(a, torch.Tensor) for a in args):
-        raise ExecutionError(
-            f"{point.module} was called without (hidden_states, top_k_index, top_k_weights) "
-            "as positional arguments; expert_out needs transformers' fused experts module"
-        )
-    x, index, weights = args
-    return x, index, weights
-
-
-_ROUTER_VIEWS = ("router_logits", "router_choice")
-
-
 class _AllTaken(BaseException):
     """Raised by the last hook a run needs: the rest of the forward cannot change any
     result, so it is not computed. A BaseException, so that no ``except Exception`` in
     model code between the hook and the backend can swallow it."""
 
 
-@dataclass
-class _Entry:
-    """An op (or a capture for another run's ablation) at one hook point."""
-
-    op: Op | None
-    site: Site
-    buffers: list[torch.Tensor] = field(default_factory=list)  # per-step full tensors to keep
-    live: bool = False  # a capture an edge patch of this same run needs, later in the pass
-
-
-@dataclass
-class _StepClock:
-    """Tracks which absolute positions the current forward call covers."""
-
-    offset: int = 0
-    length: int = 0
-    calls: int = 0
-
-    def advance(self, length: int) -> None:
-        self.offset = self.offset + self.length if self.calls else 0
-        self.length = length
-        self.calls += 1
-
-
-def _get_plain(value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    logits = getattr(value, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise ExecutionError(f"cannot find a tensor in a module output of type {type(value).__name__}")
-
-
-def _set_plain(value: Any, new: torch.Tensor) -> Any:
-    if isinstance(value, torch.Tensor):
-        return new
-    if isinstance(value, tuple):
-        return (new, *value[1:])
-    if isinstance(value, list):
-        return [new, *value[1:]]
-    if getattr(value, "logits", None) is not None:
-        value["logits"] = new  # ModelOutput keeps attribute and key in step
-        return value
-    raise ExecutionError(
-        f"cannot replace a tensor in a module output of type {type(value).__name__}"
-    )
-
-
-class _Hooks:
+class _Hooks(InternalHooks):
     """Installs hooks for one run and removes every one of them on exit."""
 
     def __init__(
@@ -141,10 +61,10 @@ class _Hooks:
         self.plan = plan
         self.run = run
         self.state = state
-        self.clock = _StepClock()
+        self.clock = StepClock()
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.cleanups: list[Callable[[], None]] = []
-        self.points: dict[HookPoint, list[_Entry]] = {}
+        self.points: dict[HookPoint, list[Entry]] = {}
         self.recorded: dict[str, list[torch.Tensor]] = {}
         self.selected: dict[str, torch.Tensor] = {}  # reads already selected (grad mode)
         self.captures: dict[str, list[torch.Tensor]] = {}
@@ -152,20 +72,20 @@ class _Hooks:
         self.split_copies: dict[HookPoint, tuple[int, torch.Tensor]] = {}  # (call, copies)
         info = plan.info
         # q/k/v and per-head-input entries by projection module, in op order
-        self.qkv_entries: dict[str, list[tuple[HookPoint, _Entry]]] = {}
+        self.qkv_entries: dict[str, list[tuple[HookPoint, Entry]]] = {}
         # router_logits and experts_chosen entries by gate module, in op order
-        self.router_entries: dict[str, list[tuple[HookPoint, _Entry]]] = {}
+        self.router_entries: dict[str, list[tuple[HookPoint, Entry]]] = {}
         for op in plan.ops_of(run):
-            self._add(info.hook_point(op.site), _Entry(op, op.site))
+            self._add(info.hook_point(op.site), Entry(op, op.site))
         for site in plan.captures_of(run):
-            self._add(info.hook_point(site), _Entry(None, site))
+            self._add(info.hook_point(site), Entry(None, site))
         self.live: dict[str, torch.Tensor] = {}  # upstream node values of this run's edges
         # each edge delta by (upstream, head, rows, method, source): (its live value, delta)
         self.edge_deltas: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.out_projs: dict[int, torch.Tensor] = {}  # attention output weights by layer
         live = {op.upstream for op in plan.ops_of(run) if isinstance(op, EdgePatch)}
         for site in sorted(live, key=str):
-            self._add(info.hook_point(site), _Entry(None, site, live=True))
+            self._add(info.hook_point(site), Entry(None, site, live=True))
         graph_run = plan.graph.runs[run]
         self.prompt = plan.prompt_length(run)
         self.fed = self.prompt + (graph_run.max_new_tokens - 1 if graph_run.max_new_tokens else 0)
@@ -190,15 +110,15 @@ class _Hooks:
 
         return taken
 
-    def _add(self, point: HookPoint, entry: _Entry) -> None:
+    def _add(self, point: HookPoint, entry: Entry) -> None:
         self.points.setdefault(point, []).append(entry)
         if point.view in QKV_VIEWS or point.view in SPLIT_VIEWS:
             self.qkv_entries.setdefault(point.module, []).append((point, entry))
-        if point.view in _ROUTER_VIEWS:
+        if point.view in ROUTER_VIEWS:
             self.router_entries.setdefault(point.module, []).append((point, entry))
 
     def _process(
-        self, point: HookPoint, x: torch.Tensor, entries: list[_Entry] | None = None
+        self, point: HookPoint, x: torch.Tensor, entries: list[Entry] | None = None
     ) -> torch.Tensor:
         # Writes go into one private copy of the module's tensor, made at the first write
         # (a copy per op would cost a full tensor copy per patch of a batched sweep), and
@@ -314,109 +234,6 @@ class _Hooks:
             return x.reshape(-1, x.shape[-1])
         return x
 
-    def _qkv(self, x: torch.Tensor, view: str) -> torch.Tensor:
-        info = self.plan.info
-        assert info.n_heads and info.n_kv_heads and info.d_head
-        return qkv_view(
-            x, view, n_heads=info.n_heads, n_kv_heads=info.n_kv_heads, d_head=info.d_head
-        )
-
-    def _qkv_hook(self, module_name: str) -> Callable[..., Any]:
-        """One hook for every q/k/v and per-head-input op at a projection, in op order
-        (q and q_input of GPT-2 share ``c_attn``): each run of ops at one view at a time."""
-
-        groups = _runs_by_point(self.qkv_entries[module_name])
-
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            x = _get_plain(output)
-            new = x
-            for point, entries in groups:
-                new = self._qkv_output(point, module, new, entries)
-            return output if new is x else _set_plain(output, new)
-
-        return hook
-
-    def _qkv_output(
-        self, point: HookPoint, module: nn.Module, x: torch.Tensor, entries: list[_Entry]
-    ) -> torch.Tensor:
-        """The projection output with the ops at a q/k/v site or a per-head input applied."""
-        if point.view in QKV_VIEWS:
-            part = self._qkv(x, point.view)
-            new = self._process(point, part, entries)
-            if new is part:
-                return x
-            out = x.clone()
-            self._qkv(out, point.view).copy_(new)
-            return out
-        view = point.view.removeprefix("split_")
-        assert point.layer is not None
-        block_input = self.block_inputs[point.layer]
-        heads = self._qkv(x, view).shape[-2]
-        # the copies as earlier ops at this site in this forward call left them (ops at
-        # another view of the projection may have come between)
-        kept = self.split_copies.get(point)
-        old = kept[1] if kept is not None and kept[0] == self.clock.calls else None
-        copies = block_input.unsqueeze(-2).expand(*block_input.shape[:-1], heads, -1)
-        copies = copies if old is None else old
-        new = self._process(point, copies, entries)
-        self.split_copies[point] = (self.clock.calls, new)
-        if new is copies:
-            return x
-        info = self.plan.info
-        assert info.arch is not None and info.arch.attn_norm is not None
-        norm = self.model.get_submodule(f"{info.arch.layers}.{point.layer}.{info.arch.attn_norm}")
-        assert info.n_heads and info.n_kv_heads and info.d_head
-        delta = split_input_delta(
-            norm,
-            projection_weight(module),
-            block_input,
-            new,
-            view,
-            n_heads=info.n_heads,
-            n_kv_heads=info.n_kv_heads,
-            d_head=info.d_head,
-            old=old,
-        )
-        out = x.clone()
-        self._qkv(out, view).add_(delta.to(out.dtype))
-        return out
-
-    def _scores_hooks(self, point: HookPoint, module: nn.Module) -> None:
-        """Hooks that hand the ops at ``attn_scores`` the tensor the attention module's
-        eager forward softmaxes (:class:`ScoresInterceptor`, entered for that forward)."""
-        active: list[ScoresInterceptor] = []
-
-        def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
-            mode = ScoresInterceptor(lambda x: self._process(point, x))
-            mode.__enter__()
-            active.append(mode)
-
-        def leave(module: nn.Module, args: Any, output: Any) -> None:
-            if not active:
-                return
-            mode = active.pop()
-            mode.__exit__(None, None, None)
-            if mode.calls != 1:
-                raise ExecutionError(
-                    f"{point.module} called softmax {mode.calls} times in one forward; the "
-                    "attn_scores site needs eager attention, which calls it once"
-                )
-
-        def leave_all() -> None:  # a failed forward skips nothing: always_call hooks
-            while active:
-                active.pop().__exit__(None, None, None)
-
-        self.handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-        self.handles.append(module.register_forward_hook(leave, always_call=True))
-        self.cleanups.append(leave_all)
-
-    def _block_input_hook(self, layer: int) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
-            x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
-            self.block_inputs[layer] = x
-
-        return hook
-
     def _output_hook(self, point: HookPoint) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if point.view == "attn_weights":
@@ -428,69 +245,11 @@ class _Hooks:
                 return output
             if point.view == "expert_out":
                 return self._experts(point, module, args, output)
-            x = _get_plain(output)
+            x = get_plain(output)
             new = self._view_out(point, self._process(point, self._view_in(point, x)))
-            return output if new is x else _set_plain(output, new)
+            return output if new is x else set_plain(output, new)
 
         return hook
-
-    def _router_hook(self, module_name: str) -> Callable[..., Any]:
-        """One hook for every ``router_logits`` and ``experts_chosen`` op at an MoE gate, in
-        op order. The gate returns (logits, weights, ids), one row per token, already
-        routed: a write re-runs the family's routing rule (new logits: new ids and weights;
-        new ids: their weights under the gate's logits), so later ops see the new routing."""
-        groups = _runs_by_point(self.router_entries[module_name])
-
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if not isinstance(output, tuple) or len(output) != 3:
-                raise ExecutionError(
-                    f"{module_name} returned {type(output).__name__}, not the (router_logits, "
-                    "routing_weights, expert_ids) of a transformers top-k router"
-                )
-            logits, weights, ids = output
-            info, length, changed = self.plan.info, self.clock.length, False
-            for point, entries in groups:
-                at = 0 if point.view == "router_logits" else 2
-                flat = (logits, weights, ids)[at]
-                view = flat.reshape(-1, length, flat.shape[-1])
-                new = self._process(point, view, entries)
-                if new is view:
-                    continue
-                rule = info.routing
-                assert rule is not None and info.top_k and info.n_experts  # validated
-                changed = True
-                if point.view == "router_logits":
-                    logits = new.reshape(logits.shape).to(logits.dtype)
-                    weights, ids = route(logits, rule, info.top_k)
-                else:
-                    check_expert_ids(
-                        new, f"{self.run}.{entries[0].site}", info.n_experts, info.top_k
-                    )
-                    ids = new.reshape(ids.shape).to(ids.dtype)
-                    weights = weights_for(logits, ids, rule)
-            return (logits, weights, ids) if changed else output
-
-        return hook
-
-    def _experts(
-        self, point: HookPoint, module: nn.Module, args: Any, output: torch.Tensor
-    ) -> torch.Tensor:
-        """``expert_out``: every expert's output for every token, recomputed from the fused
-        weights; a write changes the block's output by each chosen expert's routing
-        weight times the change to its output (unchosen experts' entries change nothing)."""
-        x, index, weights = _expert_args(point, args)
-        every = expert_outputs(module, x)  # (tokens, expert, d_model)
-        view = every.reshape(-1, self.clock.length, *every.shape[1:])
-        new = self._process(point, view)
-        if new is view:
-            return output
-        n_experts = every.shape[1]
-        chosen = index.clamp(max=n_experts - 1)  # an id of n_experts: no expert (padding)
-        delta = (new.reshape(every.shape) - every).gather(
-            1, chosen[..., None].expand(*index.shape, every.shape[-1])
-        )  # (tokens, top-k slot, d_model): the chosen experts' changes
-        weight = torch.where(index < n_experts, weights, torch.zeros_like(weights))
-        return output + (delta * weight[..., None]).sum(1).to(output.dtype)
 
     def _input_hook(self, point: HookPoint) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
@@ -536,7 +295,7 @@ class _Hooks:
                 self.handles.append(module.register_forward_hook(self._router_hook(name)))
                 hooked.add((name, "output"))
             for point in self.points:
-                if point.module in self.qkv_entries or point.view in _ROUTER_VIEWS:
+                if point.module in self.qkv_entries or point.view in ROUTER_VIEWS:
                     continue
                 module = self.model.get_submodule(point.module) if point.module else self.model
                 if point.view == "attn_scores":
@@ -708,17 +467,3 @@ class TorchHooksBackend:
         if not grad:
             results = {k: v.detach().cpu() for k, v in results.items()}
         return results
-
-
-def _runs_by_point(
-    pairs: list[tuple[HookPoint, _Entry]],
-) -> list[tuple[HookPoint, list[_Entry]]]:
-    """Consecutive entries at one hook point as one group, in op order (so a run of ops at
-    one view is applied together, and op order across views is kept)."""
-    groups: list[tuple[HookPoint, list[_Entry]]] = []
-    for point, entry in pairs:
-        if groups and groups[-1][0] == point:
-            groups[-1][1].append(entry)
-        else:
-            groups.append((point, [entry]))
-    return groups
