@@ -305,8 +305,9 @@ def edge_delta(
     other = node_output(there.to(device=mine.device, dtype=mine.dtype), op.upstream_head, w_o)
     if op.method == "mean":
         other = other.mean(dim=(0, 1), keepdim=True)
-    elif other.shape[0] != mine.shape[0]:
-        other = other.repeat(mine.shape[0] // other.shape[0], *([1] * (other.ndim - 1)))
+    elif other.shape[0] != mine.shape[0]:  # each block of the source's rows, no copies
+        blocks = mine.unflatten(0, (mine.shape[0] // other.shape[0], other.shape[0]))
+        return (other - blocks).flatten(0, 1)
     return other - mine
 
 

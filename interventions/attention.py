@@ -110,6 +110,25 @@ def split_input_delta(
     return torch.einsum("bphd,dhe->bphe", change, w.to(change.dtype))
 
 
+def head_input_delta(
+    norm: nn.Module, weight: torch.Tensor, x: torch.Tensor, change: torch.Tensor
+) -> torch.Tensor:
+    """What to add to one head's q (k, v) when its input copy changes from ``x`` to
+    ``x + change`` (both ``(rows, pos, d_model)``): ``(norm(x + change) - norm(x)) @ W_h``
+    with ``weight`` that head's ``(d_model, d_head)`` slice. :func:`split_input_delta` for
+    one head and some rows, at their cost alone (a circuit's edges touch few of them);
+    the norm runs on ``x``'s rows both times, so an unchanged row gives exactly zero.
+
+    >>> norm = nn.LayerNorm(4, elementwise_affine=False)
+    >>> x = torch.randn(2, 3, 4)
+    >>> d = head_input_delta(norm, torch.eye(4)[:, :2], x, torch.zeros(2, 3, 4))
+    >>> d.shape, bool((d == 0).all())
+    (torch.Size([2, 3, 2]), True)
+    """
+    change = norm.forward(x + change) - norm.forward(x)
+    return change @ weight.to(change.dtype)
+
+
 _SOFTMAXES = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
 
 

@@ -41,7 +41,9 @@ def input_device(model: nn.Module) -> torch.device:
 def free_bytes(model: nn.Module) -> int | None:
     """The least free memory (``torch.cuda.mem_get_info``) over the CUDA devices that hold
     the model's parameters; ``None`` when none does (CPU models, no CUDA)."""
+    if not torch.cuda.is_available():  # before walking the parameters: every run asks
+        return None
     cuda = [d for d in model_devices(model) if d.type == "cuda"]
-    if not cuda or not torch.cuda.is_available():
+    if not cuda:
         return None
     return min(torch.cuda.mem_get_info(d)[0] for d in cuda)

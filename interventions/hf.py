@@ -8,8 +8,9 @@ probing a forward signature for a keyword, and asking for the last logits only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -60,8 +61,20 @@ def seeded(sampling: Any, offset: int = 0) -> Iterator[None]:
 
 def accepts(model: nn.Module, keyword: str) -> bool:
     """Whether the model's forward accepts ``keyword``."""
+    if "forward" in vars(model):  # replaced on the instance (accelerate): not cached, as a
+        return _signature_has(model.forward, keyword)  # cache would keep the module alive
+    return _accepts(type(model).forward, keyword)
+
+
+@functools.lru_cache(maxsize=256)
+def _accepts(forward: Callable[..., Any], keyword: str) -> bool:
+    """``inspect.signature`` costs about 0.2 ms a call, and every run asks."""
+    return _signature_has(forward, keyword)
+
+
+def _signature_has(forward: Any, keyword: str) -> bool:
     try:
-        return keyword in inspect.signature(model.forward).parameters
+        return keyword in inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return False
 

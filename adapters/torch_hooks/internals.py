@@ -18,16 +18,18 @@ from torch import nn
 from interventions.architectures import HookPoint
 from interventions.attention import (
     QKV_VIEWS,
+    SPLIT_VIEWS,
     ScoresInterceptor,
+    head_input_delta,
     projection_weight,
     qkv_view,
     split_input_delta,
 )
 from interventions.errors import ExecutionError
-from interventions.ops import Op
+from interventions.ops import EdgePatch, Op
 from interventions.plan import Plan
 from interventions.routing import check_expert_ids, route, weights_for
-from interventions.sites import Site
+from interventions.sites import Site, Span
 
 
 @dataclass
@@ -52,6 +54,13 @@ class StepClock:
         self.offset = self.offset + self.length if self.calls else 0
         self.length = length
         self.calls += 1
+
+
+def _block(span: Span, rows: int) -> tuple[int, int]:
+    """A step-1 span's ``(start, stop)`` among ``rows`` rows (validation allows no other)."""
+    start, stop, step = slice(span.start, span.stop, span.step).indices(rows)
+    assert step == 1, span
+    return start, max(start, stop)
 
 
 def runs_by_point(
@@ -125,6 +134,7 @@ class InternalHooks:
     model: nn.Module
     plan: Plan
     run: str
+    grad: bool
     clock: StepClock
     handles: list[torch.utils.hooks.RemovableHandle]
     cleanups: list[Callable[[], None]]
@@ -136,6 +146,9 @@ class InternalHooks:
     def _process(
         self, point: HookPoint, x: torch.Tensor, entries: list[Entry] | None = None
     ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _edge_delta(self, op: EdgePatch) -> torch.Tensor:
         raise NotImplementedError
 
     def _qkv(self, x: torch.Tensor, view: str) -> torch.Tensor:
@@ -150,12 +163,25 @@ class InternalHooks:
         (q and q_input of GPT-2 share ``c_attn``): each run of ops at one view at a time."""
 
         groups = runs_by_point(self.qkv_entries[module_name])
+        # a per-head input whose ops are all edge patches, in one group: no later ops at it
+        # need its copies, so only the heads and rows the edges touch are computed
+        points = [point for point, _ in groups]
+        edges_only = {
+            point
+            for point, entries in groups
+            if point.view in SPLIT_VIEWS
+            and points.count(point) == 1
+            and all(isinstance(e.op, EdgePatch) and not e.live for e in entries)
+        }
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             x = get_plain(output)
             new = x
             for point, entries in groups:
-                new = self._qkv_output(point, module, new, entries)
+                if point in edges_only and not self.grad:
+                    new = self._split_edges(point, module, new, entries)
+                else:
+                    new = self._qkv_output(point, module, new, entries)
             return output if new is x else set_plain(output, new)
 
         return hook
@@ -203,6 +229,47 @@ class InternalHooks:
         )
         out = x.clone()
         self._qkv(out, view).add_(delta.to(out.dtype))
+        return out
+
+    def _split_edges(
+        self, point: HookPoint, module: nn.Module, x: torch.Tensor, entries: list[Entry]
+    ) -> torch.Tensor:
+        """The projection output with edge patches into a per-head input applied, head by
+        head over the rows they patch: the same sums as :meth:`_qkv_output` (each head's
+        copy plus its edges' deltas, through the norm and the head's weights), without the
+        copies of every head and row."""
+        view = point.view.removeprefix("split_")
+        assert point.layer is not None
+        block_input = self.block_inputs[point.layer]
+        rows = block_input.shape[0]
+        by_head: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+        for entry in entries:
+            op = entry.op
+            assert isinstance(op, EdgePatch) and isinstance(op.select.head, int)
+            span = op.select.batch
+            assert span is None or isinstance(span, Span), span  # validation allows no other
+            start, stop = (0, rows) if span is None else _block(span, rows)
+            if start < stop:
+                by_head.setdefault(op.select.head, []).append((start, stop, self._edge_delta(op)))
+        if not by_head:
+            return x
+        info = self.plan.info
+        assert info.arch is not None and info.arch.attn_norm is not None
+        assert info.n_heads and info.n_kv_heads and info.d_head
+        norm = self.model.get_submodule(f"{info.arch.layers}.{point.layer}.{info.arch.attn_norm}")
+        weights = qkv_view(
+            projection_weight(module), view, n_heads=info.n_heads,
+            n_kv_heads=info.n_kv_heads, d_head=info.d_head,
+        )  # fmt: skip
+        out = x.clone()
+        target = self._qkv(out, view)
+        for head, parts in by_head.items():
+            lo, hi = min(p[0] for p in parts), max(p[1] for p in parts)
+            change = torch.zeros_like(block_input[lo:hi])
+            for start, stop, delta in parts:
+                change[start - lo : stop - lo] += delta.to(change.dtype)
+            d = head_input_delta(norm, weights[:, head], block_input[lo:hi], change)
+            target[lo:hi, ..., head, :] += d.to(out.dtype)
         return out
 
     def _scores_hooks(self, point: HookPoint, module: nn.Module) -> None:

@@ -20,7 +20,7 @@ grouped-query attention a key-value head feeds several query heads).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from interventions.architectures import ModelInfo
@@ -45,6 +45,9 @@ class Node:
     kind: NodeKind
     layer: int | None = None
     head: int | None = None
+    # hashed once, from ints alone (the same in every process): circuits hash edges by the
+    # ten thousand, and a dataclass's own hash rebuilds a tuple of its fields every time
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in NODE_KINDS:
@@ -56,6 +59,11 @@ class Node:
                 raise SpecError(f"node {self.kind!r} needs {name}= a non-negative int")
             if not wanted and value is not None:
                 raise SpecError(f"node {self.kind!r} takes no {name}=")
+        key = (NODE_KINDS.index(self.kind), _int(self.layer), _int(self.head))
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         if self.kind == "head":
@@ -73,6 +81,7 @@ class Edge:
     upstream: Node
     downstream: Node
     input: HeadInput | None = None
+    _hash: int = field(init=False, repr=False, compare=False)  # as Node's
 
     def __post_init__(self) -> None:
         if self.upstream.kind == "logits" or self.downstream.kind == "embed":
@@ -86,10 +95,18 @@ class Edge:
             raise SpecError(f"edge input {self.input!r}; inputs: {choices_text(HEAD_INPUTS)}")
         if _order(self.upstream) >= _order(self.downstream, self.input is not None):
             raise SpecError(f"edge {self}: the upstream node does not come before the downstream")
+        object.__setattr__(self, "_hash", _edge_hash(self.upstream, self.downstream, self.input))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         tail = f"<{self.input}>" if self.input else ""
         return f"{self.upstream} -> {self.downstream}{tail}"
+
+
+def _int(value: int | None) -> int:
+    return -1 if value is None else value
 
 
 def _order(node: Node, head_input: bool = False) -> float:
@@ -151,8 +168,18 @@ def _valid_edge(upstream: Node, downstream: Node, input: HeadInput | None) -> Ed
     """An edge known to be valid, made without :meth:`Edge.__post_init__`'s checks (four
     times faster: :func:`all_edges` makes tens of thousands)."""
     edge = object.__new__(Edge)
-    edge.__dict__.update(upstream=upstream, downstream=downstream, input=input)
+    edge.__dict__.update(
+        upstream=upstream,
+        downstream=downstream,
+        input=input,
+        _hash=_edge_hash(upstream, downstream, input),
+    )
     return edge
+
+
+def _edge_hash(upstream: Node, downstream: Node, input: str | None) -> int:
+    head_input = -1 if input is None else HEAD_INPUTS.index(input)
+    return hash((upstream._hash, downstream._hash, head_input))
 
 
 def all_edges(info: ModelInfo) -> list[Edge]:

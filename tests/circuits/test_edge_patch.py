@@ -241,3 +241,50 @@ def test_rows_of_an_edge_patch_must_be_a_block_that_fits_the_source() -> None:
     g.ops[-1] = replace(g.ops[-1], select=replace(g.ops[-1].select, batch=Span(0, 6, 2)))
     with pytest.raises(ValidationError, match="a block of rows"):
         g.validate(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_overlapping_row_blocks_into_per_head_inputs(family: str) -> None:
+    """Edges into one head's input on overlapping blocks of rows (one patched, one mean
+    ablated), another head's on a third block, plus a read of that input (which takes
+    the backend's general path, with every head's copy): each copy equals its hand-written
+    split forward, with and without the read."""
+    model = strong_model(family)
+    info = describe(model)
+    _, bad, _ = split_forward(model, CORRUPT)
+    a, b, c = (parse_edge(n) for n in ("embed -> a1.h0<q>", "a0.h2 -> a1.h0<q>", "m0 -> a1.h1<k>"))
+    mean = bad[("head", 0, 2)].mean(dim=(0, 1), keepdim=True).expand_as(bad[("head", 0, 2)])
+    sub_a = {(("embed",), ("q", 1, 0)): bad[("embed",)]}
+    sub_b = {(("head", 0, 2), ("q", 1, 0)): mean}
+    sub_c = {(("mlp", 0), ("k", 1, 1)): bad[("mlp", 0)]}
+    wants = [sub_a, {**sub_a, **sub_b}, {**sub_b, **sub_c}]
+    for read in (False, True):
+        g = iv.Graph()
+        g.run("corrupt", tokens=CORRUPT)
+        stack = g.run("stack", tokens=IDS.repeat(3, 1))
+        stack.read("logits", name="logits")
+        g.add(edge_patch_op(info, a, "stack", source="corrupt", rows=(0, 4)))
+        g.add(edge_patch_op(info, b, "stack", method="mean", source="corrupt", rows=(2, 6)))
+        g.add(edge_patch_op(info, c, "stack", source="corrupt", rows=(4, 6)))
+        if read:
+            stack.read("q_input", layer=1, name="q_in")
+        got = iv.run(g, model)
+        for i, subs in enumerate(wants):
+            want = split_forward(model, IDS, subs)[0]
+            assert_close(got["logits"][2 * i : 2 * i + 2], want, **FP32, msg=f"copy {i} {read}")
+        assert hook_count(model) == 0
+
+
+def test_edges_made_any_way_are_equal_hash_alike_and_survive_pickling() -> None:
+    """all_edges makes its edges without the checks; parse_edge and Edge(...) with them;
+    a pickled edge comes back with its hash (from ints alone): all are one key."""
+    import pickle
+
+    every = all_edges(describe(strong_model("llama")))
+    by_name = {str(e): e for e in every}
+    for e in every:
+        for other in (parse_edge(str(e)), pickle.loads(pickle.dumps(e))):
+            assert other == e and hash(other) == hash(e) and other in by_name.values()
+    made = Edge(Node("head", 0, 1), Node("head", 1, 0), "k")
+    assert {made: 1}[by_name["a0.h1 -> a1.h0<k>"]] == 1
+    assert hash(Node("mlp", 0)) != hash(Node("mlp", 1)) and Node("mlp", 0) < Node("mlp", 1)
