@@ -299,10 +299,26 @@ def edge_delta(
         assert isinstance(rows, Span), rows
         here = here[rows.start : rows.stop : rows.step]
     mine = node_output(here, op.upstream_head, w_o)
+    other = None
+    if there is not None:
+        other = node_output(there.to(device=mine.device, dtype=mine.dtype), op.upstream_head, w_o)
+    return delta_of_outputs(op, mine, other)
+
+
+def delta_of_outputs(
+    op: EdgePatch, mine: torch.Tensor, other: torch.Tensor | None, *, sliced: bool = True
+) -> torch.Tensor:
+    """:func:`edge_delta` from the upstream node's outputs: ``mine`` in this run (already
+    its block of rows, unless ``sliced=False``), ``other`` in the source (``None`` for
+    ``zero``). A backend that patches many edges from one node computes them once."""
+    rows = op.select.batch
+    if not sliced and rows is not None:
+        assert isinstance(rows, Span), rows
+        mine = mine[rows.start : rows.stop : rows.step]
     if op.method == "zero":
         return -mine
-    assert there is not None
-    other = node_output(there.to(device=mine.device, dtype=mine.dtype), op.upstream_head, w_o)
+    assert other is not None
+    other = other.to(device=mine.device, dtype=mine.dtype)
     if op.method == "mean":
         other = other.mean(dim=(0, 1), keepdim=True)
     elif other.shape[0] != mine.shape[0]:  # each block of the source's rows, no copies

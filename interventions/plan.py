@@ -59,20 +59,27 @@ class Plan:
         """Sites of ``run`` whose full value another run's ablation or edge patch needs, or
         one of its own cross-site SAE splices reads (its ``source``, later in the same
         forward pass)."""
-        sites: list[Site] = []
+        return list(self._captures.get(run, ()))
+
+    @functools.cached_property
+    def _captures(self) -> dict[str, list[Site]]:
+        """:meth:`captures_of` for every run, in one walk over the ops (backends ask per
+        run and per hook)."""
+        by_run: dict[str, list[Site]] = {}
+
+        def add(run: str, site: Site) -> None:
+            sites = by_run.setdefault(run, [])
+            if site not in sites:
+                sites.append(site)
+
         for op in self.graph.ops:
-            if isinstance(op, Ablate) and op.source == run and op.site not in sites:
-                sites.append(op.site)
-            if isinstance(op, EdgePatch) and op.source == run and op.upstream not in sites:
-                sites.append(op.upstream)
-            if (
-                isinstance(op, SAESplice)
-                and op.run == run
-                and op.source is not None
-                and op.source not in sites
-            ):
-                sites.append(op.source)
-        return sites
+            if isinstance(op, Ablate) and op.source is not None:
+                add(op.source, op.site)
+            if isinstance(op, EdgePatch) and op.source is not None:
+                add(op.source, op.upstream)
+            if isinstance(op, SAESplice) and op.source is not None:
+                add(op.run, op.source)
+        return by_run
 
     def read_ops(self) -> dict[str, Read]:
         return {op.name: op for op in self.graph.ops if isinstance(op, Read)}

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from interventions.apply import RunState, add_at, apply_op, edge_delta, edge_operands
+from interventions.apply import (
+    RunState,
+    add_at,
+    apply_op,
+    delta_of_outputs,
+    edge_operands,
+    node_output,
+)
 from interventions.architectures import HookPoint, ModelInfo
 from interventions.attention import (
     QKV_VIEWS,
@@ -83,6 +90,8 @@ class _Hooks(InternalHooks):
         # each edge delta by (upstream, head, rows, method, source): (its live value, delta)
         self.edge_deltas: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.out_projs: dict[int, torch.Tensor] = {}  # attention output weights by layer
+        # (value, head) -> (value, its node output): identity-checked, as ids get reused
+        self.node_outputs: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
         live = {op.upstream for op in plan.ops_of(run) if isinstance(op, EdgePatch)}
         for site in sorted(live, key=str):
             self._add(info.hook_point(site), Entry(None, site, live=True))
@@ -198,7 +207,8 @@ class _Hooks(InternalHooks):
     def _edge_delta(self, op: EdgePatch) -> torch.Tensor:
         """The edge's delta (:func:`interventions.apply.edge_delta`), computed once per
         upstream node, rows and ablation in this forward: edges from one node into many
-        inputs share it."""
+        inputs share it. The node's outputs (here, all rows; in the source) are computed
+        once per value: ACDC's blocks of rows patch one node over many spans."""
         key = (str(op.upstream), op.upstream_head, op.select.batch, op.method, op.source)
         here = self.live.get(str(op.upstream))
         hit = self.edge_deltas.get(key)
@@ -214,9 +224,23 @@ class _Hooks(InternalHooks):
             return self.out_projs[layer]
 
         here_, there, w_o = edge_operands(op, self.live, self.state.captures, out_proj)
-        delta = edge_delta(op, here_, there, w_o)
+        mine = self._node_output(here_, op.upstream_head, w_o)
+        other = None if there is None else self._node_output(there, op.upstream_head, w_o)
+        delta = delta_of_outputs(op, mine, other, sliced=False)
         self.edge_deltas[key] = (here_, delta)
         return delta
+
+    def _node_output(
+        self, value: torch.Tensor, head: int | None, w_o: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:func:`interventions.apply.node_output`, once per value and head."""
+        key = (id(value), head)
+        hit = self.node_outputs.get(key)
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        out = node_output(value, head, w_o)
+        self.node_outputs[key] = (value, out)
+        return out
 
     def _view_in(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
         if point.view == "heads":
