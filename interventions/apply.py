@@ -281,6 +281,15 @@ def edge_operands(
     return here, there, w_o
 
 
+def block_rows(op: EdgePatch, x: torch.Tensor) -> torch.Tensor:
+    """``x``'s rows that the edge patch ``op`` edits: its block (``select.batch``) or all."""
+    rows = op.select.batch
+    if rows is None:
+        return x
+    assert isinstance(rows, Span), rows  # the planner gives an edge patch a Span, nothing else
+    return x[rows.start : rows.stop : rows.step]
+
+
 def edge_delta(
     op: EdgePatch,
     here: torch.Tensor,
@@ -294,31 +303,21 @@ def edge_delta(
     An op of a batched run (``select.batch``: its block of rows) takes its block of
     ``here``; a block of several runs' rows pairs each run's rows with the source's, row
     for row (the source keeps a pass of its own, see :mod:`interventions.batching`)."""
-    rows = op.select.batch
-    if rows is not None:  # the planner gives an edge patch a Span of rows, nothing else
-        assert isinstance(rows, Span), rows
-        here = here[rows.start : rows.stop : rows.step]
+    here = block_rows(op, here)
     mine = node_output(here, op.upstream_head, w_o)
     other = None
     if there is not None:
-        other = node_output(there.to(device=mine.device, dtype=mine.dtype), op.upstream_head, w_o)
+        other = node_output(there.to(device=here.device, dtype=here.dtype), op.upstream_head, w_o)
     return delta_of_outputs(op, mine, other)
 
 
-def delta_of_outputs(
-    op: EdgePatch, mine: torch.Tensor, other: torch.Tensor | None, *, sliced: bool = True
-) -> torch.Tensor:
-    """:func:`edge_delta` from the upstream node's outputs: ``mine`` in this run (already
-    its block of rows, unless ``sliced=False``), ``other`` in the source (``None`` for
-    ``zero``). A backend that patches many edges from one node computes them once."""
-    rows = op.select.batch
-    if not sliced and rows is not None:
-        assert isinstance(rows, Span), rows
-        mine = mine[rows.start : rows.stop : rows.step]
+def delta_of_outputs(op: EdgePatch, mine: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    """:func:`edge_delta` from the upstream node's outputs: ``mine`` in this run (its
+    block of rows, :func:`block_rows`), ``other`` in the source (``None`` for ``zero``). A
+    backend that patches many edges from one node computes those outputs once."""
     if op.method == "zero":
         return -mine
     assert other is not None
-    other = other.to(device=mine.device, dtype=mine.dtype)
     if op.method == "mean":
         other = other.mean(dim=(0, 1), keepdim=True)
     elif other.shape[0] != mine.shape[0]:  # each block of the source's rows, no copies

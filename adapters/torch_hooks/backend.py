@@ -14,6 +14,7 @@ from interventions.apply import (
     RunState,
     add_at,
     apply_op,
+    block_rows,
     delta_of_outputs,
     edge_operands,
     node_output,
@@ -224,9 +225,12 @@ class _Hooks(InternalHooks):
             return self.out_projs[layer]
 
         here_, there, w_o = edge_operands(op, self.live, self.state.captures, out_proj)
-        mine = self._node_output(here_, op.upstream_head, w_o)
-        other = None if there is None else self._node_output(there, op.upstream_head, w_o)
-        delta = delta_of_outputs(op, mine, other, sliced=False)
+        mine = block_rows(op, self._node_output(here_, op.upstream_head, w_o))
+        other = None
+        if there is not None:
+            there = there.to(device=here_.device, dtype=here_.dtype)  # no copy when already so
+            other = self._node_output(there, op.upstream_head, w_o)
+        delta = delta_of_outputs(op, mine, other)
         self.edge_deltas[key] = (here_, delta)
         return delta
 

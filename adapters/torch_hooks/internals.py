@@ -151,6 +151,12 @@ class InternalHooks:
     def _edge_delta(self, op: EdgePatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def _attn_norm(self, layer: int) -> nn.Module:
+        """The attention norm of ``layer``: where each head's input copy goes first."""
+        arch = self.plan.info.arch
+        assert arch is not None and arch.attn_norm is not None
+        return self.model.get_submodule(f"{arch.layers}.{layer}.{arch.attn_norm}")
+
     def _qkv(self, x: torch.Tensor, view: str) -> torch.Tensor:
         info = self.plan.info
         assert info.n_heads and info.n_kv_heads and info.d_head
@@ -213,8 +219,7 @@ class InternalHooks:
         if new is copies:
             return x
         info = self.plan.info
-        assert info.arch is not None and info.arch.attn_norm is not None
-        norm = self.model.get_submodule(f"{info.arch.layers}.{point.layer}.{info.arch.attn_norm}")
+        norm = self._attn_norm(point.layer)
         assert info.n_heads and info.n_kv_heads and info.d_head
         delta = split_input_delta(
             norm,
@@ -254,9 +259,8 @@ class InternalHooks:
         if not by_head:
             return x
         info = self.plan.info
-        assert info.arch is not None and info.arch.attn_norm is not None
         assert info.n_heads and info.n_kv_heads and info.d_head
-        norm = self.model.get_submodule(f"{info.arch.layers}.{point.layer}.{info.arch.attn_norm}")
+        norm = self._attn_norm(point.layer)
         weights = qkv_view(
             projection_weight(module), view, n_heads=info.n_heads,
             n_kv_heads=info.n_kv_heads, d_head=info.d_head,
